@@ -1,0 +1,42 @@
+# Set-up and the everyday commands. Needs only Python >= 3.11 with pip and venv.
+#   make demo   create .venv, install everything, compress and evaluate the built-in model
+#   make test   create .venv, install everything, run the test suite
+#   make lint   ruff check, ruff format --check, mypy
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-all lint format clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first, from the local CPU build, so that nothing pulls a CUDA build
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/lmpress eval builtin
+	$(BIN)/lmpress compress builtin --recipe fp16 --output out/builtin-fp16 --overwrite
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m "not gpu"
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+
+format: setup
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

@@ -1,0 +1,13 @@
+"""lmpress: make GPT-style language models smaller and faster, and measure what it cost.
+
+import lmpress
+result = lmpress.compress("builtin", "bf16", output=Path("out/bf16"))
+lmpress.evaluate("out/bf16", reference="builtin").metrics
+"""
+
+__version__ = "0.1.0"
+
+from lmpress.api import DataOptions, EvalResult, Result, compress, evaluate, load, save
+from lmpress.errors import LmpressError
+
+__all__ = ["DataOptions", "EvalResult", "LmpressError", "Result", "__version__", "compress", "evaluate", "load", "save"]

@@ -1,0 +1,92 @@
+"""The public verbs: compress, evaluate, load, save. The CLI only parses arguments and calls these."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lmpress import evaluation
+from lmpress.data import Manifest, Split
+from lmpress.errors import ModelLoadError
+from lmpress.io import save
+from lmpress.models.loading import LoadedModel, load_model
+from lmpress.pipeline import DataOptions, Result, compress
+
+__all__ = ["DataOptions", "EvalResult", "Result", "compress", "evaluate", "load", "save"]
+
+
+def load(
+    source: str | Path = "builtin",
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    tokenizer: str | Path | None = None,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a built-in model, a Hugging Face directory, or a directory written by lmpress."""
+    return load_model(
+        source,
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+
+
+@dataclass
+class EvalResult:
+    """Metrics of one model (and of its reference, if one was given) on one set of windows."""
+
+    metrics: dict[str, float]
+    data: Manifest
+    reference_metrics: dict[str, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "reference_metrics": self.reference_metrics, "data": self.data.to_dict()}
+
+
+def _as_loaded(model: str | Path | LoadedModel, **kw: Any) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load(model, **kw)
+
+
+def evaluate(
+    model: str | Path | LoadedModel = "builtin",
+    data: DataOptions | None = None,
+    *,
+    reference: str | Path | LoadedModel | None = None,
+    split: Split = "eval",
+    device: str = "cpu",
+    dtype: str = "auto",
+    tokenizer: str | Path | None = None,
+    measure_speed: bool = True,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> EvalResult:
+    """Quality, size and speed of ``model`` on held-out text; KL and agreement against ``reference``."""
+    data = data or DataOptions()
+    kw = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    loaded = _as_loaded(model, tokenizer=tokenizer, **kw)
+    ref = _as_loaded(reference, **kw) if reference is not None else None
+    tok = loaded.tokenizer or (ref.tokenizer if ref else None)
+    if tok is None:
+        raise ModelLoadError(f"{loaded.source} has no tokenizer files; pass --tokenizer MODEL_DIR to use another's")
+    windows = data.load(tok, split, data.eval_windows)
+    w = windows.windows
+    metrics = evaluation.evaluate(
+        loaded.model,
+        w,
+        reference=ref.model if ref else None,
+        saved_dir=loaded.path,
+        measure_speed=measure_speed,
+        progress=progress,
+    )
+    ref_metrics = None
+    if ref is not None:
+        ref_metrics = evaluation.evaluate(
+            ref.model, w, saved_dir=ref.path, measure_speed=measure_speed, progress=progress
+        )
+    return EvalResult(metrics, windows.manifest, ref_metrics)

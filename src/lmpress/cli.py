@@ -1,0 +1,291 @@
+"""The ``lmpress`` command line: thin Typer commands over the Python API.
+
+    lmpress eval                                  # the built-in model on the built-in corpus
+    lmpress eval out/bf16 --reference builtin     # + KL and top-1 agreement vs the original
+    lmpress compress -r bf16 -o out/bf16          # a recipe file or preset on the built-in model
+    lmpress train-reference --out runs/reference  # retrain the built-in model
+
+Bad input prints one line and exits with code 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar, cast
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmpress.data import Split
+from lmpress.errors import LmpressError
+
+app = typer.Typer(
+    help="Make GPT-style language models smaller and faster, and measure what it cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+ModelArg = Annotated[str, typer.Argument(help="model directory or built-in name")]
+DataOpt = Annotated[str, typer.Option("--data", help="text file, directory, .jsonl file, or 'stdlib'")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16")]
+SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per evaluation window")]
+WindowsOpt = Annotated[int, typer.Option("--max-windows", min=1, help="evaluation windows (of --seq-len tokens)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+SpeedOpt = Annotated[bool, typer.Option("--speed/--no-speed", help="measure prefill and decode speed")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="load *.bin/*.pt weights (weights_only=True)")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="run the model directory's own code")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for PyTorch (0: its default)")]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="JSONL field holding the text")]
+PatternOpt = Annotated[str, typer.Option("--pattern", help="glob for files inside a data directory")]
+
+
+def _fail(message: str, code: int) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: F) -> F:
+    """Turn lmpress's errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LmpressError as e:
+            _fail(str(e), 2)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _setup(threads: int) -> None:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lmpress").setLevel(logging.INFO)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key in ("parameters", "bytes", "bytes_on_disk", "eval_tokens"):
+        return f"{int(value):,}"
+    if key in ("accuracy", "top1_agreement"):
+        return f"{100 * value:.2f}%"
+    if abs(value) >= 100:
+        return f"{value:,.1f}"
+    return f"{value:.4f}"
+
+
+_ROWS = [
+    ("perplexity", "perplexity"),
+    ("nll", "NLL (nats/token)"),
+    ("accuracy", "next-token accuracy"),
+    ("kl", "KL vs reference (nats/token)"),
+    ("top1_agreement", "top-1 agreement vs reference"),
+    ("parameters", "parameters"),
+    ("bytes_on_disk", "bytes on disk"),
+    ("bits_per_weight", "bits per weight"),
+    ("weights_memory_mb", "weights in memory (MiB)"),
+    ("prefill_tokens_per_s", "prefill tokens/s (batch 1)"),
+    ("batched_prefill_tokens_per_s", "prefill tokens/s (batch 8)"),
+    ("decode_tokens_per_s", "decode tokens/s (batch 1)"),
+    ("peak_memory_mb", "peak memory (MiB)"),
+    ("eval_tokens", "evaluated tokens"),
+]
+
+
+def metrics_table(title: str, columns: dict[str, dict[str, float] | None]) -> Table:
+    """One row per metric, one column per model."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    cols = {k: v for k, v in columns.items() if v is not None}
+    for name in cols:
+        table.add_column(name, justify="right")
+    for key, label in _ROWS:
+        if any(key in m for m in cols.values()):
+            table.add_row(label, *(_fmt(key, m.get(key)) for m in cols.values()))
+    return table
+
+
+def _data_options(data: str, seq_len: int, max_windows: int, pattern: str, text_field: str) -> Any:
+    from lmpress.pipeline import DataOptions
+
+    return DataOptions(source=data, seq_len=seq_len, eval_windows=max_windows, pattern=pattern, text_field=text_field)
+
+
+def _json_default(o: object) -> object:
+    return None if isinstance(o, float) and math.isnan(o) else str(o)
+
+
+def _print_json(data: object) -> None:
+    text = json.dumps(data, indent=2, default=_json_default)
+    sys.stdout.write(text.replace("NaN", "null") + "\n")
+
+
+@app.command("eval")
+@handles_errors
+def eval_cmd(
+    model: ModelArg = "builtin",
+    reference: Annotated[str | None, typer.Option(help="model to compare against (KL, top-1 agreement)")] = None,
+    data: DataOpt = "stdlib",
+    split: Annotated[str, typer.Option(help="train, calib, eval or all")] = "eval",
+    seq_len: SeqLenOpt = 256,
+    max_windows: WindowsOpt = 64,
+    tokenizer: Annotated[str | None, typer.Option(help="take the tokenizer from this model directory")] = None,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    speed: SpeedOpt = True,
+    as_json: JsonOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    threads: ThreadsOpt = 0,
+    pattern: PatternOpt = "**/*",
+    text_field: TextFieldOpt = "text",
+) -> None:
+    """Evaluate a model on held-out text: quality, size, speed and memory."""
+    from lmpress.api import evaluate
+
+    _setup(threads)
+    if split not in ("train", "calib", "eval", "all"):
+        raise typer.BadParameter(f"--split must be train, calib, eval or all, got {split!r}")
+    result = evaluate(
+        model,
+        _data_options(data, seq_len, max_windows, pattern, text_field),
+        reference=reference,
+        split=cast(Split, split),
+        device=device,
+        dtype=dtype,
+        tokenizer=tokenizer,
+        measure_speed=speed,
+        progress=not as_json,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    m = result.data
+    console.print(
+        metrics_table(f"{m.source} ({m.split} split)", {"model": result.metrics, "reference": result.reference_metrics})
+    )
+    console.print(f"model: {model}" + (f"\nreference: {reference}" if reference else ""), soft_wrap=True)
+    console.print(f"data: {m.documents} documents, {m.windows} windows x {m.seq_len} tokens, sha256 {m.sha256[:16]}")
+
+
+@app.command()
+@handles_errors
+def compress(
+    model: ModelArg = "builtin",
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe YAML file or preset name")] = ...,  # type: ignore[assignment]
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="directory to write")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
+    data: DataOpt = "stdlib",
+    seq_len: SeqLenOpt = 256,
+    max_windows: WindowsOpt = 64,
+    device: DeviceOpt = "cpu",
+    dtype: DtypeOpt = "auto",
+    run_eval: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original")] = True,
+    speed: SpeedOpt = True,
+    as_json: JsonOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    threads: ThreadsOpt = 0,
+    pattern: PatternOpt = "**/*",
+    text_field: TextFieldOpt = "text",
+) -> None:
+    """Compress a model with a recipe, measure it against the original, and save it."""
+    from lmpress.pipeline import compress as run
+
+    _setup(threads)
+    result = run(
+        model,
+        Path(recipe) if Path(recipe).is_file() else recipe,
+        _data_options(data, seq_len, max_windows, pattern, text_field),
+        output=output,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        run_eval=run_eval,
+        measure_speed=speed,
+        progress=not as_json,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+    )
+    if as_json:
+        _print_json(result.summary())
+        return
+    for s in result.stages:
+        console.print(f"stage {s['stage']} {s['method']}: done in {s['seconds']:.1f} s")
+    if result.metrics:
+        console.print(
+            metrics_table(
+                f"{result.recipe.name} vs original",
+                {"original": result.metrics.get("original"), result.recipe.name: result.metrics.get("compressed")},
+            )
+        )
+    if result.output:
+        console.print(f"saved to {result.output}")
+
+
+@app.command("train-reference")
+@handles_errors
+def train_reference_cmd(
+    output: Annotated[Path, typer.Option("--output", "-o", help="directory to write the checkpoint")] = Path(
+        "runs/reference"
+    ),
+    minutes: Annotated[float, typer.Option(min=0.1, help="training time budget (sets the token count)")] = 90.0,
+    tokens: Annotated[int | None, typer.Option(min=1, help="train on exactly this many tokens instead")] = None,
+    device: DeviceOpt = "cpu",
+    threads: ThreadsOpt = 0,
+) -> None:
+    """Train the built-in reference model (tokenizer + Llama) on the stdlib corpus, with its card."""
+    from lmpress.models.card import write_card
+    from lmpress.models.loading import resolve_device
+    from lmpress.models.reference import ReferenceSpec, train_reference
+
+    _setup(threads)
+    dev = str(resolve_device(device))
+    info = train_reference(ReferenceSpec(minutes=minutes, tokens=tokens), output, device=dev)
+    write_card(output, info)
+    console.print(f"saved to {output} ({info['parameters']:,} parameters, {info['train_minutes']:.1f} min)")
+
+
+@app.command("methods")
+def methods_cmd() -> None:
+    """List the compression methods a recipe can use."""
+    from lmpress.registry import methods
+
+    for name, m in sorted(methods().items()):
+        console.print(f"[bold]{name}[/]  {m.summary}")
+
+
+@app.command("presets")
+def presets_cmd() -> None:
+    """List the recipes shipped with lmpress."""
+    from lmpress.recipe import load_recipe, presets
+
+    for name in presets():
+        console.print(f"[bold]{name}[/]  {load_recipe(name).description}")
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,253 @@
+"""Evaluation against held-out text: quality, size, speed and memory.
+
+Perplexity windowing: the evaluation text is one token stream (documents joined by the
+end-of-text token) cut into non-overlapping windows of ``seq_len`` tokens; every window is scored
+independently from an empty context, and perplexity is exp of the mean negative log-likelihood over
+all predicted positions (``seq_len - 1`` per window). Next-token accuracy, KL divergence and top-1
+agreement are computed on the same positions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class QualityStats:
+    """Running sums over predicted positions; `metrics` turns them into averages."""
+
+    nll: float = 0.0
+    correct: int = 0
+    tokens: int = 0
+    kl: float = 0.0
+    agree: int = 0
+
+    def metrics(self, with_reference: bool) -> dict[str, float]:
+        out = {
+            "perplexity": math.exp(self.nll / self.tokens),
+            "nll": self.nll / self.tokens,
+            "accuracy": self.correct / self.tokens,
+            "eval_tokens": float(self.tokens),
+        }
+        if with_reference:
+            out["kl"] = self.kl / self.tokens
+            out["top1_agreement"] = self.agree / self.tokens
+        return out
+
+
+def _logits(model: nn.Module, ids: Tensor) -> Tensor:
+    return model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
+
+
+@torch.no_grad()
+def quality(
+    model: nn.Module,
+    windows: Tensor,
+    reference: nn.Module | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Perplexity, accuracy and (with a reference model) KL(reference || model) and top-1 agreement.
+
+    windows: (N, T) token ids. Both models see exactly the same tokens.
+    """
+    from lmpress.progress import track
+
+    device = next(model.parameters()).device
+    stats = QualityStats()
+    for i in track(range(0, windows.shape[0], batch_size), "evaluating", enabled=progress):
+        ids = windows[i : i + batch_size].to(device)  # (B, T)
+        logits = _logits(model, ids)[:, :-1]  # (B, T-1, V)
+        target = ids[:, 1:]  # (B, T-1)
+        logp = F.log_softmax(logits, dim=-1)
+        stats.nll += -logp.gather(-1, target[..., None]).sum().item()
+        pred = logits.argmax(-1)
+        stats.correct += int((pred == target).sum())
+        stats.tokens += target.numel()
+        if reference is not None:
+            ref_device = next(reference.parameters()).device
+            ref_logits = _logits(reference, ids.to(ref_device))[:, :-1].to(device)
+            ref_logp = F.log_softmax(ref_logits, dim=-1)
+            stats.kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            stats.agree += int((ref_logits.argmax(-1) == pred).sum())
+    return stats.metrics(reference is not None)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Logical weights: compressed layers report what they represent, dense tensors their size.
+
+    Shared tensors (tied embeddings) count once.
+    """
+    seen: set[int] = set()
+    n = 0
+    for m in model.modules():
+        logical = getattr(m, "num_logical_params", None)
+        if callable(logical):
+            n += int(logical())
+            seen.update(id(t) for t in m.parameters())
+            seen.update(id(t) for t in m.buffers())
+            continue
+        for p in m.parameters(recurse=False):
+            if id(p) not in seen:
+                seen.add(id(p))
+                n += p.numel()
+    return n
+
+
+def tensor_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer in memory (shared tensors once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in [*model.parameters(), *model.buffers()]:
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class _PeakRSS:
+    """Samples the process's resident memory in a background thread (Linux), in bytes."""
+
+    def __init__(self, interval: float = 0.005) -> None:
+        import threading
+
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+
+    @staticmethod
+    def rss() -> int:
+        try:
+            with open("/proc/self/statm") as f:
+                import os
+
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> _PeakRSS:
+        self.peak = self.rss()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+@torch.no_grad()
+def speed(
+    model: nn.Module,
+    vocab_size: int,
+    prompt_len: int = 128,
+    decode_tokens: int = 64,
+    batch: int = 8,
+    repeats: int = 3,
+) -> dict[str, float]:
+    """Prefill and decode throughput (tokens/s) at batch 1 with the KV cache, plus batched prefill.
+
+    Each figure is the best of ``repeats`` timed runs after one warm-up run. Peak memory is the
+    process's resident set on CPU, or the CUDA allocator's peak on a GPU, during these runs.
+    """
+    import time
+
+    device = next(model.parameters()).device
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, vocab_size, (1, prompt_len), generator=gen).to(device)  # (1, P)
+    batched = torch.randint(0, vocab_size, (batch, prompt_len), generator=gen).to(device)  # (B, P)
+
+    def prefill(ids: Tensor) -> float:
+        _sync(device)
+        t = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        _sync(device)
+        return time.perf_counter() - t
+
+    def decode() -> float:
+        out = model(input_ids=prompt, use_cache=True)
+        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)  # tok: (1, 1)
+        _sync(device)
+        t = time.perf_counter()
+        for _ in range(decode_tokens):
+            out = model(input_ids=tok, past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        _sync(device)
+        return time.perf_counter() - t
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    with _PeakRSS() as mem:
+        t_prefill = min(prefill(prompt) for _ in range(repeats + 1))
+        t_batched = min(prefill(batched) for _ in range(repeats + 1))
+        t_decode = min(decode() for _ in range(repeats + 1))
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else mem.peak
+    return {
+        "prefill_tokens_per_s": prompt_len / t_prefill,
+        "batched_prefill_tokens_per_s": batch * prompt_len / t_batched,
+        "decode_tokens_per_s": decode_tokens / t_decode,
+        "peak_memory_mb": peak / 2**20,
+    }
+
+
+def size(model: nn.Module, saved_dir: Path | None = None) -> dict[str, float]:
+    """Parameters, bytes (on disk when saved, else of the tensors in memory) and bits per weight."""
+    from lmpress.io import weight_bytes
+
+    params = count_parameters(model)
+    in_memory = tensor_bytes(model)
+    on_disk = weight_bytes(saved_dir) if saved_dir is not None else None
+    nbytes = on_disk if on_disk else in_memory
+    return {
+        "parameters": float(params),
+        "bytes": float(nbytes),
+        "bytes_on_disk": float(on_disk) if on_disk else float("nan"),
+        "weights_memory_mb": in_memory / 2**20,
+        "bits_per_weight": 8 * nbytes / params,
+    }
+
+
+def _speed_lengths(model: nn.Module, prompt_len: int = 128, decode_tokens: int = 64) -> dict[str, int]:
+    """Prompt and decode lengths that fit the model's position limit."""
+    config = getattr(model, "config", None)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if limit and prompt_len + decode_tokens > limit:
+        prompt_len, decode_tokens = limit // 2, limit // 2
+    return {"prompt_len": prompt_len, "decode_tokens": decode_tokens}
+
+
+def evaluate(
+    model: nn.Module,
+    windows: Tensor,
+    *,
+    reference: nn.Module | None = None,
+    saved_dir: Path | None = None,
+    batch_size: int = 8,
+    measure_speed: bool = True,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Every metric of one model: quality (vs ``reference`` if given), size, and speed."""
+    was_training = model.training
+    model.eval()
+    metrics = quality(model, windows, reference=reference, batch_size=batch_size, progress=progress)
+    metrics.update(size(model, saved_dir))
+    if measure_speed:
+        vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+        metrics.update(speed(model, vocab, **_speed_lengths(model)))
+    model.train(was_training)
+    return metrics

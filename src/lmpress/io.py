@@ -1,0 +1,151 @@
+"""Save and load compressed model directories, atomically.
+
+A saved directory holds ``config.json`` (the Hugging Face config), ``model.safetensors``, the
+tokenizer files and ``lmpress.json``: format version, per-module format, the recipe, metrics against
+the original, the data manifest and library versions. Everything is written to a hidden temporary
+directory beside the target and renamed into place only when complete, so an interrupted save never
+leaves a directory that looks finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmpress.errors import ModelLoadError, OutputError
+from lmpress.models.adapters import ARCHS, Adapter
+from lmpress.models.loading import META_FILE, LoadedModel, _from_pretrained
+
+FORMAT_VERSION = 1
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Fail before any work if ``out`` cannot be written: a file, or a non-empty directory."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output {out} exists and is not a directory; choose another --output")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise OutputError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``out``, on any failure it is removed."""
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def library_versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    from lmpress import __version__
+
+    return {
+        "lmpress": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def module_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Per-module storage format: compressed layers describe themselves, the rest are dense."""
+    formats: dict[str, dict[str, Any]] = {}
+    adapter = Adapter(model) if getattr(model.config, "model_type", None) in ARCHS else None
+    named = dict(adapter.linears()) if adapter else {}
+    if adapter:
+        named.update(adapter.embeddings())
+        named[adapter.head()[0]] = adapter.head()[1]
+    for name, m in model.named_modules():
+        describe = getattr(m, "lmpress_format", None)
+        if callable(describe):
+            formats[name] = describe()
+        elif name in named:
+            w = getattr(m, "weight", None)
+            formats[name] = {"format": "dense", "dtype": str(w.dtype).removeprefix("torch.") if w is not None else None}
+    return formats
+
+
+def save(
+    model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """Write a self-describing model directory atomically; returns ``out``."""
+    record = {
+        "format_version": FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "modules": module_formats(model),
+        **(meta or {}),
+        "versions": library_versions(),
+    }
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record["bytes_on_disk"] = weight_bytes(tmp)
+        write_json_atomic(tmp / META_FILE, record)
+    return out
+
+
+def load_compressed(
+    path: Path, device: torch.device, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False
+) -> LoadedModel:
+    """Restore a directory written by `save`, with its compressed layers."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"{path / META_FILE} is not valid JSON ({e}); re-run the compression") from None
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise ModelLoadError(f"{path} has lmpress format {version!r}; this lmpress reads up to {FORMAT_VERSION}")
+    formats = {m.get("format") for m in meta.get("modules", {}).values()}
+    unknown = formats - {"dense"}
+    if unknown:
+        raise ModelLoadError(
+            f"{path} uses module formats {sorted(map(str, unknown))} that this lmpress version cannot load; upgrade"
+        )
+    model = _from_pretrained(path, dtype, trust_remote_code)
+    return LoadedModel(model, None, str(path), path, meta)
+
+
+def weight_bytes(path: Path) -> int:
+    """Bytes on disk of a directory's weight files."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

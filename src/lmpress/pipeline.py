@@ -1,0 +1,150 @@
+"""Run a recipe's stages in order on one model, measure it against the original, save it.
+
+Order of work: validate the recipe and the output location (nothing is loaded if either is bad),
+load the model, keep a copy of the original as the reference, run each stage's
+``method.apply(model, config, ctx)``, evaluate both models on the same held-out windows, and write
+the directory atomically with its provenance.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from lmpress.data import STDLIB, Manifest, Split, TokenData, load_windows
+from lmpress.errors import ModelLoadError
+from lmpress.evaluation import evaluate, size
+from lmpress.io import check_output_dir, save
+from lmpress.models.loading import LoadedModel, load_model
+from lmpress.recipe import Recipe, load_recipe
+from lmpress.registry import Context, methods
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Result:
+    """A compressed model with what each stage did and its metrics against the original."""
+
+    model: nn.Module
+    tokenizer: Any
+    recipe: Recipe
+    stages: list[dict[str, Any]]
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "original" / "compressed"
+    data: Manifest | None = None
+    output: Path | None = None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "stages": self.stages,
+            "metrics": self.metrics,
+            "data": self.data.to_dict() if self.data else None,
+            "output": str(self.output) if self.output else None,
+        }
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """Where evaluation and calibration text comes from and how it is windowed."""
+
+    source: str | Path = STDLIB
+    seq_len: int = 256
+    eval_windows: int | None = 64
+    calib_windows: int = 128
+    pattern: str = "**/*"
+    text_field: str = "text"
+
+    def load(self, tokenizer: Any, split: Split, max_windows: int | None) -> TokenData:
+        return load_windows(
+            tokenizer,
+            self.source,
+            split,
+            self.seq_len,
+            max_windows,
+            pattern=self.pattern,
+            text_field=self.text_field,
+        )
+
+
+def run_stages(model: nn.Module, recipe: Recipe, ctx: Context) -> list[dict[str, Any]]:
+    """Apply each stage in order; returns one report per stage."""
+    registry = methods()
+    reports = []
+    for i, stage in enumerate(recipe.stages, 1):
+        t0 = time.perf_counter()
+        log.info("stage %d/%d: %s", i, len(recipe.stages), stage.method)
+        report = registry[stage.method].apply(model, stage, ctx)
+        reports.append({"stage": i, "method": stage.method, **report, "seconds": time.perf_counter() - t0})
+    return reports
+
+
+def compress(
+    model: str | Path | LoadedModel,
+    recipe: str | Path | Recipe | dict[str, Any],
+    data: DataOptions | None = None,
+    *,
+    output: Path | None = None,
+    overwrite: bool = False,
+    device: str = "cpu",
+    dtype: str = "auto",
+    run_eval: bool = True,
+    measure_speed: bool = True,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> Result:
+    """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given."""
+    recipe = load_recipe(recipe)
+    data = data or DataOptions()
+    if output is not None:
+        check_output_dir(output, overwrite)
+    loaded = (
+        model
+        if isinstance(model, LoadedModel)
+        else load_model(
+            model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
+    )
+    if loaded.tokenizer is None:
+        raise ModelLoadError(f"{loaded.source} has no tokenizer files; add them to the model directory")
+    eval_data = data.load(loaded.tokenizer, "eval", data.eval_windows) if run_eval else None
+    original = copy.deepcopy(loaded.model) if run_eval else None
+    model_device = next(loaded.model.parameters()).device
+    ctx = Context(
+        tokenizer=loaded.tokenizer,
+        device=model_device,
+        calibration=lambda: data.load(loaded.tokenizer, "calib", data.calib_windows),
+        teacher=original,
+        progress=progress,
+    )
+    stages = run_stages(loaded.model, recipe, ctx)
+    result = Result(loaded.model, loaded.tokenizer, recipe, stages, data=eval_data.manifest if eval_data else None)
+    if eval_data is not None and original is not None:
+        w = eval_data.windows
+        result.metrics["original"] = evaluate(
+            original, w, saved_dir=loaded.path, measure_speed=measure_speed, progress=progress
+        )
+        result.metrics["compressed"] = evaluate(
+            loaded.model, w, reference=original, measure_speed=measure_speed, progress=progress
+        )
+    ctx.teacher = original = None
+    if output is not None:
+        meta = {
+            "source_model": loaded.source,
+            "recipe": recipe.to_dict(),
+            "stages": stages,
+            "metrics": result.metrics,
+            "data": result.data.to_dict() if result.data else None,
+        }
+        save(loaded.model, loaded.tokenizer, output, meta, overwrite=overwrite)
+        result.output = output
+        if "compressed" in result.metrics:
+            result.metrics["compressed"].update(size(loaded.model, output))
+    return result

@@ -1,0 +1,69 @@
+"""The method registry: recipe name -> (config, apply).
+
+A method is one frozen, validated config and one ``apply(model, config, ctx)``. The method modules
+are imported by name here, in one place; each defines a module-level ``METHOD``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from lmpress.data import TokenData
+
+
+class MethodConfig(BaseModel):
+    """Base of every method's config: frozen, unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+
+
+@dataclass
+class Context:
+    """What a stage may use besides the model: calibration data, the teacher, device, progress."""
+
+    tokenizer: Any
+    device: torch.device
+    calibration: Callable[[], TokenData] | None = None  # loads calibration windows on first use
+    teacher: nn.Module | None = None  # the original model, when a stage needs it
+    progress: bool = False
+    tracker: Any = None
+    _calib: TokenData | None = field(default=None, repr=False)
+
+    def calib_data(self) -> TokenData:
+        if self._calib is None:
+            if self.calibration is None:
+                raise RuntimeError("this stage needs calibration data but none was given")
+            self._calib = self.calibration()
+        return self._calib
+
+
+StageReport = dict[str, Any]
+ApplyFn = Callable[[nn.Module, Any, Context], StageReport]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A recipe method: its name, config class, apply function and a one-line summary."""
+
+    name: str
+    config: type[MethodConfig]
+    apply: ApplyFn
+    summary: str
+
+
+@cache
+def methods() -> dict[str, Method]:
+    """Every method lmpress knows, by recipe name."""
+    from lmpress.quant import cast
+
+    found = [cast.METHOD]
+    return {m.name: m for m in found}

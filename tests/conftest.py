@@ -1,0 +1,106 @@
+"""Shared fixtures: a small tokenizer, tiny random-init models of every supported family, text data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmpress.data import load_documents
+
+torch.set_num_threads(int(os.environ.get("LMPRESS_TEST_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))))
+
+TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi")
+
+
+@pytest.fixture(scope="session")
+def tokenizer():  # type: ignore[no-untyped-def]
+    """A 512-token byte-level BPE trained on a few stdlib modules (fast, deterministic)."""
+    from lmpress.models.reference import train_tokenizer
+
+    docs = [d for d in load_documents("stdlib") if d.path in ("json/decoder.py", "json/encoder.py", "abc.py")]
+    return train_tokenizer(docs, 512)
+
+
+def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
+    from transformers import AutoConfig
+
+    common = {"vocab_size": vocab, "bos_token_id": 0, "eos_token_id": 0}
+    kw: dict[str, dict[str, object]] = {
+        "llama": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "tie_word_embeddings": False,
+        },
+        "mistral": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+        },
+        "qwen2": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+        },
+        "gpt2": {"n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 512},
+        "opt": {
+            "hidden_size": 64,
+            "ffn_dim": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 512,
+            "word_embed_proj_dim": 64,
+        },
+        "gpt_neox": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 512,
+        },
+        "phi": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "max_position_embeddings": 512,
+        },
+    }
+    return AutoConfig.for_model(arch, **common, **kw[arch])
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path, tokenizer) -> Callable[..., Path]:  # type: ignore[no-untyped-def]
+    """Factory: save a tiny random-init model of ``arch`` (fp32, with tokenizer) and return its dir."""
+    from transformers import AutoModelForCausalLM
+
+    def make(arch: str = "llama", name: str | None = None) -> Path:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer)))
+        out = tmp_path / (name or f"tiny-{arch}")
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        return out
+
+    return make
+
+
+@pytest.fixture
+def text_file(tmp_path: Path) -> Path:
+    """A text file of a few thousand tokens (one stdlib module)."""
+    path = tmp_path / "text.txt"
+    path.write_text(next(d.text for d in load_documents("stdlib") if d.path == "json/decoder.py"))
+    return path

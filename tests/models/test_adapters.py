@@ -1,0 +1,44 @@
+"""Architecture adapters find the same parts in every supported family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmpress.errors import ModelLoadError
+from lmpress.models.adapters import Adapter, is_conv1d, linear_weight
+from tests.conftest import TINY_ARCHS, tiny_config
+
+EXPECTED_LINEARS = {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "gpt_neox": 4, "phi": 6}
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_adapter_finds_parts(arch: str) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, 256))
+    a = Adapter(model)
+    assert a.num_blocks == 2
+    linears = a.block_linears(1)
+    assert len(linears) == EXPECTED_LINEARS[arch]
+    assert all(name.startswith(a.block_name(1)) for name in linears)
+    for m in linears.values():
+        w = linear_weight(m)
+        assert w.ndim == 2 and 64 in w.shape
+        assert is_conv1d(m) == (arch == "gpt2")
+    # (out, in): feeding x of width in through the module matches x @ w.T (+ bias)
+    first = next(iter(a.attention_linears(0).values()))
+    w = linear_weight(first)
+    x = torch.randn(3, w.shape[1])
+    bias = first.bias if first.bias is not None else 0
+    torch.testing.assert_close(first(x), x @ w.T + bias)
+    assert a.head()[1] is model.get_output_embeddings()
+    assert model.get_input_embeddings() in a.embeddings().values()
+    assert 0 < a.non_embedding_parameters() < sum(p.numel() for p in model.parameters())
+    assert len(a.linears()) == 2 * EXPECTED_LINEARS[arch]
+
+
+def test_unknown_architecture_is_a_clear_error() -> None:
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(ModelLoadError, match="unknown architecture None.*supports: gpt2, gpt_neox, llama"):
+        Adapter(model)

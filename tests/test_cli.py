@@ -1,0 +1,143 @@
+"""The command line: every metric on every family, and one clear line with exit code 2 on bad input."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from lmpress.cli import app
+from tests.conftest import TINY_ARCHS
+
+runner = CliRunner()
+METRIC_LABELS = (
+    "perplexity",
+    "next-token accuracy",
+    "parameters",
+    "bytes on disk",
+    "bits per weight",
+    "prefill tokens/s (batch 1)",
+    "prefill tokens/s (batch 8)",
+    "decode tokens/s (batch 1)",
+    "peak memory",
+)
+
+
+def run(*args: str | Path) -> object:
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_eval_every_family(arch: str, tiny_model_dir: Callable[..., Path], text_file: Path) -> None:
+    path = tiny_model_dir(arch)
+    r = run("eval", path, "--reference", path, "--data", text_file, "--seq-len", "64", "--max-windows", "4")
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    for label in (*METRIC_LABELS, "KL vs reference", "top-1 agreement"):
+        assert label in r.stdout, label  # type: ignore[attr-defined]
+    assert "100.00%" in r.stdout  # type: ignore[attr-defined]  # agreement with itself
+
+
+def test_eval_json(tiny_model_dir: Callable[..., Path], text_file: Path) -> None:
+    r = run(
+        "eval",
+        tiny_model_dir("llama"),
+        "--data",
+        text_file,
+        "--seq-len",
+        "32",
+        "--max-windows",
+        "2",
+        "--no-speed",
+        "--json",
+    )
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    out = json.loads(r.stdout)  # type: ignore[attr-defined]
+    assert out["metrics"]["eval_tokens"] == 2 * 31
+    assert out["data"]["windows"] == 2 and len(out["data"]["sha256"]) == 64
+
+
+def test_compress_then_eval(tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("stages:\n  - method: cast\n    dtype: float16\n")
+    out = tmp_path / "out"
+    r = run(
+        "compress",
+        tiny_model_dir("gpt2"),
+        "-r",
+        recipe,
+        "-o",
+        out,
+        "--data",
+        text_file,
+        "--seq-len",
+        "64",
+        "--max-windows",
+        "2",
+        "--no-speed",
+    )
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    assert "saved to" in r.stdout and (out / "lmpress.json").is_file()  # type: ignore[attr-defined]
+    r = run("eval", out, "--data", text_file, "--seq-len", "64", "--max-windows", "2", "--no-speed")
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+
+
+def test_methods_and_presets() -> None:
+    assert "cast" in run("methods").stdout  # type: ignore[attr-defined]
+    assert "bf16" in run("presets").stdout  # type: ignore[attr-defined]
+
+
+def _bad_inputs(tmp_path: Path, model: Path, text_file: Path) -> dict[str, tuple[list[str | Path], str]]:
+    (tmp_path / "noconf").mkdir()
+    (tmp_path / "arch").mkdir()
+    (tmp_path / "arch" / "config.json").write_text('{"model_type": "mamba9"}')
+    (tmp_path / "bad.yaml").write_text("stages: [\n")
+    (tmp_path / "key.yaml").write_text("stages:\n  - method: cast\n    bits: 4\n")
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "short.txt").write_text("x = 1\n")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "precious").write_text("keep")
+    out = ["-o", tmp_path / "new"]
+    return {
+        "missing model": (["eval", tmp_path / "nope/model"], "does not exist"),
+        "no config": (["eval", tmp_path / "noconf"], "has no config.json"),
+        "unknown arch": (["eval", tmp_path / "arch"], "unknown architecture 'mamba9'"),
+        "unknown builtin": (["eval", "gpt5"], "neither a model directory nor a built-in model"),
+        "not yaml": (["compress", model, "-r", tmp_path / "bad.yaml", *out], "not valid YAML"),
+        "unknown key": (["compress", model, "-r", tmp_path / "key.yaml", *out], "stage 1 (cast): unknown key 'bits'"),
+        "unknown recipe": (["compress", model, "-r", "w17", *out], "neither a file nor a preset"),
+        "empty data": (["eval", model, "--data", tmp_path / "empty.txt"], "has no text"),
+        "short data": (["eval", model, "--data", tmp_path / "short.txt"], "fewer than one window"),
+        "missing data": (["eval", model, "--data", tmp_path / "none.txt"], "does not exist"),
+        "output not empty": (["compress", model, "-r", "bf16", "-o", full], "exists and is not empty"),
+    }
+
+
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(
+    tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    model = tiny_model_dir("llama")
+    before = sorted(p.name for p in model.iterdir())
+    for case, (args, message) in _bad_inputs(tmp_path, model, text_file).items():
+        r = run(*args)
+        assert r.exit_code == 2, (case, r.output)  # type: ignore[attr-defined]
+        err = r.stderr.strip()  # type: ignore[attr-defined]
+        assert message in err, (case, err)
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (case, err)
+    assert not (tmp_path / "new").exists()
+    assert (tmp_path / "full" / "precious").read_text() == "keep"
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_pickle_refused_by_cli(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    path = tiny_model_dir("llama")
+    torch.save(load_file(path / "model.safetensors"), path / "pytorch_model.bin")
+    (path / "model.safetensors").unlink()
+    r = run("eval", path)
+    assert r.exit_code == 2 and "--allow-pickle" in r.stderr  # type: ignore[attr-defined]

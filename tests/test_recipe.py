@@ -1,0 +1,66 @@
+"""Recipes validate before any work, naming stage, key and allowed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lmpress.errors import RecipeError
+from lmpress.quant.cast import CastConfig
+from lmpress.recipe import load_recipe, parse_recipe, presets
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_valid_recipe_file(tmp_path: Path) -> None:
+    r = load_recipe(write(tmp_path, "name: half\nstages:\n  - method: cast\n    dtype: float16\n"))
+    assert r.name == "half"
+    assert r.stages == (CastConfig(dtype="float16"),)
+    assert r.to_dict()["stages"] == [{"method": "cast", "dtype": "float16"}]
+
+
+def test_presets_load() -> None:
+    assert {"bf16", "fp16"} <= set(presets())
+    assert load_recipe("fp16").stages[0] == CastConfig(dtype="float16")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("stages: [method: cast\n", r"not valid YAML \(line \d+\)"),
+        ("stages:\n  - method: prune_everything\n", "stage 1: unknown method 'prune_everything'; known methods: cast"),
+        (
+            "stages:\n  - method: cast\n    colour: red\n",
+            "stage 1 \\(cast\\): unknown key 'colour'; allowed keys: dtype",
+        ),
+        (
+            "stages:\n  - method: cast\n    dtype: 16\n",
+            "stage 1 \\(cast\\): dtype: input should be 'float16', 'bfloat16' or 'float32', got 16",
+        ),
+        ("stages:\n  - method: cast\n  - method: cast\n    dtype: int3\n", "stage 2 \\(cast\\): dtype: .*got 'int3'"),
+        ("stages: []\n", "non-empty list"),
+        ("stages:\n  - cast\n", "stage 1: must be a mapping"),
+        ("steps:\n  - method: cast\n", "unknown key 'steps'"),
+        ("just a string\n", "must be a mapping"),
+    ],
+)
+def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, text))
+
+
+def test_unknown_recipe_name() -> None:
+    with pytest.raises(RecipeError, match="neither a file nor a preset; presets: bf16, fp16"):
+        load_recipe("no-such-recipe")
+
+
+def test_config_is_frozen_and_list_form_accepted() -> None:
+    r = parse_recipe([{"method": "cast"}])
+    with pytest.raises(ValueError):
+        r.stages[0].dtype = "float16"  # type: ignore[misc]
+    assert r.stages[0] == CastConfig(dtype="bfloat16")
