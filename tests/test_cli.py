@@ -141,3 +141,17 @@ def test_pickle_refused_by_cli(tiny_model_dir: Callable[..., Path], tmp_path: Pa
     (path / "model.safetensors").unlink()
     r = run("eval", path)
     assert r.exit_code == 2 and "--allow-pickle" in r.stderr  # type: ignore[attr-defined]
+
+
+def test_train_reference_end_to_end(tmp_path: Path) -> None:
+    """A few steps of the real training command: checkpoint, tokenizer, card, and a clean reload."""
+    out = tmp_path / "ref"
+    r = run("train-reference", "-o", out, "--tokens", "16384", "--card-windows", "4", "--threads", "1")
+    assert r.exit_code == 0, r.output  # type: ignore[attr-defined]
+    info = json.loads((out / "training.json").read_text())
+    assert info["steps"] == 2 and info["train_tokens"] == 16384
+    assert info["parameters"] > 4_000_000 and 3.5 < info["card"]["eval"]["nll"] < 9
+    assert "perplexity" in (out / "README.md").read_text()
+    assert set(info["card"]["rtn_g128"]) == {"4", "3", "2"}
+    again = run("train-reference", "-o", out, "--tokens", "16384")
+    assert again.exit_code == 2 and "--overwrite" in again.stderr  # type: ignore[attr-defined]

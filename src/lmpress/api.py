@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpress import evaluation
-from lmpress.data import Manifest, Split
+from lmpress.data import STDLIB, Manifest, Split
 from lmpress.errors import ModelLoadError
 from lmpress.io import save
 from lmpress.models.loading import LoadedModel, load_model
@@ -54,7 +54,7 @@ def _as_loaded(model: str | Path | LoadedModel, **kw: Any) -> LoadedModel:
 
 def evaluate(
     model: str | Path | LoadedModel = "builtin",
-    data: DataOptions | None = None,
+    data: DataOptions | str | Path | None = None,
     *,
     reference: str | Path | LoadedModel | None = None,
     split: Split = "eval",
@@ -67,7 +67,7 @@ def evaluate(
     trust_remote_code: bool = False,
 ) -> EvalResult:
     """Quality, size and speed of ``model`` on held-out text; KL and agreement against ``reference``."""
-    data = data or DataOptions()
+    data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     kw = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     loaded = _as_loaded(model, tokenizer=tokenizer, **kw)
     ref = _as_loaded(reference, **kw) if reference is not None else None

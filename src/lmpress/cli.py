@@ -254,18 +254,25 @@ def train_reference_cmd(
     ),
     minutes: Annotated[float, typer.Option(min=0.1, help="training time budget (sets the token count)")] = 90.0,
     tokens: Annotated[int | None, typer.Option(min=1, help="train on exactly this many tokens instead")] = None,
+    card_windows: Annotated[
+        int | None, typer.Option("--card-windows", min=1, help="evaluation windows for the card (default: all)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
     device: DeviceOpt = "cpu",
     threads: ThreadsOpt = 0,
 ) -> None:
     """Train the built-in reference model (tokenizer + Llama) on the stdlib corpus, with its card."""
+    from lmpress.io import atomic_dir, check_output_dir
     from lmpress.models.card import write_card
     from lmpress.models.loading import resolve_device
     from lmpress.models.reference import ReferenceSpec, train_reference
 
     _setup(threads)
     dev = str(resolve_device(device))
-    info = train_reference(ReferenceSpec(minutes=minutes, tokens=tokens), output, device=dev)
-    write_card(output, info)
+    check_output_dir(output, overwrite)
+    with atomic_dir(output, overwrite) as tmp:
+        info = train_reference(ReferenceSpec(minutes=minutes, tokens=tokens), tmp, device=dev)
+        write_card(tmp, info, card_windows)
     console.print(f"saved to {output} ({info['parameters']:,} parameters, {info['train_minutes']:.1f} min)")
 
 

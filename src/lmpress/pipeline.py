@@ -88,7 +88,7 @@ def run_stages(model: nn.Module, recipe: Recipe, ctx: Context) -> list[dict[str,
 def compress(
     model: str | Path | LoadedModel,
     recipe: str | Path | Recipe | dict[str, Any],
-    data: DataOptions | None = None,
+    data: DataOptions | str | Path | None = None,
     *,
     output: Path | None = None,
     overwrite: bool = False,
@@ -100,9 +100,13 @@ def compress(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> Result:
-    """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given."""
+    """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given.
+
+    ``data`` is a source (path or "stdlib") or `DataOptions`; its calibration split feeds the stages
+    that need data, its evaluation split measures both models on the same tokens.
+    """
     recipe = load_recipe(recipe)
-    data = data or DataOptions()
+    data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     if output is not None:
         check_output_dir(output, overwrite)
     loaded = (

@@ -58,7 +58,7 @@ def samples(model: torch.nn.Module, tokenizer: Any, n_tokens: int = 96, seed: in
     return out
 
 
-def write_card(out: Path, info: dict[str, Any]) -> dict[str, Any]:
+def write_card(out: Path, info: dict[str, Any], max_windows: int | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint in ``out`` and write its README.md; returns the measured numbers."""
     from lmpress.models.loading import load_model
 
@@ -66,7 +66,7 @@ def write_card(out: Path, info: dict[str, Any]) -> dict[str, Any]:
     model, tok = loaded.model, loaded.tokenizer
     spec = info["spec"]
     t0 = time.perf_counter()
-    data = load_windows(tok, "stdlib", "eval", spec["seq_len"])
+    data = load_windows(tok, "stdlib", "eval", spec["seq_len"], max_windows)
     base = quality(model, data.windows, batch_size=16)
     rtn = rtn_costs(model, data.windows)
     eval_minutes = (time.perf_counter() - t0) / 60

@@ -17,6 +17,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,7 +128,10 @@ def _throughput(model: torch.nn.Module, spec: ReferenceSpec, device: str) -> flo
 
 
 def train_reference(spec: ReferenceSpec, out: Path, device: str = "cpu", progress: bool = True) -> dict[str, object]:
-    """Train tokenizer and model on the stdlib train split; save a bf16 checkpoint to ``out``."""
+    """Train tokenizer and model on the stdlib train split; save a bf16 checkpoint to ``out``.
+
+    Returns what the card needs: spec, parameters, tokens, epochs, time, manifest, eval history.
+    """
     from transformers import LlamaForCausalLM
 
     from lmpress.evaluation import quality
@@ -197,11 +201,6 @@ def train_reference(spec: ReferenceSpec, out: Path, device: str = "cpu", progres
             )
     train_minutes = (time.perf_counter() - t_train) / 60
 
-    model.eval()
-    out.mkdir(parents=True, exist_ok=True)
-    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[arg-type]
-    tokenizer.model_max_length = spec.seq_len * 4
-    tokenizer.save_pretrained(out)
     info = {
         "spec": asdict(spec),
         "parameters": n_params,
@@ -215,5 +214,15 @@ def train_reference(spec: ReferenceSpec, out: Path, device: str = "cpu", progres
         "train_manifest": manifest(train_docs, "stdlib", "train").to_dict(),
         "history": history,
     }
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    save_checkpoint(model, tokenizer, info, out)
     return info
+
+
+def save_checkpoint(model: torch.nn.Module, tokenizer: Any, info: dict[str, object], out: Path) -> None:
+    """Write the bf16 checkpoint, tokenizer and ``training.json`` into ``out``."""
+    model.eval()
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)  # type: ignore[operator]
+    tokenizer.model_max_length = int(info["spec"]["seq_len"]) * 4  # type: ignore[index]
+    tokenizer.save_pretrained(out)
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
