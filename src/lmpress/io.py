@@ -26,6 +26,7 @@ from torch import nn
 from lmpress.errors import ModelLoadError, OutputError
 from lmpress.models.adapters import ARCHS, Adapter
 from lmpress.models.loading import META_FILE, LoadedModel, _from_pretrained
+from lmpress.nn import LAYER_FORMATS
 
 FORMAT_VERSION = 1
 
@@ -136,14 +137,55 @@ def load_compressed(
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise ModelLoadError(f"{path} has lmpress format {version!r}; this lmpress reads up to {FORMAT_VERSION}")
-    formats = {m.get("format") for m in meta.get("modules", {}).values()}
-    unknown = formats - {"dense"}
+    modules: dict[str, dict[str, Any]] = meta.get("modules", {})
+    unknown = {str(m.get("format")) for m in modules.values()} - {"dense", *LAYER_FORMATS}
     if unknown:
-        raise ModelLoadError(
-            f"{path} uses module formats {sorted(map(str, unknown))} that this lmpress version cannot load; upgrade"
-        )
-    model = _from_pretrained(path, dtype, trust_remote_code)
+        raise ModelLoadError(f"{path} uses module formats {sorted(unknown)} that this lmpress cannot load; upgrade")
+    if all(m.get("format") == "dense" for m in modules.values()):
+        model = _from_pretrained(path, dtype, trust_remote_code)
+    else:
+        model = _restore(path, modules, dtype, trust_remote_code)
     return LoadedModel(model, None, str(path), path, meta)
+
+
+def _restore(
+    path: Path, modules: dict[str, dict[str, Any]], dtype: torch.dtype | str, trust_remote_code: bool
+) -> nn.Module:
+    """Build the architecture from its config, swap in the saved layer types, load the tensors."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lmpress.quant.base import replace_module
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    for name, fmt in modules.items():
+        if fmt.get("format") in LAYER_FORMATS:
+            replace_module(model, name, LAYER_FORMATS[fmt["format"]].from_format(fmt, dtype))  # type: ignore[arg-type]
+    state: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(_tied_keys(model))
+    if unexpected or set(missing) - tied:
+        bad = sorted(unexpected or set(missing) - tied)[0]
+        raise ModelLoadError(f"{path}: weights do not match lmpress.json (first mismatch: {bad}); re-run compression")
+    model.tie_weights()
+    return model.eval()
+
+
+def _tied_keys(model: nn.Module) -> list[str]:
+    """State-dict keys that save_pretrained leaves out because they share a tensor with another."""
+    seen: dict[int, str] = {}
+    tied = []
+    for k, v in model.state_dict(keep_vars=True).items():
+        if id(v) in seen:
+            tied.append(k)
+        seen.setdefault(id(v), k)
+    return tied
 
 
 def weight_bytes(path: Path) -> int:

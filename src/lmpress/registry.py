@@ -63,7 +63,7 @@ class Method:
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress.quant import cast
+    from lmpress.quant import cast, rtn
 
-    found = [cast.METHOD]
+    found = [cast.METHOD, rtn.METHOD]
     return {m.name: m for m in found}

@@ -2,52 +2,133 @@
 
 Asymmetric (min/max, integer zero point) and symmetric grids, 2..8 bits, per output channel or per
 group of ``group_size`` input columns. A width that is not a multiple of the group size gets a
-shorter last group rather than an error.
+shorter last group rather than an error. Codes are unsigned: a symmetric grid stores
+``q + 2**(bits-1)`` with the zero point fixed at ``2**(bits-1)``, so every format dequantizes as
+``(code - zero) * scale``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 
-def group_view(w: Tensor, group_size: int | None) -> tuple[Tensor, int]:
-    """Pad (out, in) with zeros to a whole number of groups; returns ((out, groups, g), in)."""
+@dataclass
+class Quantized:
+    """Integer codes of one weight matrix with their per-group scales and zero points."""
+
+    codes: Tensor  # (out, in) uint8, values < 2**bits
+    scales: Tensor  # (out, groups) float32
+    zeros: Tensor  # (out, groups) float32 integer-valued; 2**(bits-1) everywhere when symmetric
+    bits: int
+    group_size: int | None  # None: one group per row
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        return dequantize(self.codes, self.scales, self.zeros, self.group_size, dtype)
+
+
+def check_bits(bits: int) -> None:
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be 2..8, got {bits}")
+
+
+def n_groups(in_features: int, group_size: int | None) -> int:
+    return 1 if group_size is None else -(-in_features // group_size)
+
+
+def expand_groups(t: Tensor, in_features: int, group_size: int | None) -> Tensor:
+    """(out, groups) -> (out, in): each group's value repeated over its columns."""
+    if group_size is None:
+        return t.expand(t.shape[0], in_features)
+    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def grid_params(lo: Tensor, hi: Tensor, bits: int, symmetric: bool) -> tuple[Tensor, Tensor]:
+    """Scale and zero point of the grid that covers [lo, hi] (both contain 0).  -> (scale, zero)"""
+    if symmetric:
+        half = 2 ** (bits - 1)
+        amax = torch.maximum(-lo, hi)
+        scale = (amax / (half - 1 if bits > 1 else 1)).clamp(min=1e-10)
+        return scale, torch.full_like(scale, half)
+    qmax = 2**bits - 1
+    lo, hi = lo.clamp(max=0), hi.clamp(min=0)
+    scale = ((hi - lo) / qmax).clamp(min=1e-10)
+    return scale, (-lo / scale).round().clamp(0, qmax)
+
+
+def group_minmax(w: Tensor, group_size: int | None) -> tuple[Tensor, Tensor]:
+    """Per-group min and max of (out, in), ignoring the padding of a short last group.  -> (out, G) x2"""
     out_f, in_f = w.shape
-    g = in_f if group_size is None else min(group_size, in_f)
-    n_groups = -(-in_f // g)
-    pad = n_groups * g - in_f
-    if pad:
-        w = torch.nn.functional.pad(w, (0, pad))
-    return w.reshape(out_f, n_groups, g), in_f
+    g = in_f if group_size is None else group_size
+    G = n_groups(in_f, group_size)
+    pad = G * g - in_f
+    big = torch.finfo(torch.float32).max
+    lo = torch.nn.functional.pad(w, (0, pad), value=big).view(out_f, G, g).amin(-1)
+    hi = torch.nn.functional.pad(w, (0, pad), value=-big).view(out_f, G, g).amax(-1)
+    return lo, hi
+
+
+def quantize_with(w: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int | None) -> Tensor:
+    """Codes of (out, in) ``w`` on a given grid.  -> (out, in) uint8"""
+    in_f = w.shape[1]
+    s = expand_groups(scales, in_f, group_size)
+    z = expand_groups(zeros, in_f, group_size)
+    return (w.float() / s + z).round().clamp(0, 2**bits - 1).to(torch.uint8)
+
+
+def dequantize(
+    codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int | None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """(code - zero) * scale, per group.  -> (out, in) ``dtype``"""
+    in_f = codes.shape[1]
+    s = expand_groups(scales.float(), in_f, group_size)
+    z = expand_groups(zeros.float(), in_f, group_size)
+    return ((codes.float() - z) * s).to(dtype)
+
+
+def clip_search(
+    w: Tensor, bits: int, group_size: int | None, symmetric: bool, grid: int = 20, max_shrink: float = 0.5
+) -> tuple[Tensor, Tensor]:
+    """MSE-optimal clipping: per group, shrink the range by the factor in [1-max_shrink, 1] that
+    minimizes the squared rounding error (as in GPTQ's and AWQ's clipping searches).  -> (scale, zero)"""
+    lo, hi = group_minmax(w, group_size)
+    best_err = torch.full_like(lo, float("inf"))
+    best_s, best_z = grid_params(lo, hi, bits, symmetric)
+    for i in range(grid + 1):
+        f = 1.0 - max_shrink * i / grid
+        s, z = grid_params(lo * f, hi * f, bits, symmetric)
+        deq = dequantize(quantize_with(w, s, z, bits, group_size), s, z, group_size)
+        err = _group_sum((deq - w).pow(2), group_size)  # (out, G)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _group_sum(x: Tensor, group_size: int | None) -> Tensor:
+    out_f, in_f = x.shape
+    g = in_f if group_size is None else group_size
+    G = n_groups(in_f, group_size)
+    return torch.nn.functional.pad(x, (0, G * g - in_f)).view(out_f, G, g).sum(-1)
+
+
+def quantize(
+    w: Tensor, bits: int, group_size: int | None = 128, symmetric: bool = False, mse_clip: bool = False
+) -> Quantized:
+    """Round-to-nearest quantization of (out, in) ``w``, min/max or MSE-clipped range per group."""
+    check_bits(bits)
+    if group_size is not None and group_size <= 0:
+        raise ValueError(f"group_size must be positive or None, got {group_size}")
+    wf = w.float()
+    if mse_clip:
+        scales, zeros = clip_search(wf, bits, group_size, symmetric)
+    else:
+        scales, zeros = grid_params(*group_minmax(wf, group_size), bits, symmetric)
+    return Quantized(quantize_with(wf, scales, zeros, bits, group_size), scales, zeros, bits, group_size)
 
 
 def fake_quantize(w: Tensor, bits: int, group_size: int | None = 128, symmetric: bool = False) -> Tensor:
-    """Round-to-nearest quantize and dequantize ``w`` (out, in); returns the same shape and dtype.
-
-    Padding columns of a short last group are excluded from its min/max.
-    """
-    if not 2 <= bits <= 8:
-        raise ValueError(f"bits must be 2..8, got {bits}")
-    wf = w.float()
-    groups, in_f = group_view(wf, group_size)  # (out, G, g)
-    out_f, n_groups, g = groups.shape
-    valid = torch.ones(n_groups * g, dtype=torch.bool, device=w.device)
-    valid[in_f:] = False
-    valid = valid.view(1, n_groups, g)
-    big = torch.finfo(torch.float32).max
-    if symmetric:
-        amax = groups.abs().masked_fill(~valid, 0).amax(-1, keepdim=True)
-        qmax = 2 ** (bits - 1) - 1
-        scale = (amax / qmax).clamp(min=1e-10)
-        q = (groups / scale).round().clamp(-qmax - 1, qmax)
-        deq = q * scale
-    else:
-        lo = groups.masked_fill(~valid, big).amin(-1, keepdim=True).clamp(max=0)
-        hi = groups.masked_fill(~valid, -big).amax(-1, keepdim=True).clamp(min=0)
-        qmax = 2**bits - 1
-        scale = ((hi - lo) / qmax).clamp(min=1e-10)
-        zero = (-lo / scale).round()
-        q = (groups / scale + zero).round().clamp(0, qmax)
-        deq = (q - zero) * scale
-    return deq.reshape(out_f, n_groups * g)[:, :in_f].to(w.dtype)
+    """Quantize and dequantize ``w`` (out, in); returns the same shape and dtype."""
+    return quantize(w, bits, group_size, symmetric).dequantize(w.dtype)

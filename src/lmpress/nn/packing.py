@@ -1,0 +1,43 @@
+"""Dense bit packing of integer codes: ``bits`` bytes hold 8 codes, for every width 2..8.
+
+Codes of a row are packed little-endian in runs of 8: code ``i`` of a run occupies bits
+``[bits*i, bits*(i+1))`` of a ``bits``-byte word. 4-bit codes thus land two per byte (low nibble
+first), 2-bit four per byte, and 3-bit codes use exactly 3 bits each, so the bytes match the format.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def packed_width(n: int, bits: int) -> int:
+    """Bytes per row for ``n`` codes of ``bits`` bits (runs of 8 codes; 8-bit codes are not padded)."""
+    return n if bits == 8 else -(-n // 8) * bits
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """(rows, n) codes < 2**bits -> (rows, packed_width(n, bits)) uint8."""
+    rows, n = codes.shape
+    if bits == 8:
+        return codes.to(torch.uint8).contiguous()
+    runs = -(-n // 8)
+    c = torch.nn.functional.pad(codes.to(torch.int64), (0, runs * 8 - n)).view(rows, runs, 8)
+    shifts = torch.arange(8, device=codes.device) * bits  # (8,)
+    word = (c << shifts).sum(-1)  # (rows, runs) int64, 8*bits <= 64 bits used
+    byte_shifts = torch.arange(bits, device=codes.device) * 8  # (bits,)
+    return ((word[..., None] >> byte_shifts) & 0xFF).to(torch.uint8).view(rows, runs * bits)
+
+
+def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
+    """(rows, packed_width(n, bits)) uint8 -> (rows, n) uint8 codes."""
+    rows = packed.shape[0]
+    if bits == 8:
+        return packed[:, :n]
+    runs = packed.shape[1] // bits
+    b = packed.view(rows, runs, bits).to(torch.int64)
+    byte_shifts = torch.arange(bits, device=packed.device) * 8
+    word = (b << byte_shifts).sum(-1)  # (rows, runs)
+    shifts = torch.arange(8, device=packed.device) * bits
+    codes = (word[..., None] >> shifts) & (2**bits - 1)  # (rows, runs, 8)
+    return codes.view(rows, runs * 8)[:, :n].to(torch.uint8)

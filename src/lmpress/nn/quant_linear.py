@@ -1,0 +1,199 @@
+"""``QuantLinear``: a linear layer stored as packed integer codes with per-group scales and zeros.
+
+Storage (what ``state_dict`` and the saved file hold):
+
+- ``qweight`` (out, packed_width(in, bits)) uint8: codes packed densely (`lmpress.nn.packing`).
+  Symmetric codes are stored as two's complement ``q`` in ``bits`` bits, so an 8-bit symmetric
+  layer's bytes are exactly an int8 matrix; asymmetric codes are offset binary.
+- ``scales`` (out, groups) float16 (or bfloat16).
+- ``qzeros`` (out, packed_width(groups, bits)) uint8: packed integer zero points (asymmetric only).
+- ``bias`` (out,) in the model's dtype, if the original layer had one.
+
+Forward, chosen once per device and dtype:
+
+- 8-bit symmetric per-channel on CPU: ``torch._weight_int8pack_mm`` on the stored int8 bytes.
+- 4-bit with a group size of 32/64/128/256 dividing ``in`` on CPU:
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on a kernel layout prepared on first use.
+- anything else: dequantize to the input's dtype, then matmul.
+
+The kernels compute in bfloat16 (fp32 inputs are cast), as PyTorch's CPU kernels are only fast
+there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmpress.nn.packing import pack, packed_width, unpack
+from lmpress.quant.grid import Quantized, dequantize, n_groups
+
+INT4_GROUPS = (32, 64, 128, 256)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer holding packed integer codes with per-group scales and zero points."""
+
+    qweight: Tensor
+    scales: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int | None,
+        symmetric: bool,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        scale_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        G = n_groups(in_features, group_size)
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device)
+        )
+        self.register_buffer("scales", torch.ones(out_features, G, dtype=scale_dtype, device=device))
+        if symmetric:
+            self.qzeros: Tensor | None = None
+        else:
+            self.register_buffer(
+                "qzeros", torch.zeros(out_features, packed_width(G, bits), dtype=torch.uint8, device=device)
+            )
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._kernel: tuple[str, Any] | None = None  # (path, prepared tensors); never saved
+
+    # ---- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def from_quantized(
+        cls, q: Quantized, bias: Tensor | None, symmetric: bool, scale_dtype: torch.dtype = torch.float16
+    ) -> QuantLinear:
+        out_f, in_f = q.codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        layer = cls(in_f, out_f, q.bits, q.group_size, symmetric, bias is not None, dtype, scale_dtype, q.codes.device)
+        half = 2 ** (q.bits - 1)
+        codes = q.codes ^ half if symmetric else q.codes  # offset binary -> two's complement
+        layer.qweight.copy_(pack(codes, q.bits))
+        layer.scales.copy_(q.scales.to(scale_dtype))
+        if not symmetric:
+            assert layer.qzeros is not None
+            layer.qzeros.copy_(pack(q.zeros.round().to(torch.uint8), q.bits))
+        if bias is not None:
+            assert layer.bias is not None
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    # ---- storage ------------------------------------------------------------------------------
+
+    def codes(self) -> Tensor:
+        """Unsigned (offset binary) codes.  (out, in) uint8"""
+        c = unpack(self.qweight, self.bits, self.in_features)
+        return c ^ (2 ** (self.bits - 1)) if self.symmetric else c
+
+    def zeros(self) -> Tensor:
+        """Integer zero points.  (out, groups) float32"""
+        if self.qzeros is None:
+            return torch.full(self.scales.shape, 2.0 ** (self.bits - 1), device=self.scales.device)
+        return unpack(self.qzeros, self.bits, self.scales.shape[1]).float()
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight this layer represents.  (out, in)"""
+        return dequantize(self.codes(), self.scales, self.zeros(), self.group_size, dtype)
+
+    def num_logical_params(self) -> int:
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
+    def lmpress_format(self) -> dict[str, Any]:
+        return {
+            "format": "quant",
+            "bits": self.bits,
+            "group_size": self.group_size,
+            "symmetric": self.symmetric,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> QuantLinear:
+        """An empty layer of a saved format, ready for ``load_state_dict``."""
+        return cls(
+            fmt["in_features"],
+            fmt["out_features"],
+            fmt["bits"],
+            fmt["group_size"],
+            fmt["symmetric"],
+            fmt["bias"],
+            dtype,
+            getattr(torch, fmt["scale_dtype"]),
+        )
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._kernel = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        self._kernel = None  # device or dtype may change: prepare again
+        return super()._apply(fn, recurse)  # type: ignore[no-any-return]
+
+    # ---- forward ------------------------------------------------------------------------------
+
+    def kernel_path(self) -> str:
+        """Which forward this layer uses on its current device: int8, int4 or dequant."""
+        if self.qweight.device.type != "cpu":
+            return "dequant"
+        if self.bits == 8 and self.symmetric and self.group_size is None:
+            return "int8"
+        if (
+            self.bits == 4
+            and self.group_size in INT4_GROUPS
+            and self.in_features % self.group_size == 0
+            and self.out_features % 16 == 0
+        ):
+            return "int4"
+        return "dequant"
+
+    def _prepare(self) -> tuple[str, Any]:
+        path = self.kernel_path()
+        if path == "int8":
+            return path, (self.qweight.view(torch.int8), self.scales.to(torch.bfloat16).view(-1))
+        if path == "int4":
+            codes = self.codes().to(torch.int32)  # (out, in), kernel zero at 8
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            s = self.scales.float()
+            zf = (8.0 - self.zeros()) * s  # (out, G): w = (q - 8) * s + zf
+            sz = torch.stack([s, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
+            return path, (packed, sz)
+        return path, None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._kernel is None:
+            self._kernel = self._prepare()
+        path, prepared = self._kernel
+        shape = x.shape
+        if path == "int8":
+            w, s = prepared
+            y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), w, s)
+        elif path == "int4":
+            packed, sz = prepared
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                x.reshape(-1, shape[-1]).to(torch.bfloat16), packed, self.group_size, sz
+            )
+        else:
+            y = x.reshape(-1, shape[-1]) @ self.dequantize_weight(x.dtype).T
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        sym = "sym" if self.symmetric else "asym"
+        return (
+            f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, {sym}, "
+            f"bias={self.bias is not None}"
+        )

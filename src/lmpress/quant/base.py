@@ -1,0 +1,126 @@
+"""What every weight quantizer shares: the config fields, choosing layers, and swapping them in.
+
+A method supplies one function that turns a layer's (out, in) weight into `Quantized` codes; this
+module finds the targeted layers (exact names or ``re:`` regexes; GPT-2's ``Conv1D`` included),
+applies per-layer overrides, replaces each layer with a `QuantLinear`, and checks that every
+result is finite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor, nn
+
+from lmpress.errors import LmpressError
+from lmpress.models.adapters import is_conv1d, linear_weight
+from lmpress.nn.quant_linear import QuantLinear
+from lmpress.quant.grid import Quantized
+from lmpress.registry import MethodConfig
+from lmpress.select import matches, select
+
+
+class QuantError(LmpressError):
+    """A quantization step that cannot be carried out as asked."""
+
+
+class Override(BaseModel):
+    """Different settings for the layers matched by ``targets`` (first matching override wins)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    targets: list[str]
+    bits: int | None = Field(None, ge=2, le=8)
+    group_size: int | None = Field(None, gt=0)
+    symmetric: bool | None = None
+
+
+class WeightQuantConfig(MethodConfig):
+    """Fields shared by weight-only quantizers."""
+
+    bits: int = Field(4, ge=2, le=8)
+    group_size: int | None = Field(128, gt=0)  # None: one group per output row
+    symmetric: bool = False
+    scale_dtype: Literal["float16", "bfloat16"] = "float16"
+    targets: list[str] = ["re:.*"]
+    ignore: list[str] = ["lm_head"]
+    overrides: list[Override] = []
+
+
+class LayerSettings(BaseModel):
+    """The effective settings of one layer after overrides."""
+
+    model_config = ConfigDict(frozen=True)
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+
+
+def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every ``nn.Linear`` and GPT-2 ``Conv1D`` of the model, by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+
+
+def targeted_layers(model: nn.Module, config: WeightQuantConfig) -> dict[str, nn.Module]:
+    """The layers this stage quantizes; an empty selection is an error, not a silent no-op."""
+    layers = linear_layers(model)
+    chosen = select(layers, config.targets, config.ignore)
+    if not chosen:
+        example = next(iter(layers), "none")
+        raise QuantError(
+            f"recipe stage ({config.method}): targets {config.targets} minus ignore {config.ignore} match no linear "
+            f"layer; names look like {example!r}"
+        )
+    return chosen
+
+
+def settings_for(name: str, config: WeightQuantConfig) -> LayerSettings:
+    for o in config.overrides:
+        if matches(name, o.targets):
+            return LayerSettings(
+                bits=o.bits if o.bits is not None else config.bits,
+                group_size=o.group_size if o.group_size is not None else config.group_size,
+                symmetric=o.symmetric if o.symmetric is not None else config.symmetric,
+            )
+    return LayerSettings(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def to_quant_linear(name: str, module: nn.Module, q: Quantized, symmetric: bool, scale_dtype: str) -> QuantLinear:
+    """A `QuantLinear` for ``module`` from its codes; stops on non-finite scales."""
+    if not (torch.isfinite(q.scales).all() and torch.isfinite(q.zeros).all()):
+        raise QuantError(f"layer {name}: non-finite scales after quantization; check the layer's weights")
+    bias = getattr(module, "bias", None)
+    bias = bias.detach().to(linear_weight(module).dtype) if isinstance(bias, Tensor) else None
+    return QuantLinear.from_quantized(q, bias, symmetric, getattr(torch, scale_dtype))
+
+
+def check_finite(name: str, w: Tensor) -> None:
+    if not torch.isfinite(w).all():
+        raise QuantError(f"layer {name}: weight has non-finite values; fix or exclude it with ignore: [{name!r}]")
+
+
+QuantizeFn = Callable[[str, nn.Module, LayerSettings], Quantized]
+
+
+def quantize_layers(
+    model: nn.Module, layers: dict[str, nn.Module], config: WeightQuantConfig, fn: QuantizeFn
+) -> dict[str, int]:
+    """Quantize each layer with ``fn`` and swap in a `QuantLinear`; returns a count per bit width."""
+    counts: dict[str, int] = {}
+    for name, module in layers.items():
+        s = settings_for(name, config)
+        check_finite(name, linear_weight(module))
+        q = fn(name, module, s)
+        replace_module(model, name, to_quant_linear(name, module, q, s.symmetric, config.scale_dtype))
+        key = f"w{s.bits}g{s.group_size or 'row'}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,38 @@
+"""``rtn``: round-to-nearest weight quantization, the calibration-free baseline.
+
+Each targeted layer's weight is put on a per-group integer grid (min/max range, or the
+MSE-optimal clipped range with ``mse_clip``) and stored packed in a `QuantLinear`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from torch import nn
+
+from lmpress.models.adapters import linear_weight
+from lmpress.quant.base import LayerSettings, WeightQuantConfig, quantize_layers, targeted_layers
+from lmpress.quant.grid import Quantized, quantize
+from lmpress.registry import Context, Method, StageReport
+
+
+class RTNConfig(WeightQuantConfig):
+    """Round-to-nearest weight quantization."""
+
+    method: Literal["rtn"] = "rtn"
+    mse_clip: bool = False
+
+
+def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
+    t0 = time.perf_counter()
+    layers = targeted_layers(model, config)
+
+    def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+        return quantize(linear_weight(module).detach(), s.bits, s.group_size, s.symmetric, config.mse_clip)
+
+    counts = quantize_layers(model, layers, config, fn)
+    return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
+
+
+METHOD = Method("rtn", RTNConfig, apply, "round-to-nearest weight quantization (2-8 bits, per channel or group)")

@@ -1,0 +1,56 @@
+"""QuantLinear: packed storage, kernels that agree with dequantization, state-dict round trips."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmpress.nn.quant_linear import QuantLinear
+from lmpress.quant.grid import quantize
+
+CASES = [
+    (8, None, True, "int8"),
+    (4, 128, False, "int4"),
+    (4, 64, True, "int4"),
+    (3, 128, False, "dequant"),
+    (2, 64, False, "dequant"),
+    (8, 128, False, "dequant"),
+    (4, 100, False, "dequant"),  # group does not divide the width: short last group
+]
+
+
+@pytest.mark.parametrize(("bits", "group", "sym", "path"), CASES)
+def test_forward_matches_dequantized_weight(bits: int, group: int | None, sym: bool, path: str) -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 128)
+    q = quantize(lin.weight.data, bits, group, sym)
+    layer = QuantLinear.from_quantized(q, lin.bias.data, sym)
+    assert layer.kernel_path() == path
+    assert torch.equal(layer.codes(), q.codes)
+    x = torch.randn(3, 5, 256)
+    ref = x @ layer.dequantize_weight().T + lin.bias
+    y = layer(x)
+    assert y.shape == (3, 5, 128) and y.dtype == torch.float32
+    tol = 0.02 if path != "dequant" else 1e-4  # the kernels compute in bfloat16
+    assert (y - ref).abs().max() / ref.abs().max() < tol
+    assert layer.qweight.numel() == 128 * 256 * bits // 8  # the bytes the format costs
+    assert layer.num_logical_params() == 128 * 256 + 128
+
+
+def test_state_dict_round_trip_and_format() -> None:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32, bias=False)
+    layer = QuantLinear.from_quantized(quantize(lin.weight.data, 3, 16), None, symmetric=False)
+    fmt = layer.lmpress_format()
+    assert fmt["format"] == "quant" and fmt["bits"] == 3 and fmt["scale_dtype"] == "float16"
+    assert set(layer.state_dict()) == {"qweight", "scales", "qzeros"}
+    empty = QuantLinear.from_format(fmt, torch.float32)
+    empty.load_state_dict(layer.state_dict())
+    x = torch.randn(4, 64)
+    assert torch.equal(empty(x), layer(x))
+
+
+def test_symmetric_8bit_bytes_are_int8() -> None:
+    w = torch.tensor([[-1.0, 0.0, 0.5, 1.0]])
+    layer = QuantLinear.from_quantized(quantize(w, 8, None, symmetric=True), None, symmetric=True)
+    assert layer.qweight.view(torch.int8).tolist() == [[-127, 0, 64, 127]]
