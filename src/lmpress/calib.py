@@ -1,0 +1,157 @@
+"""The calibration driver: one decoder block at a time, fed the outputs of the compressed blocks.
+
+GPTQ, AWQ, SparseGPT, Wanda, activation-aware SVD and structured importance all need the same
+thing: the inputs of each block, statistics of each linear layer's inputs, and the block's outputs
+after it is compressed. `blockwise` captures what the first block receives (hidden states plus
+whatever else the model passes it: attention mask, position ids, rotary embeddings; no cache), then
+yields each block with its inputs; when the caller has compressed the block, the driver runs it
+again to produce the next block's inputs. Peak memory is one block's activations for the
+calibration set plus one block's weights. Hooks are removed on every exit path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmpress.models.adapters import Adapter
+from lmpress.progress import track
+
+
+@dataclass
+class BlockInputs:
+    """What one block receives for each calibration batch."""
+
+    hidden: list[Tensor]  # per batch: (B, T, D)
+    args: list[tuple[Any, ...]]  # per batch: further positional arguments
+    kwargs: list[dict[str, Any]]  # per batch: the other arguments (mask, positions, rotary)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+
+@dataclass
+class InputStats:
+    """Running H = (2/N) Σ x xᵀ over N calibration tokens of one linear layer."""
+
+    H: Tensor  # (in, in) float32
+    n_tokens: int = 0
+
+    @classmethod
+    def empty(cls, in_features: int, device: torch.device) -> InputStats:
+        return cls(torch.zeros(in_features, in_features, device=device))
+
+    def update(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        n = x.shape[0]
+        self.H.mul_(self.n_tokens / (self.n_tokens + n))
+        self.n_tokens += n
+        self.H.addmm_(x.T, x, alpha=2.0 / self.n_tokens)
+
+
+@dataclass
+class SquareNorm:
+    """Running mean of x_j² per input column over calibration tokens (Wanda, AWQ, SmoothQuant)."""
+
+    mean_sq: Tensor  # (in,)
+    abs_max: Tensor  # (in,)
+    n_tokens: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def empty(cls, in_features: int, device: torch.device) -> SquareNorm:
+        return cls(torch.zeros(in_features, device=device), torch.zeros(in_features, device=device))
+
+    def update(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        n = x.shape[0]
+        self.mean_sq.mul_(self.n_tokens / (self.n_tokens + n)).add_(x.pow(2).sum(0), alpha=1.0 / (self.n_tokens + n))
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
+        self.n_tokens += n
+
+
+class _StopForwardError(Exception):
+    """Raised by the capture hook to end the forward pass at the first block."""
+
+
+@contextmanager
+def capture_inputs(modules: Mapping[str, nn.Module], fn: Callable[[str, Tensor], None]) -> Iterator[None]:
+    """Call ``fn(name, input)`` with each module's input while the context is open."""
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, name=name: fn(name, args[0])) for name, m in modules.items()
+    ]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def first_block_inputs(model: nn.Module, windows: Tensor, batch_size: int) -> BlockInputs:
+    """Run the model up to its first block on each batch of ``windows`` (N, T); keep the block's inputs."""
+    adapter = Adapter(model)
+    device = next(model.parameters()).device
+    inputs = BlockInputs([], [], [])
+
+    def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        inputs.hidden.append(hidden.detach())
+        inputs.args.append(tuple(args[1:]))
+        inputs.kwargs.append({k: v for k, v in kwargs.items() if k not in ("past_key_value", "past_key_values")})
+        raise _StopForwardError
+
+    handle = adapter.blocks()[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for i in range(0, windows.shape[0], batch_size):
+            with suppress(_StopForwardError):
+                model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        handle.remove()
+    return inputs
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
+    """The block's outputs for every batch.  [(B, T, D)]"""
+    outs = []
+    for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+        out = block(h, *a, **kw)
+        outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+@torch.no_grad()
+def collect(
+    block: nn.Module, inputs: BlockInputs, layers: Mapping[str, nn.Module], make: Callable[[nn.Module], Any]
+) -> dict[str, Any]:
+    """Run the block once with hooks; ``make(layer)`` builds a stats object with ``update(x)``."""
+    stats = {name: make(m) for name, m in layers.items()}
+    with capture_inputs(layers, lambda name, x: stats[name].update(x)):
+        run_block(block, inputs)
+    return stats
+
+
+def blockwise(
+    model: nn.Module, windows: Tensor, batch_size: int = 8, progress: bool = False
+) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
+    """Yield (index, block, inputs) for each block; after the caller compresses a block, its
+    outputs on ``inputs`` become the next block's inputs."""
+    adapter = Adapter(model)
+    was_training = model.training
+    model.eval()
+    inputs = first_block_inputs(model, windows, batch_size)
+    try:
+        for i in track(range(adapter.num_blocks), "calibrating blocks", enabled=progress):
+            block = adapter.blocks()[i]
+            yield i, block, inputs
+            inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)
+    finally:
+        model.train(was_training)

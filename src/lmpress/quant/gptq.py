@@ -1,0 +1,171 @@
+"""``gptq``: second-order weight quantization with error compensation (Frantar et al. 2022,
+arXiv:2210.17323).
+
+Columns are quantized one at a time; each column's rounding error is spread over the columns not
+yet quantized, weighted by the inverse of the layer's input Hessian H = (2/N) Σ x xᵀ, so the
+layer's output on calibration data changes as little as possible. Lazy block updates apply the
+compensation to the rest of the matrix once per block of columns. With ``act_order`` columns are
+visited in order of decreasing Hessian diagonal; groups stay contiguous in the original column
+order (their scales are fixed up front from the unquantized weights, "static groups"), so the
+result packs and runs exactly like round-to-nearest output.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from lmpress.calib import InputStats, blockwise, collect
+from lmpress.models.adapters import Adapter, linear_weight
+from lmpress.quant.base import (
+    LayerSettings,
+    QuantError,
+    WeightQuantConfig,
+    quantize_layers,
+    targeted_layers,
+)
+from lmpress.quant.grid import Quantized, clip_search, grid_params, group_minmax, quantize
+from lmpress.registry import Context, Method, StageReport
+
+
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ weight quantization (Frantar et al. 2022, arXiv:2210.17323)."""
+
+    method: Literal["gptq"] = "gptq"
+    damp: float = Field(0.01, gt=0, le=1)  # fraction of the mean Hessian diagonal added to it
+    act_order: bool = True
+    block_size: int = Field(128, ge=1)  # columns per lazy update
+    mse_clip: bool = False
+    calib_batch_size: int = Field(8, ge=1)
+
+
+def _grid(w: Tensor, bits: int, group_size: int | None, symmetric: bool, mse_clip: bool) -> tuple[Tensor, Tensor]:
+    if mse_clip:
+        return clip_search(w, bits, group_size, symmetric)
+    return grid_params(*group_minmax(w, group_size), bits, symmetric)
+
+
+def gptq_quantize(
+    weight: Tensor,
+    H: Tensor,
+    bits: int,
+    group_size: int | None = 128,
+    symmetric: bool = False,
+    damp: float = 0.01,
+    act_order: bool = True,
+    block_size: int = 128,
+    mse_clip: bool = False,
+) -> Quantized:
+    """Quantize (out, in) ``weight`` given its input Hessian ``H`` (in, in).
+
+    Returns codes and grids in the original column order. Pure tensor math; float32 throughout.
+    """
+    W = weight.detach().float().clone()  # (out, in)
+    H = H.detach().float().clone()  # (in, in)
+    out_f, in_f = W.shape
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    qmax = 2**bits - 1
+
+    static = act_order or group_size is None
+    if static:  # one grid per group from the unquantized weights
+        scales, zeros = _grid(W, bits, group_size, symmetric, mse_clip)  # (out, G)
+    else:
+        G = -(-in_f // group_size)  # type: ignore[operator]
+        scales = torch.zeros(out_f, G, device=W.device)
+        zeros = torch.zeros(out_f, G, device=W.device)
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=H.device)
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # (in, in) upper
+    except RuntimeError:
+        raise QuantError(
+            "GPTQ: the Hessian is not positive definite; raise damp or give more calibration text"
+        ) from None
+    group_of = perm // group_size if group_size is not None else torch.zeros_like(perm)  # (in,) original group
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        W1 = W[:, i1:i2].clone()  # (out, b)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = int(group_of[col])
+            if not static and col % group_size == 0:  # type: ignore[operator]
+                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
+                scales[:, g], zeros[:, g] = (t[:, 0] for t in _grid(upcoming, bits, None, symmetric, mse_clip))
+            s, z = scales[:, g], zeros[:, g]  # (out,)
+            w = W1[:, i]
+            q = (w / s + z).round().clamp(0, qmax)
+            codes[:, col] = q.to(torch.uint8)
+            err = (w - (q - z) * s) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    inv = torch.argsort(perm)
+    return Quantized(codes[:, inv], scales, zeros, bits, group_size)
+
+
+def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
+    t0 = time.perf_counter()
+    targets = targeted_layers(model, config)
+    adapter = Adapter(model)
+    calib = ctx.calib_data()
+    done: dict[str, int] = {}
+    handled: set[str] = set()
+    for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
+        layers = {n: m for n, m in adapter.block_linears(i).items() if n in targets}
+        if not layers:
+            continue
+        stats = collect(
+            block, inputs, layers, lambda m: InputStats.empty(linear_weight(m).shape[1], linear_weight(m).device)
+        )
+        for name, st in stats.items():
+            in_f = linear_weight(layers[name]).shape[1]
+            if st.n_tokens == 0:
+                raise QuantError(f"layer {name} received no calibration tokens; exclude it with ignore: [{name!r}]")
+            if st.n_tokens < in_f:
+                raise QuantError(
+                    f"layer {name} saw {st.n_tokens} calibration tokens; GPTQ needs at least {in_f} (its input width) "
+                    "for a usable Hessian: give more calibration text"
+                )
+
+        def fn(name: str, module: nn.Module, s: LayerSettings, stats: dict[str, InputStats] = stats) -> Quantized:
+            return gptq_quantize(
+                linear_weight(module),
+                stats[name].H,
+                s.bits,
+                s.group_size,
+                s.symmetric,
+                config.damp,
+                config.act_order,
+                config.block_size,
+                config.mse_clip,
+            )
+
+        for k, v in quantize_layers(model, layers, config, fn).items():
+            done[k] = done.get(k, 0) + v
+        handled.update(layers)
+    rest = {n: m for n, m in targets.items() if n not in handled}
+    if rest:  # targeted layers outside the blocks (e.g. lm_head): no block inputs, round to nearest
+
+        def rtn_fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+            return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric, config.mse_clip)
+
+        for k, v in quantize_layers(model, rest, config, rtn_fn).items():
+            done[k] = done.get(k, 0) + v
+    return {"layers": done, "calib_tokens": calib.windows.numel(), "quantize_seconds": time.perf_counter() - t0}
+
+
+METHOD = Method("gptq", GPTQConfig, apply, "GPTQ: Hessian-aware weight quantization with error compensation")

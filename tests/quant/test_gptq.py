@@ -1,0 +1,67 @@
+"""GPTQ: the math beats round-to-nearest on output error; end to end on Llama and GPT-2 shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmpress.errors import LmpressError
+from lmpress.models.loading import load_model
+from lmpress.nn.quant_linear import QuantLinear
+from lmpress.pipeline import DataOptions, compress
+from lmpress.quant.gptq import gptq_quantize
+from lmpress.quant.grid import quantize
+
+
+def _layer_problem() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    X = torch.randn(2048, 128) @ (0.3 * torch.randn(128, 128) + torch.eye(128))  # correlated inputs
+    X[:, :4] *= 10  # outlier channels
+    W = 0.05 * torch.randn(64, 128)
+    return X, W, 2 * X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize(
+    ("bits", "group", "act_order", "max_ratio"),
+    [(4, 32, False, 0.4), (4, 32, True, 0.4), (3, None, True, 0.4), (2, 32, True, 0.6), (4, 48, True, 0.4)],
+)
+def test_gptq_output_error_well_below_rtn(bits: int, group: int | None, act_order: bool, max_ratio: float) -> None:
+    X, W, H = _layer_problem()
+    q = gptq_quantize(W, H, bits, group, act_order=act_order, block_size=32)
+    assert q.codes.shape == W.shape and int(q.codes.max()) < 2**bits
+    err = (X @ (q.dequantize() - W).T).pow(2).mean()
+    err_rtn = (X @ (quantize(W, bits, group).dequantize() - W).T).pow(2).mean()
+    assert err / err_rtn < max_ratio
+
+
+def test_gptq_with_identity_hessian_is_round_to_nearest() -> None:
+    torch.manual_seed(0)
+    W = torch.randn(16, 64)
+    q = gptq_quantize(W, torch.eye(64), 4, 16, act_order=False, damp=1e-6)
+    torch.testing.assert_close(q.dequantize(), quantize(W, 4, 16).dequantize())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_gptq_end_to_end_beats_rtn(
+    arch: str, tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=8, calib_windows=16)
+    src = tiny_model_dir(arch)
+    stage = {"bits": 3, "group_size": 32}
+    rtn = compress(src, {"stages": [{"method": "rtn", **stage}]}, data, measure_speed=False)
+    out = tmp_path / "gptq"
+    gptq = compress(src, {"stages": [{"method": "gptq", **stage}]}, data, output=out, measure_speed=False)
+    assert sum(isinstance(m, QuantLinear) for m in gptq.model.modules()) == {"llama": 14, "gpt2": 8}[arch]
+    assert gptq.metrics["compressed"]["kl"] < 0.7 * rtn.metrics["compressed"]["kl"]
+    ids = torch.arange(48)[None] % 300
+    with torch.no_grad():
+        assert torch.equal(load_model(out).model(input_ids=ids).logits, gptq.model(input_ids=ids).logits)
+
+
+def test_too_few_calibration_tokens_is_an_error(tiny_model_dir: Callable[..., Path], text_file: Path) -> None:
+    data = DataOptions(source=text_file, seq_len=16, eval_windows=2, calib_windows=2)  # 32 tokens < width 64
+    with pytest.raises(LmpressError, match="saw 32 calibration tokens; GPTQ needs at least 64"):
+        compress(tiny_model_dir("llama"), {"stages": [{"method": "gptq"}]}, data, run_eval=False)
