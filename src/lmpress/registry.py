@@ -63,7 +63,7 @@ class Method:
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress.quant import cast, gptq, rtn
+    from lmpress.quant import cast, gptq, hqq, rtn
 
-    found = [cast.METHOD, rtn.METHOD, gptq.METHOD]
+    found = [cast.METHOD, rtn.METHOD, gptq.METHOD, hqq.METHOD]
     return {m.name: m for m in found}

@@ -6,7 +6,9 @@ Storage (what ``state_dict`` and the saved file hold):
   Symmetric codes are stored as two's complement ``q`` in ``bits`` bits, so an 8-bit symmetric
   layer's bytes are exactly an int8 matrix; asymmetric codes are offset binary.
 - ``scales`` (out, groups) float16 (or bfloat16).
-- ``qzeros`` (out, packed_width(groups, bits)) uint8: packed integer zero points (asymmetric only).
+- ``qzeros`` (out, packed_width(groups, bits)) uint8: packed integer zero points (asymmetric), or
+  ``fzeros`` (out, groups) in the scales' dtype for optimizers that find fractional zero points
+  (half-quadratic); symmetric layers store neither.
 - ``bias`` (out,) in the model's dtype, if the original layer had one.
 
 Forward, chosen once per device and dtype:
@@ -38,6 +40,8 @@ class QuantLinear(nn.Module):
 
     qweight: Tensor
     scales: Tensor
+    qzeros: Tensor | None
+    fzeros: Tensor | None
 
     def __init__(
         self,
@@ -50,21 +54,23 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         scale_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
+        float_zeros: bool = False,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.float_zeros = float_zeros and not symmetric
         G = n_groups(in_features, group_size)
-        self.register_buffer(
-            "qweight", torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device)
-        )
+        qweight = torch.zeros(out_features, packed_width(in_features, bits), dtype=torch.uint8, device=device)
+        self.register_buffer("qweight", qweight)
         self.register_buffer("scales", torch.ones(out_features, G, dtype=scale_dtype, device=device))
-        if symmetric:
-            self.qzeros: Tensor | None = None
-        else:
-            self.register_buffer(
-                "qzeros", torch.zeros(out_features, packed_width(G, bits), dtype=torch.uint8, device=device)
-            )
+        qzeros = fzeros = None
+        if self.float_zeros:
+            fzeros = torch.zeros(out_features, G, dtype=scale_dtype, device=device)
+        elif not symmetric:
+            qzeros = torch.zeros(out_features, packed_width(G, bits), dtype=torch.uint8, device=device)
+        self.register_buffer("qzeros", qzeros)  # None buffers are not saved
+        self.register_buffer("fzeros", fzeros)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel: tuple[str, Any] | None = None  # (path, prepared tensors); never saved
 
@@ -72,17 +78,34 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_quantized(
-        cls, q: Quantized, bias: Tensor | None, symmetric: bool, scale_dtype: torch.dtype = torch.float16
+        cls,
+        q: Quantized,
+        bias: Tensor | None,
+        symmetric: bool,
+        scale_dtype: torch.dtype = torch.float16,
+        float_zeros: bool = False,
     ) -> QuantLinear:
         out_f, in_f = q.codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
-        layer = cls(in_f, out_f, q.bits, q.group_size, symmetric, bias is not None, dtype, scale_dtype, q.codes.device)
+        layer = cls(
+            in_f,
+            out_f,
+            q.bits,
+            q.group_size,
+            symmetric,
+            bias is not None,
+            dtype,
+            scale_dtype,
+            q.codes.device,
+            float_zeros,
+        )
         half = 2 ** (q.bits - 1)
         codes = q.codes ^ half if symmetric else q.codes  # offset binary -> two's complement
         layer.qweight.copy_(pack(codes, q.bits))
         layer.scales.copy_(q.scales.to(scale_dtype))
-        if not symmetric:
-            assert layer.qzeros is not None
+        if layer.fzeros is not None:
+            layer.fzeros.copy_(q.zeros.to(scale_dtype))
+        elif layer.qzeros is not None:
             layer.qzeros.copy_(pack(q.zeros.round().to(torch.uint8), q.bits))
         if bias is not None:
             assert layer.bias is not None
@@ -98,6 +121,8 @@ class QuantLinear(nn.Module):
 
     def zeros(self) -> Tensor:
         """Integer zero points.  (out, groups) float32"""
+        if self.fzeros is not None:
+            return self.fzeros.float()
         if self.qzeros is None:
             return torch.full(self.scales.shape, 2.0 ** (self.bits - 1), device=self.scales.device)
         return unpack(self.qzeros, self.bits, self.scales.shape[1]).float()
@@ -119,6 +144,7 @@ class QuantLinear(nn.Module):
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
+            "float_zeros": self.float_zeros,
         }
 
     @classmethod
@@ -133,6 +159,7 @@ class QuantLinear(nn.Module):
             fmt["bias"],
             dtype,
             getattr(torch, fmt["scale_dtype"]),
+            float_zeros=fmt.get("float_zeros", False),
         )
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

@@ -94,13 +94,15 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def to_quant_linear(name: str, module: nn.Module, q: Quantized, symmetric: bool, scale_dtype: str) -> QuantLinear:
+def to_quant_linear(
+    name: str, module: nn.Module, q: Quantized, symmetric: bool, scale_dtype: str, float_zeros: bool = False
+) -> QuantLinear:
     """A `QuantLinear` for ``module`` from its codes; stops on non-finite scales."""
     if not (torch.isfinite(q.scales).all() and torch.isfinite(q.zeros).all()):
         raise QuantError(f"layer {name}: non-finite scales after quantization; check the layer's weights")
     bias = getattr(module, "bias", None)
     bias = bias.detach().to(linear_weight(module).dtype) if isinstance(bias, Tensor) else None
-    return QuantLinear.from_quantized(q, bias, symmetric, getattr(torch, scale_dtype))
+    return QuantLinear.from_quantized(q, bias, symmetric, getattr(torch, scale_dtype), float_zeros)
 
 
 def check_finite(name: str, w: Tensor) -> None:
@@ -112,7 +114,11 @@ QuantizeFn = Callable[[str, nn.Module, LayerSettings], Quantized]
 
 
 def quantize_layers(
-    model: nn.Module, layers: dict[str, nn.Module], config: WeightQuantConfig, fn: QuantizeFn
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    config: WeightQuantConfig,
+    fn: QuantizeFn,
+    float_zeros: bool = False,
 ) -> dict[str, int]:
     """Quantize each layer with ``fn`` and swap in a `QuantLinear`; returns a count per bit width."""
     counts: dict[str, int] = {}
@@ -120,7 +126,8 @@ def quantize_layers(
         s = settings_for(name, config)
         check_finite(name, linear_weight(module))
         q = fn(name, module, s)
-        replace_module(model, name, to_quant_linear(name, module, q, s.symmetric, config.scale_dtype))
+        layer = to_quant_linear(name, module, q, s.symmetric, config.scale_dtype, float_zeros)
+        replace_module(model, name, layer)
         key = f"w{s.bits}g{s.group_size or 'row'}"
         counts[key] = counts.get(key, 0) + 1
     return counts
