@@ -1,0 +1,87 @@
+"""Quantization quality on the built-in reference model: every method at every width.
+
+    python benchmarks/quant.py [--threads 2] [--eval-windows 200] [--methods rtn,gptq,hqq]
+
+For each method and setting: held-out perplexity, KL and top-1 agreement against the original (the
+same tokens), bytes on disk, bits per weight, time to quantize. Writes
+``benchmarks/results/quant.json`` and the ``quant`` table of ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from typing import Any
+
+import torch
+
+from benchmarks.common import machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from lmpress.evaluation import count_parameters, quality
+from lmpress.models.loading import load_model
+from lmpress.pipeline import run_stages
+from lmpress.recipe import parse_recipe
+from lmpress.registry import Context
+
+SETTINGS: dict[str, dict[str, Any]] = {
+    "W8 per-channel": {"bits": 8, "group_size": None, "symmetric": True},
+    "W4 g128": {"bits": 4, "group_size": 128},
+    "W4 per-channel": {"bits": 4, "group_size": None},
+    "W3 g128": {"bits": 3, "group_size": 128},
+    "W2 g64": {"bits": 2, "group_size": 64},
+}
+DROP = {"hqq": ("symmetric",)}  # hqq is asymmetric by construction
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-windows", type=int, default=200)
+    ap.add_argument("--calib-windows", type=int, default=128)
+    ap.add_argument("--methods", default="rtn,gptq,hqq")
+    ap.add_argument("--model", default="builtin")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    loaded = load_model(args.model)
+    original, tok = loaded.model, loaded.tokenizer
+    eval_data = split_windows(tok, "eval", args.eval_windows)
+    calib = split_windows(tok, "calib", args.calib_windows)
+    base = quality(original, eval_data.windows, batch_size=16)
+    base_bytes = saved_bytes(original, tok)
+    rows: list[dict[str, Any]] = [{"method": "original", "setting": "bf16", **base, "bytes": base_bytes,
+                                   "bits_per_weight": 8 * base_bytes / count_parameters(original)}]
+    for method in args.methods.split(","):
+        for setting, params in SETTINGS.items():
+            stage = {"method": method, **{k: v for k, v in params.items() if k not in DROP.get(method, ())}}
+            recipe = parse_recipe({"stages": [stage]})
+            model = copy.deepcopy(original)
+            ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: calib)
+            _, seconds = timed(lambda m=model, r=recipe, c=ctx: run_stages(m, r, c))
+            q = quality(model, eval_data.windows, reference=original, batch_size=16)
+            nbytes = saved_bytes(model, tok)
+            rows.append({"method": method, "setting": setting, **q, "bytes": nbytes,
+                         "bits_per_weight": 8 * nbytes / count_parameters(model), "quantize_seconds": seconds})
+            print(f"{method:6s} {setting:15s} ppl {q['perplexity']:.3f} kl {q['kl']:.4f} "
+                  f"agree {q['top1_agreement']:.3f} bytes {nbytes} {seconds:.1f}s", flush=True)
+    payload = {"machine": machine(), "model": args.model, "eval": eval_data.manifest.to_dict(),
+               "calib": calib.manifest.to_dict(), "rows": rows}
+    write_results("quant", payload, _table(rows, eval_data.manifest.to_dict()))
+
+
+def _table(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> str:
+    base = rows[0]["perplexity"]
+    body = [
+        [r["method"], r["setting"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.1f}%",
+         f"{r.get('kl', 0):.4f}", f"{100 * r.get('top1_agreement', 1):.1f}%", f"{r['bytes']:,}",
+         f"{r['bits_per_weight']:.2f}", f"{r.get('quantize_seconds', 0):.1f}"]
+        for r in rows
+    ]
+    head = ["method", "setting", "perplexity", "vs original", "KL", "top-1 agree", "bytes", "bits/weight",
+            "seconds"]
+    note = (f"Built-in model, `stdlib` eval split ({manifest['windows']} windows x {manifest['seq_len']} tokens, "
+            f"sha256 {manifest['sha256'][:12]}); embeddings and head unquantized. `python benchmarks/quant.py`.")
+    return "## Quantization quality\n\n" + note + "\n\n" + markdown_table(head, body)
+
+
+if __name__ == "__main__":
+    main()
