@@ -4,8 +4,12 @@
 ``from_format`` builds an empty layer for loading.
 """
 
+from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 
-LAYER_FORMATS = {"quant": QuantLinear}
+LAYER_FORMATS: dict[str, type[QuantLinear] | type[QuantEmbedding]] = {
+    "quant": QuantLinear,
+    "quant_embedding": QuantEmbedding,
+}
 
-__all__ = ["LAYER_FORMATS", "QuantLinear"]
+__all__ = ["LAYER_FORMATS", "QuantEmbedding", "QuantLinear"]

@@ -48,6 +48,8 @@ class WeightQuantConfig(MethodConfig):
     targets: list[str] = ["re:.*"]
     ignore: list[str] = ["lm_head"]
     overrides: list[Override] = []
+    embedding_bits: int | None = Field(None, ge=2, le=8)  # None: token embeddings stay as they are
+    embedding_group_size: int | None = Field(128, gt=0)
 
 
 class LayerSettings(BaseModel):
@@ -131,3 +133,36 @@ def quantize_layers(
         key = f"w{s.bits}g{s.group_size or 'row'}"
         counts[key] = counts.get(key, 0) + 1
     return counts
+
+
+def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str, int]:
+    """Quantize the token embedding table (round to nearest, MSE-clipped) when ``embedding_bits`` is set.
+
+    A head tied to the embeddings gets its own `QuantLinear` with the same codes, and the config is
+    untied, so the saved model reloads as it ran.
+    """
+    from lmpress.nn.quant_embedding import QuantEmbedding
+    from lmpress.quant.grid import quantize
+
+    if config.embedding_bits is None:
+        return {}
+    embed = model.get_input_embeddings()  # type: ignore[operator]
+    if not isinstance(embed, nn.Embedding):
+        raise QuantError(
+            f"recipe stage ({config.method}): the token embedding is {type(embed).__name__}, "
+            "not nn.Embedding; remove embedding_bits"
+        )
+    names = {id(m): n for n, m in model.named_modules()}
+    name = names[id(embed)]
+    check_finite(name, embed.weight)
+    q = quantize(embed.weight.detach(), config.embedding_bits, config.embedding_group_size, mse_clip=True)
+    head = model.get_output_embeddings()  # type: ignore[operator]
+    if head is not None and getattr(head, "weight", None) is embed.weight:
+        head_q = to_quant_linear(names[id(head)], head, q, False, config.scale_dtype)
+        replace_module(model, names[id(head)], head_q)
+        model.config.tie_word_embeddings = False  # type: ignore[union-attr]
+    layer = QuantEmbedding.from_quantized(
+        q, False, embed.weight.dtype, getattr(torch, config.scale_dtype), embed.padding_idx
+    )
+    replace_module(model, name, layer)
+    return {f"embedding w{config.embedding_bits}g{config.embedding_group_size or 'row'}": 1}

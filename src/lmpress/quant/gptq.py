@@ -25,6 +25,7 @@ from lmpress.quant.base import (
     LayerSettings,
     QuantError,
     WeightQuantConfig,
+    quantize_embeddings,
     quantize_layers,
     targeted_layers,
 )
@@ -165,6 +166,7 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
 
         for k, v in quantize_layers(model, rest, config, rtn_fn).items():
             done[k] = done.get(k, 0) + v
+    done.update(quantize_embeddings(model, config))
     return {"layers": done, "calib_tokens": calib.windows.numel(), "quantize_seconds": time.perf_counter() - t0}
 
 

@@ -24,7 +24,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.models.adapters import linear_weight
-from lmpress.quant.base import LayerSettings, WeightQuantConfig, quantize_layers, targeted_layers
+from lmpress.quant.base import (
+    LayerSettings,
+    WeightQuantConfig,
+    quantize_embeddings,
+    quantize_layers,
+    targeted_layers,
+)
 from lmpress.quant.grid import Quantized, clip_search, n_groups, quantize_with
 from lmpress.registry import Context, Method, StageReport
 
@@ -98,6 +104,7 @@ def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
         )
 
     counts = quantize_layers(model, layers, config, fn, float_zeros=True)
+    counts.update(quantize_embeddings(model, config))
     return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
 
 

@@ -12,7 +12,13 @@ from typing import Literal
 from torch import nn
 
 from lmpress.models.adapters import linear_weight
-from lmpress.quant.base import LayerSettings, WeightQuantConfig, quantize_layers, targeted_layers
+from lmpress.quant.base import (
+    LayerSettings,
+    WeightQuantConfig,
+    quantize_embeddings,
+    quantize_layers,
+    targeted_layers,
+)
 from lmpress.quant.grid import Quantized, quantize
 from lmpress.registry import Context, Method, StageReport
 
@@ -32,6 +38,7 @@ def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
         return quantize(linear_weight(module).detach(), s.bits, s.group_size, s.symmetric, config.mse_clip)
 
     counts = quantize_layers(model, layers, config, fn)
+    counts.update(quantize_embeddings(model, config))
     return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
 
 
