@@ -29,6 +29,11 @@ class ArchSpec:
     norms: tuple[str, ...]
     fused_qkv: bool = False  # one projection produces q, k and v
     conv1d: bool = False  # GPT-2: weights stored (in, out)
+    # (previous op, linears reading its output): a per-channel scale can move from the linears'
+    # input columns into the previous op's outputs (a norm, or a linear followed by nothing or by a
+    # positively homogeneous activation), as AWQ and SmoothQuant need. Groups whose widths do not
+    # line up on a given model (grouped-query v -> o, fused qkv -> o) are skipped at run time.
+    scale_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 _LLAMA = ArchSpec(
@@ -38,6 +43,12 @@ _LLAMA = ArchSpec(
     attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
     mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
     norms=("input_layernorm", "post_attention_layernorm"),
+    scale_groups=(
+        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        ("self_attn.v_proj", ("self_attn.o_proj",)),
+        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        ("mlp.up_proj", ("mlp.down_proj",)),
+    ),
 )
 
 ARCHS: dict[str, ArchSpec] = {
@@ -54,6 +65,7 @@ ARCHS: dict[str, ArchSpec] = {
         norms=("ln_1", "ln_2"),
         fused_qkv=True,
         conv1d=True,
+        scale_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
     ),
     "opt": ArchSpec(
         blocks="model.decoder.layers",
@@ -62,6 +74,12 @@ ARCHS: dict[str, ArchSpec] = {
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
         mlp=("fc1", "fc2"),
         norms=("self_attn_layer_norm", "final_layer_norm"),
+        scale_groups=(
+            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+            ("self_attn.v_proj", ("self_attn.out_proj",)),
+            ("final_layer_norm", ("fc1",)),
+            ("fc1", ("fc2",)),  # ReLU is positively homogeneous
+        ),
     ),
     "gpt_neox": ArchSpec(
         blocks="gpt_neox.layers",
@@ -71,6 +89,10 @@ ARCHS: dict[str, ArchSpec] = {
         mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
         norms=("input_layernorm", "post_attention_layernorm"),
         fused_qkv=True,
+        scale_groups=(
+            ("input_layernorm", ("attention.query_key_value",)),
+            ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        ),
     ),
     "phi": ArchSpec(
         blocks="model.layers",
@@ -79,6 +101,10 @@ ARCHS: dict[str, ArchSpec] = {
         attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
         mlp=("mlp.fc1", "mlp.fc2"),
         norms=("input_layernorm",),
+        scale_groups=(
+            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),
+            ("self_attn.v_proj", ("self_attn.dense",)),
+        ),
     ),
 }
 
@@ -159,6 +185,25 @@ class Adapter:
         out: dict[str, nn.Module] = {}
         for i in range(self.num_blocks):
             out.update(self.block_linears(i))
+        return out
+
+    def scale_groups(self, i: int) -> list[tuple[str, nn.Module, dict[str, nn.Module]]]:
+        """(previous op name, previous op, {linear name: linear}) of block i whose scales can be folded.
+
+        Only groups whose previous op's output width equals the linears' input width; norm groups
+        are dropped for post-norm OPT models (the norm there is not in front of the linears).
+        """
+        post_norm = self.model_type == "opt" and not getattr(self.model.config, "do_layer_norm_before", True)
+        out = []
+        for prev_rel, linear_rels in self.spec.scale_groups:
+            if post_norm and prev_rel in self.spec.norms:
+                continue
+            prev_name = f"{self.block_name(i)}.{prev_rel}"
+            prev = self._get(prev_name)
+            linears = self._block_modules(i, linear_rels)
+            width = linear_weight(prev).shape[0]  # a norm's weight is (width,)
+            if all(linear_weight(m).shape[1] == width for m in linears.values()):
+                out.append((prev_name, prev, linears))
         return out
 
     def block_norms(self, i: int) -> dict[str, nn.Module]:

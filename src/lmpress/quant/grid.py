@@ -89,10 +89,17 @@ def dequantize(
 
 
 def clip_search(
-    w: Tensor, bits: int, group_size: int | None, symmetric: bool, grid: int = 20, max_shrink: float = 0.5
+    w: Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    grid: int = 20,
+    max_shrink: float = 0.5,
+    col_weights: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """MSE-optimal clipping: per group, shrink the range by the factor in [1-max_shrink, 1] that
-    minimizes the squared rounding error (as in GPTQ's and AWQ's clipping searches).  -> (scale, zero)"""
+    minimizes the squared rounding error, each column weighted by ``col_weights`` (in,) if given
+    (e.g. E[x_j²], making it the output error under a diagonal input covariance).  -> (scale, zero)"""
     lo, hi = group_minmax(w, group_size)
     best_err = torch.full_like(lo, float("inf"))
     best_s, best_z = grid_params(lo, hi, bits, symmetric)
@@ -100,7 +107,8 @@ def clip_search(
         f = 1.0 - max_shrink * i / grid
         s, z = grid_params(lo * f, hi * f, bits, symmetric)
         deq = dequantize(quantize_with(w, s, z, bits, group_size), s, z, group_size)
-        err = _group_sum((deq - w).pow(2), group_size)  # (out, G)
+        sq = (deq - w).pow(2)
+        err = _group_sum(sq if col_weights is None else sq * col_weights[None, :], group_size)  # (out, G)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)

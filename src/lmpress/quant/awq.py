@@ -1,0 +1,176 @@
+"""``awq``: activation-aware weight quantization (Lin et al. 2023, arXiv:2306.00978).
+
+A few input channels carry much larger activations than the rest, and the weights that read them
+matter most. AWQ scales those weight columns up by s_j = mean|x_j|^α before rounding (so they
+round more finely) and divides the previous op's matching outputs by s_j, which leaves the float
+model unchanged. α is searched per group of linears sharing an input, minimizing their output error
+on calibration activations; then each group's clipping range is searched with an
+activation-weighted error. Scales are folded into the preceding norm, or the preceding linear
+where the activation in between allows it (`Adapter.scale_groups`); linears without a foldable
+predecessor get only the clipping search.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from lmpress.calib import blockwise, collect
+from lmpress.models.adapters import Adapter, linear_weight
+from lmpress.quant.base import (
+    LayerSettings,
+    QuantError,
+    WeightQuantConfig,
+    quantize_embeddings,
+    quantize_layers,
+    settings_for,
+    targeted_layers,
+)
+from lmpress.quant.grid import Quantized, clip_search, quantize, quantize_with
+from lmpress.registry import Context, Method, StageReport
+
+
+class AWQConfig(WeightQuantConfig):
+    """AWQ: activation-aware scales (folded into the previous op) plus clipping search."""
+
+    method: Literal["awq"] = "awq"
+    grid: int = Field(20, ge=2, le=100)  # α candidates in [0, 1)
+    clip: bool = True  # activation-weighted clipping search
+    max_tokens: int = Field(4096, ge=64)  # calibration tokens kept per group for the search
+    calib_batch_size: int = Field(8, ge=1)
+
+
+@dataclass
+class Activations:
+    """A subsample of one input's activations plus its per-channel statistics."""
+
+    max_tokens: int
+    x: list[Tensor] = field(default_factory=list)
+    abs_sum: Tensor | None = None
+    sq_sum: Tensor | None = None
+    n_tokens: int = 0
+
+    def update(self, x: Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()  # (tokens, in)
+        self.abs_sum = x.abs().sum(0) + (self.abs_sum if self.abs_sum is not None else 0)
+        self.sq_sum = x.pow(2).sum(0) + (self.sq_sum if self.sq_sum is not None else 0)
+        self.n_tokens += x.shape[0]
+        kept = sum(t.shape[0] for t in self.x)
+        if kept < self.max_tokens:
+            self.x.append(x[: self.max_tokens - kept])
+
+    def matrix(self) -> Tensor:
+        return torch.cat(self.x)  # (n, in)
+
+
+def awq_scales(
+    x: Tensor, x_abs_mean: Tensor, weights: list[Tensor], s: LayerSettings, grid: int
+) -> tuple[Tensor, float]:
+    """Search α for s = mean|x|^α (normalized to geometric mean 1) minimizing the summed output
+    error of ``weights`` (each (out, in)) on inputs ``x`` (n, in).  -> (scales (in,), best α)"""
+    refs = [x @ w.T for w in weights]  # [(n, out)]
+    best, best_err, best_alpha = torch.ones_like(x_abs_mean), float("inf"), 0.0
+    for k in range(grid):
+        alpha = k / grid
+        sc = x_abs_mean.clamp(min=1e-4).pow(alpha)
+        sc = sc / (sc.max() * sc.min()).sqrt()
+        err = 0.0
+        for w, ref in zip(weights, refs, strict=True):
+            q = quantize(w * sc[None, :], s.bits, s.group_size, s.symmetric).dequantize() / sc[None, :]
+            err += float((x @ q.T - ref).pow(2).mean())
+        if err < best_err:
+            best, best_err, best_alpha = sc, err, alpha
+    return best, best_alpha
+
+
+def weighted_clip(w: Tensor, x_sq_mean: Tensor, s: LayerSettings, grid: int = 20) -> Quantized:
+    """Clipping search per group minimizing Σ_j E[x_j²] (w_j - q_j)²: the output error under a
+    diagonal approximation of the input covariance."""
+    scales, zeros = clip_search(w, s.bits, s.group_size, s.symmetric, grid=grid, col_weights=x_sq_mean)
+    return Quantized(quantize_with(w, scales, zeros, s.bits, s.group_size), scales, zeros, s.bits, s.group_size)
+
+
+@torch.no_grad()
+def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], sc: Tensor) -> None:
+    """Divide ``prev``'s output channels by ``sc`` and multiply the linears' input columns by it."""
+    weight = prev.weight
+    bias = getattr(prev, "bias", None)
+    assert isinstance(weight, Tensor)
+    sc_prev = sc.to(weight.dtype)
+    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
+        linear_weight(prev).div_(sc_prev[:, None])
+    else:  # a norm: y = weight * x_hat (+ bias)
+        weight.div_(sc_prev)
+    if isinstance(bias, Tensor):
+        bias.div_(sc_prev)
+    for m in linears.values():
+        w = linear_weight(m)
+        w.mul_(sc.to(w.dtype)[None, :])
+
+
+def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
+    t0 = time.perf_counter()
+    targets = targeted_layers(model, config)
+    adapter = Adapter(model)
+    calib = ctx.calib_data()
+    done: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    handled: set[str] = set()
+    for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
+        layers = {n: m for n, m in adapter.block_linears(i).items() if n in targets}
+        if not layers:
+            continue
+        acts = collect(block, inputs, layers, lambda _m: Activations(config.max_tokens))
+        for name, a in acts.items():
+            if a.n_tokens == 0:
+                raise QuantError(f"layer {name} received no calibration tokens; exclude it with ignore: [{name!r}]")
+        for prev_name, prev, group in adapter.scale_groups(i):
+            group = {n: m for n, m in group.items() if n in layers}
+            if not group:
+                continue
+            first = next(iter(group))
+            a = acts[first]
+            assert a.abs_sum is not None
+            s = settings_for(first, config)
+            weights = [linear_weight(m).detach().float() for m in group.values()]
+            sc, alpha = awq_scales(a.matrix(), a.abs_sum / a.n_tokens, weights, s, config.grid)
+            fold_scales(prev, group, sc)
+            alphas[prev_name] = alpha
+            for n in group:  # the inputs these linears now see are divided by sc
+                acts[n].sq_sum = acts[n].sq_sum / sc.pow(2) if acts[n].sq_sum is not None else None
+                acts[n].x = [x / sc for x in acts[n].x]
+
+        def fn(name: str, module: nn.Module, s: LayerSettings, acts: dict[str, Activations] = acts) -> Quantized:
+            w = linear_weight(module).detach().float()
+            if not config.clip:
+                return quantize(w, s.bits, s.group_size, s.symmetric)
+            sq_sum = acts[name].sq_sum
+            assert sq_sum is not None
+            return weighted_clip(w, sq_sum / acts[name].n_tokens, s)
+
+        for k, v in quantize_layers(model, layers, config, fn).items():
+            done[k] = done.get(k, 0) + v
+        handled.update(layers)
+    rest = {n: m for n, m in targets.items() if n not in handled}
+    if rest:  # outside the blocks (lm_head): no block inputs here, so round to nearest
+
+        def rtn_fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+            return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric)
+
+        for k, v in quantize_layers(model, rest, config, rtn_fn).items():
+            done[k] = done.get(k, 0) + v
+    done.update(quantize_embeddings(model, config))
+    return {
+        "layers": done,
+        "alphas": alphas,
+        "calib_tokens": calib.windows.numel(),
+        "quantize_seconds": time.perf_counter() - t0,
+    }
+
+
+METHOD = Method("awq", AWQConfig, apply, "AWQ: activation-aware scaling and clipping, folded into the model")
