@@ -63,7 +63,7 @@ class Method:
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress.quant import awq, cast, gptq, hqq, rtn
+    from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
-    found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD]
+    found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     return {m.name: m for m in found}

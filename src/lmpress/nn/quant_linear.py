@@ -16,6 +16,8 @@ Forward, chosen once per device and dtype:
 - 8-bit symmetric per-channel on CPU: ``torch._weight_int8pack_mm`` on the stored int8 bytes.
 - 4-bit with a group size of 32/64/128/256 dividing ``in`` on CPU:
   ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on a kernel layout prepared on first use.
+- 8-bit weights with int8 activations (W8A8): each token's activations are quantized to int8 on
+  the fly and multiplied in int32 by ``torch._int_mm``.
 - anything else: dequantize to the input's dtype, then matmul.
 
 The kernels compute in bfloat16 (fp32 inputs are cast), as PyTorch's CPU kernels are only fast
@@ -55,8 +57,12 @@ class QuantLinear(nn.Module):
         scale_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
         float_zeros: bool = False,
+        act_bits: int | None = None,
     ) -> None:
         super().__init__()
+        if act_bits is not None and not (act_bits == 8 and bits == 8 and symmetric and group_size is None):
+            raise ValueError("int8 activations need 8-bit symmetric per-channel weights")
+        self.act_bits = act_bits
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.float_zeros = float_zeros and not symmetric
@@ -84,6 +90,7 @@ class QuantLinear(nn.Module):
         symmetric: bool,
         scale_dtype: torch.dtype = torch.float16,
         float_zeros: bool = False,
+        act_bits: int | None = None,
     ) -> QuantLinear:
         out_f, in_f = q.codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
@@ -98,6 +105,7 @@ class QuantLinear(nn.Module):
             scale_dtype,
             q.codes.device,
             float_zeros,
+            act_bits,
         )
         half = 2 ** (q.bits - 1)
         codes = q.codes ^ half if symmetric else q.codes  # offset binary -> two's complement
@@ -145,6 +153,7 @@ class QuantLinear(nn.Module):
             "bias": self.bias is not None,
             "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
             "float_zeros": self.float_zeros,
+            "act_bits": self.act_bits,
         }
 
     @classmethod
@@ -160,6 +169,7 @@ class QuantLinear(nn.Module):
             dtype,
             getattr(torch, fmt["scale_dtype"]),
             float_zeros=fmt.get("float_zeros", False),
+            act_bits=fmt.get("act_bits"),
         )
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
@@ -173,7 +183,9 @@ class QuantLinear(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
 
     def kernel_path(self) -> str:
-        """Which forward this layer uses on its current device: int8, int4 or dequant."""
+        """Which forward this layer uses on its current device: w8a8, int8, int4 or dequant."""
+        if self.act_bits == 8:
+            return "w8a8"
         if self.qweight.device.type != "cpu":
             return "dequant"
         if self.bits == 8 and self.symmetric and self.group_size is None:
@@ -191,6 +203,8 @@ class QuantLinear(nn.Module):
         path = self.kernel_path()
         if path == "int8":
             return path, (self.qweight.view(torch.int8), self.scales.to(torch.bfloat16).view(-1))
+        if path == "w8a8":
+            return path, (self.qweight.view(torch.int8).T, self.scales.float().view(1, -1))  # (in, out), (1, out)
         if path == "int4":
             codes = self.codes().to(torch.int32)  # (out, in), kernel zero at 8
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
@@ -208,6 +222,9 @@ class QuantLinear(nn.Module):
         if path == "int8":
             w, s = prepared
             y = torch._weight_int8pack_mm(x.reshape(-1, shape[-1]).to(torch.bfloat16), w, s)
+        elif path == "w8a8":
+            wT, s_w = prepared
+            y = int8_matmul(x.reshape(-1, shape[-1]), wT, s_w)
         elif path == "int4":
             packed, sz = prepared
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(
@@ -219,8 +236,24 @@ class QuantLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        sym = "sym" if self.symmetric else "asym"
+        sym = ("sym" if self.symmetric else "asym") + (f", act_bits={self.act_bits}" if self.act_bits else "")
         return (
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, {sym}, "
             f"bias={self.bias is not None}"
         )
+
+
+def int8_matmul(x: Tensor, wT: Tensor, w_scale: Tensor) -> Tensor:
+    """x (M, in) float @ wT (in, out) int8 with dynamic per-token int8 activations.  -> (M, out) float32
+
+    x_i ≈ s_i q_i with s_i = max|x_i| / 127; the product runs in int32 (``torch._int_mm``) and is
+    rescaled by s_i and the per-channel weight scales.
+    """
+    xf = x.float()
+    s_x = (xf.abs().amax(-1, keepdim=True) / 127).clamp(min=1e-8)  # (M, 1)
+    xq = (xf / s_x).round().clamp(-127, 127).to(torch.int8)
+    M = xq.shape[0]
+    if xq.device.type == "cuda" and M <= 16:  # cuBLAS int8 GEMM needs M > 16
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - M))
+    acc = torch._int_mm(xq, wT)[:M]  # (M, out) int32
+    return acc.float() * s_x * w_scale

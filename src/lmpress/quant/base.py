@@ -67,14 +67,15 @@ def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
     return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
 
 
-def targeted_layers(model: nn.Module, config: WeightQuantConfig) -> dict[str, nn.Module]:
+def targeted_layers(model: nn.Module, config: MethodConfig) -> dict[str, nn.Module]:
     """The layers this stage quantizes; an empty selection is an error, not a silent no-op."""
+    targets, ignore = config.targets, config.ignore  # type: ignore[attr-defined]
     layers = linear_layers(model)
-    chosen = select(layers, config.targets, config.ignore)
+    chosen = select(layers, targets, ignore)
     if not chosen:
         example = next(iter(layers), "none")
         raise QuantError(
-            f"recipe stage ({config.method}): targets {config.targets} minus ignore {config.ignore} match no linear "
+            f"recipe stage ({config.method}): targets {targets} minus ignore {ignore} match no linear "
             f"layer; names look like {example!r}"
         )
     return chosen
@@ -97,14 +98,20 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def to_quant_linear(
-    name: str, module: nn.Module, q: Quantized, symmetric: bool, scale_dtype: str, float_zeros: bool = False
+    name: str,
+    module: nn.Module,
+    q: Quantized,
+    symmetric: bool,
+    scale_dtype: str,
+    float_zeros: bool = False,
+    act_bits: int | None = None,
 ) -> QuantLinear:
     """A `QuantLinear` for ``module`` from its codes; stops on non-finite scales."""
     if not (torch.isfinite(q.scales).all() and torch.isfinite(q.zeros).all()):
         raise QuantError(f"layer {name}: non-finite scales after quantization; check the layer's weights")
     bias = getattr(module, "bias", None)
     bias = bias.detach().to(linear_weight(module).dtype) if isinstance(bias, Tensor) else None
-    return QuantLinear.from_quantized(q, bias, symmetric, getattr(torch, scale_dtype), float_zeros)
+    return QuantLinear.from_quantized(q, bias, symmetric, getattr(torch, scale_dtype), float_zeros, act_bits)
 
 
 def check_finite(name: str, w: Tensor) -> None:
