@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-windows", type=int, default=200)
     ap.add_argument("--calib-windows", type=int, default=128)
-    ap.add_argument("--methods", default="rtn,gptq,hqq")
+    ap.add_argument("--methods", default="rtn,gptq,awq,hqq")
     ap.add_argument("--model", default="builtin")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -48,38 +48,76 @@ def main() -> None:
     calib = split_windows(tok, "calib", args.calib_windows)
     base = quality(original, eval_data.windows, batch_size=16)
     base_bytes = saved_bytes(original, tok)
-    rows: list[dict[str, Any]] = [{"method": "original", "setting": "bf16", **base, "bytes": base_bytes,
-                                   "bits_per_weight": 8 * base_bytes / count_parameters(original)}]
+    rows: list[dict[str, Any]] = [
+        {
+            "method": "original",
+            "setting": "bf16",
+            **base,
+            "bytes": base_bytes,
+            "bits_per_weight": 8 * base_bytes / count_parameters(original),
+        }
+    ]
+
+    def run(method: str, setting: str, stage: dict[str, Any]) -> None:
+        recipe = parse_recipe({"stages": [{"method": method, **stage}]})
+        model = copy.deepcopy(original)
+        ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: calib)
+        _, seconds = timed(lambda: run_stages(model, recipe, ctx))
+        q = quality(model, eval_data.windows, reference=original, batch_size=16)
+        nbytes = saved_bytes(model, tok)
+        rows.append(
+            {
+                "method": method,
+                "setting": setting,
+                **q,
+                "bytes": nbytes,
+                "bits_per_weight": 8 * nbytes / count_parameters(model),
+                "quantize_seconds": seconds,
+            }
+        )
+        print(
+            f"{method:6s} {setting:34s} ppl {q['perplexity']:.3f} kl {q['kl']:.4f} "
+            f"agree {q['top1_agreement']:.3f} bytes {nbytes} {seconds:.1f}s",
+            flush=True,
+        )
+
     for method in args.methods.split(","):
         for setting, params in SETTINGS.items():
-            stage = {"method": method, **{k: v for k, v in params.items() if k not in DROP.get(method, ())}}
-            recipe = parse_recipe({"stages": [stage]})
-            model = copy.deepcopy(original)
-            ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: calib)
-            _, seconds = timed(lambda m=model, r=recipe, c=ctx: run_stages(m, r, c))
-            q = quality(model, eval_data.windows, reference=original, batch_size=16)
-            nbytes = saved_bytes(model, tok)
-            rows.append({"method": method, "setting": setting, **q, "bytes": nbytes,
-                         "bits_per_weight": 8 * nbytes / count_parameters(model), "quantize_seconds": seconds})
-            print(f"{method:6s} {setting:15s} ppl {q['perplexity']:.3f} kl {q['kl']:.4f} "
-                  f"agree {q['top1_agreement']:.3f} bytes {nbytes} {seconds:.1f}s", flush=True)
-    payload = {"machine": machine(), "model": args.model, "eval": eval_data.manifest.to_dict(),
-               "calib": calib.manifest.to_dict(), "rows": rows}
+            run(method, setting, {k: v for k, v in params.items() if k not in DROP.get(method, ())})
+    run("w8a8", "W8A8 (SmoothQuant 0.5)", {})
+    run("gptq", "W4 g128 + embeddings 8-bit", {"bits": 4, "group_size": 128, "embedding_bits": 8})
+    run("gptq", "W4 g128 + embeddings & head 4-bit", {"bits": 4, "group_size": 128, "ignore": [], "embedding_bits": 4})
+    payload = {
+        "machine": machine(),
+        "model": args.model,
+        "eval": eval_data.manifest.to_dict(),
+        "calib": calib.manifest.to_dict(),
+        "rows": rows,
+    }
     write_results("quant", payload, _table(rows, eval_data.manifest.to_dict()))
 
 
 def _table(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> str:
     base = rows[0]["perplexity"]
     body = [
-        [r["method"], r["setting"], f"{r['perplexity']:.3f}", f"{100 * (r['perplexity'] / base - 1):+.1f}%",
-         f"{r.get('kl', 0):.4f}", f"{100 * r.get('top1_agreement', 1):.1f}%", f"{r['bytes']:,}",
-         f"{r['bits_per_weight']:.2f}", f"{r.get('quantize_seconds', 0):.1f}"]
+        [
+            r["method"],
+            r["setting"],
+            f"{r['perplexity']:.3f}",
+            f"{100 * (r['perplexity'] / base - 1):+.1f}%",
+            f"{r.get('kl', 0):.4f}",
+            f"{100 * r.get('top1_agreement', 1):.1f}%",
+            f"{r['bytes']:,}",
+            f"{r['bits_per_weight']:.2f}",
+            f"{r.get('quantize_seconds', 0):.1f}",
+        ]
         for r in rows
     ]
-    head = ["method", "setting", "perplexity", "vs original", "KL", "top-1 agree", "bytes", "bits/weight",
-            "seconds"]
-    note = (f"Built-in model, `stdlib` eval split ({manifest['windows']} windows x {manifest['seq_len']} tokens, "
-            f"sha256 {manifest['sha256'][:12]}); embeddings and head unquantized. `python benchmarks/quant.py`.")
+    head = ["method", "setting", "perplexity", "vs original", "KL", "top-1 agree", "bytes", "bits/weight", "seconds"]
+    note = (
+        f"Built-in model, `stdlib` eval split ({manifest['windows']} windows x {manifest['seq_len']} tokens, "
+        f"sha256 {manifest['sha256'][:12]}); embeddings and head unquantized. `python benchmarks/quant.py`."
+    )
     return "## Quantization quality\n\n" + note + "\n\n" + markdown_table(head, body)
 
 
