@@ -21,7 +21,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/lmpress eval builtin
-	$(BIN)/lmpress compress builtin --recipe fp16 --output out/builtin-fp16 --overwrite
+	$(BIN)/lmpress compress builtin --recipe w4 --output out/builtin-w4 --overwrite
 
 test: setup
 	$(BIN)/python -m pytest

@@ -25,7 +25,9 @@ def test_valid_recipe_file(tmp_path: Path) -> None:
 
 
 def test_presets_load() -> None:
-    assert {"bf16", "fp16"} <= set(presets())
+    assert {"bf16", "fp16", "w8", "w4", "w8a8"} <= set(presets())
+    for name in presets():
+        assert load_recipe(name).description
     assert load_recipe("fp16").stages[0] == CastConfig(dtype="float16")
 
 
@@ -33,7 +35,10 @@ def test_presets_load() -> None:
     ("text", "message"),
     [
         ("stages: [method: cast\n", r"not valid YAML \(line \d+\)"),
-        ("stages:\n  - method: prune_everything\n", "stage 1: unknown method 'prune_everything'; known methods: cast"),
+        (
+            "stages:\n  - method: prune_everything\n",
+            "stage 1: unknown method 'prune_everything'; known methods: awq, cast, gptq, hqq, rtn, w8a8",
+        ),
         (
             "stages:\n  - method: cast\n    colour: red\n",
             "stage 1 \\(cast\\): unknown key 'colour'; allowed keys: dtype",
@@ -55,7 +60,7 @@ def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
 
 
 def test_unknown_recipe_name() -> None:
-    with pytest.raises(RecipeError, match="neither a file nor a preset; presets: bf16, fp16"):
+    with pytest.raises(RecipeError, match="neither a file nor a preset; presets: bf16, fp16, w4, w8, w8a8"):
         load_recipe("no-such-recipe")
 
 
