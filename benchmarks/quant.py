@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 
-from benchmarks.common import machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
 from lmpress.evaluation import count_parameters, quality
 from lmpress.models.loading import load_model
 from lmpress.pipeline import run_stages
@@ -39,6 +42,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--methods", default="rtn,gptq,awq,hqq")
     ap.add_argument("--model", default="builtin")
+    ap.add_argument("--export-data", type=Path, help="write the eval/calib windows for quant_peers.py and stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -46,6 +50,10 @@ def main() -> None:
     original, tok = loaded.model, loaded.tokenizer
     eval_data = split_windows(tok, "eval", args.eval_windows)
     calib = split_windows(tok, "calib", args.calib_windows)
+    if args.export_data:
+        args.export_data.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"eval": eval_data.windows.contiguous(), "calib": calib.windows.contiguous()}, args.export_data)
+        return
     base = quality(original, eval_data.windows, batch_size=16)
     base_bytes = saved_bytes(original, tok)
     rows: list[dict[str, Any]] = [
@@ -94,6 +102,10 @@ def main() -> None:
         "calib": calib.manifest.to_dict(),
         "rows": rows,
     }
+    peers = RESULTS / "quant_peers.json"
+    if peers.exists():  # measured by quant_peers.py on the same windows, in the peer environment
+        payload["peers"] = json.loads(peers.read_text())
+        rows += [r for r in payload["peers"]["rows"] if "error" not in r]
     write_results("quant", payload, _table(rows, eval_data.manifest.to_dict()))
 
 
@@ -107,8 +119,8 @@ def _table(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> str:
             f"{100 * (r['perplexity'] / base - 1):+.1f}%",
             f"{r.get('kl', 0):.4f}",
             f"{100 * r.get('top1_agreement', 1):.1f}%",
-            f"{r['bytes']:,}",
-            f"{r['bits_per_weight']:.2f}",
+            f"{r['bytes']:,}" if "bytes" in r else "-",  # peers: not saved in their own formats here
+            f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else "-",
             f"{r.get('quantize_seconds', 0):.1f}",
         ]
         for r in rows
