@@ -47,6 +47,10 @@ def llmcompressor_run(scheme: str, modifier: str, calib: torch.Tensor) -> Callab
         from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
 
         ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+        if modifier == "awq":  # on CPU its cache pins memory and crashes (../shared/PEERS.md)
+            from llmcompressor.pipelines.cache import IntermediatesCache
+
+            IntermediatesCache.pin_memory = lambda self, *a, **k: self  # type: ignore[method-assign]
         if modifier == "gptq":
             recipe = GPTQModifier(targets=["Linear"], scheme=scheme, ignore=["lm_head"])
         elif modifier == "awq":
@@ -113,13 +117,15 @@ def hqq_run(bits: int, group: int) -> Callable[[torch.nn.Module], Any]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", type=Path, required=True)
+    ap.add_argument("--model", type=Path, default=MODEL)
+    ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--only", default="", help="comma-separated peer names to run")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load_file(args.data)
     eval_w, calib = data["eval"], data["calib"]
-    original = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16).eval()
+    original = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16).eval()
     peers: dict[tuple[str, str], Callable[[torch.nn.Module], Any]] = {
         ("llmcompressor rtn", "W4 g128"): llmcompressor_run("W4A16", "rtn", calib),
         ("llmcompressor gptq", "W4 g128"): llmcompressor_run("W4A16", "gptq", calib),
@@ -157,8 +163,8 @@ def main() -> None:
             versions[name] = __import__(name, fromlist=["__version__"]).__version__
         except Exception:
             versions[name] = None
-    OUT.parent.mkdir(exist_ok=True)
-    OUT.write_text(json.dumps({"versions": versions, "threads": args.threads, "rows": rows}, indent=2) + "\n")
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps({"versions": versions, "threads": args.threads, "rows": rows}, indent=2) + "\n")
 
 
 if __name__ == "__main__":
