@@ -42,8 +42,26 @@ def test_embedding_bits_end_to_end(
     assert isinstance(r.model.get_input_embeddings(), QuantEmbedding)
     if arch == "gpt2":  # the head was tied to the embedding: it keeps the same quantized weights
         assert isinstance(r.model.get_output_embeddings(), QuantLinear)
+        assert r.metrics["compressed"]["parameters"] == r.metrics["original"]["parameters"]  # counted once
     assert r.metrics["compressed"]["kl"] < 2e-3
     assert r.metrics["compressed"]["bytes_on_disk"] < 0.5 * r.metrics["original"]["bytes_on_disk"]
     ids = torch.arange(48)[None] % 300
     with torch.no_grad():
         assert torch.equal(load_model(out).model(input_ids=ids).logits, r.model(input_ids=ids).logits)
+
+
+def test_cast_after_quantization_keeps_the_format(tiny_model_dir: Callable[..., Path]) -> None:
+    recipe = {
+        "stages": [
+            {"method": "hqq", "bits": 4, "group_size": 32, "embedding_bits": 4},
+            {"method": "cast", "dtype": "bfloat16"},
+        ]
+    }
+    r = compress(tiny_model_dir("llama"), recipe, run_eval=False)
+    emb = r.model.get_input_embeddings()
+    assert emb.scales.dtype == torch.float16  # the stored format does not follow the cast
+    layer = next(m for m in r.model.modules() if isinstance(m, QuantLinear))
+    assert layer.scales.dtype == torch.float16 and layer.fzeros is not None and layer.fzeros.dtype == torch.float16
+    with torch.no_grad():
+        out = r.model(input_ids=torch.arange(10)[None]).logits
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -47,3 +47,11 @@ def test_hqq_end_to_end(tiny_model_dir: Callable[..., Path], text_file: Path, tm
     ids = torch.arange(48)[None] % 300
     with torch.no_grad():
         assert torch.equal(load_model(out).model(input_ids=ids).logits, r.model(input_ids=ids).logits)
+
+
+def test_symmetric_override_is_refused() -> None:
+    from lmpress.errors import RecipeError
+    from lmpress.recipe import parse_recipe
+
+    with pytest.raises(RecipeError, match="symmetric must be false for hqq"):
+        parse_recipe({"stages": [{"method": "hqq", "overrides": [{"targets": ["re:.*"], "symmetric": True}]}]})

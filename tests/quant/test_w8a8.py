@@ -44,3 +44,11 @@ def test_w8a8_end_to_end(arch: str, tiny_model_dir: Callable[..., Path], text_fi
     ids = torch.arange(48)[None] % 300
     with torch.no_grad():
         assert torch.equal(load_model(out).model(input_ids=ids).logits, r.model(input_ids=ids).logits)
+
+
+def test_smoothing_folds_into_ignored_siblings_too(tiny_model_dir: Callable[..., Path], text_file: Path) -> None:
+    """A layer kept dense still reads the smoothed norm output, so it must get the scales too."""
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=4, calib_windows=8)
+    recipe = {"stages": [{"method": "w8a8", "ignore": ["lm_head", "re:.*gate_proj"]}]}
+    r = compress(tiny_model_dir("llama"), recipe, data, measure_speed=False)
+    assert r.metrics["compressed"]["kl"] < 1e-3

@@ -190,8 +190,9 @@ class Adapter:
     def scale_groups(self, i: int) -> list[tuple[str, nn.Module, dict[str, nn.Module]]]:
         """(previous op name, previous op, {linear name: linear}) of block i whose scales can be folded.
 
-        Only groups whose previous op's output width equals the linears' input width; norm groups
-        are dropped for post-norm OPT models (the norm there is not in front of the linears).
+        Only groups whose members are all still dense (an earlier stage may have replaced one) and
+        whose previous op's output width equals the linears' input width; norm groups are dropped
+        for post-norm OPT models (the norm there is not in front of the linears).
         """
         post_norm = self.model_type == "opt" and not getattr(self.model.config, "do_layer_norm_before", True)
         out = []
@@ -201,6 +202,9 @@ class Adapter:
             prev_name = f"{self.block_name(i)}.{prev_rel}"
             prev = self._get(prev_name)
             linears = self._block_modules(i, linear_rels)
+            dense = [prev, *linears.values()] if prev_rel not in self.spec.norms else list(linears.values())
+            if not all(isinstance(m, nn.Linear) or is_conv1d(m) for m in dense):
+                continue
             width = linear_weight(prev).shape[0]  # a norm's weight is (width,)
             if all(linear_weight(m).shape[1] == width for m in linears.values()):
                 out.append((prev_name, prev, linears))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.nn.packing import pack, packed_width, unpack
+from lmpress.nn.quant_linear import keep_scale_dtype
 from lmpress.quant.grid import Quantized, dequantize, n_groups
 
 
@@ -42,7 +43,7 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.padding_idx = padding_idx
-        self.dtype = dtype
+        self.out_dtype = dtype  # follows model.to(dtype), see _apply
         G = n_groups(embedding_dim, group_size)
         self.register_buffer(
             "qweight", torch.zeros(num_embeddings, packed_width(embedding_dim, bits), dtype=torch.uint8)
@@ -74,7 +75,7 @@ class QuantEmbedding(nn.Module):
         else:
             assert self.qzeros is not None
             zeros = unpack(self.qzeros[ids], self.bits, self.scales.shape[1]).float()
-        return dequantize(codes, self.scales[ids], zeros, self.group_size, self.dtype)
+        return dequantize(codes, self.scales[ids], zeros, self.group_size, self.out_dtype)
 
     @property
     def weight(self) -> Tensor:
@@ -96,7 +97,7 @@ class QuantEmbedding(nn.Module):
             "num_embeddings": self.num_embeddings,
             "embedding_dim": self.embedding_dim,
             "padding_idx": self.padding_idx,
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": str(self.out_dtype).removeprefix("torch."),
             "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
         }
 
@@ -108,10 +109,14 @@ class QuantEmbedding(nn.Module):
             fmt["bits"],
             fmt["group_size"],
             fmt["symmetric"],
-            getattr(torch, fmt["dtype"]),
+            dtype,
             getattr(torch, fmt["scale_dtype"]),
             fmt["padding_idx"],
         )
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantEmbedding:
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype  # what .to() does to float tensors
+        return keep_scale_dtype(self, lambda: super(QuantEmbedding, self)._apply(fn, recurse))  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}"

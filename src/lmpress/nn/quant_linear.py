@@ -63,6 +63,7 @@ class QuantLinear(nn.Module):
         if act_bits is not None and not (act_bits == 8 and bits == 8 and symmetric and group_size is None):
             raise ValueError("int8 activations need 8-bit symmetric per-channel weights")
         self.act_bits = act_bits
+        self.tied_to: str | None = None  # a head that shares its weights with this embedding
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.float_zeros = float_zeros and not symmetric
@@ -140,7 +141,9 @@ class QuantLinear(nn.Module):
         return dequantize(self.codes(), self.scales, self.zeros(), self.group_size, dtype)
 
     def num_logical_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+        """Weights this layer represents; a head tied to the embeddings adds none of its own."""
+        bias = self.out_features if self.bias is not None else 0
+        return bias if self.tied_to else self.in_features * self.out_features + bias
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
@@ -154,12 +157,13 @@ class QuantLinear(nn.Module):
             "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
             "float_zeros": self.float_zeros,
             "act_bits": self.act_bits,
+            "tied_to": self.tied_to,
         }
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> QuantLinear:
         """An empty layer of a saved format, ready for ``load_state_dict``."""
-        return cls(
+        layer = cls(
             fmt["in_features"],
             fmt["out_features"],
             fmt["bits"],
@@ -171,6 +175,8 @@ class QuantLinear(nn.Module):
             float_zeros=fmt.get("float_zeros", False),
             act_bits=fmt.get("act_bits"),
         )
+        layer.tied_to = fmt.get("tied_to")
+        return layer
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._kernel = None
@@ -178,7 +184,7 @@ class QuantLinear(nn.Module):
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
         self._kernel = None  # device or dtype may change: prepare again
-        return super()._apply(fn, recurse)  # type: ignore[no-any-return]
+        return keep_scale_dtype(self, lambda: super(QuantLinear, self)._apply(fn, recurse))
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -257,3 +263,13 @@ def int8_matmul(x: Tensor, wT: Tensor, w_scale: Tensor) -> Tensor:
         xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - M))
     acc = torch._int_mm(xq, wT)[:M]  # (M, out) int32
     return acc.float() * s_x * w_scale
+
+
+def keep_scale_dtype(layer: nn.Module, apply: Any) -> Any:
+    """Run ``apply`` (a module ``_apply``) but keep scales and float zeros in their stored dtype:
+    ``model.to(torch.bfloat16)`` moves them with the model but must not change the format."""
+    dtypes = {n: b.dtype for n in ("scales", "fzeros") if (b := getattr(layer, n, None)) is not None}
+    out = apply()
+    for n, dt in dtypes.items():
+        setattr(layer, n, getattr(layer, n).to(dt))
+    return out

@@ -130,18 +130,18 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
             if a.n_tokens == 0:
                 raise QuantError(f"layer {name} received no calibration tokens; exclude it with ignore: [{name!r}]")
         for prev_name, prev, group in adapter.scale_groups(i):
-            group = {n: m for n, m in group.items() if n in layers}
-            if not group:
+            searched = {n: m for n, m in group.items() if n in layers}
+            if not searched:
                 continue
-            first = next(iter(group))
+            first = next(iter(searched))
             a = acts[first]
             assert a.abs_sum is not None
             s = settings_for(first, config)
-            weights = [linear_weight(m).detach().float() for m in group.values()]
+            weights = [linear_weight(m).detach().float() for m in searched.values()]
             sc, alpha = awq_scales(a.matrix(), a.abs_sum / a.n_tokens, weights, s, config.grid)
-            fold_scales(prev, group, sc)
+            fold_scales(prev, group, sc)  # every reader of prev's output, targeted or not
             alphas[prev_name] = alpha
-            for n in group:  # the inputs these linears now see are divided by sc
+            for n in searched:  # the inputs these linears now see are divided by sc
                 acts[n].sq_sum = acts[n].sq_sum / sc.pow(2) if acts[n].sq_sum is not None else None
                 acts[n].x = [x / sc for x in acts[n].x]
 

@@ -166,6 +166,7 @@ def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str
     head = model.get_output_embeddings()  # type: ignore[operator]
     if head is not None and getattr(head, "weight", None) is embed.weight:
         head_q = to_quant_linear(names[id(head)], head, q, False, config.scale_dtype)
+        head_q.tied_to = name  # the codes are stored twice, the weights counted once
         replace_module(model, names[id(head)], head_q)
         model.config.tie_word_embeddings = False  # type: ignore[union-attr]
     layer = QuantEmbedding.from_quantized(

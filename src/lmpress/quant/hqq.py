@@ -20,7 +20,7 @@ import time
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lmpress.models.adapters import linear_weight
@@ -44,6 +44,12 @@ class HQQConfig(WeightQuantConfig):
     p: float = Field(0.7, gt=0, lt=1)  # the Lp "norm" of the error
     beta: float = Field(1e3, gt=0)  # initial penalty of the half-quadratic split (weights ~1e-2)
     kappa: float = Field(1.01, ge=1)  # penalty growth per iteration
+
+    @model_validator(mode="after")
+    def _asymmetric_overrides(self) -> HQQConfig:
+        if any(o.symmetric for o in self.overrides):
+            raise ValueError("overrides: symmetric must be false for hqq (it optimizes zero points)")
+        return self
 
 
 def shrink_lp(x: Tensor, beta: float, p: float) -> Tensor:

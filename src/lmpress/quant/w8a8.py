@@ -48,8 +48,8 @@ def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
         adapter = Adapter(model)
         calib = ctx.calib_data()
         for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
-            groups = [(p, prev, {n: m for n, m in g.items() if n in targets}) for p, prev, g in adapter.scale_groups(i)]
-            groups = [g for g in groups if g[2]]
+            # smooth a group if any of its readers is quantized; fold into all of them
+            groups = [g for g in adapter.scale_groups(i) if any(n in targets for n in g[2])]
             if not groups:
                 continue
             firsts = {next(iter(g)): next(iter(g.values())) for _, _, g in groups}
