@@ -96,7 +96,7 @@ def _bad_inputs(tmp_path: Path, model: Path, text_file: Path) -> dict[str, tuple
     (tmp_path / "bad.yaml").write_text("stages: [\n")
     (tmp_path / "key.yaml").write_text("stages:\n  - method: cast\n    bits: 4\n")
     (tmp_path / "empty.txt").write_text("")
-    (tmp_path / "short.txt").write_text("x = 1\n")
+    (tmp_path / "short.txt").write_text("x = 1\ny = 2\nz = 3\n")
     full = tmp_path / "full"
     full.mkdir()
     (full / "precious").write_text("keep")

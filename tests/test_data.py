@@ -100,6 +100,16 @@ def test_empty_or_short_data_is_a_clear_error(tokenizer, tmp_path: Path) -> None
     with pytest.raises(DataError, match="no text"):
         load_windows(tokenizer, empty, "eval", seq_len=32)
     short = tmp_path / "short.txt"
-    short.write_text("x = 1\n")
+    short.write_text("x = 1\ny = 2\nz = 3\n")
     with pytest.raises(DataError, match="fewer than one window"):
         load_windows(tokenizer, short, "eval", seq_len=256)
+
+
+def test_single_file_calibration_and_evaluation_do_not_overlap(tmp_path: Path) -> None:
+    f = tmp_path / "one.txt"
+    f.write_text("".join(f"line {i}\n" for i in range(100)))
+    docs = load_documents(f)
+    calib, ev = select_split(docs, "calib"), select_split(docs, "eval")
+    assert calib[0].text + ev[0].text == docs[0].text
+    assert calib[0].text.endswith("\n") and abs(len(calib[0].text) - len(ev[0].text)) < 10
+    assert select_split(docs, "train") == calib and select_split(docs, "all") == docs

@@ -152,9 +152,19 @@ def load_documents(source: str | Path = STDLIB, *, pattern: str = "**/*", text_f
 
 
 def select_split(docs: Sequence[Document], split: Split) -> list[Document]:
-    """The documents of one split; a source of a single document is used whole for every split."""
-    if split == "all" or len(docs) == 1:
+    """The documents of one split.
+
+    A source of a single document (one text file) is cut by position at a line boundary near its
+    middle: the first half is both train and calibration text, the second half evaluation text, so
+    nothing is evaluated on the text it was calibrated on.
+    """
+    if split == "all":
         return list(docs)
+    if len(docs) == 1:
+        text = docs[0].text
+        cut = text.find("\n", len(text) // 2) + 1 or len(text) // 2
+        half = text[cut:] if split == "eval" else text[:cut]
+        return [Document(f"{docs[0].path}#{'second' if split == 'eval' else 'first'}-half", half)]
     return [d for d in docs if split_of(d.path) == split]
 
 
