@@ -89,12 +89,14 @@ def test_methods_and_presets() -> None:
     assert "bf16" in run("presets").stdout  # type: ignore[attr-defined]
 
 
-def _bad_inputs(tmp_path: Path, model: Path, text_file: Path) -> dict[str, tuple[list[str | Path], str]]:
+def _bad_inputs(tmp_path: Path, model: Path, text_file: Path, other: Path) -> dict[str, tuple[list[str | Path], str]]:
     (tmp_path / "noconf").mkdir()
     (tmp_path / "arch").mkdir()
     (tmp_path / "arch" / "config.json").write_text('{"model_type": "mamba9"}')
     (tmp_path / "bad.yaml").write_text("stages: [\n")
     (tmp_path / "key.yaml").write_text("stages:\n  - method: cast\n    bits: 4\n")
+    (tmp_path / "regex.yaml").write_text("stages:\n  - method: rtn\n    ignore: ['re:((']\n")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00garbage")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "short.txt").write_text("x = 1\ny = 2\nz = 3\n")
     full = tmp_path / "full"
@@ -108,7 +110,13 @@ def _bad_inputs(tmp_path: Path, model: Path, text_file: Path) -> dict[str, tuple
         "unknown builtin": (["eval", "gpt5"], "neither a model directory nor a built-in model"),
         "not yaml": (["compress", model, "-r", tmp_path / "bad.yaml", *out], "not valid YAML"),
         "unknown key": (["compress", model, "-r", tmp_path / "key.yaml", *out], "stage 1 (cast): unknown key 'bits'"),
-        "unknown recipe": (["compress", model, "-r", "w17", *out], "neither a file nor a preset"),
+        "unknown recipe": (["compress", model, "-r", "w17", *out], "is not a preset"),
+        "bad regex": (["compress", model, "-r", tmp_path / "regex.yaml", *out], "invalid regex 're:(('"),
+        "absolute pattern": (["eval", model, "--data", tmp_path, "--pattern", "/etc/*"], "not a relative glob"),
+        "binary jsonl": (["eval", model, "--data", tmp_path / "bin.jsonl"], "is not UTF-8 text"),
+        "vocab mismatch": (["eval", model, "--reference", other, "--data", text_file], "has a vocabulary of"),
+        "no cuda": (["eval", model, "--device", "cuda:3"], "CUDA is not available"),
+        "output is cwd": (["compress", model, "-r", "bf16", "-o", "."], "current directory"),
         "empty data": (["eval", model, "--data", tmp_path / "empty.txt"], "has no text"),
         "short data": (["eval", model, "--data", tmp_path / "short.txt"], "fewer than one window"),
         "missing data": (["eval", model, "--data", tmp_path / "none.txt"], "does not exist"),
@@ -120,8 +128,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
 ) -> None:
     model = tiny_model_dir("llama")
+    other = _other_vocab(tmp_path)
     before = sorted(p.name for p in model.iterdir())
-    for case, (args, message) in _bad_inputs(tmp_path, model, text_file).items():
+    for case, (args, message) in _bad_inputs(tmp_path, model, text_file, other).items():
         r = run(*args)
         assert r.exit_code == 2, (case, r.output)  # type: ignore[attr-defined]
         err = r.stderr.strip()  # type: ignore[attr-defined]
@@ -130,6 +139,21 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(
     assert not (tmp_path / "new").exists()
     assert (tmp_path / "full" / "precious").read_text() == "keep"
     assert sorted(p.name for p in model.iterdir()) == before
+
+
+def _other_vocab(tmp_path: Path) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    path = tmp_path / "other-vocab"
+    AutoModelForCausalLM.from_config(tiny_config("llama", 300)).save_pretrained(path)
+    return path
+
+
+def test_split_must_be_a_known_name(tiny_model_dir: Callable[..., Path]) -> None:
+    r = run("eval", tiny_model_dir("llama"), "--split", "test")
+    assert r.exit_code == 2 and "'test' is not one of" in r.output  # type: ignore[attr-defined]
 
 
 def test_pickle_refused_by_cli(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:

@@ -60,8 +60,15 @@ def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
 
 
 def test_unknown_recipe_name() -> None:
-    with pytest.raises(RecipeError, match="neither a file nor a preset; presets: bf16, fp16, w4, w8, w8a8"):
+    with pytest.raises(RecipeError, match="is not a preset; presets: bf16, fp16, w4, w8, w8a8"):
         load_recipe("no-such-recipe")
+    with pytest.raises(RecipeError, match="recipe file 'missing.yaml' does not exist"):
+        load_recipe("missing.yaml")
+
+
+def test_invalid_regex_fails_at_parse_time() -> None:
+    with pytest.raises(RecipeError, match=r"stage 1 \(rtn\): targets: value error, invalid regex 're:\['"):
+        parse_recipe({"stages": [{"method": "rtn", "targets": ["re:["]}]})
 
 
 def test_config_is_frozen_and_list_form_accepted() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 
 from lmpress import evaluation
 from lmpress.data import STDLIB, Manifest, Split
-from lmpress.errors import ModelLoadError
+from lmpress.errors import DataError, ModelLoadError
 from lmpress.io import save
 from lmpress.models.loading import LoadedModel, load_model
 from lmpress.pipeline import DataOptions, Result, compress
@@ -48,6 +48,22 @@ class EvalResult:
         return {"metrics": self.metrics, "reference_metrics": self.reference_metrics, "data": self.data.to_dict()}
 
 
+def _vocab(loaded: LoadedModel) -> int:
+    return int(loaded.model.get_input_embeddings().num_embeddings)  # type: ignore[operator]
+
+
+def check_vocab(model: LoadedModel, reference: LoadedModel | None) -> None:
+    """KL and agreement compare distributions over one vocabulary."""
+    if reference is None:
+        return
+    a, b = _vocab(model), _vocab(reference)
+    if a != b:
+        raise ModelLoadError(
+            f"{model.source} has a vocabulary of {a} but the reference {reference.source} has {b}; "
+            "compare models that share a tokenizer"
+        )
+
+
 def _as_loaded(model: str | Path | LoadedModel, **kw: Any) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load(model, **kw)
 
@@ -74,7 +90,14 @@ def evaluate(
     tok = loaded.tokenizer or (ref.tokenizer if ref else None)
     if tok is None:
         raise ModelLoadError(f"{loaded.source} has no tokenizer files; pass --tokenizer MODEL_DIR to use another's")
+    check_vocab(loaded, ref)
     windows = data.load(tok, split, data.eval_windows)
+    vocab = _vocab(loaded)
+    if int(windows.windows.max()) >= vocab:
+        raise DataError(
+            f"the tokenizer produces id {int(windows.windows.max())} but {loaded.source} has a vocabulary of {vocab}; "
+            "use the model's own tokenizer"
+        )
     w = windows.windows
     metrics = evaluation.evaluate(
         loaded.model,

@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar, cast
 
@@ -35,6 +36,14 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SplitName(StrEnum):
+    train = "train"
+    calib = "calib"
+    eval = "eval"
+    all = "all"
+
 
 ModelArg = Annotated[str, typer.Argument(help="model directory or built-in name")]
 DataOpt = Annotated[str, typer.Option("--data", help="text file, directory, .jsonl file, or 'stdlib'")]
@@ -65,6 +74,8 @@ def handles_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except LmpressError as e:
             _fail(str(e), 2)
+        except OSError as e:  # a file system problem the checks did not foresee: still one line
+            _fail(f"{e.strerror or e} ({e.filename or 'file system'}); nothing was written", 2)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
 
@@ -147,7 +158,7 @@ def eval_cmd(
     model: ModelArg = "builtin",
     reference: Annotated[str | None, typer.Option(help="model to compare against (KL, top-1 agreement)")] = None,
     data: DataOpt = "stdlib",
-    split: Annotated[str, typer.Option(help="train, calib, eval or all")] = "eval",
+    split: Annotated[SplitName, typer.Option(help="which split of --data to evaluate on")] = SplitName.eval,
     seq_len: SeqLenOpt = 256,
     max_windows: WindowsOpt = 64,
     tokenizer: Annotated[str | None, typer.Option(help="take the tokenizer from this model directory")] = None,
@@ -165,13 +176,11 @@ def eval_cmd(
     from lmpress.api import evaluate
 
     _setup(threads)
-    if split not in ("train", "calib", "eval", "all"):
-        raise typer.BadParameter(f"--split must be train, calib, eval or all, got {split!r}")
     result = evaluate(
         model,
         _data_options(data, seq_len, max_windows, pattern, text_field),
         reference=reference,
-        split=cast(Split, split),
+        split=cast(Split, split.value),
         device=device,
         dtype=dtype,
         tokenizer=tokenizer,
@@ -218,7 +227,7 @@ def compress(
     _setup(threads)
     result = run(
         model,
-        Path(recipe) if Path(recipe).is_file() else recipe,
+        recipe,
         _data_options(data, seq_len, max_windows, pattern, text_field),
         output=output,
         overwrite=overwrite,

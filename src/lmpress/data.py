@@ -100,25 +100,30 @@ def _read_text(path: Path) -> str | None:
     except UnicodeDecodeError:
         log.info("skipping %s: not UTF-8 text", path)
         return None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
 
 
 def _jsonl_documents(path: Path, text_field: str) -> list[Document]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object"
-                ) from None
-            if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                raise DataError(
-                    f"{path}:{lineno}: no string field {text_field!r}; pass --text-field NAME to pick the field"
-                )
-            docs.append(Document(f"{path.name}:{lineno}", row[text_field]))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is not UTF-8 text; give a UTF-8 JSONL file") from None
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror}; check the path and its permissions") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+        if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+            raise DataError(
+                f"{path}:{lineno}: no string field {text_field!r}; pass --text-field NAME to pick the field"
+            )
+        docs.append(Document(f"{path.name}:{lineno}", row[text_field]))
     return docs
 
 
@@ -137,7 +142,11 @@ def load_documents(source: str | Path = STDLIB, *, pattern: str = "**/*", text_f
         )
     if path.is_dir():
         docs = []
-        for p in sorted(path.glob(pattern)):
+        try:
+            matched = sorted(path.glob(pattern))
+        except (ValueError, NotImplementedError):
+            raise DataError(f"--pattern {pattern!r} is not a relative glob; use e.g. '**/*.txt'") from None
+        for p in matched:
             if p.is_file():
                 text = _read_text(p)
                 if text is not None:

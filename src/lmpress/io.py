@@ -32,31 +32,62 @@ FORMAT_VERSION = 1
 
 
 def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail before any work if ``out`` cannot be written: a file, or a non-empty directory."""
+    """Fail before any work if ``out`` cannot be written: a file, a non-empty directory, the current
+    directory or one of its parents, or a place where no directory can be created."""
+    resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise OutputError(f"output {out} is the current directory or above it; choose a new directory")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory; choose another --output")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise OutputError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+    parent = resolved.parent
+    existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"cannot create {out}: {existing} is not a writable directory; choose another --output")
 
 
 @contextmanager
 def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory; on success it replaces ``out``, on any failure it is removed."""
     check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    out = out.resolve()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot create {out}: {e.strerror}; choose another --output") from None
     try:
         yield tmp
+        _fsync_tree(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old / out.name, out)  # put the previous output back
+                raise
+            finally:
+                shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file and the directory itself, so a rename never publishes unwritten data."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            with f.open("rb+") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(root, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_json_atomic(path: Path, data: object) -> None:
@@ -144,7 +175,13 @@ def load_compressed(
     if all(m.get("format") == "dense" for m in modules.values()):
         model = _from_pretrained(path, dtype, trust_remote_code)
     else:
-        model = _restore(path, modules, dtype, trust_remote_code)
+        try:
+            model = _restore(path, modules, dtype, trust_remote_code)
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            msg = (str(e) or type(e).__name__).splitlines()[0]
+            raise ModelLoadError(
+                f"{path}: lmpress.json and the weights do not fit ({msg}); re-run compression"
+            ) from None
     return LoadedModel(model, None, str(path), path, meta)
 
 

@@ -8,8 +8,8 @@ A recipe is YAML with a ``stages`` list; each stage names its ``method`` and tha
         dtype: bfloat16
 
 An unknown method, an unknown key, a wrong type or an impossible value fails at once, naming the
-stage, the key and what is allowed. A recipe argument is a path to a YAML file or the name of a
-preset shipped in ``lmpress/recipes``.
+stage, the key and what is allowed. A recipe argument is a path to a YAML file (it contains a
+``/`` or ends in ``.yaml``/``.yml``) or otherwise the name of a preset shipped in ``lmpress/recipes``.
 """
 
 from __future__ import annotations
@@ -102,13 +102,16 @@ def load_recipe(source: str | Path | Recipe | Mapping[str, Any]) -> Recipe:
         return source
     if isinstance(source, Mapping):
         return parse_recipe(source)
-    path = Path(source)
-    if not path.is_file():
+    text = str(source)
+    if isinstance(source, Path) or "/" in text or text.endswith((".yaml", ".yml")):
+        path = Path(source)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {text!r} does not exist; give a YAML file or a preset name")
+    else:
         found = presets()
-        if str(source) in found:
-            path = found[str(source)]
-        else:
-            raise RecipeError(f"recipe {str(source)!r} is neither a file nor a preset; presets: " + ", ".join(found))
+        if text not in found:
+            raise RecipeError(f"recipe {text!r} is not a preset; presets: {', '.join(found)} (or give a .yaml file)")
+        path = found[text]
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+from typing import Annotated
 
+from pydantic import AfterValidator
 from torch import nn
 
 
@@ -27,3 +29,17 @@ def select(named: Mapping[str, nn.Module], targets: Iterable[str], ignore: Itera
     """The modules of ``named`` matched by ``targets`` and by none of ``ignore``, in order."""
     targets, ignore = list(targets), list(ignore)
     return {n: m for n, m in named.items() if matches(n, targets) and not matches(n, ignore)}
+
+
+def check_patterns(patterns: list[str]) -> list[str]:
+    """Validate ``re:`` patterns when a config is parsed, not when a model is already loaded."""
+    for p in patterns:
+        if p.startswith("re:"):
+            try:
+                re.compile(p[3:])
+            except re.error as e:
+                raise ValueError(f"invalid regex {p!r} ({e})") from None
+    return patterns
+
+
+Patterns = Annotated[list[str], AfterValidator(check_patterns)]

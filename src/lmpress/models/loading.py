@@ -45,7 +45,13 @@ def resolve_device(device: str) -> torch.device:
         raise ModelLoadError(f"unknown device {device!r}; use auto, cpu or cuda")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelLoadError(f"device {device!r} asked for but CUDA is not available; use --device cpu or auto")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ModelLoadError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return dev
 
 
 def resolve_dtype(dtype: str) -> torch.dtype | str:
@@ -178,5 +184,7 @@ def _from_pretrained(path: Path, dtype: torch.dtype | str, trust_remote_code: bo
         return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
             path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None, low_cpu_mem_usage=True
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        raise ModelLoadError(f"cannot load the model in {path}: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
+        raise ModelLoadError(
+            f"cannot load the model in {path}: {(str(e) or type(e).__name__).splitlines()[0]}"
+        ) from None

@@ -20,7 +20,7 @@ from lmpress.models.adapters import is_conv1d, linear_weight
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant.grid import Quantized
 from lmpress.registry import MethodConfig
-from lmpress.select import matches, select
+from lmpress.select import Patterns, matches, select
 
 
 class QuantError(LmpressError):
@@ -32,7 +32,7 @@ class Override(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    targets: list[str]
+    targets: Patterns
     bits: int | None = Field(None, ge=2, le=8)
     group_size: int | None = Field(None, gt=0)
     symmetric: bool | None = None
@@ -45,8 +45,8 @@ class WeightQuantConfig(MethodConfig):
     group_size: int | None = Field(128, gt=0)  # None: one group per output row
     symmetric: bool = False
     scale_dtype: Literal["float16", "bfloat16"] = "float16"
-    targets: list[str] = ["re:.*"]
-    ignore: list[str] = ["lm_head"]
+    targets: Patterns = ["re:.*"]
+    ignore: Patterns = ["lm_head"]
     overrides: list[Override] = []
     embedding_bits: int | None = Field(None, ge=2, le=8)  # None: token embeddings stay as they are
     embedding_group_size: int | None = Field(128, gt=0)

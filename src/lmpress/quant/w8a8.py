@@ -23,6 +23,7 @@ from lmpress.quant.awq import fold_scales
 from lmpress.quant.base import QuantError, replace_module, targeted_layers, to_quant_linear
 from lmpress.quant.grid import quantize
 from lmpress.registry import Context, Method, MethodConfig, StageReport
+from lmpress.select import Patterns
 
 
 class W8A8Config(MethodConfig):
@@ -30,8 +31,8 @@ class W8A8Config(MethodConfig):
 
     method: Literal["w8a8"] = "w8a8"
     smooth_alpha: float | None = Field(0.5, ge=0, le=1)  # None: no smoothing
-    targets: list[str] = ["re:.*"]
-    ignore: list[str] = ["lm_head"]
+    targets: Patterns = ["re:.*"]
+    ignore: Patterns = ["lm_head"]
     calib_batch_size: int = Field(8, ge=1)
 
 
