@@ -12,7 +12,6 @@ predecessor get only the clipping search.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,17 +19,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from lmpress.calib import blockwise, collect
 from lmpress.models.adapters import Adapter, linear_weight
-from lmpress.quant.base import (
-    LayerSettings,
-    QuantError,
-    WeightQuantConfig,
-    quantize_embeddings,
-    quantize_layers,
-    settings_for,
-    targeted_layers,
-)
+from lmpress.quant.base import LayerSettings, QuantizeFn, WeightQuantConfig, quantize_calibrated, settings_for
 from lmpress.quant.grid import Quantized, clip_search, quantize, quantize_with
 from lmpress.registry import Context, Method, StageReport
 
@@ -114,21 +104,10 @@ def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], sc: Tensor) -> N
 
 
 def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
-    t0 = time.perf_counter()
-    targets = targeted_layers(model, config)
     adapter = Adapter(model)
-    calib = ctx.calib_data()
-    done: dict[str, int] = {}
     alphas: dict[str, float] = {}
-    handled: set[str] = set()
-    for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
-        layers = {n: m for n, m in adapter.block_linears(i).items() if n in targets}
-        if not layers:
-            continue
-        acts = collect(block, inputs, layers, lambda _m: Activations(config.max_tokens))
-        for name, a in acts.items():
-            if a.n_tokens == 0:
-                raise QuantError(f"layer {name} received no calibration tokens; exclude it with ignore: [{name!r}]")
+
+    def per_block(i: int, layers: dict[str, nn.Module], acts: dict[str, Activations]) -> QuantizeFn:
         for prev_name, prev, group in adapter.scale_groups(i):
             searched = {n: m for n, m in group.items() if n in layers}
             if not searched:
@@ -136,41 +115,29 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
             first = next(iter(searched))
             a = acts[first]
             assert a.abs_sum is not None
-            s = settings_for(first, config)
             weights = [linear_weight(m).detach().float() for m in searched.values()]
-            sc, alpha = awq_scales(a.matrix(), a.abs_sum / a.n_tokens, weights, s, config.grid)
+            sc, alphas[prev_name] = awq_scales(
+                a.matrix(), a.abs_sum / a.n_tokens, weights, settings_for(first, config), config.grid
+            )
             fold_scales(prev, group, sc)  # every reader of prev's output, targeted or not
-            alphas[prev_name] = alpha
             for n in searched:  # the inputs these linears now see are divided by sc
-                acts[n].sq_sum = acts[n].sq_sum / sc.pow(2) if acts[n].sq_sum is not None else None
+                sq = acts[n].sq_sum
+                acts[n].sq_sum = sq / sc.pow(2) if sq is not None else None
                 acts[n].x = [x / sc for x in acts[n].x]
 
-        def fn(name: str, module: nn.Module, s: LayerSettings, acts: dict[str, Activations] = acts) -> Quantized:
+        def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
             w = linear_weight(module).detach().float()
-            if not config.clip:
-                return quantize(w, s.bits, s.group_size, s.symmetric)
             sq_sum = acts[name].sq_sum
-            assert sq_sum is not None
+            if not config.clip or sq_sum is None:
+                return quantize(w, s.bits, s.group_size, s.symmetric)
             return weighted_clip(w, sq_sum / acts[name].n_tokens, s)
 
-        for k, v in quantize_layers(model, layers, config, fn).items():
-            done[k] = done.get(k, 0) + v
-        handled.update(layers)
-    rest = {n: m for n, m in targets.items() if n not in handled}
-    if rest:  # outside the blocks (lm_head): no block inputs here, so round to nearest
+        return fn
 
-        def rtn_fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
-            return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric)
-
-        for k, v in quantize_layers(model, rest, config, rtn_fn).items():
-            done[k] = done.get(k, 0) + v
-    done.update(quantize_embeddings(model, config))
-    return {
-        "layers": done,
-        "alphas": alphas,
-        "calib_tokens": calib.windows.numel(),
-        "quantize_seconds": time.perf_counter() - t0,
-    }
+    report = quantize_calibrated(
+        model, config, ctx, lambda _m: Activations(config.max_tokens), per_block, config.calib_batch_size
+    )
+    return {**report, "alphas": alphas}
 
 
 METHOD = Method("awq", AWQConfig, apply, "AWQ: activation-aware scaling and clipping, folded into the model")

@@ -8,8 +8,9 @@ result is finite.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -19,7 +20,7 @@ from lmpress.errors import LmpressError
 from lmpress.models.adapters import is_conv1d, linear_weight
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant.grid import Quantized
-from lmpress.registry import MethodConfig
+from lmpress.registry import Context, MethodConfig, StageReport
 from lmpress.select import Patterns, matches, select
 
 
@@ -174,3 +175,58 @@ def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str
     )
     replace_module(model, name, layer)
     return {f"embedding w{config.embedding_bits}g{config.embedding_group_size or 'row'}": 1}
+
+
+BlockQuantizer = Callable[[int, dict[str, nn.Module], dict[str, Any]], QuantizeFn]
+
+
+def quantize_calibrated(
+    model: nn.Module,
+    config: WeightQuantConfig,
+    ctx: Context,
+    make_stats: Callable[[nn.Module], Any],
+    per_block: BlockQuantizer,
+    batch_size: int = 8,
+) -> StageReport:
+    """The loop every data-driven weight quantizer shares.
+
+    Block by block (`lmpress.calib.blockwise`): collect ``make_stats(layer)`` for the block's
+    targeted linears, let ``per_block(i, layers, stats)`` prepare the block (fold scales, check
+    token counts) and return the function that quantizes one layer, swap the layers in. Targeted
+    layers outside the blocks (``lm_head``) get round-to-nearest; embeddings follow
+    ``embedding_bits``.
+    """
+    from lmpress.calib import blockwise, collect
+    from lmpress.models.adapters import Adapter
+    from lmpress.quant.grid import quantize
+
+    t0 = time.perf_counter()
+    targets = targeted_layers(model, config)
+    adapter = Adapter(model)
+    calib = ctx.calib_data()
+    done: dict[str, int] = {}
+    handled: set[str] = set()
+
+    def count(counts: dict[str, int]) -> None:
+        for k, v in counts.items():
+            done[k] = done.get(k, 0) + v
+
+    for i, block, inputs in blockwise(model, calib.windows, batch_size, ctx.progress):
+        layers = {n: m for n, m in adapter.block_linears(i).items() if n in targets}
+        if not layers:
+            continue
+        stats = collect(block, inputs, layers, make_stats)
+        for name, st in stats.items():
+            if st.n_tokens == 0:
+                raise QuantError(f"layer {name} received no calibration tokens; exclude it with ignore: [{name!r}]")
+        count(quantize_layers(model, layers, config, per_block(i, layers, stats)))
+        handled.update(layers)
+    rest = {n: m for n, m in targets.items() if n not in handled}
+    if rest:  # no block inputs for these: round to nearest
+
+        def rtn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+            return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric)
+
+        count(quantize_layers(model, rest, config, rtn))
+    count(quantize_embeddings(model, config))
+    return {"layers": done, "calib_tokens": calib.windows.numel(), "quantize_seconds": time.perf_counter() - t0}

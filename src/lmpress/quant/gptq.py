@@ -12,24 +12,16 @@ result packs and runs exactly like round-to-nearest output.
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from lmpress.calib import InputStats, blockwise, collect
-from lmpress.models.adapters import Adapter, linear_weight
-from lmpress.quant.base import (
-    LayerSettings,
-    QuantError,
-    WeightQuantConfig,
-    quantize_embeddings,
-    quantize_layers,
-    targeted_layers,
-)
-from lmpress.quant.grid import Quantized, clip_search, grid_params, group_minmax, quantize
+from lmpress.calib import InputStats
+from lmpress.models.adapters import linear_weight
+from lmpress.quant.base import LayerSettings, QuantError, QuantizeFn, WeightQuantConfig, quantize_calibrated
+from lmpress.quant.grid import Quantized, find_grid
 from lmpress.registry import Context, Method, StageReport
 
 
@@ -42,12 +34,6 @@ class GPTQConfig(WeightQuantConfig):
     block_size: int = Field(128, ge=1)  # columns per lazy update
     mse_clip: bool = False
     calib_batch_size: int = Field(8, ge=1)
-
-
-def _grid(w: Tensor, bits: int, group_size: int | None, symmetric: bool, mse_clip: bool) -> tuple[Tensor, Tensor]:
-    if mse_clip:
-        return clip_search(w, bits, group_size, symmetric)
-    return grid_params(*group_minmax(w, group_size), bits, symmetric)
 
 
 def gptq_quantize(
@@ -75,7 +61,7 @@ def gptq_quantize(
 
     static = act_order or group_size is None
     if static:  # one grid per group from the unquantized weights
-        scales, zeros = _grid(W, bits, group_size, symmetric, mse_clip)  # (out, G)
+        scales, zeros = find_grid(W, bits, group_size, symmetric, mse_clip)  # (out, G)
     else:
         G = -(-in_f // group_size)  # type: ignore[operator]
         scales = torch.zeros(out_f, G, device=W.device)
@@ -104,7 +90,7 @@ def gptq_quantize(
             g = int(group_of[col])
             if not static and col % group_size == 0:  # type: ignore[operator]
                 upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                scales[:, g], zeros[:, g] = (t[:, 0] for t in _grid(upcoming, bits, None, symmetric, mse_clip))
+                scales[:, g], zeros[:, g] = (t[:, 0] for t in find_grid(upcoming, bits, None, symmetric, mse_clip))
             s, z = scales[:, g], zeros[:, g]  # (out,)
             w = W1[:, i]
             q = (w / s + z).round().clamp(0, qmax)
@@ -119,30 +105,19 @@ def gptq_quantize(
 
 
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
-    t0 = time.perf_counter()
-    targets = targeted_layers(model, config)
-    adapter = Adapter(model)
-    calib = ctx.calib_data()
-    done: dict[str, int] = {}
-    handled: set[str] = set()
-    for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
-        layers = {n: m for n, m in adapter.block_linears(i).items() if n in targets}
-        if not layers:
-            continue
-        stats = collect(
-            block, inputs, layers, lambda m: InputStats.empty(linear_weight(m).shape[1], linear_weight(m).device)
-        )
+    def make_stats(m: nn.Module) -> InputStats:
+        return InputStats.empty(linear_weight(m).shape[1], linear_weight(m).device)
+
+    def per_block(i: int, layers: dict[str, nn.Module], stats: dict[str, InputStats]) -> QuantizeFn:
         for name, st in stats.items():
             in_f = linear_weight(layers[name]).shape[1]
-            if st.n_tokens == 0:
-                raise QuantError(f"layer {name} received no calibration tokens; exclude it with ignore: [{name!r}]")
             if st.n_tokens < in_f:
                 raise QuantError(
                     f"layer {name} saw {st.n_tokens} calibration tokens; GPTQ needs at least {in_f} (its input width) "
                     "for a usable Hessian: give more calibration text"
                 )
 
-        def fn(name: str, module: nn.Module, s: LayerSettings, stats: dict[str, InputStats] = stats) -> Quantized:
+        def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
             return gptq_quantize(
                 linear_weight(module),
                 stats[name].H,
@@ -155,19 +130,9 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
                 config.mse_clip,
             )
 
-        for k, v in quantize_layers(model, layers, config, fn).items():
-            done[k] = done.get(k, 0) + v
-        handled.update(layers)
-    rest = {n: m for n, m in targets.items() if n not in handled}
-    if rest:  # targeted layers outside the blocks (e.g. lm_head): no block inputs, round to nearest
+        return fn
 
-        def rtn_fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
-            return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric, config.mse_clip)
-
-        for k, v in quantize_layers(model, rest, config, rtn_fn).items():
-            done[k] = done.get(k, 0) + v
-    done.update(quantize_embeddings(model, config))
-    return {"layers": done, "calib_tokens": calib.windows.numel(), "quantize_seconds": time.perf_counter() - t0}
+    return quantize_calibrated(model, config, ctx, make_stats, per_block, config.calib_batch_size)
 
 
 METHOD = Method("gptq", GPTQConfig, apply, "GPTQ: Hessian-aware weight quantization with error compensation")

@@ -122,6 +122,15 @@ def _group_sum(x: Tensor, group_size: int | None) -> Tensor:
     return torch.nn.functional.pad(x, (0, G * g - in_f)).view(out_f, G, g).sum(-1)
 
 
+def find_grid(
+    w: Tensor, bits: int, group_size: int | None, symmetric: bool, mse_clip: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Per-group scale and zero of (out, in) ``w``: min/max range, or MSE-clipped.  -> (out, G) x2"""
+    if mse_clip:
+        return clip_search(w, bits, group_size, symmetric)
+    return grid_params(*group_minmax(w, group_size), bits, symmetric)
+
+
 def quantize(
     w: Tensor, bits: int, group_size: int | None = 128, symmetric: bool = False, mse_clip: bool = False
 ) -> Quantized:
@@ -130,10 +139,7 @@ def quantize(
     if group_size is not None and group_size <= 0:
         raise ValueError(f"group_size must be positive or None, got {group_size}")
     wf = w.float()
-    if mse_clip:
-        scales, zeros = clip_search(wf, bits, group_size, symmetric)
-    else:
-        scales, zeros = grid_params(*group_minmax(wf, group_size), bits, symmetric)
+    scales, zeros = find_grid(wf, bits, group_size, symmetric, mse_clip)
     return Quantized(quantize_with(wf, scales, zeros, bits, group_size), scales, zeros, bits, group_size)
 
 
