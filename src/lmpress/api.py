@@ -19,7 +19,7 @@ __all__ = ["DataOptions", "EvalResult", "Result", "compress", "evaluate", "load"
 def load(
     source: str | Path = "builtin",
     *,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str = "auto",
     tokenizer: str | Path | None = None,
     allow_pickle: bool = False,
@@ -74,7 +74,7 @@ def evaluate(
     *,
     reference: str | Path | LoadedModel | None = None,
     split: Split = "eval",
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str = "auto",
     tokenizer: str | Path | None = None,
     measure_speed: bool = True,

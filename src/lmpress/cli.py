@@ -26,6 +26,7 @@ from rich.table import Table
 
 from lmpress.data import Split
 from lmpress.errors import LmpressError
+from lmpress.pipeline import DataOptions
 
 app = typer.Typer(
     help="Make GPT-style language models smaller and faster, and measure what it cost.",
@@ -49,8 +50,14 @@ ModelArg = Annotated[str, typer.Argument(help="model directory or built-in name"
 DataOpt = Annotated[str, typer.Option("--data", help="text file, directory, .jsonl file, or 'stdlib'")]
 DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
 DtypeOpt = Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16")]
-SeqLenOpt = Annotated[int, typer.Option("--seq-len", min=2, help="tokens per evaluation window")]
-WindowsOpt = Annotated[int, typer.Option("--max-windows", min=1, help="evaluation windows (of --seq-len tokens)")]
+_D = DataOptions  # the defaults live there; the help shows them
+SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", min=2, help=f"tokens per window [default: {_D.seq_len}]")]
+WindowsOpt = Annotated[
+    int | None, typer.Option("--max-windows", min=1, help=f"evaluation windows [default: {_D.eval_windows}]")
+]
+CalibOpt = Annotated[
+    int | None, typer.Option("--calib-windows", min=1, help=f"calibration windows [default: {_D.calib_windows}]")
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 SpeedOpt = Annotated[bool, typer.Option("--speed/--no-speed", help="measure prefill and decode speed")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="load *.bin/*.pt weights (weights_only=True)")]
@@ -137,10 +144,10 @@ def metrics_table(title: str, columns: dict[str, dict[str, float] | None]) -> Ta
     return table
 
 
-def _data_options(data: str, seq_len: int, max_windows: int, pattern: str, text_field: str) -> Any:
-    from lmpress.pipeline import DataOptions
-
-    return DataOptions(source=data, seq_len=seq_len, eval_windows=max_windows, pattern=pattern, text_field=text_field)
+def _data_options(data: str, pattern: str, text_field: str, **given: int | None) -> DataOptions:
+    """`DataOptions` from the flags the user gave; the rest keep DataOptions' own defaults."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return DataOptions(source=data, pattern=pattern, text_field=text_field, **chosen)
 
 
 def _json_default(o: object) -> object:
@@ -159,10 +166,10 @@ def eval_cmd(
     reference: Annotated[str | None, typer.Option(help="model to compare against (KL, top-1 agreement)")] = None,
     data: DataOpt = "stdlib",
     split: Annotated[SplitName, typer.Option(help="which split of --data to evaluate on")] = SplitName.eval,
-    seq_len: SeqLenOpt = 256,
-    max_windows: WindowsOpt = 64,
+    seq_len: SeqLenOpt = None,
+    max_windows: WindowsOpt = None,
     tokenizer: Annotated[str | None, typer.Option(help="take the tokenizer from this model directory")] = None,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     speed: SpeedOpt = True,
     as_json: JsonOpt = False,
@@ -178,7 +185,7 @@ def eval_cmd(
     _setup(threads)
     result = evaluate(
         model,
-        _data_options(data, seq_len, max_windows, pattern, text_field),
+        _data_options(data, pattern, text_field, seq_len=seq_len, eval_windows=max_windows),
         reference=reference,
         split=cast(Split, split.value),
         device=device,
@@ -208,9 +215,10 @@ def compress(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="directory to write")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
     data: DataOpt = "stdlib",
-    seq_len: SeqLenOpt = 256,
-    max_windows: WindowsOpt = 64,
-    device: DeviceOpt = "cpu",
+    seq_len: SeqLenOpt = None,
+    max_windows: WindowsOpt = None,
+    calib_windows: CalibOpt = None,
+    device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     run_eval: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original")] = True,
     speed: SpeedOpt = True,
@@ -228,7 +236,9 @@ def compress(
     result = run(
         model,
         recipe,
-        _data_options(data, seq_len, max_windows, pattern, text_field),
+        _data_options(
+            data, pattern, text_field, seq_len=seq_len, eval_windows=max_windows, calib_windows=calib_windows
+        ),
         output=output,
         overwrite=overwrite,
         device=device,
@@ -267,18 +277,17 @@ def train_reference_cmd(
         int | None, typer.Option("--card-windows", min=1, help="evaluation windows for the card (default: all)")
     ] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
-    device: DeviceOpt = "cpu",
+    device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
 ) -> None:
     """Train the built-in reference model (tokenizer + Llama) on the stdlib corpus, with its card."""
-    from lmpress.io import atomic_dir, check_output_dir
+    from lmpress.io import atomic_dir
     from lmpress.models.card import write_card
     from lmpress.models.loading import resolve_device
     from lmpress.models.reference import ReferenceSpec, train_reference
 
     _setup(threads)
     dev = str(resolve_device(device))
-    check_output_dir(output, overwrite)
     with atomic_dir(output, overwrite) as tmp:
         info = train_reference(ReferenceSpec(minutes=minutes, tokens=tokens), tmp, device=dev)
         write_card(tmp, info, card_windows)

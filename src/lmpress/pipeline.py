@@ -92,7 +92,7 @@ def compress(
     *,
     output: Path | None = None,
     overwrite: bool = False,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str = "auto",
     run_eval: bool = True,
     measure_speed: bool = True,

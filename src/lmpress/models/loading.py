@@ -145,7 +145,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
 def load_model(
     source: str | Path = "builtin",
     *,
-    device: str = "cpu",
+    device: str = "auto",
     dtype: str = "auto",
     tokenizer: str | Path | None = None,
     allow_pickle: bool = False,
