@@ -198,7 +198,13 @@ def _restore(
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
         dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    try:  # skip random initialization: every tensor is overwritten by the saved one
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    model.tie_weights()  # so that tied keys are recognized below
     for name, fmt in modules.items():
         if fmt.get("format") in LAYER_FORMATS:
             replace_module(model, name, LAYER_FORMATS[fmt["format"]].from_format(fmt, dtype))  # type: ignore[arg-type]
