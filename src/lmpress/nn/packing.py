@@ -41,3 +41,25 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     shifts = torch.arange(8, device=packed.device) * bits
     codes = (word[..., None] >> shifts) & (2**bits - 1)  # (rows, runs, 8)
     return codes.view(rows, runs * 8)[:, :n].to(torch.uint8)
+
+
+def encode_codes(codes: Tensor, bits: int, symmetric: bool) -> Tensor:
+    """Offset-binary codes -> stored bytes; symmetric grids store two's complement ``q``.  (rows, packed)"""
+    return pack(codes ^ (2 ** (bits - 1)) if symmetric else codes, bits)
+
+
+def decode_codes(packed: Tensor, bits: int, n: int, symmetric: bool) -> Tensor:
+    """Stored bytes -> offset-binary codes, the inverse of `encode_codes`.  (rows, n) uint8"""
+    codes = unpack(packed, bits, n)
+    return codes ^ (2 ** (bits - 1)) if symmetric else codes
+
+
+def decode_zeros(
+    qzeros: Tensor | None, fzeros: Tensor | None, bits: int, shape: tuple[int, int], device: torch.device
+) -> Tensor:
+    """Zero points from packed integers, float zeros, or the fixed midpoint of a symmetric grid.  (rows, G)"""
+    if fzeros is not None:
+        return fzeros.float()
+    if qzeros is not None:
+        return unpack(qzeros, bits, shape[1]).float()
+    return torch.full(shape, 2.0 ** (bits - 1), device=device)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.packing import pack, packed_width, unpack
+from lmpress.nn.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width
 from lmpress.nn.quant_linear import keep_scale_dtype
 from lmpress.quant.grid import Quantized, dequantize, n_groups
 
@@ -59,8 +59,7 @@ class QuantEmbedding(nn.Module):
         V, D = q.codes.shape
         layer = cls(V, D, q.bits, q.group_size, symmetric, dtype, scale_dtype, padding_idx)
         layer.to(q.codes.device)
-        codes = q.codes ^ (2 ** (q.bits - 1)) if symmetric else q.codes
-        layer.qweight.copy_(pack(codes, q.bits))
+        layer.qweight.copy_(encode_codes(q.codes, q.bits, symmetric))
         layer.scales.copy_(q.scales.to(scale_dtype))
         if layer.qzeros is not None:
             layer.qzeros.copy_(pack(q.zeros.round().to(torch.uint8), q.bits))
@@ -68,13 +67,9 @@ class QuantEmbedding(nn.Module):
 
     def _rows(self, ids: Tensor) -> Tensor:
         """Dequantized rows for flat ``ids`` (n,).  -> (n, dim)"""
-        codes = unpack(self.qweight[ids], self.bits, self.embedding_dim)
-        if self.symmetric:
-            codes = codes ^ (2 ** (self.bits - 1))
-            zeros = torch.full((ids.numel(), self.scales.shape[1]), 2.0 ** (self.bits - 1), device=ids.device)
-        else:
-            assert self.qzeros is not None
-            zeros = unpack(self.qzeros[ids], self.bits, self.scales.shape[1]).float()
+        codes = decode_codes(self.qweight[ids], self.bits, self.embedding_dim, self.symmetric)
+        qzeros = self.qzeros[ids] if self.qzeros is not None else None
+        zeros = decode_zeros(qzeros, None, self.bits, (ids.numel(), self.scales.shape[1]), ids.device)
         return dequantize(codes, self.scales[ids], zeros, self.group_size, self.out_dtype)
 
     @property

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.packing import pack, packed_width, unpack
+from lmpress.nn.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width
 from lmpress.quant.grid import Quantized, dequantize, n_groups
 
 INT4_GROUPS = (32, 64, 128, 256)
@@ -108,9 +108,7 @@ class QuantLinear(nn.Module):
             float_zeros,
             act_bits,
         )
-        half = 2 ** (q.bits - 1)
-        codes = q.codes ^ half if symmetric else q.codes  # offset binary -> two's complement
-        layer.qweight.copy_(pack(codes, q.bits))
+        layer.qweight.copy_(encode_codes(q.codes, q.bits, symmetric))
         layer.scales.copy_(q.scales.to(scale_dtype))
         if layer.fzeros is not None:
             layer.fzeros.copy_(q.zeros.to(scale_dtype))
@@ -125,16 +123,13 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> Tensor:
         """Unsigned (offset binary) codes.  (out, in) uint8"""
-        c = unpack(self.qweight, self.bits, self.in_features)
-        return c ^ (2 ** (self.bits - 1)) if self.symmetric else c
+        return decode_codes(self.qweight, self.bits, self.in_features, self.symmetric)
 
     def zeros(self) -> Tensor:
-        """Integer zero points.  (out, groups) float32"""
-        if self.fzeros is not None:
-            return self.fzeros.float()
-        if self.qzeros is None:
-            return torch.full(self.scales.shape, 2.0 ** (self.bits - 1), device=self.scales.device)
-        return unpack(self.qzeros, self.bits, self.scales.shape[1]).float()
+        """Zero points.  (out, groups) float32"""
+        return decode_zeros(
+            self.qzeros, self.fzeros, self.bits, (self.out_features, self.scales.shape[1]), self.scales.device
+        )
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this layer represents.  (out, in)"""
