@@ -70,7 +70,8 @@ def main() -> None:
         recipe = parse_recipe({"stages": [{"method": method, **stage}]})
         model = copy.deepcopy(original)
         ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: calib)
-        _, seconds = timed(lambda: run_stages(model, recipe, ctx))
+        with PeakRSS() as mem:
+            _, seconds = timed(lambda: run_stages(model, recipe, ctx))
         q = quality(model, eval_data.windows, reference=original, batch_size=16)
         nbytes = saved_bytes(model, tok)
         rows.append(
@@ -81,6 +82,7 @@ def main() -> None:
                 "bytes": nbytes,
                 "bits_per_weight": 8 * nbytes / count_parameters(model),
                 "quantize_seconds": seconds,
+                "peak_rss_mb": mem.peak / 2**20,
             }
         )
         print(
@@ -122,13 +124,27 @@ def _table(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> str:
             f"{r['bytes']:,}" if "bytes" in r else "-",  # peers: not saved in their own formats here
             f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else "-",
             f"{r.get('quantize_seconds', 0):.1f}",
+            f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-",
         ]
         for r in rows
     ]
-    head = ["method", "setting", "perplexity", "vs original", "KL", "top-1 agree", "bytes", "bits/weight", "seconds"]
+    head = [
+        "method",
+        "setting",
+        "perplexity",
+        "vs original",
+        "KL",
+        "top-1 agree",
+        "bytes",
+        "bits/weight",
+        "seconds",
+        "peak RSS MiB",
+    ]
     note = (
         f"Built-in model, `stdlib` eval split ({manifest['windows']} windows x {manifest['seq_len']} tokens, "
-        f"sha256 {manifest['sha256'][:12]}); embeddings and head unquantized. `python benchmarks/quant.py`."
+        f"sha256 {manifest['sha256'][:12]}); embeddings and head unquantized unless the setting says so; peers "
+        "(from `quant_peers.py`, same windows and calibration tokens) have no lmpress byte count. "
+        "`python -m benchmarks.quant`."
     )
     return "## Quantization quality\n\n" + note + "\n\n" + markdown_table(head, body)
 

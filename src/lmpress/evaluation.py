@@ -116,7 +116,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-class _PeakRSS:
+class PeakRSS:
     """Samples the process's resident memory in a background thread (Linux), in bytes."""
 
     def __init__(self, interval: float = 0.005) -> None:
@@ -140,7 +140,7 @@ class _PeakRSS:
         while not self._stop.wait(interval):
             self.peak = max(self.peak, self.rss())
 
-    def __enter__(self) -> _PeakRSS:
+    def __enter__(self) -> PeakRSS:
         self.peak = self.rss()
         self._thread.start()
         return self
@@ -192,7 +192,7 @@ def speed(
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    with _PeakRSS() as mem:
+    with PeakRSS() as mem:
         t_prefill = min(prefill(prompt) for _ in range(repeats + 1))
         t_batched = min(prefill(batched) for _ in range(repeats + 1))
         t_decode = min(decode() for _ in range(repeats + 1))
