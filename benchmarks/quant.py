@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
-from lmpress.evaluation import count_parameters, quality
+from lmpress.evaluation import PeakRSS, count_parameters, quality
 from lmpress.models.loading import load_model
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
