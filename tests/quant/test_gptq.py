@@ -65,3 +65,26 @@ def test_too_few_calibration_tokens_is_an_error(tiny_model_dir: Callable[..., Pa
     data = DataOptions(source=text_file, seq_len=16, eval_windows=2, calib_windows=2)  # 32 tokens < width 64
     with pytest.raises(LmpressError, match="saw 32 calibration tokens; GPTQ needs at least 64"):
         compress(tiny_model_dir("llama"), {"stages": [{"method": "gptq"}]}, data, run_eval=False)
+
+
+def test_layer_without_calibration_tokens(
+    tiny_model_dir: Callable[..., Path], text_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An expert that is never routed to: an error naming it, or round-to-nearest if the recipe says so."""
+    from lmpress.calib import collect as real_collect
+
+    def starve_v_proj(block, inputs, layers, make):  # type: ignore[no-untyped-def]
+        stats = real_collect(block, inputs, layers, make)
+        for name in stats:
+            if name.endswith("v_proj"):
+                stats[name] = make(layers[name])  # as if no token reached it
+        return stats
+
+    monkeypatch.setattr("lmpress.calib.collect", starve_v_proj)
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=2, calib_windows=8)
+    with pytest.raises(LmpressError, match=r"layer model.layers.0.self_attn.v_proj received no calibration tokens"):
+        compress(tiny_model_dir("llama"), {"stages": [{"method": "gptq"}]}, data, run_eval=False)
+    r = compress(
+        tiny_model_dir("llama", "again"), {"stages": [{"method": "gptq", "uncalibrated": "rtn"}]}, data, run_eval=False
+    )
+    assert sum(isinstance(m, QuantLinear) for m in r.model.modules()) == 14

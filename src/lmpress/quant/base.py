@@ -49,6 +49,8 @@ class WeightQuantConfig(MethodConfig):
     targets: Patterns = ["re:.*"]
     ignore: Patterns = ["lm_head"]
     overrides: list[Override] = []
+    # a targeted layer that saw no calibration tokens (an expert never routed to): stop, or round it
+    uncalibrated: Literal["error", "rtn"] = "error"
     embedding_bits: int | None = Field(None, ge=2, le=8)  # None: token embeddings stay as they are
     embedding_group_size: int | None = Field(128, gt=0)
 
@@ -216,13 +218,18 @@ def quantize_calibrated(
         if not layers:
             continue
         stats = collect(block, inputs, layers, make_stats)
-        for name, st in stats.items():
-            if st.n_tokens == 0:
-                raise QuantError(f"layer {name} received no calibration tokens; exclude it with ignore: [{name!r}]")
+        unseen = [n for n, st in stats.items() if st.n_tokens == 0]
+        if unseen and config.uncalibrated == "error":
+            raise QuantError(
+                f"layer {unseen[0]} received no calibration tokens; exclude it with ignore: [{unseen[0]!r}] "
+                "or set uncalibrated: rtn to round such layers to nearest"
+            )
+        layers = {n: m for n, m in layers.items() if n not in unseen}
+        stats = {n: st for n, st in stats.items() if n not in unseen}
         count(quantize_layers(model, layers, config, per_block(i, layers, stats)))
         handled.update(layers)
     rest = {n: m for n, m in targets.items() if n not in handled}
-    if rest:  # no block inputs for these: round to nearest
+    if rest:  # no block inputs (lm_head) or no calibration tokens (uncalibrated: rtn): round to nearest
 
         def rtn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
             return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric)
