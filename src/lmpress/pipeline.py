@@ -37,7 +37,8 @@ class Result:
     recipe: Recipe
     stages: list[dict[str, Any]]
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # "original" / "compressed"
-    data: Manifest | None = None
+    data: Manifest | None = None  # the evaluation windows
+    calibration: dict[str, Any] | None = None  # manifest of the calibration windows, if used
     output: Path | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -46,6 +47,7 @@ class Result:
             "stages": self.stages,
             "metrics": self.metrics,
             "data": self.data.to_dict() if self.data else None,
+            "calibration": self.calibration,
             "output": str(self.output) if self.output else None,
         }
 
@@ -138,6 +140,7 @@ def compress(
         result.metrics["compressed"] = evaluate(
             loaded.model, w, reference=original, measure_speed=measure_speed, progress=progress
         )
+    result.calibration = ctx.calib_manifest
     ctx.teacher = original = None
     if output is not None:
         meta = {
@@ -146,6 +149,7 @@ def compress(
             "stages": stages,
             "metrics": result.metrics,
             "data": result.data.to_dict() if result.data else None,
+            "calibration": ctx.calib_manifest,
         }
         save(loaded.model, loaded.tokenizer, output, meta, overwrite=overwrite)
         result.output = output

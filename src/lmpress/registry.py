@@ -38,6 +38,11 @@ class Context:
     tracker: Any = None
     _calib: TokenData | None = field(default=None, repr=False)
 
+    @property
+    def calib_manifest(self) -> dict[str, Any] | None:
+        """What the stages calibrated on, if any stage asked for data."""
+        return self._calib.manifest.to_dict() if self._calib is not None else None
+
     def calib_data(self) -> TokenData:
         if self._calib is None:
             if self.calibration is None:

@@ -88,3 +88,14 @@ def test_layer_without_calibration_tokens(
         tiny_model_dir("llama", "again"), {"stages": [{"method": "gptq", "uncalibrated": "rtn"}]}, data, run_eval=False
     )
     assert sum(isinstance(m, QuantLinear) for m in r.model.modules()) == 14
+
+
+def test_calibration_manifest_is_recorded(tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path) -> None:
+    import json
+
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=2, calib_windows=8)
+    r = compress(tiny_model_dir("llama"), "w4", data, output=tmp_path / "o", measure_speed=False)
+    meta = json.loads((tmp_path / "o" / "lmpress.json").read_text())
+    assert meta["calibration"]["split"] == "calib" and meta["calibration"]["windows"] == 8
+    assert meta["calibration"]["sha256"] != meta["data"]["sha256"]  # calibrated and evaluated on different text
+    assert r.calibration == meta["calibration"]
