@@ -39,7 +39,7 @@ def test_builtin_checkpoint_loads_and_is_described() -> None:
     info = json.loads((BUILTIN_DIR / "reference" / "training.json").read_text())
     card = (BUILTIN_DIR / "reference" / "README.md").read_text()
     ppl = info["card"]["eval"]["perplexity"]
-    assert ppl < 20
+    assert ppl < 30
     assert f"{ppl:.3f}" in card and f"{info['train_minutes']:.1f} minutes" in card
     # compression must show on it: 3-bit and 2-bit RTN cost clearly more than 4-bit
     rtn = {b: m["perplexity"] / ppl - 1 for b, m in info["card"]["rtn_g128"].items()}
