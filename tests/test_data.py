@@ -73,7 +73,8 @@ def test_missing_source_is_a_clear_error(tmp_path: Path) -> None:
 def test_windows_cut_and_drop_tail() -> None:
     w = windows(torch.arange(10), 4)
     assert w.tolist() == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert windows(torch.arange(100), 4, max_windows=3).shape == (3, 4)
+    spread = windows(torch.arange(100), 4, max_windows=3)  # 25 windows: keep the first, middle, last
+    assert spread[:, 0].tolist() == [0, 48, 96]
     with pytest.raises(DataError, match="fewer than one window of 16"):
         windows(torch.arange(10), 16)
 

@@ -212,16 +212,21 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: Tokenizer, batch: in
 
 
 def windows(stream: Tensor, seq_len: int, max_windows: int | None = None) -> Tensor:
-    """Cut a token stream into non-overlapping windows of ``seq_len``; the tail is dropped.  (N, seq_len)"""
+    """Cut a token stream into non-overlapping windows of ``seq_len``; the tail is dropped.  (N, seq_len)
+
+    With ``max_windows`` fewer than there are, the windows kept are spread evenly over the whole
+    stream (not its first documents), so a subsample still represents every part of the split.
+    """
     n = stream.numel() // seq_len
     if n == 0:
         raise DataError(
             f"the data has {stream.numel()} tokens, fewer than one window of {seq_len}; "
             "give more text or a smaller --seq-len"
         )
-    if max_windows is not None:
-        n = min(n, max_windows)
-    return stream[: n * seq_len].view(n, seq_len)
+    w = stream[: n * seq_len].view(n, seq_len)
+    if max_windows is not None and max_windows < n:
+        w = w[torch.linspace(0, n - 1, max_windows).round().long()]
+    return w
 
 
 @dataclass(frozen=True)
