@@ -32,7 +32,9 @@ class GPTQConfig(WeightQuantConfig):
     damp: float = Field(0.01, gt=0, le=1)  # fraction of the mean Hessian diagonal added to it
     act_order: bool = True
     block_size: int = Field(128, ge=1)  # columns per lazy update
-    mse_clip: bool = False
+    # MSE-clipped group ranges; on the built-in model (200 eval windows) it cuts GPTQ's 3-bit g128
+    # perplexity cost from +3.9% to +1.2% and 2-bit g64's from +20% to +17%, at +0.2% cost at 4-bit g128
+    mse_clip: bool = True
     calib_batch_size: int = Field(8, ge=1)
 
 
