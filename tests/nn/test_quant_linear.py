@@ -27,12 +27,12 @@ def test_forward_matches_dequantized_weight(bits: int, group: int | None, sym: b
     layer = QuantLinear.from_quantized(q, lin.bias.data, sym)
     assert layer.kernel_path() == path
     assert torch.equal(layer.codes(), q.codes)
-    x = torch.randn(3, 5, 256)
-    ref = x @ layer.dequantize_weight().T + lin.bias
-    y = layer(x)
-    assert y.shape == (3, 5, 128) and y.dtype == torch.float32
-    tol = 0.02 if path != "dequant" else 1e-4  # the kernels compute in bfloat16
-    assert (y - ref).abs().max() / ref.abs().max() < tol
+    for x in (torch.randn(2, 1, 256), torch.randn(3, 5, 256)):  # decode (kernel) and prefill (dequantized)
+        ref = x @ layer.dequantize_weight().T + lin.bias
+        y = layer(x)
+        assert y.shape == (*x.shape[:-1], 128) and y.dtype == torch.float32
+        tol = 0.02 if path != "dequant" else 1e-4  # the kernels and the prefill path compute in bfloat16
+        assert (y - ref).abs().max() / ref.abs().max() < tol
     assert layer.qweight.numel() == 128 * 256 * bits // 8  # the bytes the format costs
     assert layer.num_logical_params() == 128 * 256 + 128
 

@@ -21,6 +21,14 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     rows, n = codes.shape
     if bits == 8:
         return codes.to(torch.uint8).contiguous()
+    if 8 % bits == 0:  # 2 and 4 bits: whole codes per byte, same layout, byte-wide arithmetic
+        per = 8 // bits
+        c = torch.nn.functional.pad(codes.to(torch.uint8), (0, packed_width(n, bits) * per - n))
+        c = c.view(rows, -1, per)  # (rows, bytes, per)
+        out = c[..., 0].clone()
+        for i in range(1, per):
+            out |= c[..., i] << (bits * i)
+        return out
     runs = -(-n // 8)
     c = torch.nn.functional.pad(codes.to(torch.int64), (0, runs * 8 - n)).view(rows, runs, 8)
     shifts = torch.arange(8, device=codes.device) * bits  # (8,)
@@ -34,6 +42,9 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     rows = packed.shape[0]
     if bits == 8:
         return packed[:, :n]
+    if 8 % bits == 0:  # 2 and 4 bits: shift each byte once per code it holds
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)  # (8 // bits,)
+        return ((packed[..., None] >> shifts) & (2**bits - 1)).view(rows, -1)[:, :n]
     runs = packed.shape[1] // bits
     b = packed.view(rows, runs, bits).to(torch.int64)
     byte_shifts = torch.arange(bits, device=packed.device) * 8

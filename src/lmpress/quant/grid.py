@@ -82,7 +82,11 @@ def dequantize(
     codes: Tensor, scales: Tensor, zeros: Tensor, group_size: int | None, dtype: torch.dtype = torch.float32
 ) -> Tensor:
     """(code - zero) * scale, per group.  -> (out, in) ``dtype``"""
-    in_f = codes.shape[1]
+    out_f, in_f = codes.shape
+    if group_size is None or in_f % group_size == 0:  # whole groups: broadcast, no expanded copies
+        g = in_f if group_size is None else group_size
+        c = codes.view(out_f, in_f // g, g).float()
+        return ((c - zeros.float()[..., None]) * scales.float()[..., None]).view(out_f, in_f).to(dtype)
     s = expand_groups(scales.float(), in_f, group_size)
     z = expand_groups(zeros.float(), in_f, group_size)
     return ((codes.float() - z) * s).to(dtype)
