@@ -136,9 +136,9 @@ def main() -> None:
         ("torchao", "W8 per-channel"): torchao_run("int8"),
         ("torchao", "W4 g128"): torchao_run("int4 g128"),
         ("torchao", "W8A8"): torchao_run("w8a8"),
-        ("hqq", "W4 g128"): hqq_run(4, 128),
-        ("hqq", "W3 g128"): hqq_run(3, 128),
-        ("hqq", "W2 g64"): hqq_run(2, 64),
+        ("hqq (library)", "W4 g128"): hqq_run(4, 128),
+        ("hqq (library)", "W3 g128"): hqq_run(3, 128),
+        ("hqq (library)", "W2 g64"): hqq_run(2, 64),
     }
     only = set(filter(None, args.only.split(",")))
     rows = []
