@@ -101,13 +101,21 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def tensor_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer in memory (shared tensors once)."""
+    """Bytes of every parameter and buffer in memory, plus the kernel layouts compressed layers
+    prepared for their forward (`QuantLinear`'s int4 layout); storage shared by several tensors
+    counts once."""
     seen: set[int] = set()
     total = 0
-    for t in [*model.parameters(), *model.buffers()]:
-        if id(t) not in seen:
-            seen.add(id(t))
-            total += t.numel() * t.element_size()
+    tensors = [*model.parameters(), *model.buffers()]
+    for m in model.modules():
+        prepared = getattr(m, "_kernel", None)
+        if prepared is not None and isinstance(prepared[1], tuple):
+            tensors += [t for t in prepared[1] if isinstance(t, Tensor)]
+    for t in tensors:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in seen:
+            seen.add(ptr)
+            total += t.untyped_storage().nbytes()
     return total
 
 

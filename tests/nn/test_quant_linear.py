@@ -54,3 +54,19 @@ def test_symmetric_8bit_bytes_are_int8() -> None:
     w = torch.tensor([[-1.0, 0.0, 0.5, 1.0]])
     layer = QuantLinear.from_quantized(quantize(w, 8, None, symmetric=True), None, symmetric=True)
     assert layer.qweight.view(torch.int8).tolist() == [[-127, 0, 64, 127]]
+
+
+def test_memory_counts_the_int4_kernel_layout() -> None:
+    from lmpress.evaluation import tensor_bytes
+
+    torch.manual_seed(0)
+    w = torch.randn(128, 256)
+    layer = QuantLinear.from_quantized(quantize(w, 4, 128), None, symmetric=False)
+    before = tensor_bytes(layer)
+    layer(torch.randn(1, 256))  # prepares the kernel layout: a second copy of the codes
+    assert layer.kernel_path() == "int4"
+    assert tensor_bytes(layer) >= before + 128 * 256 // 2
+    int8 = QuantLinear.from_quantized(quantize(w, 8, None, True), None, symmetric=True)
+    b8 = tensor_bytes(int8)
+    int8(torch.randn(1, 256))
+    assert tensor_bytes(int8) - b8 < 128 * 4  # the int8 kernel reads the stored bytes (only bf16 scales added)
