@@ -117,6 +117,7 @@ def _bad_inputs(tmp_path: Path, model: Path, text_file: Path, other: Path) -> di
         "vocab mismatch": (["eval", model, "--reference", other, "--data", text_file], "has a vocabulary of"),
         "no cuda": (["eval", model, "--device", "cuda:3"], "CUDA is not available"),
         "output is cwd": (["compress", model, "-r", "bf16", "-o", "."], "current directory"),
+        "unwritable output": (["compress", model, "-r", "bf16", "-o", "/proc/lmpress-out"], "not a writable directory"),
         "empty data": (["eval", model, "--data", tmp_path / "empty.txt"], "has no text"),
         "short data": (["eval", model, "--data", tmp_path / "short.txt"], "fewer than one window"),
         "missing data": (["eval", model, "--data", tmp_path / "none.txt"], "does not exist"),

@@ -43,8 +43,12 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
     parent = resolved.parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"cannot create {out}: {existing} is not a writable directory; choose another --output")
+    try:  # a real probe: permissions alone do not tell (read-only mounts, /proc, quotas)
+        Path(tempfile.mkdtemp(prefix=".lmpress-probe-", dir=existing)).rmdir()
+    except OSError:
+        raise OutputError(
+            f"cannot create {out}: {existing} is not a writable directory; choose another --output"
+        ) from None
 
 
 @contextmanager
