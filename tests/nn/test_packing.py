@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmpress.nn.packing import pack, packed_width, unpack
+from lmpress.nn.packing import pack, packed_width, unpack, unpack_float
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -13,6 +13,10 @@ def test_pack_roundtrip(bits: int, n: int) -> None:
     packed = pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (5, packed_width(n, bits))
     assert torch.equal(unpack(packed, bits, n), codes)
+    flip = 2 ** (bits - 1)
+    for dtype in (torch.bfloat16, torch.float32):
+        assert torch.equal(unpack_float(packed, bits, n, dtype), codes.to(dtype))
+        assert torch.equal(unpack_float(packed, bits, n, dtype, flip), (codes ^ flip).to(dtype))
 
 
 def test_byte_counts_match_the_format() -> None:

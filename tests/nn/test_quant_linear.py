@@ -27,12 +27,17 @@ def test_forward_matches_dequantized_weight(bits: int, group: int | None, sym: b
     layer = QuantLinear.from_quantized(q, lin.bias.data, sym)
     assert layer.kernel_path() == path
     assert torch.equal(layer.codes(), q.codes)
-    for x in (torch.randn(2, 1, 256), torch.randn(3, 5, 256)):  # decode (kernel) and prefill (dequantized)
+    # decode (kernel), a few rows, and prefill (bf16 dequantization + GEMM on the kernel paths)
+    for x in (torch.randn(2, 1, 256), torch.randn(3, 5, 256), torch.randn(2, 64, 256)):
         ref = x @ layer.dequantize_weight().T + lin.bias
         y = layer(x)
         assert y.shape == (*x.shape[:-1], 128) and y.dtype == torch.float32
         tol = 0.02 if path != "dequant" else 1e-4  # the kernels and the prefill path compute in bfloat16
         assert (y - ref).abs().max() / ref.abs().max() < tol
+    w16 = layer.dequantize_weight(torch.bfloat16)  # fast half-precision path: within bf16 rounding
+    assert w16.dtype == torch.bfloat16 and w16.shape == (128, 256)
+    w32 = layer.dequantize_weight()
+    assert ((w16.float() - w32).abs() <= w32.abs() * 2**-6 + 1e-6).all()
     assert layer.qweight.numel() == 128 * 256 * bits // 8  # the bytes the format costs
     assert layer.num_logical_params() == 128 * 256 + 128
 
@@ -70,3 +75,14 @@ def test_memory_counts_the_int4_kernel_layout() -> None:
     b8 = tensor_bytes(int8)
     int8(torch.randn(1, 256))
     assert tensor_bytes(int8) - b8 < 128 * 4  # the int8 kernel reads the stored bytes (only bf16 scales added)
+
+
+def test_float_zeros_dequantize_in_half_precision() -> None:
+    torch.manual_seed(0)
+    q = quantize(torch.randn(64, 256), 4, 64, False)
+    q.zeros += torch.rand_like(q.zeros) - 0.5  # fractional zero points, as half-quadratic finds
+    layer = QuantLinear.from_quantized(q, None, False, float_zeros=True)
+    assert layer.fzeros is not None and layer.qzeros is None
+    w32 = layer.dequantize_weight()
+    w16 = layer.dequantize_weight(torch.bfloat16).float()
+    assert (w16 - w32).abs().max() <= w32.abs().max() * 2**-6

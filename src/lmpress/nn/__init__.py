@@ -6,10 +6,12 @@
 
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
+from lmpress.nn.sparse_linear import SparseLinear
 
-LAYER_FORMATS: dict[str, type[QuantLinear] | type[QuantEmbedding]] = {
+LAYER_FORMATS: dict[str, type[QuantLinear] | type[QuantEmbedding] | type[SparseLinear]] = {
     "quant": QuantLinear,
     "quant_embedding": QuantEmbedding,
+    "sparse": SparseLinear,
 }
 
-__all__ = ["LAYER_FORMATS", "QuantEmbedding", "QuantLinear"]
+__all__ = ["LAYER_FORMATS", "QuantEmbedding", "QuantLinear", "SparseLinear"]

@@ -54,6 +54,24 @@ def unpack(packed: Tensor, bits: int, n: int) -> Tensor:
     return codes.view(rows, runs * 8)[:, :n].to(torch.uint8)
 
 
+def unpack_float(packed: Tensor, bits: int, n: int, dtype: torch.dtype, flip: int = 0) -> Tensor:
+    """`unpack` with every code XORed with ``flip``, written straight into a float tensor: one pass
+    per code in a byte and no uint8 temporaries, several times faster than `unpack` + cast for 2, 4
+    and 8 bits. Integer codes are exact in every float dtype.  (rows, n) ``dtype``"""
+    if 8 % bits:  # 3, 5, 6, 7 bits: codes straddle bytes
+        return (unpack(packed, bits, n) ^ flip).to(dtype)
+    per, mask = 8 // bits, 2**bits - 1
+    if flip:  # the same flip in every code of a byte
+        packed = packed ^ sum(flip << (bits * i) for i in range(per))
+    if bits == 8:
+        return packed[:, :n].to(dtype)
+    rows = packed.shape[0]
+    out = torch.empty(rows, packed.shape[1], per, dtype=dtype, device=packed.device)
+    for i in range(per):
+        out[..., i] = (packed >> (bits * i)) & mask
+    return out.view(rows, -1)[:, :n]
+
+
 def encode_codes(codes: Tensor, bits: int, symmetric: bool) -> Tensor:
     """Offset-binary codes -> stored bytes; symmetric grids store two's complement ``q``.  (rows, packed)"""
     return pack(codes ^ (2 ** (bits - 1)) if symmetric else codes, bits)

@@ -1,0 +1,1 @@
+"""Pruning: unstructured and N:M (magnitude, Wanda, SparseGPT), structured heads / neurons / blocks."""
