@@ -37,7 +37,8 @@ def test_presets_load() -> None:
         ("stages: [method: cast\n", r"not valid YAML \(line \d+\)"),
         (
             "stages:\n  - method: prune_everything\n",
-            "stage 1: unknown method 'prune_everything'; known methods: awq, cast, gptq, hqq, rtn, w8a8",
+            "stage 1: unknown method 'prune_everything'; known methods: awq, cast, drop_blocks, gptq, hqq, "
+            "magnitude, rtn, sparsegpt, structured, w8a8, wanda",
         ),
         (
             "stages:\n  - method: cast\n    colour: red\n",

@@ -145,6 +145,8 @@ def save(
     model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
     """Write a self-describing model directory atomically; returns ``out``."""
+    from lmpress.prune.shapes import needs_structure_record
+
     record = {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -152,6 +154,9 @@ def save(
         **(meta or {}),
         "versions": library_versions(),
     }
+    structure = needs_structure_record(model)
+    if structure is not None:  # per-block widths no Hugging Face config can express
+        record["structure"] = structure
     with atomic_dir(out, overwrite) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
         if tokenizer is not None:
@@ -176,11 +181,12 @@ def load_compressed(
     unknown = {str(m.get("format")) for m in modules.values()} - {"dense", *LAYER_FORMATS}
     if unknown:
         raise ModelLoadError(f"{path} uses module formats {sorted(unknown)} that this lmpress cannot load; upgrade")
-    if all(m.get("format") == "dense" for m in modules.values()):
+    structure = meta.get("structure")
+    if structure is None and all(m.get("format") == "dense" for m in modules.values()):
         model = _from_pretrained(path, dtype, trust_remote_code)
     else:
         try:
-            model = _restore(path, modules, dtype, trust_remote_code)
+            model = _restore(path, modules, dtype, trust_remote_code, structure)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             msg = (str(e) or type(e).__name__).splitlines()[0]
             raise ModelLoadError(
@@ -190,7 +196,11 @@ def load_compressed(
 
 
 def _restore(
-    path: Path, modules: dict[str, dict[str, Any]], dtype: torch.dtype | str, trust_remote_code: bool
+    path: Path,
+    modules: dict[str, dict[str, Any]],
+    dtype: torch.dtype | str,
+    trust_remote_code: bool,
+    structure: list[dict[str, int]] | None = None,
 ) -> nn.Module:
     """Build the architecture from its config, swap in the saved layer types, load the tensors."""
     from safetensors.torch import load_file
@@ -209,19 +219,39 @@ def _restore(
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # so that tied keys are recognized below
+    if structure is not None:
+        from lmpress.prune.shapes import apply_structure
+
+        apply_structure(model, structure)
     for name, fmt in modules.items():
         if fmt.get("format") in LAYER_FORMATS:
             replace_module(model, name, LAYER_FORMATS[fmt["format"]].from_format(fmt, dtype))  # type: ignore[arg-type]
     state: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, unexpected = model.load_state_dict(_checkpoint_keys_to_model(model, state), strict=False)
     tied = set(_tied_keys(model))
     if unexpected or set(missing) - tied:
         bad = sorted(unexpected or set(missing) - tied)[0]
         raise ModelLoadError(f"{path}: weights do not match lmpress.json (first mismatch: {bad}); re-run compression")
     model.tie_weights()
     return model.eval()
+
+
+def _checkpoint_keys_to_model(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Undo the key renamings ``save_pretrained`` applies for checkpoint compatibility (GPT-NeoX
+    saves ``lm_head`` as ``embed_out``), as ``from_pretrained`` would."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers < 5 saves module names unchanged
+        return state
+    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    own = set(model.state_dict())
+    if not renamings or set(state) <= own:
+        return state
+    return {(k if k in own else rename_source_key(k, renamings, [])[0]): v for k, v in state.items()}
 
 
 def _tied_keys(model: nn.Module) -> list[str]:

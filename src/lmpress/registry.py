@@ -68,9 +68,9 @@ class Method:
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress.prune import magnitude, sparsegpt, wanda
+    from lmpress.prune import layers, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
-    found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD]
+    found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD, layers.METHOD]
     return {m.name: m for m in found}

@@ -1,0 +1,192 @@
+"""Cutting a decoder block down to fewer attention units and MLP neurons, in place, per family.
+
+An attention *unit* is one key/value head with the query heads that share it (grouped-query
+attention), or one head where every head has its own keys and values. Removing a unit removes its
+rows from the query/key/value projections and its columns from the output projection; removing a
+neuron removes its row from every MLP input projection (gate, up / fc1) and its column from the
+output projection. The result is a smaller *dense* block that runs through the family's own
+forward (the attention modules read the head count from the weights, or from the attributes
+updated here).
+
+`block_structure` describes each block's widths; `apply_structure` rebuilds those widths on a
+freshly constructed model, so a model with per-block widths (which no Hugging Face config can
+express) reloads through lmpress.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmpress.models.adapters import Adapter, is_conv1d, linear_weight
+
+# families whose config has a head_dim field, so fewer heads at the same hidden size load in plain
+# transformers when every block has the same widths
+HEAD_DIM_IN_CONFIG = ("llama", "mistral", "qwen2", "qwen3")
+MLP_WIDTH_KEY = {"gpt2": "n_inner", "opt": "ffn_dim"}  # others: intermediate_size
+
+
+def slice_linear(m: nn.Module, rows: Tensor | None = None, cols: Tensor | None = None) -> None:
+    """Keep output ``rows`` and input ``cols`` of a linear layer (``nn.Linear`` or GPT-2 ``Conv1D``)."""
+    w = linear_weight(m).detach()
+    if rows is not None:
+        w = w[rows]
+    if cols is not None:
+        w = w[:, cols]
+    bias = getattr(m, "bias", None)
+    if bias is not None and rows is not None:
+        m.bias = nn.Parameter(bias.detach()[rows].clone())
+    if is_conv1d(m):
+        m.weight = nn.Parameter(w.T.contiguous())
+        m.nf, m.nx = w.shape  # type: ignore[assignment]
+    else:
+        m.weight = nn.Parameter(w.contiguous())
+        m.out_features, m.in_features = w.shape  # type: ignore[assignment]
+
+
+def linear_shape(m: nn.Module) -> tuple[int, int]:
+    """(out, in) of any linear-like layer, dense, compressed or GPT-2 ``Conv1D``."""
+    if is_conv1d(m):
+        return int(m.nf), int(m.nx)  # type: ignore[arg-type]
+    return int(m.out_features), int(m.in_features)  # type: ignore[arg-type]
+
+
+def _attention_module(adapter: Adapter, i: int) -> nn.Module:
+    first = adapter.spec.attention[0]
+    return adapter.model.get_submodule(f"{adapter.block_name(i)}.{first.rsplit('.', 1)[0]}")
+
+
+def head_dim(adapter: Adapter, i: int) -> int:
+    attn = _attention_module(adapter, i)
+    hd = getattr(attn, "head_dim", None) or getattr(attn, "head_size", None)
+    assert isinstance(hd, int)
+    return hd
+
+
+def attention_counts(adapter: Adapter, i: int) -> tuple[int, int]:
+    """(query heads, key/value heads) of block i, read from the weights."""
+    hd = head_dim(adapter, i)
+    lin = list(adapter.attention_linears(i).values())
+    n_q = linear_shape(lin[-1])[1] // hd  # the output projection's input
+    if adapter.spec.fused_qkv:
+        return n_q, n_q
+    return n_q, linear_shape(lin[1])[0] // hd  # k_proj
+
+
+def mlp_width(adapter: Adapter, i: int) -> int:
+    return linear_shape(list(adapter.mlp_linears(i).values())[-1])[1]
+
+
+def unit_heads(adapter: Adapter, i: int) -> list[list[int]]:
+    """The query heads of each attention unit of block i."""
+    n_q, n_kv = attention_counts(adapter, i)
+    per = n_q // n_kv
+    return [list(range(g * per, (g + 1) * per)) for g in range(n_kv)]
+
+
+def _span(idx: list[int], width: int, offset: int = 0) -> Tensor:
+    return torch.cat([torch.arange(offset + h * width, offset + (h + 1) * width) for h in idx])
+
+
+def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
+    """Keep only the attention units ``keep`` (indices into `unit_heads`) of block i."""
+    keep = sorted(keep)
+    hd = head_dim(adapter, i)
+    n_q, n_kv = attention_counts(adapter, i)
+    per = n_q // n_kv
+    q_heads = [h for g in keep for h in range(g * per, (g + 1) * per)]
+    lin = list(adapter.attention_linears(i).values())
+    attn = _attention_module(adapter, i)
+    if adapter.model_type == "gpt2":  # c_attn: [q | k | v], each n_q * hd wide
+        E = n_q * hd
+        rows = torch.cat([_span(q_heads, hd, 0), _span(q_heads, hd, E), _span(q_heads, hd, 2 * E)])
+        slice_linear(lin[0], rows=rows)
+        attn.split_size = len(q_heads) * hd  # type: ignore[assignment]
+    elif adapter.model_type == "gpt_neox":  # query_key_value: per head [q_h | k_h | v_h]
+        slice_linear(lin[0], rows=_span(q_heads, 3 * hd))
+    else:  # separate q, k, v
+        slice_linear(lin[0], rows=_span(q_heads, hd))
+        slice_linear(lin[1], rows=_span(keep, hd))
+        slice_linear(lin[2], rows=_span(keep, hd))
+    slice_linear(lin[-1], cols=_span(q_heads, hd))
+    for attr in ("num_heads", "num_attention_heads"):
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, len(q_heads))
+    if isinstance(getattr(attn, "num_key_value_heads", None), int):
+        attn.num_key_value_heads = len(keep)  # type: ignore[assignment]
+
+
+def keep_neurons(adapter: Adapter, i: int, keep: Tensor) -> None:
+    """Keep only MLP neurons ``keep`` of block i."""
+    keep = keep.sort().values
+    lin = list(adapter.mlp_linears(i).values())
+    for m in lin[:-1]:
+        slice_linear(m, rows=keep)
+    slice_linear(lin[-1], cols=keep)
+
+
+def block_structure(model: nn.Module) -> list[dict[str, int]]:
+    """Each block's widths: query heads, key/value heads, MLP neurons."""
+    adapter = Adapter(model)
+    out = []
+    for i in range(adapter.num_blocks):
+        n_q, n_kv = attention_counts(adapter, i)
+        out.append({"heads": n_q, "kv_heads": n_kv, "mlp": mlp_width(adapter, i)})
+    return out
+
+
+def config_structure(model: nn.Module) -> dict[str, int]:
+    """The widths a freshly built model of this config has."""
+    cfg: Any = model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    key = MLP_WIDTH_KEY.get(cfg.model_type, "intermediate_size")
+    mlp = getattr(cfg, key, None) or 4 * cfg.hidden_size  # GPT-2's n_inner None means 4x
+    return {"heads": heads, "kv_heads": kv, "mlp": mlp}
+
+
+def uniform_config_update(model: nn.Module) -> bool:
+    """If every block has the same widths and the config can express them, write them into the
+    config (so plain transformers loads the model) and return True."""
+    structure = block_structure(model)
+    if any(s != structure[0] for s in structure):
+        return False
+    s, cfg_s = structure[0], config_structure(model)
+    cfg: Any = model.config
+    if (s["heads"], s["kv_heads"]) != (cfg_s["heads"], cfg_s["kv_heads"]):
+        if cfg.model_type not in HEAD_DIM_IN_CONFIG:
+            return False
+        cfg.head_dim = head_dim(Adapter(model), 0)
+        cfg.num_attention_heads, cfg.num_key_value_heads = s["heads"], s["kv_heads"]
+    if s["mlp"] != cfg_s["mlp"]:
+        setattr(cfg, MLP_WIDTH_KEY.get(cfg.model_type, "intermediate_size"), s["mlp"])
+    return True
+
+
+def needs_structure_record(model: nn.Module) -> list[dict[str, int]] | None:
+    """Per-block widths to save beside the weights, or None when the config already describes them."""
+    adapter_ok = getattr(model.config, "model_type", None)
+    from lmpress.models.adapters import ARCHS
+
+    if adapter_ok not in ARCHS:
+        return None
+    structure = block_structure(model)
+    expected = config_structure(model)
+    return None if all(s == expected for s in structure) else structure
+
+
+def apply_structure(model: nn.Module, structure: list[dict[str, int]]) -> None:
+    """Give a freshly built model the saved per-block widths (the weights are loaded afterwards)."""
+    adapter = Adapter(model)
+    if len(structure) != adapter.num_blocks:
+        raise ValueError(f"structure lists {len(structure)} blocks, the config has {adapter.num_blocks}")
+    for i, s in enumerate(structure):
+        n_q, n_kv = attention_counts(adapter, i)
+        if (s["heads"], s["kv_heads"]) != (n_q, n_kv):
+            if s["heads"] * n_kv != s["kv_heads"] * n_q:
+                raise ValueError(f"block {i}: {s['heads']} heads over {s['kv_heads']} key/value heads")
+            keep_attention_units(adapter, i, list(range(s["kv_heads"])))
+        if s["mlp"] != mlp_width(adapter, i):
+            keep_neurons(adapter, i, torch.arange(s["mlp"]))

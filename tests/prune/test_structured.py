@@ -1,0 +1,96 @@
+"""Structured pruning and block removal: smaller dense models on every family, reloadable."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmpress.errors import LmpressError
+from lmpress.models.adapters import Adapter
+from lmpress.models.loading import load_model
+from lmpress.pipeline import DataOptions, compress
+from tests.conftest import TINY_ARCHS
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.arange(40)[None] % 300).logits
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+@pytest.mark.parametrize("uniform", [True, False])
+def test_structured_removes_the_target_and_reloads(
+    arch: str, uniform: bool, tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=4, calib_windows=8)
+    src = tiny_model_dir(arch)
+    before = Adapter(load_model(src).model).non_embedding_parameters()
+    stage = {"method": "structured", "target": 0.3, "uniform": uniform}
+    out = tmp_path / "o"
+    r = compress(src, {"stages": [stage]}, data, output=out, measure_speed=False)
+    report = r.stages[0]
+    after = Adapter(r.model).non_embedding_parameters()
+    assert after == report["non_embedding_parameters"]
+    assert 0.29 <= 1 - after / before <= 0.36  # the target, within one unit's granularity
+    assert r.metrics["compressed"]["kl"] < 5  # still a language model
+    assert torch.equal(_logits(load_model(out).model), _logits(r.model))
+    meta = json.loads((out / "lmpress.json").read_text())
+    assert ("structure" in meta) == (not report["plain_transformers"])
+    if uniform:  # MLP widths always go into the config; heads where it has head_dim
+        assert report["plain_transformers"] == (
+            arch in ("llama", "mistral", "qwen2") or report["blocks"][0]["heads"] == 4
+        )
+
+
+def test_uniform_llama_loads_in_plain_transformers(
+    tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=4, calib_windows=8)
+    stage = {"method": "structured", "target": 0.5, "attention_share": 1.0}
+    r = compress(tiny_model_dir("llama"), {"stages": [stage]}, data, output=tmp_path / "o", measure_speed=False)
+    assert r.stages[0]["blocks"][0] == {"heads": 2, "kv_heads": 1, "mlp": r.stages[0]["blocks"][0]["mlp"]}
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert plain.config.num_attention_heads == 2 and plain.config.num_key_value_heads == 1
+    assert torch.equal(_logits(plain), _logits(r.model))
+
+
+@pytest.mark.parametrize("score", ["angular", "last", "random"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen2"])
+def test_drop_blocks(
+    arch: str, score: str, tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=4, calib_windows=8)
+    stage = {"method": "drop_blocks", "blocks": 1, "score": score}
+    r = compress(tiny_model_dir(arch), {"stages": [stage]}, data, output=tmp_path / "o", measure_speed=False)
+    assert Adapter(r.model).num_blocks == 1 and r.stages[0]["dropped"] == [1]  # block 0 is kept
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "o")
+    assert plain.config.num_hidden_layers == 1
+    assert torch.equal(_logits(plain), _logits(r.model))
+    with torch.no_grad():  # generation with the KV cache works on the renumbered blocks
+        out = r.model.generate(torch.arange(5)[None], max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 9)
+
+
+@pytest.mark.parametrize(
+    ("stage", "message"),
+    [
+        ({"method": "drop_blocks", "blocks": 2}, "cannot remove 2 of 2 blocks"),
+        ({"method": "drop_blocks"}, "exactly one of blocks"),
+        ({"method": "structured", "target": 0.9}, "every MLP neuron"),
+        ({"method": "structured", "target": 0.3, "mlp": False, "attention": False}, "attention or mlp"),
+    ],
+)
+def test_structured_bad_input(
+    stage: dict[str, object], message: str, tiny_model_dir: Callable[..., Path], text_file: Path
+) -> None:
+    data = DataOptions(source=text_file, seq_len=64, eval_windows=2, calib_windows=4)
+    with pytest.raises(LmpressError, match=message):
+        compress(tiny_model_dir("llama"), {"stages": [stage]}, data, run_eval=False)
