@@ -29,7 +29,7 @@ def test_structured_removes_the_target_and_reloads(
     data = DataOptions(source=text_file, seq_len=64, eval_windows=4, calib_windows=8)
     src = tiny_model_dir(arch)
     before = Adapter(load_model(src).model).non_embedding_parameters()
-    stage = {"method": "structured", "target": 0.3, "uniform": uniform}
+    stage = {"method": "structured", "target": 0.3, "uniform": uniform, "multiple_of": 8}
     out = tmp_path / "o"
     r = compress(src, {"stages": [stage]}, data, output=out, measure_speed=False)
     report = r.stages[0]
@@ -52,7 +52,7 @@ def test_uniform_llama_loads_in_plain_transformers(
     from transformers import AutoModelForCausalLM
 
     data = DataOptions(source=text_file, seq_len=64, eval_windows=4, calib_windows=8)
-    stage = {"method": "structured", "target": 0.5, "attention_share": 1.0}
+    stage = {"method": "structured", "target": 0.5, "attention_share": 1.0, "multiple_of": 8}
     r = compress(tiny_model_dir("llama"), {"stages": [stage]}, data, output=tmp_path / "o", measure_speed=False)
     assert r.stages[0]["blocks"][0] == {"heads": 2, "kv_heads": 1, "mlp": r.stages[0]["blocks"][0]["mlp"]}
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "o")

@@ -49,6 +49,9 @@ class PruneConfig(MethodConfig):
     targets: Patterns = ["re:.*"]
     ignore: Patterns = ["lm_head"]
     storage: Literal["sparse", "dense"] = "sparse"  # dense: keep zeros in ordinary layers
+    # calibrate each layer on the outputs of the already-pruned layers before it in the block
+    # (q/k/v, then the attention output, the MLP inputs, the MLP output), not on dense ones
+    sequential: bool = True
     calib_batch_size: int = Field(8, ge=1)
 
     @field_validator("pattern")
@@ -146,6 +149,28 @@ def _store(model: nn.Module, name: str, module: nn.Module, result: Pruned, confi
     replace_module(model, name, layer)
 
 
+def densify_sparse(model: nn.Module) -> int:
+    """Turn unquantized `SparseLinear` layers back into ``nn.Linear`` with zeros where pruned, so a
+    following pruning stage (gradual pruning, or N:M on top of unstructured) can prune further;
+    pruned weights score zero and stay pruned under magnitude and Wanda."""
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, SparseLinear) and m.bits is None]
+    for name, m in found:
+        assert m.values is not None
+        lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, dtype=m.values.dtype)
+        lin.weight.data.copy_(m.dense_weight(m.values.dtype))
+        if m.bias is not None:
+            lin.bias.data.copy_(m.bias.detach())
+        replace_module(model, name, lin)
+    return len(found)
+
+
+def sequential_groups(adapter: Adapter, i: int) -> list[dict[str, nn.Module]]:
+    """Block i's linears in the order their inputs become available: q/k/v, the attention output,
+    the MLP inputs, the MLP output."""
+    attn, mlp = list(adapter.attention_linears(i).items()), list(adapter.mlp_linears(i).items())
+    return [dict(g) for g in (attn[:-1], attn[-1:], mlp[:-1], mlp[-1:]) if g]
+
+
 def prune_model(
     model: nn.Module,
     config: PruneConfig,
@@ -159,6 +184,7 @@ def prune_model(
     calibration-free methods get ``stats=None``. Layers are rewritten in place during the pass and
     converted to `SparseLinear` at the end."""
     t0 = time.perf_counter()
+    densify_sparse(model)  # gradual pruning: a later, higher-sparsity stage re-prunes earlier output
     layers = targeted_layers(model, config)
     for name, m in layers.items():
         check_finite(name, linear_weight(m))
@@ -170,20 +196,22 @@ def prune_model(
         calib = ctx.calib_data()
         calib_tokens = calib.windows.numel()
         for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
-            mine = {n: m for n, m in adapter.block_linears(i).items() if n in layers}
-            if not mine:
-                continue
-            stats = collect(block, inputs, mine, make_stats)
-            for name, m in mine.items():
-                need = min_tokens(m) if min_tokens else 1
-                if stats[name].n_tokens < need:
-                    raise PruneError(
-                        f"layer {name} saw {stats[name].n_tokens} calibration tokens; {config.method} needs at "
-                        f"least {need}: give more calibration text"
-                    )
-                r = fn(name, m, stats[name], sparsity[name])
-                linear_weight(m).data.copy_((r.weight * r.mask).to(linear_weight(m).dtype))  # next block sees it
-                results[name] = r
+            groups = sequential_groups(adapter, i) if config.sequential else [adapter.block_linears(i)]
+            for group in groups:
+                mine = {n: m for n, m in group.items() if n in layers}
+                if not mine:
+                    continue
+                stats = collect(block, inputs, mine, make_stats)  # inputs from the already-pruned layers
+                for name, m in mine.items():
+                    need = min_tokens(m) if min_tokens else 1
+                    if stats[name].n_tokens < need:
+                        raise PruneError(
+                            f"layer {name} saw {stats[name].n_tokens} calibration tokens; {config.method} needs "
+                            f"at least {need}: give more calibration text"
+                        )
+                    r = fn(name, m, stats[name], sparsity[name])
+                    linear_weight(m).data.copy_((r.weight * r.mask).to(linear_weight(m).dtype))  # later layers see it
+                    results[name] = r
     for name, m in layers.items():
         if name not in results:
             results[name] = fn(name, m, None, sparsity[name])

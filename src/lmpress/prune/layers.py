@@ -30,6 +30,7 @@ class DropBlocksConfig(MethodConfig):
     target: float | None = Field(None, gt=0, lt=1)  # the share of non-embedding parameters to remove
     score: Literal["angular", "last", "random"] = "angular"
     keep_first: bool = True  # never remove block 0 (it turns embeddings into the residual stream)
+    iterative: bool = True  # angular: re-measure after each removal
     seed: int = 0
     calib_batch_size: int = Field(8, ge=1)
 
@@ -48,6 +49,21 @@ def block_influence(model: nn.Module, ctx: Context, batch_size: int = 8) -> list
         out.append(sum(_angular(h, o) * h.shape[0] for h, o in zip(inputs.hidden, outs, strict=True)))
         out[-1] /= sum(h.shape[0] for h in inputs.hidden)
     return out
+
+
+def _iterative(
+    model: nn.Module, ctx: Context, config: DropBlocksConfig, candidates: list[int], k: int, first: list[float]
+) -> list[int]:
+    """Remove the least influential block, measure again on the smaller model, repeat. Removes the
+    blocks from ``model`` as it goes; returns their original indices."""
+    alive = list(range(Adapter(model).num_blocks))  # original index of each remaining block
+    drop: list[int] = []
+    for step in range(k):
+        infl = block_influence(model, ctx, config.calib_batch_size) if step else first
+        pos = min((p for p, orig in enumerate(alive) if orig in candidates), key=lambda p: infl[p])
+        drop.append(alive.pop(pos))
+        remove_blocks(model, [pos])
+    return sorted(drop)
 
 
 def remove_blocks(model: nn.Module, drop: list[int]) -> None:
@@ -83,17 +99,21 @@ def apply(model: nn.Module, config: DropBlocksConfig, ctx: Context) -> StageRepo
     if not 1 <= k < n or k > available:
         raise PruneError(f"drop_blocks: cannot remove {k} of {n} blocks; at most {min(available, n - 1)}")
     candidates = list(range(1 if config.keep_first else 0, n))
+    before = adapter.non_embedding_parameters()
     scores: list[float] | None = None
     if config.score == "angular":
         scores = block_influence(model, ctx, config.calib_batch_size)
-        drop = sorted(sorted(candidates, key=lambda i: scores[i])[:k])  # type: ignore[index]
+        if config.iterative:  # measure again after each removal: the blocks after it see new inputs
+            drop = _iterative(model, ctx, config, candidates, k, scores)
+        else:
+            drop = sorted(sorted(candidates, key=lambda i: scores[i])[:k])  # type: ignore[index]
     elif config.score == "last":
         drop = candidates[-k:]
     else:
         g = torch.Generator().manual_seed(config.seed)
         drop = sorted(candidates[j] for j in torch.randperm(len(candidates), generator=g)[:k].tolist())
-    before = adapter.non_embedding_parameters()
-    remove_blocks(model, drop)
+    if Adapter(model).num_blocks == n:  # the iterative search removed them already
+        remove_blocks(model, drop)
     after = Adapter(model).non_embedding_parameters()
     return {
         "dropped": drop,

@@ -50,6 +50,7 @@ class StructuredConfig(MethodConfig):
     mlp: bool = True  # may remove MLP neurons
     attention_share: float = Field(1.0, ge=0, le=1)  # scales the share of attention units removed
     uniform: bool = True  # same widths in every block
+    multiple_of: int = Field(64, ge=1)  # kept MLP widths are multiples of this (fast GEMM shapes)
     importance: Literal["activation", "magnitude"] = "activation"
     calib_batch_size: int = Field(8, ge=1)
 
@@ -137,19 +138,24 @@ def plan(
                 f"removing {config.target:.0%} of non-embedding parameters needs MLP neurons too; "
                 "set mlp: true or lower target"
             )
+        per_block_cost = sum(c[1] for c in costs) / n
+        mult = config.multiple_of
         if config.uniform:
-            per_block_cost = sum(c[1] for c in costs) / n
             r = math.ceil(rest / (per_block_cost * n))
-            if r >= min(n_neurons):
+            kept = (min(n_neurons) - r) // mult * mult  # round the kept width down to the multiple
+            if kept <= 0:
                 raise PruneError(
-                    f"target {config.target:.0%} would remove every MLP neuron; the most this model allows is lower"
+                    f"target {config.target:.0%} would remove every MLP neuron (kept widths are multiples of "
+                    f"{mult}); lower target or multiple_of"
                 )
-            remove_neurons = [r] * n
+            remove_neurons = [w - kept for w in n_neurons]
         else:
-            total = math.ceil(rest / (sum(c[1] for c in costs) / n))
-            if total >= sum(n_neurons) - n:
+            total = math.ceil(rest / per_block_cost)
+            if total > sum(n_neurons) - n * mult:
                 raise PruneError(f"target {config.target:.0%} would remove every MLP neuron; lower it")
-            remove_neurons = _spread(scores, total, [w - 1 for w in n_neurons], lambda s: s.neurons)
+            remove_neurons = _spread(scores, total, [w - mult for w in n_neurons], lambda s: s.neurons)
+            # round each block's kept width down to the multiple (removes a little more than asked)
+            remove_neurons = [w - (w - r) // mult * mult for w, r in zip(n_neurons, remove_neurons, strict=True)]
     keep_units = [
         sorted(torch.topk(s.units, len(s.units) - remove_units[i]).indices.tolist()) for i, s in enumerate(scores)
     ]
@@ -159,14 +165,13 @@ def plan(
 
 
 def _spread(scores: list[BlockScores], total: int, most: list[int], get: object) -> list[int]:
-    """Remove ``total`` units across blocks, least important first (scores normalized per block so
-    that blocks are compared by relative importance), at most ``most[i]`` from block i."""
+    """Remove ``total`` units across blocks, least important first, at most ``most[i]`` from block
+    i. Scores are compared as they are: each is the energy a unit adds to the residual stream, which
+    every block writes into on the same scale."""
     pick = get  # type: ignore[assignment]
     cands = []
     for i, s in enumerate(scores):
-        v = pick(s).float()  # type: ignore[operator]
-        rel = v / v.mean().clamp(min=1e-12)
-        cands += [(float(x), i) for x in rel]
+        cands += [(float(x), i) for x in pick(s).float()]  # type: ignore[operator]
     cands.sort()
     out = [0] * len(scores)
     for _, i in cands:
