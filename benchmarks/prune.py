@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -79,10 +80,6 @@ def main() -> None:
     vocab = original.config.vocab_size
     non_emb = Adapter(original).non_embedding_parameters()
 
-    def measure_speed(model: torch.nn.Module) -> dict[str, float]:
-        return {} if args.no_speed else speed(model, vocab, prompt_len=128, decode_tokens=32, repeats=3)
-
-    base_speed = measure_speed(original)
     base = quality(original, eval_data.windows, batch_size=16)
     rows: list[dict[str, Any]] = [
         {
@@ -92,35 +89,44 @@ def main() -> None:
             "parameters": count_parameters(original),
             "non_embedding": non_emb,
             "bytes": saved_bytes(original, tok),
-            **base_speed,
         }
     ]
+
+    def run(method: str, setting: str, stage: dict[str, Any]) -> dict[str, Any]:
+        model = copy.deepcopy(original)
+        ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: calib)
+        recipe = parse_recipe({"stages": [stage]})
+        reports, seconds = timed(lambda: run_stages(model, recipe, ctx))
+        q = quality(model, eval_data.windows, reference=original, batch_size=16)
+        return {
+            "method": method,
+            "setting": setting,
+            **q,
+            "parameters": count_parameters(model),
+            "non_embedding": Adapter(model).non_embedding_parameters(),
+            "bytes": saved_bytes(model, tok),
+            "prune_seconds": seconds,
+            "report": reports[0] if reports else None,
+            **({} if args.no_speed else paired_speed(original, model, vocab)),
+        }
+
     for group in args.only.split(","):
         for method, setting, stage in GROUPS[group]:
-            model = copy.deepcopy(original)
-            ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: calib)
-            recipe = parse_recipe({"stages": [stage]})
-            reports, seconds = timed(lambda m=model, r=recipe, c=ctx: run_stages(m, r, c))
-            q = quality(model, eval_data.windows, reference=original, batch_size=16)
-            sp = measure_speed(model)
-            row = {
-                "method": method,
-                "setting": setting,
-                **q,
-                "parameters": count_parameters(model),
-                "non_embedding": Adapter(model).non_embedding_parameters(),
-                "bytes": saved_bytes(model, tok),
-                "prune_seconds": seconds,
-                "report": reports[0] if reports else None,
-                **sp,
-            }
-            if sp:
-                row["prefill_speedup"] = sp["prefill_tokens_per_s"] / base_speed["prefill_tokens_per_s"]
-                row["decode_speedup"] = sp["decode_tokens_per_s"] / base_speed["decode_tokens_per_s"]
+            if stage.get("score") == "random":  # a baseline: the mean over several draws
+                runs = [run(method, setting, {**stage, "seed": seed}) for seed in range(RANDOM_SEEDS)]
+                row = {
+                    k: (sum(r[k] for r in runs) / len(runs) if isinstance(v, float) else v) for k, v in runs[0].items()
+                }
+                row["setting"] = f"{setting} (mean of {RANDOM_SEEDS} seeds)"
+                row["per_seed_perplexity"] = [r["perplexity"] for r in runs]
+                row["report"] = [r["report"] for r in runs]
+            else:
+                row = run(method, setting, stage)
+            row["group"] = group
             rows.append(row)
             print(
-                f"{method:11s} {setting:28s} ppl {q['perplexity']:.3f} kl {q['kl']:.4f} bytes {row['bytes']} "
-                f"{seconds:.1f}s prefill x{row.get('prefill_speedup', 0):.2f} "
+                f"{method:11s} {row['setting']:28s} ppl {row['perplexity']:.3f} kl {row['kl']:.4f} "
+                f"bytes {row['bytes']} {row['prune_seconds']:.1f}s prefill x{row.get('prefill_speedup', 0):.2f} "
                 f"decode x{row.get('decode_speedup', 0):.2f}",
                 flush=True,
             )
@@ -130,8 +136,19 @@ def main() -> None:
         "calib": calib.manifest.to_dict(),
         "rows": rows,
     }
+    previous = json.loads((RESULTS / "prune.json").read_text()) if (RESULTS / "prune.json").exists() else {}
     if "structured" in args.only and not args.no_speed:
         payload["real_shape_speed"] = real_shape_speed()
+    elif "real_shape_speed" in previous:
+        payload["real_shape_speed"] = previous["real_shape_speed"]
+    rerun = set(args.only.split(","))
+    if previous.get("eval") == payload["eval"]:  # same windows: keep the groups not run this time
+        kept = [r for r in previous.get("rows", [])[1:] if "error" not in r and "llmcompressor" not in r["method"]]
+        for r in kept:
+            r.setdefault("group", _group_of(r))
+        kept = [r for r in kept if r["group"] not in rerun]
+        order = list(GROUPS)
+        rows[1:] = sorted(rows[1:] + kept, key=lambda r: order.index(r["group"]))
     peers = RESULTS / "prune_peers.json"
     if peers.exists():
         payload["peers"] = json.loads(peers.read_text())
@@ -139,7 +156,36 @@ def main() -> None:
     write_results("prune", payload, _table(payload))
 
 
-def real_shape_speed(layers: int = 8) -> list[dict[str, Any]]:
+RANDOM_SEEDS = 5
+
+
+def _group_of(row: dict[str, Any]) -> str:
+    """The group of a result row written before rows carried it."""
+    if row["method"] in ("structured", "drop_blocks"):
+        return "structured" if row["method"] == "structured" else "blocks"
+    return "nm" if ":" in row["setting"] else "unstructured"
+
+
+def paired_speed(base: torch.nn.Module, model: torch.nn.Module, vocab: int, rounds: int = 5) -> dict[str, float]:
+    """Speed of ``model`` against ``base`` measured alternately (base, model, base, model, ...), so a
+    noisy machine slows both alike; the median of the per-round ratios, and the model's median speeds."""
+    ratios: dict[str, list[float]] = {"prefill": [], "decode": []}
+    own: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for _ in range(rounds):
+        b = speed(base, vocab, prompt_len=256, decode_tokens=64, repeats=3)
+        m = speed(model, vocab, prompt_len=256, decode_tokens=64, repeats=3)
+        for k in ratios:
+            ratios[k].append(m[f"{k}_tokens_per_s"] / b[f"{k}_tokens_per_s"])
+            own[k].append(m[f"{k}_tokens_per_s"])
+    return {
+        "prefill_tokens_per_s": statistics.median(own["prefill"]),
+        "decode_tokens_per_s": statistics.median(own["decode"]),
+        "prefill_speedup": statistics.median(ratios["prefill"]),
+        "decode_speedup": statistics.median(ratios["decode"]),
+    }
+
+
+def real_shape_speed(layers: int = 24) -> list[dict[str, Any]]:
     """Structured pruning's speed where widths dominate: a random-weight Llama in Qwen2.5-0.5B-like
     shapes (hidden 896, MLP 4864, 14/2 heads), bf16, 25% of non-embedding parameters removed."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -156,26 +202,15 @@ def real_shape_speed(layers: int = 8) -> list[dict[str, Any]]:
     )
     model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
     ctx = Context(tokenizer=None, device=torch.device("cpu"))
-    out = []
-    base = speed(model, cfg.vocab_size, prompt_len=128, decode_tokens=32, repeats=3)
-    out.append({"setting": "original", **base})
+    out: list[dict[str, Any]] = []
     for name, stage in (
         ("structured 25% (neurons)", {"method": "structured", "target": 0.25, "importance": "magnitude"}),
         ("drop_blocks 25%", {"method": "drop_blocks", "target": 0.25, "score": "last"}),
     ):
         m = copy.deepcopy(model)
         run_stages(m, parse_recipe({"stages": [stage]}), ctx)
-        sp = speed(m, cfg.vocab_size, prompt_len=128, decode_tokens=32, repeats=3)
         removed = 1 - Adapter(m).non_embedding_parameters() / Adapter(model).non_embedding_parameters()
-        out.append(
-            {
-                "setting": name,
-                "removed_share": removed,
-                **sp,
-                "prefill_speedup": sp["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
-                "decode_speedup": sp["decode_tokens_per_s"] / base["decode_tokens_per_s"],
-            }
-        )
+        out.append({"setting": name, "removed_share": removed, **paired_speed(model, m, cfg.vocab_size, rounds=3)})
         print(out[-1], flush=True)
     return out
 
@@ -217,8 +252,8 @@ def _table(payload: dict[str, Any]) -> str:
     if real:
         text += [
             "",
-            "Structured speed where widths dominate: random-weight Llama, 8 layers in Qwen2.5-0.5B-like shapes "
-            "(hidden 896, MLP 4864, 14/2 heads), bf16:",
+            "Structured speed where widths dominate: random-weight Llama in Qwen2.5-0.5B shapes (24 layers, "
+            "hidden 896, MLP 4864, 14/2 heads, vocabulary 32000), bf16, paired runs:",
             "",
             markdown_table(
                 ["setting", "removed", "prefill tok/s", "vs original", "decode tok/s", "vs original"],

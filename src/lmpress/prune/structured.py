@@ -50,7 +50,9 @@ class StructuredConfig(MethodConfig):
     mlp: bool = True  # may remove MLP neurons
     attention_share: float = Field(1.0, ge=0, le=1)  # scales the share of attention units removed
     uniform: bool = True  # same widths in every block
-    multiple_of: int = Field(64, ge=1)  # kept MLP widths are multiples of this (fast GEMM shapes)
+    # kept MLP widths are multiples of this, rounded to the nearest (odd widths make CPU GEMMs slow:
+    # a 4864 -> 3107-neuron MLP ran prefill at 0.86x the unpruned model's speed)
+    multiple_of: int = Field(32, ge=1)
     importance: Literal["activation", "magnitude"] = "activation"
     calib_batch_size: int = Field(8, ge=1)
 
@@ -141,21 +143,23 @@ def plan(
         per_block_cost = sum(c[1] for c in costs) / n
         mult = config.multiple_of
         if config.uniform:
-            r = math.ceil(rest / (per_block_cost * n))
-            kept = (min(n_neurons) - r) // mult * mult  # round the kept width down to the multiple
+            per_block = rest / (per_block_cost * n)
+            kept = round((min(n_neurons) - per_block) / mult) * mult  # the nearest multiple: closest to the target
             if kept <= 0:
                 raise PruneError(
                     f"target {config.target:.0%} would remove every MLP neuron (kept widths are multiples of "
                     f"{mult}); lower target or multiple_of"
                 )
-            remove_neurons = [w - kept for w in n_neurons]
+            remove_neurons = [max(w - kept, 0) for w in n_neurons]
         else:
             total = math.ceil(rest / per_block_cost)
             if total > sum(n_neurons) - n * mult:
                 raise PruneError(f"target {config.target:.0%} would remove every MLP neuron; lower it")
             remove_neurons = _spread(scores, total, [w - mult for w in n_neurons], lambda s: s.neurons)
-            # round each block's kept width down to the multiple (removes a little more than asked)
-            remove_neurons = [w - (w - r) // mult * mult for w, r in zip(n_neurons, remove_neurons, strict=True)]
+            # each block's kept width to the nearest multiple, at least one multiple
+            remove_neurons = [
+                max(w - max(round((w - r) / mult), 1) * mult, 0) for w, r in zip(n_neurons, remove_neurons, strict=True)
+            ]
     keep_units = [
         sorted(torch.topk(s.units, len(s.units) - remove_units[i]).indices.tolist()) for i, s in enumerate(scores)
     ]
