@@ -35,7 +35,7 @@ def test_structured_removes_the_target_and_reloads(
     report = r.stages[0]
     after = Adapter(r.model).non_embedding_parameters()
     assert after == report["non_embedding_parameters"]
-    assert 0.29 <= 1 - after / before <= 0.36  # the target, within one unit's granularity
+    assert 0.26 <= 1 - after / before <= 0.34  # the target, within the rounding to multiples of 8
     assert r.metrics["compressed"]["kl"] < 5  # still a language model
     assert torch.equal(_logits(load_model(out).model), _logits(r.model))
     meta = json.loads((out / "lmpress.json").read_text())
