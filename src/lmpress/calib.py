@@ -132,10 +132,22 @@ def run_block(block: nn.Module, inputs: BlockInputs) -> list[Tensor]:
 def collect(
     block: nn.Module, inputs: BlockInputs, layers: Mapping[str, nn.Module], make: Callable[[nn.Module], Any]
 ) -> dict[str, Any]:
-    """Run the block once with hooks; ``make(layer)`` builds a stats object with ``update(x)``."""
+    """Run the block with hooks; ``make(layer)`` builds a stats object with ``update(x)``. Each
+    batch stops as soon as every layer has seen its input (for q/k/v that is right after the norm)."""
     stats = {name: make(m) for name, m in layers.items()}
-    with capture_inputs(layers, lambda name, x: stats[name].update(x)):
-        run_block(block, inputs)
+    seen: set[str] = set()
+
+    def update(name: str, x: Tensor) -> None:
+        stats[name].update(x)
+        seen.add(name)
+        if len(seen) == len(stats):  # every layer has its input: the rest of the block is not needed
+            raise _StopForwardError
+
+    with capture_inputs(layers, update):
+        for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+            seen.clear()
+            with suppress(_StopForwardError):
+                block(h, *a, **kw)
     return stats
 
 
