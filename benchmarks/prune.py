@@ -149,7 +149,7 @@ def main() -> None:
         "outlier_model_perplexity_16_windows": outlier_ppl,
     }
     previous = json.loads((RESULTS / "prune.json").read_text()) if (RESULTS / "prune.json").exists() else {}
-    if "structured" in args.only and not args.no_speed:
+    if "structured" in args.only.split(",") and not args.no_speed:
         payload["real_shape_speed"] = real_shape_speed()
     elif "real_shape_speed" in previous:
         payload["real_shape_speed"] = previous["real_shape_speed"]
@@ -173,14 +173,18 @@ RANDOM_SEEDS = 5
 
 def with_outlier_channels(model: torch.nn.Module, share: float = 0.02, scale: float = 32.0) -> torch.nn.Module:
     """A copy computing exactly the same function, whose linear layers after each norm see a few
-    input channels ``scale`` times larger (the norm's weight on those channels times ``scale``, the
-    linears' columns divided by it; a power of two is exact in bf16). Large LLMs have such outlier
+    input channels ``scale`` times larger: those the norms weight most, the norm's weight on them
+    times ``scale``, the linears' columns divided by it (a power of two is exact in bf16). Large LLMs have such outlier
     features (Dettmers et al. 2022); the built-in model's inputs do not (largest/median channel RMS
     1.4-3.2). Magnitude pruning is not invariant to this rescale; Wanda's |W|·‖x‖ is."""
     out = copy.deepcopy(model)
     adapter = Adapter(out)
     hidden = out.config.hidden_size
-    channels = torch.randperm(hidden, generator=torch.Generator().manual_seed(0))[: max(1, round(share * hidden))]
+    # the channels the norms already weight most (in LLMs the outliers are the important channels)
+    norm_w = torch.stack(
+        [n.weight.detach().float().abs() for i in range(adapter.num_blocks) for n in adapter.block_norms(i).values()]
+    )
+    channels = torch.topk(norm_w.mean(0), max(1, round(share * hidden))).indices
     with torch.no_grad():
         for i in range(adapter.num_blocks):
             for prev_name, prev, linears in adapter.scale_groups(i):
