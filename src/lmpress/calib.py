@@ -133,21 +133,37 @@ def collect(
     block: nn.Module, inputs: BlockInputs, layers: Mapping[str, nn.Module], make: Callable[[nn.Module], Any]
 ) -> dict[str, Any]:
     """Run the block with hooks; ``make(layer)`` builds a stats object with ``update(x)``. Each
-    batch stops as soon as every layer has seen its input (for q/k/v that is right after the norm)."""
+    batch stops as soon as every layer has seen its input (for q/k/v that is right after the norm).
+    Layers fed the very same tensor (q/k/v after one norm) share one stats object, computed once."""
     stats = {name: make(m) for name, m in layers.items()}
     seen: set[str] = set()
+    # this batch: the inputs taken so far (held, so no later tensor reuses their memory) and whose
+    # stats took them; layers fed the very same tensor (q/k/v, gate/up) share one stats object
+    owner: list[tuple[Tensor, str]] = []
+    aliases: dict[str, str] = {}
 
     def update(name: str, x: Tensor) -> None:
-        stats[name].update(x)
         seen.add(name)
+        if name not in aliases and first_batch:
+            for t, first in owner:
+                if t is x and type(stats[first]) is type(stats[name]):
+                    aliases[name] = first
+                    break
+        if name not in aliases:
+            owner.append((x, name))
+            stats[name].update(x)
         if len(seen) == len(stats):  # every layer has its input: the rest of the block is not needed
             raise _StopForwardError
 
     with capture_inputs(layers, update):
-        for h, a, kw in zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True):
+        for b, (h, a, kw) in enumerate(zip(inputs.hidden, inputs.args, inputs.kwargs, strict=True)):
             seen.clear()
+            owner.clear()
+            first_batch = b == 0
             with suppress(_StopForwardError):
                 block(h, *a, **kw)
+    for name, first in aliases.items():
+        stats[name] = stats[first]
     return stats
 
 
