@@ -41,6 +41,14 @@ def split_windows(tokenizer: Any, split: str, n: int, seq_len: int = 256) -> Tok
     return load_windows(tokenizer, "stdlib", split, seq_len, n)  # type: ignore[arg-type]
 
 
+def export_windows(path: Path, eval_data: TokenData, calib: TokenData) -> None:
+    """Write the evaluation and calibration windows for a peer script in the peer environment."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({"eval": eval_data.windows.contiguous(), "calib": calib.windows.contiguous()}, path)
+
+
 def saved_bytes(model: torch.nn.Module, tokenizer: Any) -> int:
     """Bytes of the weight files when this model is saved by lmpress."""
     with tempfile.TemporaryDirectory() as d:

@@ -20,9 +20,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from benchmarks.common import (
+    RESULTS,
+    export_windows,
+    machine,
+    markdown_table,
+    saved_bytes,
+    split_windows,
+    timed,
+    write_results,
+)
 from lmpress.evaluation import count_parameters, quality, speed
 from lmpress.models.adapters import Adapter
 from lmpress.models.loading import load_model
@@ -81,8 +89,7 @@ def main() -> None:
     eval_data = split_windows(tok, "eval", args.eval_windows)
     calib = split_windows(tok, "calib", args.calib_windows)
     if args.export_data:
-        args.export_data.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"eval": eval_data.windows.contiguous(), "calib": calib.windows.contiguous()}, args.export_data)
+        export_windows(args.export_data, eval_data, calib)
         return
     vocab = original.config.vocab_size
     non_emb = Adapter(original).non_embedding_parameters()

@@ -16,9 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from benchmarks.common import (
+    RESULTS,
+    export_windows,
+    machine,
+    markdown_table,
+    saved_bytes,
+    split_windows,
+    timed,
+    write_results,
+)
 from lmpress.evaluation import PeakRSS, count_parameters, quality
 from lmpress.models.loading import load_model
 from lmpress.pipeline import run_stages
@@ -51,8 +59,7 @@ def main() -> None:
     eval_data = split_windows(tok, "eval", args.eval_windows)
     calib = split_windows(tok, "calib", args.calib_windows)
     if args.export_data:
-        args.export_data.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"eval": eval_data.windows.contiguous(), "calib": calib.windows.contiguous()}, args.export_data)
+        export_windows(args.export_data, eval_data, calib)
         return
     base = quality(original, eval_data.windows, batch_size=16)
     base_bytes = saved_bytes(original, tok)
