@@ -47,3 +47,14 @@ def test_nm_quantized_values_and_state_dict_round_trip() -> None:
     bf = fresh.to(torch.bfloat16)
     assert bf.scales is not None and bf.scales.dtype == torch.float16  # the format survives a cast
     assert bf(x.bfloat16()).dtype == torch.bfloat16
+
+
+def test_symmetric_quantized_values_decode_around_the_midpoint() -> None:
+    torch.manual_seed(0)
+    w = torch.randn(32, 64)
+    mask = topk_mask(w.abs(), 0.5)
+    q = quantize(w, 4, 32, symmetric=True)
+    layer = SparseLinear.from_dense(w, mask, None, q=q, symmetric=True)
+    assert layer.qzeros is None  # a symmetric grid stores no zero points
+    ref = dequantize(q.codes, q.scales.half().float(), q.zeros, 32) * mask
+    torch.testing.assert_close(layer.dense_weight(), ref)

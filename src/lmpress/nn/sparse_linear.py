@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.packing import pack, packed_width, unpack
+from lmpress.nn.packing import decode_zeros, pack, packed_width, unpack
 from lmpress.quant.grid import Quantized, dequantize, n_groups
 
 # torch.sparse CSR matmul beats dense F.linear on this CPU only when few weights are kept
@@ -142,12 +142,7 @@ class SparseLinear(nn.Module):
             w[mask] = self.values.to(dtype)
             return w
         assert self.qvalues is not None and self.scales is not None and self.bits is not None
-        half = 2.0 ** (self.bits - 1)
-        zeros = (
-            unpack(self.qzeros, self.bits, self.scales.shape[1]).float()
-            if self.qzeros is not None
-            else torch.full(self.scales.shape, half, device=self.mask.device)
-        )
+        zeros = decode_zeros(self.qzeros, None, self.bits, tuple(self.scales.shape), self.mask.device)  # type: ignore[arg-type]
         codes = torch.zeros(self.out_features, self.in_features, dtype=torch.uint8, device=self.mask.device)
         codes[mask] = unpack(self.qvalues, self.bits, self.nnz)[0]
         w = dequantize(codes, self.scales, zeros, self.group_size, dtype)

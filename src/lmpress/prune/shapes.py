@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.models.adapters import Adapter, is_conv1d, linear_weight
+from lmpress.models.adapters import ARCHS, Adapter, is_conv1d, linear_weight
 
 # families whose config has a head_dim field, so fewer heads at the same hidden size load in plain
 # transformers when every block has the same widths
@@ -167,10 +167,7 @@ def uniform_config_update(model: nn.Module) -> bool:
 
 def needs_structure_record(model: nn.Module) -> list[dict[str, int]] | None:
     """Per-block widths to save beside the weights, or None when the config already describes them."""
-    adapter_ok = getattr(model.config, "model_type", None)
-    from lmpress.models.adapters import ARCHS
-
-    if adapter_ok not in ARCHS:
+    if getattr(model.config, "model_type", None) not in ARCHS:
         return None
     structure = block_structure(model)
     expected = config_structure(model)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -168,14 +169,11 @@ def plan(
     return keep_units, keep_neuron_idx, removed
 
 
-def _spread(scores: list[BlockScores], total: int, most: list[int], get: object) -> list[int]:
+def _spread(scores: list[BlockScores], total: int, most: list[int], get: Callable[[BlockScores], Tensor]) -> list[int]:
     """Remove ``total`` units across blocks, least important first, at most ``most[i]`` from block
     i. Scores are compared as they are: each is the energy a unit adds to the residual stream, which
     every block writes into on the same scale."""
-    pick = get  # type: ignore[assignment]
-    cands = []
-    for i, s in enumerate(scores):
-        cands += [(float(x), i) for x in pick(s).float()]  # type: ignore[operator]
+    cands = [(float(x), i) for i, s in enumerate(scores) for x in get(s).float()]
     cands.sort()
     out = [0] * len(scores)
     for _, i in cands:
