@@ -25,3 +25,7 @@ class RecipeError(LmpressError):
 
 class OutputError(LmpressError):
     """An output location that cannot be written safely."""
+
+
+class TrainError(LmpressError):
+    """Training that cannot start or continue: a bad budget, too little data, a foreign checkpoint."""

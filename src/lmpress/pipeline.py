@@ -60,6 +60,7 @@ class DataOptions:
     seq_len: int = 256
     eval_windows: int | None = 64
     calib_windows: int = 128
+    train_windows: int | None = None  # None: every window of the train split (training stages)
     pattern: str = "**/*"
     text_field: str = "text"
 
@@ -73,6 +74,11 @@ class DataOptions:
             pattern=self.pattern,
             text_field=self.text_field,
         )
+
+
+def work_dir_for(output: Path | None) -> Path | None:
+    """Where training stages keep checkpoints (to resume an interrupted run) and curves: beside the output."""
+    return output.with_name(output.name + ".work") if output is not None else None
 
 
 def run_stages(model: nn.Module, recipe: Recipe, ctx: Context) -> list[dict[str, Any]]:
@@ -121,14 +127,17 @@ def compress(
     if loaded.tokenizer is None:
         raise ModelLoadError(f"{loaded.source} has no tokenizer files; add them to the model directory")
     eval_data = data.load(loaded.tokenizer, "eval", data.eval_windows) if run_eval else None
-    original = copy.deepcopy(loaded.model) if run_eval else None
+    needs_teacher = any(methods()[s.method].needs_teacher for s in recipe.stages)
+    original = copy.deepcopy(loaded.model) if run_eval or needs_teacher else None
     model_device = next(loaded.model.parameters()).device
     ctx = Context(
         tokenizer=loaded.tokenizer,
         device=model_device,
         calibration=lambda: data.load(loaded.tokenizer, "calib", data.calib_windows),
+        training=lambda: data.load(loaded.tokenizer, "train", data.train_windows),
         teacher=original,
         progress=progress,
+        work_dir=work_dir_for(output),
     )
     stages = run_stages(loaded.model, recipe, ctx)
     result = Result(loaded.model, loaded.tokenizer, recipe, stages, data=eval_data.manifest if eval_data else None)

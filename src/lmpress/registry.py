@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,10 +34,13 @@ class Context:
     tokenizer: Any
     device: torch.device
     calibration: Callable[[], TokenData] | None = None  # loads calibration windows on first use
+    training: Callable[[], TokenData] | None = None  # loads training windows on first use
     teacher: nn.Module | None = None  # the original model, when a stage needs it
     progress: bool = False
     tracker: Any = None
+    work_dir: Path | None = None  # where training stages keep checkpoints (resume) and curves
     _calib: TokenData | None = field(default=None, repr=False)
+    _train: TokenData | None = field(default=None, repr=False)
 
     @property
     def calib_manifest(self) -> dict[str, Any] | None:
@@ -49,6 +53,13 @@ class Context:
                 raise RuntimeError("this stage needs calibration data but none was given")
             self._calib = self.calibration()
         return self._calib
+
+    def train_data(self) -> TokenData:
+        if self._train is None:
+            if self.training is None:
+                raise RuntimeError("this stage needs training data but none was given")
+            self._train = self.training()
+        return self._train
 
 
 StageReport = dict[str, Any]
@@ -63,14 +74,17 @@ class Method:
     config: type[MethodConfig]
     apply: ApplyFn
     summary: str
+    needs_teacher: bool = False  # the stage trains against the original model
 
 
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
+    from lmpress.distill import kd, qat
     from lmpress.prune import layers, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD, layers.METHOD]
+    found += [kd.METHOD, qat.METHOD]
     return {m.name: m for m in found}

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 from lmpress.data import Document, load_documents, manifest, select_split, tokenize_documents, windows
+from lmpress.distill.train import lr_at
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,6 @@ def llama_config(spec: ReferenceSpec, eos_id: int):  # type: ignore[no-untyped-d
         bos_token_id=eos_id,
         eos_token_id=eos_id,
     )
-
-
-def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
-    """Linear warm-up to ``peak`` over ``warmup`` steps, then cosine decay to ``min_ratio * peak``."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def epoch_batches(stream: Tensor, seq_len: int, batch_size: int, gen: torch.Generator) -> Tensor:

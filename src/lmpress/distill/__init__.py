@@ -1,0 +1,1 @@
+"""Distillation, recovery training and quantization-aware training: `kd`, `qat`, `train`, `trainable`."""
