@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -141,6 +142,8 @@ def compress(
     )
     stages = run_stages(loaded.model, recipe, ctx)
     result = Result(loaded.model, loaded.tokenizer, recipe, stages, data=eval_data.manifest if eval_data else None)
+    if int(os.environ.get("RANK", "0")) > 0:  # one of several torchrun processes: the first one measures and saves
+        return result
     if eval_data is not None and original is not None:
         w = eval_data.windows
         result.metrics["original"] = evaluate(

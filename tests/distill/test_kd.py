@@ -14,7 +14,7 @@ import torch
 from lmpress.distill.kd import hidden_loss, kd_kl, layer_pairs
 from lmpress.errors import LmpressError
 from lmpress.models.loading import load_model
-from lmpress.nn import QuantLinear, SparseLinear
+from lmpress.nn import LoRALinear, QuantLinear, SparseLinear
 from lmpress.pipeline import DataOptions, compress
 
 TRAIN = {"steps": 30, "batch_size": 8, "lr": 1e-3, "eval_every": 10, "eval_windows": 4, "precision": "fp32"}
@@ -118,15 +118,32 @@ def test_half_size_student_distills_and_loads_with_plain_transformers(
     assert student.metrics["compressed"]["parameters"] < 0.8 * student.metrics["original"]["parameters"]
 
 
-def test_lora_recovery_on_a_quantized_model(trained_dir: Callable[[str], Path], distill_text: Path) -> None:
+def test_lora_recovery_keeps_quantized_codes_beside_the_update(
+    trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path
+) -> None:
     src = trained_dir("llama")
     quant = {"method": "rtn", "bits": 3, "group_size": 32}
     before = compress(src, {"stages": [quant]}, _data(distill_text), measure_speed=False)
     lora = {"method": "distill", "lora_rank": 4, **TRAIN}
-    after = compress(src, {"stages": [quant, lora]}, _data(distill_text), measure_speed=False)
-    assert isinstance(after.model.model.layers[0].self_attn.o_proj, QuantLinear)
+    out = tmp_path / "lora"
+    after = compress(src, {"stages": [quant, lora]}, _data(distill_text), output=out, measure_speed=False)
+    layer = after.model.model.layers[0].self_attn.o_proj
+    assert isinstance(layer, LoRALinear) and isinstance(layer.base, QuantLinear)
+    assert torch.equal(layer.base.qweight, before.model.model.layers[0].self_attn.o_proj.qweight)
+    assert float(layer.lora_b.abs().max()) > 0  # the update learned something
     assert _kl(after) < _kl(before)
-    assert math.isfinite(after.metrics["compressed"]["perplexity"])
+    added = after.metrics["compressed"]["parameters"] - before.metrics["compressed"]["parameters"]
+    # rank 4 x (in + out) of q, k, v, o, gate, up, down in 2 blocks (hidden 64, kv 32, mlp 128)
+    assert added == 2 * 4 * ((64 + 64) + 2 * (64 + 32) + (64 + 64) + 3 * (64 + 128))
+    reloaded = load_model(out).model
+    ids = torch.randint(0, 100, (1, 16))
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, after.model(input_ids=ids).logits)
+
+    merged = {**lora, "lora_merge": "requantize"}
+    requant = compress(src, {"stages": [quant, merged]}, _data(distill_text), measure_speed=False)
+    layer = requant.model.model.layers[0].self_attn.o_proj
+    assert isinstance(layer, QuantLinear)
+    assert requant.metrics["compressed"]["bytes"] == before.metrics["compressed"]["bytes"]
 
 
 def test_bad_distillation_input(trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path) -> None:

@@ -94,3 +94,30 @@ def test_structured_bad_input(
     data = DataOptions(source=text_file, seq_len=64, eval_windows=2, calib_windows=4)
     with pytest.raises(LmpressError, match=message):
         compress(tiny_model_dir("llama"), {"stages": [stage]}, data, run_eval=False)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_hidden_channels_removed_everywhere_load_in_plain_transformers(
+    arch: str, tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "narrow"
+    data = DataOptions(source=text_file, seq_len=32, eval_windows=16, calib_windows=16)
+    stage = {"method": "hidden", "share": 0.25, "multiple_of": 16}
+    r = compress(tiny_model_dir(arch), {"stages": [stage]}, data, output=out, measure_speed=False)
+    assert r.model.config.hidden_size == 48 and r.stages[0]["removed_channels"] == 16
+    assert r.model.model.embed_tokens.weight.shape[1] == 48
+    assert r.model.model.layers[0].self_attn.q_proj.weight.shape == (64, 48)  # heads unchanged
+    before, after = r.metrics["original"]["parameters"], r.metrics["compressed"]["parameters"]
+    assert 0.72 * before < after < 0.78 * before  # every weight matrix lost a quarter of one side
+    assert r.metrics["compressed"]["kl"] < 0.5  # a random-init model: bounded, not free
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    ids = torch.randint(0, 100, (1, 16))
+    torch.testing.assert_close(plain(input_ids=ids).logits, r.model(input_ids=ids).logits)
+
+
+def test_hidden_refuses_families_with_position_embeddings(tiny_model_dir: Callable[..., Path], text_file: Path) -> None:
+    data = DataOptions(source=text_file, seq_len=32, eval_windows=16, calib_windows=16)
+    with pytest.raises(LmpressError, match="hidden: removing hidden channels is supported for llama"):
+        compress(tiny_model_dir("gpt2"), {"stages": [{"method": "hidden"}]}, data, run_eval=False)

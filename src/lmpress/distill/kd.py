@@ -134,7 +134,10 @@ class DistillConfig(MethodConfig, TrainConfig):
     ce_weight: float = Field(0.0, ge=0)
     hidden_weight: float = Field(0.0, ge=0)
     codes: Codes = "frozen"  # quantized layers: keep the codes and learn the scales, or train them (QAT)
-    lora_rank: int = Field(0, ge=0)  # > 0: freeze every weight and learn LoRA adapters, merged at the end
+    scale_lr: float | None = Field(None, gt=0)  # learning rate of quantization scales (None: lr)
+    lora_rank: int = Field(0, ge=0)  # > 0: freeze every weight and learn LoRA adapters instead
+    # LoRA on quantized layers: keep the update beside the unchanged codes, or re-round it into them
+    lora_merge: Literal["keep", "requantize"] = "keep"
     teacher: str | None = None  # None: the original model; else a model directory or built-in name
     teacher_bits: Literal[4, 8] | None = None  # hold the teacher quantized (round to nearest) to save memory
     train_windows: int | None = Field(None, ge=1)  # cap on the training windows used (None: the whole split)
@@ -225,10 +228,11 @@ def distill_model(student: nn.Module, config: DistillConfig, ctx: Context, stage
             run_dir=run_dir,
             fingerprint=fp,
             progress=ctx.progress,
+            lr_scale={n: config.scale_lr / config.lr for n in named if n.endswith(".scales")} if config.scale_lr else None,
         )
     finally:
         student.eval()
-        restore_compressed(student, swapped)
+        restore_compressed(student, swapped, merge_quantized=config.lora_merge == "requantize")
         student.to(dtype)
         for p in student.parameters():
             p.requires_grad_(False)

@@ -214,8 +214,12 @@ def train(
     fingerprint: str = "",
     resume: bool = True,
     progress: bool = False,
+    lr_scale: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train the parameters ``named`` to lower ``loss_fn`` on batches of ``data`` (N, T) token windows.
+
+    ``lr_scale`` multiplies the learning rate of the parameters it names (default 1); matrices get
+    ``weight_decay``, vectors do not.
 
     ``eval_fn`` returns a held-out loss (lower is better) for evaluation, best-keeping and early
     stopping. With ``run_dir`` the loop writes checkpoints and TensorBoard scalars there and, when
@@ -237,12 +241,15 @@ def train(
     device = params[0].device
     amp = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
-    decay = [p for p in params if p.ndim >= 2]
-    groups: list[dict[str, Any]] = [
-        {"params": decay, "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2]},
+    by_kind: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in named.items():
+        matrix = p.ndim >= 2 and not name.endswith("scales")  # quantization scales are not decayed
+        by_kind.setdefault((matrix, (lr_scale or {}).get(name, 1.0)), []).append(p)
+    groups = [
+        {"params": ps, "weight_decay": cfg.weight_decay if matrix else 0.0, "lr_scale": mult}
+        for (matrix, mult), ps in by_kind.items()
     ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     warmup = max(1, int(cfg.warmup * cfg.steps))
     every = cfg.checkpoint_every or cfg.eval_every
 
@@ -263,7 +270,7 @@ def train(
     for step in track(range(start, cfg.steps), "training", enabled=progress and rank == 0, total=cfg.steps - start):
         lr = lr_at(step, cfg.steps, cfg.lr, warmup, cfg.min_lr_ratio)
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g["lr_scale"]
         rows = batch_at(data, step, cfg.batch_size, cfg.seed)[rank * share : (rank + 1) * share].to(device)
         totals = torch.zeros(1, device=device)
         extras: dict[str, float] = {}

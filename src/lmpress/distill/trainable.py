@@ -12,9 +12,10 @@ format, so the trained model is exactly as small as before:
   grid in the forward pass, gradients pass the rounding straight through, and the scales learn by
   LSQ (Esser et al. 2019, arXiv:1902.08153), so the codes may change;
 - with ``lora_rank`` every layer keeps its base frozen and learns a low-rank update B·A
-  (Hu et al. 2021, arXiv:2106.09685) instead; it is merged back exactly into dense layers, into the
-  kept weights of sparse ones (the update restricted to the mask), and onto the grid of quantized
-  ones (re-rounded, so the codes may change).
+  (Hu et al. 2021, arXiv:2106.09685) instead; it is merged back exactly into dense layers and into
+  the kept weights of sparse ones (the update restricted to the mask, which stays). A quantized
+  layer keeps its codes and stores the update beside them (`LoRALinear`), or, with
+  ``merge_quantized``, has base + update re-rounded onto its grid (no extra numbers, new codes).
 
 Dense ``nn.Linear`` layers without LoRA are trained as they are.
 """
@@ -27,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.models.adapters import is_conv1d
-from lmpress.nn import QuantLinear, SparseLinear
+from lmpress.nn import LoRALinear, QuantLinear, SparseLinear
 from lmpress.nn.packing import decode_zeros
 from lmpress.quant.base import replace_module
 from lmpress.quant.grid import Quantized, expand_groups, quantize_with
@@ -133,9 +134,20 @@ class TrainableLinear(nn.Module):
                 w = w + self.lora_b @ self.lora_a
             return (w * self.mask if self.mask is not None else w).detach()
 
-    def to_compressed(self) -> nn.Module:
-        """Pack the trained layer in the format it came from."""
+    def to_compressed(self, merge_quantized: bool = False) -> nn.Module:
+        """Pack the trained layer in the format it came from.
+
+        A LoRA update on a quantized layer stays beside it (`LoRALinear`, the codes unchanged)
+        unless ``merge_quantized``, which re-rounds base + update onto the layer's grid."""
         origin = self.origin[0]
+        if isinstance(origin, QuantLinear) and self.lora_a is not None and not merge_quantized:
+            assert self.lora_b is not None
+            kept = LoRALinear(origin, self.lora_a.shape[0], origin.bias.dtype if origin.bias is not None else torch.float32)
+            if self.bias is not None and origin.bias is not None:
+                origin.bias.data.copy_(self.bias.detach())
+            kept.lora_a.copy_(self.lora_a.detach())
+            kept.lora_b.copy_(self.lora_b.detach())
+            return kept
         bias = self.bias.detach() if self.bias is not None else None
         with torch.no_grad():
             w = self.merged_weight()
@@ -211,7 +223,7 @@ def make_trainable(model: nn.Module, codes: Codes = "frozen", lora_rank: int = 0
     return swapped
 
 
-def restore_compressed(model: nn.Module, swapped: dict[str, TrainableLinear]) -> None:
+def restore_compressed(model: nn.Module, swapped: dict[str, TrainableLinear], merge_quantized: bool = False) -> None:
     """Pack every `TrainableLinear` back into its original format, in place."""
     for name, t in swapped.items():
-        replace_module(model, name, t.to_compressed())
+        replace_module(model, name, t.to_compressed(merge_quantized))

@@ -4,14 +4,16 @@
 ``from_format`` builds an empty layer for loading.
 """
 
+from lmpress.nn.lora_linear import LoRALinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.nn.sparse_linear import SparseLinear
 
-LAYER_FORMATS: dict[str, type[QuantLinear] | type[QuantEmbedding] | type[SparseLinear]] = {
+LAYER_FORMATS: dict[str, type[QuantLinear] | type[QuantEmbedding] | type[SparseLinear] | type[LoRALinear]] = {
+    "lora": LoRALinear,
     "quant": QuantLinear,
     "quant_embedding": QuantEmbedding,
     "sparse": SparseLinear,
 }
 
-__all__ = ["LAYER_FORMATS", "QuantEmbedding", "QuantLinear", "SparseLinear"]
+__all__ = ["LAYER_FORMATS", "LoRALinear", "QuantEmbedding", "QuantLinear", "SparseLinear"]

@@ -1,0 +1,65 @@
+"""``LoRALinear``: a compressed layer plus a low-rank update it cannot absorb without changing.
+
+Recovery training may learn a LoRA update B·A (Hu et al. 2021, arXiv:2106.09685) on top of a
+quantized layer. Folding it into the weights would re-round them and change the codes; kept beside
+them, the codes stay exactly as the quantizer left them and the update costs r·(in + out) numbers.
+
+Storage: the base layer's own tensors under ``base.``, then ``lora_a`` (r, in) and ``lora_b``
+(out, r) in the model's dtype. Forward: base(x) + (x Aᵀ) Bᵀ.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class LoRALinear(nn.Module):
+    """A (compressed) linear layer with a separate low-rank update."""
+
+    lora_a: Tensor
+    lora_b: Tensor
+
+    def __init__(self, base: nn.Module, rank: int, dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.base = base
+        self.in_features, self.out_features = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
+        device = next(base.buffers(), torch.empty(0)).device
+        self.register_buffer("lora_a", torch.zeros(rank, self.in_features, dtype=dtype, device=device))
+        self.register_buffer("lora_b", torch.zeros(self.out_features, rank, dtype=dtype, device=device))
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.base(x) + (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
+
+    def num_logical_params(self) -> int:
+        """The update's own numbers; the base layer counts itself."""
+        return self.rank * (self.in_features + self.out_features)
+
+    def lmpress_format(self) -> dict[str, Any]:
+        describe = getattr(self.base, "lmpress_format", None)
+        if not callable(describe):
+            raise TypeError(f"LoRALinear base {type(self.base).__name__} has no saved format")
+        return {
+            "format": "lora",
+            "rank": self.rank,
+            "dtype": str(self.lora_a.dtype).removeprefix("torch."),
+            "base": describe(),
+        }
+
+    @classmethod
+    def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> LoRALinear:
+        """An empty layer of a saved format, ready for ``load_state_dict``."""
+        from lmpress.nn import LAYER_FORMATS
+
+        base_fmt = fmt["base"]
+        base = LAYER_FORMATS[base_fmt["format"]].from_format(base_fmt, dtype)
+        return cls(base, int(fmt["rank"]), getattr(torch, fmt.get("dtype") or "float32"))
+
+    def extra_repr(self) -> str:
+        return f"rank={self.rank}"
