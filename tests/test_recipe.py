@@ -37,8 +37,8 @@ def test_presets_load() -> None:
         ("stages: [method: cast\n", r"not valid YAML \(line \d+\)"),
         (
             "stages:\n  - method: prune_everything\n",
-            "stage 1: unknown method 'prune_everything'; known methods: awq, cast, drop_blocks, gptq, hqq, "
-            "magnitude, rtn, sparsegpt, structured, w8a8, wanda",
+            "stage 1: unknown method 'prune_everything'; known methods: awq, cast, distill, drop_blocks, gptq, "
+            "hidden, hqq, magnitude, qat, rtn, sparsegpt, structured, w8a8, wanda",
         ),
         (
             "stages:\n  - method: cast\n    colour: red\n",
@@ -61,7 +61,9 @@ def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
 
 
 def test_unknown_recipe_name() -> None:
-    with pytest.raises(RecipeError, match="is not a preset; presets: bf16, fp16, sparse50, w4-sparse, w4, w8, w8a8"):
+    with pytest.raises(
+        RecipeError, match="is not a preset; presets: bf16, distill-half, fp16, sparse50, w4-sparse, w4, w8, w8a8"
+    ):
         load_recipe("no-such-recipe")
     with pytest.raises(RecipeError, match="recipe file 'missing.yaml' does not exist"):
         load_recipe("missing.yaml")

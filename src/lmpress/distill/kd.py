@@ -228,7 +228,9 @@ def distill_model(student: nn.Module, config: DistillConfig, ctx: Context, stage
             run_dir=run_dir,
             fingerprint=fp,
             progress=ctx.progress,
-            lr_scale={n: config.scale_lr / config.lr for n in named if n.endswith(".scales")} if config.scale_lr else None,
+            lr_scale={n: config.scale_lr / config.lr for n in named if n.endswith(".scales")}
+            if config.scale_lr
+            else None,
         )
     finally:
         student.eval()

@@ -142,7 +142,9 @@ class TrainableLinear(nn.Module):
         origin = self.origin[0]
         if isinstance(origin, QuantLinear) and self.lora_a is not None and not merge_quantized:
             assert self.lora_b is not None
-            kept = LoRALinear(origin, self.lora_a.shape[0], origin.bias.dtype if origin.bias is not None else torch.float32)
+            kept = LoRALinear(
+                origin, self.lora_a.shape[0], origin.bias.dtype if origin.bias is not None else torch.float32
+            )
             if self.bias is not None and origin.bias is not None:
                 origin.bias.data.copy_(self.bias.detach())
             kept.lora_a.copy_(self.lora_a.detach())

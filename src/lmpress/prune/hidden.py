@@ -41,7 +41,9 @@ class HiddenConfig(MethodConfig):
 
 
 @torch.no_grad()
-def channel_statistics(model: nn.Module, windows: Tensor, norms: dict[str, nn.Module], batch: int) -> tuple[Tensor, dict[str, Tensor]]:
+def channel_statistics(
+    model: nn.Module, windows: Tensor, norms: dict[str, nn.Module], batch: int
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Per channel: Σ over norms of E[norm(x)_c²] (importance), and per norm E[x_c²] of its input."""
     importance = torch.zeros(0)
     inputs: dict[str, Tensor] = {}
@@ -71,6 +73,11 @@ def channel_statistics(model: nn.Module, windows: Tensor, norms: dict[str, nn.Mo
     return importance, inputs
 
 
+def _width(norm: nn.Module) -> int | None:
+    w = getattr(norm, "weight", None)
+    return int(w.shape[0]) if isinstance(w, Tensor) else None
+
+
 def _slice_vector(m: nn.Module, attr: str, keep: Tensor) -> None:
     t = getattr(m, attr, None)
     if isinstance(t, Tensor):
@@ -93,9 +100,11 @@ def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
             f"keeps {kept_width}; choose a share that keeps between 1 and {hidden - 1} multiples"
         )
     dims = {head_dim(adapter, i) for i in range(adapter.num_blocks)}
-    norms = {f"{adapter.block_name(i)}.{n}": m for i in range(adapter.num_blocks) for n, m in adapter.block_norms(i).items()}
+    norms = {
+        f"{adapter.block_name(i)}.{n}": m for i in range(adapter.num_blocks) for n, m in adapter.block_norms(i).items()
+    }
     norms[adapter.final_norm()[0]] = adapter.final_norm()[1]
-    norms = {n: m for n, m in norms.items() if getattr(m, "weight", None) is not None and m.weight.shape[0] == hidden}  # type: ignore[union-attr]
+    norms = {n: m for n, m in norms.items() if _width(m) == hidden}
     importance, inputs = channel_statistics(model, ctx.calib_data().windows, norms, config.calib_batch_size)
     keep = torch.topk(importance, kept_width).indices.sort().values
 
@@ -104,10 +113,12 @@ def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
             energy = inputs[name]
             factor = ((energy[keep].sum() / kept_width) / (energy.sum() / hidden)).sqrt()
             _slice_vector(norm, "weight", keep)
-            norm.weight.mul_(factor.to(norm.weight.dtype))  # type: ignore[operator]
+            w: Tensor = norm.weight  # type: ignore[assignment]
+            w.mul_(factor.to(w.dtype))
             _slice_vector(norm, "bias", keep)
         for emb in adapter.embeddings().values():
-            emb.weight = nn.Parameter(emb.weight.detach()[:, keep].clone())  # type: ignore[index]
+            table: Tensor = emb.weight  # type: ignore[assignment]
+            emb.weight = nn.Parameter(table.detach()[:, keep].clone())
             emb.embedding_dim = kept_width  # type: ignore[assignment]
         for i in range(adapter.num_blocks):
             for group in (adapter.attention_linears(i), adapter.mlp_linears(i)):
@@ -126,7 +137,7 @@ def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
     for i in range(adapter.num_blocks):  # attention modules that cached the hidden size
         attn = adapter.model.get_submodule(f"{adapter.block_name(i)}.{adapter.spec.attention[0].rsplit('.', 1)[0]}")
         if hasattr(attn, "hidden_size"):
-            attn.hidden_size = kept_width
+            attn.hidden_size = kept_width  # type: ignore[assignment]
     return {
         "hidden_size": kept_width,
         "removed_channels": hidden - kept_width,
