@@ -1,6 +1,6 @@
 """Distillation, recovery and QAT on the built-in reference model.
 
-    python -m benchmarks.distill [--threads 2] [--eval-windows 200] [--only student,recovery,qat,precision,resume]
+    python -m benchmarks.distill [--threads 2] [--eval-windows 200] [--only student,narrow,recovery,qat,...]
 
 Groups (every row: held-out perplexity, KL and top-1 agreement against the teacher on the same
 tokens, parameters, bytes, training tokens and time):
@@ -8,8 +8,10 @@ tokens, parameters, bytes, training tokens and time):
 - student: half the teacher's non-embedding parameters (structured, uniform widths), initialised
   from the teacher and distilled, against the same student without training, fine-tuned with plain
   cross-entropy on the same tokens, and trained from scratch on the same tokens;
-- recovery: GPTQ 3-bit, SparseGPT 50% and structured 25%, before and after a short distillation
-  (quantized layers keep their codes and learn their scales; sparse ones keep their masks);
+- narrow: the other half-size student, half the hidden channels removed (`hidden`), distilled the same way;
+- recovery (and lowrank): GPTQ 3-bit, SparseGPT 50%, structured 25% and low rank 20%, before and
+  after a short distillation (quantized layers keep their codes and learn their scales; sparse ones
+  keep their masks; low-rank factors train as they are);
 - qat: quantization-aware training at 3 bits against post-training GPTQ at 3 bits;
 - precision: the same recovery run in bf16 autocast and in fp32 (tokens/s and final quality);
 - resume: a training process killed with SIGKILL at a random step, restarted, against the run that
@@ -57,7 +59,7 @@ def main() -> None:
     ap.add_argument("--recovery-steps", type=int, default=100)
     ap.add_argument("--student-lr", type=float, default=1e-3)
     ap.add_argument("--recovery-lr", type=float, default=1e-4)
-    ap.add_argument("--only", default="student,recovery,qat,precision,resume")
+    ap.add_argument("--only", default="student,narrow,recovery,lowrank,qat,precision,resume")
     ap.add_argument("--resume-worker", nargs=2, metavar=("RUN_DIR", "OUT"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -105,14 +107,28 @@ def main() -> None:
     lr = args.recovery_lr
     if "student" in only:
         rows += student_rows(compress, measure, training_of, train_data.windows, args.student_steps, args.student_lr)
-    if "recovery" in only or "qat" in only:  # QAT at 3 bits is compared with the GPTQ w3 recovery rows
+    if "narrow" in only:  # the other half-size student: a narrower residual stream (Minitron's embedding axis)
+        narrow, _, s = compress([{"method": "hidden", "share": 0.5}])
+        rows.append(
+            measure(narrow, group="narrow", setting="half hidden: teacher init, no training", compress_seconds=s)
+        )
+        kd = {**KD, "steps": args.student_steps, "lr": args.student_lr}
+        narrow, reports, _ = compress([kd], narrow)
+        rows.append(
+            measure(narrow, group="narrow", setting="half hidden: teacher init + distill (KL)", **training_of(reports))
+        )
+    if (
+        "recovery" in only or "lowrank" in only or "qat" in only
+    ):  # QAT at 3 bits is compared with the GPTQ w3 recovery rows
         recover = {**KD, "steps": args.recovery_steps, "lr": lr}
         settings = [
             ("GPTQ w3 g128", {"method": "gptq", "bits": 3, "group_size": 128}),
             ("SparseGPT 50%", {"method": "sparsegpt", "sparsity": 0.5}),
             ("structured 25% (uniform)", {"method": "structured", "target": 0.25}),
         ]
-        for name, stage in settings if "recovery" in only else []:
+        lowrank = [("low rank 20% (activation-aware SVD)", {"method": "lowrank", "target": 0.2})]
+        chosen = (settings if "recovery" in only else []) + (lowrank if "lowrank" in only else [])
+        for name, stage in chosen:
             model, _, s = compress([stage])
             rows.append(measure(model, group="recovery", setting=f"{name}", compress_seconds=s))
             model, reports, s = compress([recover], model)
@@ -143,7 +159,7 @@ def main() -> None:
     write_results("distill", payload, _table(payload))
 
 
-GROUP_ORDER = ["teacher", "student", "recovery", "qat", "precision"]
+GROUP_ORDER = ["teacher", "student", "narrow", "recovery", "qat", "precision"]
 
 
 def student_rows(
@@ -269,11 +285,10 @@ def summary(payload: dict[str, Any]) -> list[str]:
             f"({ppl0:.3f} -> {kd['perplexity']:.3f}, teacher {ppl_t:.3f}); cross-entropy closes "
             f"{(ppl0 - ce['perplexity']) / (ppl0 - ppl_t):.1%}."
         )
-    for name in ("GPTQ w3 g128", "SparseGPT 50%", "structured 25% (uniform)"):
+    for name in ("GPTQ w3 g128", "SparseGPT 50%", "structured 25% (uniform)", "low rank 20% (activation-aware SVD)"):
         out.append(
             f"- Recovery after {name}: {_closed(_row(rows, name), _row(rows, name + ' + distill'), t)} (target: half)."
         )
-    out.append("- Recovery after 20% low rank: waits for the low-rank method (issue 5).")
     gptq, qat = _row(rows, "GPTQ w3 g128"), _row(rows, "QAT w3 g128 (init gptq)")
     if gptq and qat:
         out.append(

@@ -160,3 +160,72 @@ def test_bad_distillation_input(trained_dir: Callable[[str], Path], distill_text
     train_tokenizer(docs, 300).save_pretrained(other)
     with pytest.raises(LmpressError, match="does not use the student's tokenizer"):
         compress(src, {"stages": [{"method": "distill", "teacher": str(other)}]}, _data(distill_text), run_eval=False)
+
+
+def test_an_interrupted_compress_resumes_when_run_again(
+    trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from lmpress.distill.kd import Distiller
+
+    src = trained_dir("llama")
+    recipe = {
+        "stages": [
+            {"method": "rtn", "bits": 3, "group_size": 32},
+            {"method": "distill", **TRAIN, "checkpoint_every": 5},
+        ]
+    }
+    straight = compress(src, recipe, _data(distill_text), output=tmp_path / "a", measure_speed=False)
+
+    real, calls = Distiller.loss, 0
+
+    def dies_in_step_13(self: Distiller, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        nonlocal calls
+        calls += 1
+        if calls == 13:
+            raise KeyboardInterrupt
+        return real(self, ids)
+
+    monkeypatch.setattr(Distiller, "loss", dies_in_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        compress(src, recipe, _data(distill_text), output=tmp_path / "b", measure_speed=False)
+    assert not (tmp_path / "b").exists()  # nothing that looks finished
+    assert (tmp_path / "b.work" / "distill" / "checkpoint").exists()
+    monkeypatch.setattr(Distiller, "loss", real)
+    resumed = compress(src, recipe, _data(distill_text), output=tmp_path / "b", measure_speed=False)
+    assert resumed.stages[1]["training"]["resumed_from"] == 10
+    assert resumed.metrics["compressed"]["kl"] == pytest.approx(straight.metrics["compressed"]["kl"], rel=1e-6)
+
+    other = {"stages": [recipe["stages"][0], {**recipe["stages"][1], "lr": 5e-4}]}
+    monkeypatch.setattr(Distiller, "loss", dies_in_step_13)
+    calls = 0
+    with pytest.raises(KeyboardInterrupt):
+        compress(src, recipe, _data(distill_text), output=tmp_path / "c", measure_speed=False)
+    monkeypatch.setattr(Distiller, "loss", real)
+    with pytest.raises(LmpressError, match="belongs to another run"):
+        compress(src, other, _data(distill_text), output=tmp_path / "c", measure_speed=False)
+
+
+def test_a_teacher_held_in_8_bits_teaches_as_well(trained_dir: Callable[[str], Path], distill_text: Path) -> None:
+    src = trained_dir("llama")
+    quant = {"method": "rtn", "bits": 2, "group_size": 32}
+    full = compress(src, {"stages": [quant, {"method": "distill", **TRAIN}]}, _data(distill_text), measure_speed=False)
+    held = {"method": "distill", **TRAIN, "teacher_bits": 8}
+    small = compress(src, {"stages": [quant, held]}, _data(distill_text), measure_speed=False)
+    assert _kl(small) == pytest.approx(_kl(full), rel=0.1)
+
+
+def test_gradual_pruning_with_recovery_between_steps(trained_dir: Callable[[str], Path], distill_text: Path) -> None:
+    src = trained_dir("llama")
+    one_shot = compress(
+        src, {"stages": [{"method": "magnitude", "sparsity": 0.6}]}, _data(distill_text), measure_speed=False
+    )
+    steps = [
+        {"method": "magnitude", "sparsity": 0.3},
+        {"method": "distill", **TRAIN},
+        {"method": "magnitude", "sparsity": 0.6},
+        {"method": "distill", **TRAIN},
+    ]
+    gradual = compress(src, {"stages": steps}, _data(distill_text), measure_speed=False)
+    layers = [m for m in gradual.model.modules() if isinstance(m, SparseLinear)]
+    assert layers and all(m.density == pytest.approx(0.4, abs=0.01) for m in layers)
+    assert _kl(gradual) < 0.7 * _kl(one_shot)

@@ -5,15 +5,18 @@
 """
 
 from lmpress.nn.lora_linear import LoRALinear
+from lmpress.nn.lowrank_linear import LowRankLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.nn.sparse_linear import SparseLinear
 
-LAYER_FORMATS: dict[str, type[QuantLinear] | type[QuantEmbedding] | type[SparseLinear] | type[LoRALinear]] = {
+LayerType = type[QuantLinear] | type[QuantEmbedding] | type[SparseLinear] | type[LoRALinear] | type[LowRankLinear]
+LAYER_FORMATS: dict[str, LayerType] = {
     "lora": LoRALinear,
+    "lowrank": LowRankLinear,
     "quant": QuantLinear,
     "quant_embedding": QuantEmbedding,
     "sparse": SparseLinear,
 }
 
-__all__ = ["LAYER_FORMATS", "LoRALinear", "QuantEmbedding", "QuantLinear", "SparseLinear"]
+__all__ = ["LAYER_FORMATS", "LoRALinear", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear"]
