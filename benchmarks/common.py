@@ -76,6 +76,20 @@ def write_results(name: str, payload: dict[str, Any], table: str) -> None:
     README.write_text(text)
 
 
+def keep_other_groups(name: str, payload: dict[str, Any], rerun: Sequence[str], order: Sequence[str]) -> dict[str, Any]:
+    """Merge the rows of groups not re-run from the previous ``results/NAME.json``, when it was
+    measured on the same evaluation windows (row 0, the reference, is this run's). Returns the
+    previous payload (empty if none or not comparable) for anything else worth carrying over."""
+    path = RESULTS / f"{name}.json"
+    previous = json.loads(path.read_text()) if path.exists() else {}
+    if previous.get("eval") != payload["eval"]:
+        return {}
+    rows = payload["rows"]
+    kept = [r for r in previous.get("rows", [])[1:] if r["group"] not in rerun]
+    payload["rows"] = [rows[0], *sorted(rows[1:] + kept, key=lambda r: list(order).index(r["group"]))]
+    return previous
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

@@ -37,7 +37,15 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from benchmarks.common import (
+    keep_other_groups,
+    machine,
+    markdown_table,
+    saved_bytes,
+    split_windows,
+    timed,
+    write_results,
+)
 from lmpress.distill.train import TrainConfig, train
 from lmpress.evaluation import count_parameters, quality
 from lmpress.models.adapters import Adapter
@@ -150,12 +158,9 @@ def main() -> None:
     payload: dict[str, Any] = {"machine": machine(), "eval": eval_data.manifest.to_dict(), "rows": rows}
     if "resume" in only:
         payload["resume"] = resume_benchmark(args.threads)
-    previous = json.loads((RESULTS / "distill.json").read_text()) if (RESULTS / "distill.json").exists() else {}
-    if previous.get("eval") == payload["eval"]:  # same windows: keep the groups not run this time
-        kept = [r for r in previous.get("rows", [])[1:] if r["group"] not in only]
-        payload["rows"] = [rows[0], *sorted(rows[1:] + kept, key=lambda r: GROUP_ORDER.index(r["group"]))]
-        if "resume" not in only and "resume" in previous:
-            payload["resume"] = previous["resume"]
+    previous = keep_other_groups("distill", payload, list(only), GROUP_ORDER)
+    if "resume" not in only and "resume" in previous:
+        payload["resume"] = previous["resume"]
     write_results("distill", payload, _table(payload))
 
 

@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from benchmarks.common import (
+    keep_other_groups,
+    machine,
+    markdown_table,
+    saved_bytes,
+    split_windows,
+    timed,
+    write_results,
+)
 from benchmarks.prune import paired_speed, with_outlier_channels
 from lmpress.evaluation import count_parameters, quality
 from lmpress.models.loading import load_model
@@ -104,10 +111,7 @@ def main() -> None:
         "calib": calib.manifest.to_dict(),
         "rows": rows,
     }
-    previous = json.loads((RESULTS / f"{NAME}.json").read_text()) if (RESULTS / f"{NAME}.json").exists() else {}
-    if previous.get("eval") == payload["eval"]:  # same windows: keep the groups not run this time
-        kept = [r for r in previous.get("rows", [])[1:] if r["group"] not in only]
-        payload["rows"] = [rows[0], *sorted(rows[1:] + kept, key=lambda r: list(GROUPS).index(r["group"]))]
+    keep_other_groups(NAME, payload, only, ["original", *GROUPS])
     write_results(NAME, payload, _table(payload))
 
 
