@@ -93,3 +93,17 @@ def test_lora_merges_exactly_into_dense_layers() -> None:
     restore_compressed(model, swapped)
     assert isinstance(model[0], nn.Linear)
     torch.testing.assert_close(model[0](x), expect, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_layer_with_codes_packs_back_to_the_same_codes() -> None:
+    w = _weight()
+    mask = w.abs() > w.abs().median()
+    q = quantize(w * mask, 4, 32)
+    layer = SparseLinear.from_dense(w, mask, None, q=q)
+    t = to_trainable(layer, codes="frozen")
+    assert t is not None and t.codes is not None
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(t(x), layer(x), atol=2e-3, rtol=1e-3)
+    back = t.to_compressed()
+    assert isinstance(back, SparseLinear)
+    assert torch.equal(back.mask, layer.mask) and torch.equal(back.qvalues, layer.qvalues)

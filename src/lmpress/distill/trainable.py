@@ -193,18 +193,17 @@ def to_trainable(module: nn.Module, codes: Codes = "frozen", lora_rank: int = 0)
         w = q.dequantize()
         return TrainableLinear(w, module.bias, quant=q, codes=codes, lora_rank=lora_rank, origin=module)
     if isinstance(module, SparseLinear):
-        mask = module.keep_mask()
-        sq: Quantized | None = None
-        if module.qvalues is not None:
+        dense, sq = module.dense_weight(), None
+        if module.qvalues is not None:  # kept weights stored as codes: recover them on the same grid
             assert module.scales is not None and module.bits is not None
             shape = tuple(module.scales.shape)
             zeros = decode_zeros(module.qzeros, None, module.bits, shape, module.mask.device)  # type: ignore[arg-type]
-            w = module.dense_weight()
             s = module.scales.float()
-            codes_ = quantize_with(w, s, zeros, module.bits, module.group_size)
-            sq = Quantized(codes_, s, zeros, module.bits, module.group_size)
+            sq = Quantized(
+                quantize_with(dense, s, zeros, module.bits, module.group_size), s, zeros, module.bits, module.group_size
+            )
         return TrainableLinear(
-            module.dense_weight(), module.bias, mask=mask, quant=sq, codes=codes, lora_rank=lora_rank, origin=module
+            dense, module.bias, mask=module.keep_mask(), quant=sq, codes=codes, lora_rank=lora_rank, origin=module
         )
     if lora_rank and isinstance(module, nn.Linear):
         return TrainableLinear(module.weight, module.bias, lora_rank=lora_rank, origin=module)
