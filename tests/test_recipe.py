@@ -37,8 +37,8 @@ def test_presets_load() -> None:
         ("stages: [method: cast\n", r"not valid YAML \(line \d+\)"),
         (
             "stages:\n  - method: prune_everything\n",
-            "stage 1: unknown method 'prune_everything'; known methods: awq, cast, distill, drop_blocks, gptq, "
-            "hidden, hqq, lowrank, magnitude, qat, rtn, sparsegpt, structured, w8a8, wanda",
+            "stage 1: unknown method 'prune_everything'; known methods: awq, cast, cluster, distill, "
+            "drop_blocks, gptq, hidden, hqq, lowrank, magnitude, qat, rtn, sparsegpt, structured, w8a8, wanda",
         ),
         (
             "stages:\n  - method: cast\n    colour: red\n",

@@ -80,12 +80,12 @@ class Method:
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress import lowrank
+    from lmpress import cluster, lowrank
     from lmpress.distill import kd, qat
     from lmpress.prune import hidden, layers, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD, layers.METHOD]
-    found += [hidden.METHOD, lowrank.METHOD, kd.METHOD, qat.METHOD]
+    found += [hidden.METHOD, lowrank.METHOD, cluster.METHOD, kd.METHOD, qat.METHOD]
     return {m.name: m for m in found}

@@ -4,14 +4,23 @@
 ``from_format`` builds an empty layer for loading.
 """
 
+from lmpress.nn.codebook_linear import CodebookLinear
 from lmpress.nn.lora_linear import LoRALinear
 from lmpress.nn.lowrank_linear import LowRankLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.nn.sparse_linear import SparseLinear
 
-LayerType = type[QuantLinear] | type[QuantEmbedding] | type[SparseLinear] | type[LoRALinear] | type[LowRankLinear]
+LayerType = (
+    type[QuantLinear]
+    | type[QuantEmbedding]
+    | type[SparseLinear]
+    | type[LoRALinear]
+    | type[LowRankLinear]
+    | type[CodebookLinear]
+)
 LAYER_FORMATS: dict[str, LayerType] = {
+    "codebook": CodebookLinear,
     "lora": LoRALinear,
     "lowrank": LowRankLinear,
     "quant": QuantLinear,
@@ -19,4 +28,12 @@ LAYER_FORMATS: dict[str, LayerType] = {
     "sparse": SparseLinear,
 }
 
-__all__ = ["LAYER_FORMATS", "LoRALinear", "LowRankLinear", "QuantEmbedding", "QuantLinear", "SparseLinear"]
+__all__ = [
+    "LAYER_FORMATS",
+    "CodebookLinear",
+    "LoRALinear",
+    "LowRankLinear",
+    "QuantEmbedding",
+    "QuantLinear",
+    "SparseLinear",
+]
