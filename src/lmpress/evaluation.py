@@ -27,6 +27,8 @@ class QualityStats:
     tokens: int = 0
     kl: float = 0.0
     agree: int = 0
+    dropped_mass: float | None = None  # the reference's probability on tokens the model no longer has
+    agree_full: int = 0  # the reference's top-1 over its whole vocabulary is the model's top-1
 
     def metrics(self, with_reference: bool) -> dict[str, float]:
         out = {
@@ -38,6 +40,9 @@ class QualityStats:
         if with_reference:
             out["kl"] = self.kl / self.tokens
             out["top1_agreement"] = self.agree / self.tokens
+        if self.dropped_mass is not None:
+            out["dropped_token_mass"] = self.dropped_mass / self.tokens
+            out["top1_agreement_full_vocab"] = self.agree_full / self.tokens
         return out
 
 
@@ -52,17 +57,28 @@ def quality(
     reference: nn.Module | None = None,
     batch_size: int = 8,
     progress: bool = False,
+    token_map: Tensor | None = None,
 ) -> dict[str, float]:
     """Perplexity, accuracy and (with a reference model) KL(reference || model) and top-1 agreement.
 
-    windows: (N, T) token ids. Both models see exactly the same tokens.
+    windows: (N, T) token ids. Both models see exactly the same tokens. With ``token_map`` (the
+    reference's id -> the model's id, -1 for a token the model's pruned vocabulary dropped) the
+    windows are in the reference's ids and must use kept tokens only; the reference's distribution
+    is compared on the kept tokens (renormalized), and the mass it put on dropped ones is reported.
     """
     from lmpress.progress import track
 
     device = next(model.parameters()).device
     stats = QualityStats()
+    kept = None
+    if token_map is not None:
+        if bool((token_map[windows] < 0).any()):
+            raise ValueError("evaluation windows use tokens the pruned vocabulary dropped")
+        kept = (token_map >= 0).nonzero()[:, 0]  # reference ids in the model's order (the map is increasing)
+        stats.dropped_mass = 0.0
     for i in track(range(0, windows.shape[0], batch_size), "evaluating", enabled=progress):
-        ids = windows[i : i + batch_size].to(device)  # (B, T)
+        ref_ids = windows[i : i + batch_size]
+        ids = (token_map[ref_ids] if token_map is not None else ref_ids).to(device)  # (B, T)
         logits = _logits(model, ids)[:, :-1]  # (B, T-1, V)
         target = ids[:, 1:]  # (B, T-1)
         logp = F.log_softmax(logits, dim=-1)
@@ -72,7 +88,14 @@ def quality(
         stats.tokens += target.numel()
         if reference is not None:
             ref_device = next(reference.parameters()).device
-            ref_logits = _logits(reference, ids.to(ref_device))[:, :-1].to(device)
+            ref_logits = _logits(reference, ref_ids.to(ref_device))[:, :-1].to(device)
+            if kept is not None and token_map is not None:
+                full = F.log_softmax(ref_logits, dim=-1)
+                stats.agree_full += int((token_map.to(device)[ref_logits.argmax(-1)] == pred).sum())
+                ref_logits = ref_logits[..., kept.to(device)]
+                stats.dropped_mass = (stats.dropped_mass or 0.0) + float(
+                    (1 - full[..., kept.to(device)].exp().sum(-1)).clamp(min=0).sum()
+                )
             ref_logp = F.log_softmax(ref_logits, dim=-1)
             stats.kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
             stats.agree += int((ref_logits.argmax(-1) == pred).sum())
@@ -248,11 +271,14 @@ def evaluate(
     batch_size: int = 8,
     measure_speed: bool = True,
     progress: bool = False,
+    token_map: Tensor | None = None,
 ) -> dict[str, float]:
     """Every metric of one model: quality (vs ``reference`` if given), size, and speed."""
     was_training = model.training
     model.eval()
-    metrics = quality(model, windows, reference=reference, batch_size=batch_size, progress=progress)
+    metrics = quality(
+        model, windows, reference=reference, batch_size=batch_size, progress=progress, token_map=token_map
+    )
     metrics.update(size(model, saved_dir))
     if measure_speed:
         vocab = int(model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]

@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from lmpress.data import STDLIB, Manifest, Split, TokenData, load_windows
+from lmpress.data import STDLIB, Manifest, Split, TokenData, load_documents, load_windows
 from lmpress.errors import ModelLoadError
 from lmpress.evaluation import evaluate, size
 from lmpress.io import check_output_dir, save
@@ -134,24 +134,41 @@ def compress(
     ctx = Context(
         tokenizer=loaded.tokenizer,
         device=model_device,
-        calibration=lambda: data.load(loaded.tokenizer, "calib", data.calib_windows),
-        training=lambda: data.load(loaded.tokenizer, "train", data.train_windows),
         teacher=original,
         progress=progress,
         work_dir=work_dir_for(output),
+        corpus=lambda: [d.text for d in load_documents(data.source, pattern=data.pattern, text_field=data.text_field)],
     )
+    # read the tokenizer when the data is needed: a vocabulary stage may have replaced it
+    ctx.calibration = lambda: data.load(ctx.tokenizer, "calib", data.calib_windows)
+    ctx.training = lambda: data.load(ctx.tokenizer, "train", data.train_windows)
     stages = run_stages(loaded.model, recipe, ctx)
-    result = Result(loaded.model, loaded.tokenizer, recipe, stages, data=eval_data.manifest if eval_data else None)
+    result = Result(loaded.model, ctx.tokenizer, recipe, stages, data=eval_data.manifest if eval_data else None)
     if int(os.environ.get("RANK", "0")) > 0:  # one of several torchrun processes: the first one measures and saves
         return result
     if eval_data is not None and original is not None:
         w = eval_data.windows
-        result.metrics["original"] = evaluate(
-            original, w, saved_dir=loaded.path, measure_speed=measure_speed, progress=progress
-        )
-        result.metrics["compressed"] = evaluate(
-            loaded.model, w, reference=original, measure_speed=measure_speed, progress=progress
-        )
+        if ctx.token_map is not None:  # compare on the windows the pruned vocabulary still covers
+            covered = (ctx.token_map[w] >= 0).all(dim=1)
+            if not bool(covered.all()):
+                log.warning(
+                    "%d of %d evaluation windows use dropped tokens and are left out; evaluate on the domain",
+                    int((~covered).sum()),
+                    len(w),
+                )
+            w = w[covered]
+        if len(w):
+            result.metrics["original"] = evaluate(
+                original, w, saved_dir=loaded.path, measure_speed=measure_speed, progress=progress
+            )
+            result.metrics["compressed"] = evaluate(
+                loaded.model,
+                w,
+                reference=original,
+                measure_speed=measure_speed,
+                progress=progress,
+                token_map=ctx.token_map,
+            )
     result.calibration = ctx.calib_manifest
     ctx.teacher = original = None
     if output is not None:
@@ -163,7 +180,7 @@ def compress(
             "data": result.data.to_dict() if result.data else None,
             "calibration": ctx.calib_manifest,
         }
-        save(loaded.model, loaded.tokenizer, output, meta, overwrite=overwrite)
+        save(loaded.model, ctx.tokenizer, output, meta, overwrite=overwrite)
         result.output = output
         if "compressed" in result.metrics:
             result.metrics["compressed"].update(size(loaded.model, output))

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
+from torch import Tensor, nn
 
 from lmpress.data import TokenData
 
@@ -39,6 +39,8 @@ class Context:
     progress: bool = False
     tracker: Any = None
     work_dir: Path | None = None  # where training stages keep checkpoints (resume) and curves
+    corpus: Callable[[], list[str]] | None = None  # every text of the run's data source (all splits)
+    token_map: Tensor | None = None  # original id -> current id (-1: dropped), once a stage pruned the vocabulary
     _calib: TokenData | None = field(default=None, repr=False)
     _train: TokenData | None = field(default=None, repr=False)
 
@@ -53,6 +55,17 @@ class Context:
                 raise RuntimeError("this stage needs calibration data but none was given")
             self._calib = self.calibration()
         return self._calib
+
+    def retokenize(self, tokenizer: Any, mapping: Tensor) -> None:
+        """A stage replaced the tokenizer (``mapping``: its previous ids -> new ids, -1 dropped): data
+        is tokenized again on next use, and the map from the original ids is kept for evaluation."""
+        self.tokenizer = tokenizer
+        if self.token_map is None:
+            self.token_map = mapping
+        else:
+            prev = self.token_map
+            self.token_map = torch.where(prev >= 0, mapping[prev.clamp(min=0)], prev)
+        self._calib = self._train = None
 
     def train_data(self) -> TokenData:
         if self._train is None:
@@ -80,12 +93,13 @@ class Method:
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress import cluster, lowrank
+    from lmpress import cluster, lowrank, vocab
     from lmpress.distill import kd, qat
     from lmpress.prune import hidden, layers, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD, layers.METHOD]
-    found += [hidden.METHOD, lowrank.METHOD, cluster.METHOD, kd.METHOD, qat.METHOD]
+    found += [hidden.METHOD, lowrank.METHOD, cluster.METHOD, vocab.METHOD]
+    found += [kd.METHOD, qat.METHOD]
     return {m.name: m for m in found}
