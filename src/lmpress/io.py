@@ -141,6 +141,24 @@ def module_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
     return formats
 
 
+def shared_modules(model: nn.Module) -> dict[str, str]:
+    """Module names that are the same object as an earlier module holding tensors: alias -> first name.
+
+    Weight sharing across blocks (`lmpress.share`) makes them; they are saved once and re-linked on load.
+    """
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        owns = next(m.parameters(recurse=False), None) is not None or next(m.buffers(recurse=False), None) is not None
+        if not owns:
+            continue
+        if id(m) in first:
+            aliases[name] = first[id(m)]
+        else:
+            first[id(m)] = name
+    return aliases
+
+
 def save(
     model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
@@ -157,8 +175,13 @@ def save(
     structure = needs_structure_record(model)
     if structure is not None:  # per-block widths no Hugging Face config can express
         record["structure"] = structure
+    aliases = shared_modules(model)
+    state = None
+    if aliases:  # each shared tensor once
+        record["shared"] = aliases
+        state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(a + ".") for a in aliases)}
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)  # type: ignore[operator]
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record["bytes_on_disk"] = weight_bytes(tmp)
@@ -182,11 +205,12 @@ def load_compressed(
     if unknown:
         raise ModelLoadError(f"{path} uses module formats {sorted(unknown)} that this lmpress cannot load; upgrade")
     structure = meta.get("structure")
-    if structure is None and all(m.get("format") == "dense" for m in modules.values()):
+    shared = meta.get("shared") or {}
+    if structure is None and not shared and all(m.get("format") == "dense" for m in modules.values()):
         model = _from_pretrained(path, dtype, trust_remote_code)
     else:
         try:
-            model = _restore(path, modules, dtype, trust_remote_code, structure)
+            model = _restore(path, modules, dtype, trust_remote_code, structure, shared)
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             msg = (str(e) or type(e).__name__).splitlines()[0]
             raise ModelLoadError(
@@ -201,6 +225,7 @@ def _restore(
     dtype: torch.dtype | str,
     trust_remote_code: bool,
     structure: list[dict[str, int]] | None = None,
+    shared: dict[str, str] | None = None,
 ) -> nn.Module:
     """Build the architecture from its config, swap in the saved layer types, load the tensors."""
     from safetensors.torch import load_file
@@ -226,6 +251,9 @@ def _restore(
     for name, fmt in modules.items():
         if fmt.get("format") in LAYER_FORMATS:
             replace_module(model, name, LAYER_FORMATS[fmt["format"]].from_format(fmt, dtype))  # type: ignore[arg-type]
+    for alias, source in (shared or {}).items():  # modules saved once, used by several blocks
+        parent, _, child = alias.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(source))
     state: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*.safetensors")):
         state.update(load_file(f))

@@ -93,13 +93,13 @@ class Method:
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress import cluster, lowrank, vocab
+    from lmpress import cluster, lowrank, share, vocab
     from lmpress.distill import kd, qat
     from lmpress.prune import hidden, layers, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD, layers.METHOD]
-    found += [hidden.METHOD, lowrank.METHOD, cluster.METHOD, vocab.METHOD]
+    found += [hidden.METHOD, lowrank.METHOD, cluster.METHOD, share.METHOD, vocab.METHOD]
     found += [kd.METHOD, qat.METHOD]
     return {m.name: m for m in found}

@@ -96,8 +96,15 @@ def settings_for(name: str, config: WeightQuantConfig) -> LayerSettings:
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is, and wherever else the same module object is used (weights
+    shared across blocks by `lmpress.share` stay shared)."""
+    old = model.get_submodule(name)
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
+    for m in model.modules():
+        for child_name, sub in list(m._modules.items()):
+            if sub is old:
+                setattr(m, child_name, new)
 
 
 def to_quant_linear(
