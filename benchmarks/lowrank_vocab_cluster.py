@@ -8,7 +8,7 @@ Groups:
   (SVD-LLM whitening) at 10%, 20% and 30% fewer parameters in the decoder blocks' linear layers;
 - ``cluster``: k-means clustering with 16 and 256 centroids per layer against round-to-nearest at
   the same bits (4 and 8), plain k-means and the sensitivity-weighted, error-fed version;
-- ``share``: cross-layer weight sharing at 10% and 25% of the blocks' linear weights, against
+- ``share``: cross-layer weight sharing at 8% and 25% of the blocks' linear weights, against
   dropping a block (the same parameters), each also after a short recovery distillation;
 - ``vocab``: vocabulary pruning to a domain (the standard library's ``email``, ``json`` and ``http``
   packages), evaluated on the domain's held-out files; on the built-in model and on a tiny
@@ -88,7 +88,7 @@ GROUPS: dict[str, list[tuple[str, list[Stage]]]] = {
         ("k-means 256/layer", [{"method": "cluster", "centroids": 256}]),
     ],
     "share": [
-        ("share 10%", [{"method": "share", "target": 0.1}]),
+        ("share 8%", [{"method": "share", "target": 0.08}]),
         ("share 25%", [{"method": "share", "target": 0.25}]),
         ("share 25%, mean merge", [{"method": "share", "target": 0.25, "merge": "mean"}]),
         ("drop 1 of 4 blocks (25%)", [{"method": "drop_blocks", "blocks": 1}]),

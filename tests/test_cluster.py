@@ -104,3 +104,24 @@ def test_clustering_beats_round_to_nearest_at_the_same_bits_and_reloads(
     ids = torch.randint(0, 100, (1, 16))
     torch.testing.assert_close(reloaded(input_ids=ids).logits, clustered.model(input_ids=ids).logits)
     assert clustered.metrics["compressed"]["bytes"] < clustered.metrics["original"]["bytes"]
+
+
+def test_distillation_learns_the_codebook_and_keeps_the_indices(
+    trained_dir: Callable[[str], Path], distill_text: Path
+) -> None:
+    data = DataOptions(source=distill_text, seq_len=32, eval_windows=64, calib_windows=32)
+    src = trained_dir("llama")
+    cluster = {"method": "cluster", "centroids": 4}  # 2-bit: much to recover
+    before = compress(src, {"stages": [cluster]}, data, measure_speed=False)
+    train = {"method": "distill", "steps": 30, "batch_size": 8, "lr": 1e-3, "eval_every": 10, "precision": "fp32"}
+    after = compress(src, {"stages": [cluster, train]}, data, measure_speed=False)
+    assert after.metrics["compressed"]["kl"] < 0.8 * before.metrics["compressed"]["kl"]
+    b = {n: m for n, m in before.model.named_modules() if isinstance(m, CodebookLinear)}
+    a = {n: m for n, m in after.model.named_modules() if isinstance(m, CodebookLinear)}
+    assert a.keys() == b.keys() and a
+    for name in a:  # the same clusters (indices renumbered only if centroids swapped order), new values
+        assert torch.equal(a[name].codebook.float().sort(dim=1).values, a[name].codebook.float())
+        wa, wb = a[name].dense_weight(), b[name].dense_weight()
+        assert not torch.equal(wa, wb)
+        same_cluster = b[name].indices()[:, :, None] == b[name].indices()[:, None, :]
+        assert torch.equal(same_cluster, a[name].indices()[:, :, None] == a[name].indices()[:, None, :])

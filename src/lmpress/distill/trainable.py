@@ -17,7 +17,9 @@ format, so the trained model is exactly as small as before:
   layer keeps its codes and stores the update beside them (`LoRALinear`), or, with
   ``merge_quantized``, has base + update re-rounded onto its grid (no extra numbers, new codes).
 
-Dense ``nn.Linear`` layers without LoRA are trained as they are.
+A clustered layer (`CodebookLinear`) keeps its indices and learns its codebook and row scales
+(`TrainableCodebook`; with LoRA it stays frozen). Dense ``nn.Linear`` layers without LoRA are
+trained as they are.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.models.adapters import is_conv1d
-from lmpress.nn import LoRALinear, QuantLinear, SparseLinear
+from lmpress.nn import CodebookLinear, LoRALinear, QuantLinear, SparseLinear
 from lmpress.nn.packing import decode_zeros
 from lmpress.quant.base import replace_module
 from lmpress.quant.grid import Quantized, expand_groups, quantize_with
@@ -182,12 +184,50 @@ class TrainableLinear(nn.Module):
         return dense
 
 
+class TrainableCodebook(nn.Module):
+    """A clustered layer whose indices stay and whose centroids (and row scales) learn."""
+
+    indices: Tensor
+
+    def __init__(self, origin: CodebookLinear) -> None:
+        super().__init__()
+        self.origin = [origin]
+        self.register_buffer("indices", origin.indices())
+        self.codebook = nn.Parameter(origin.codebook.float().clone())
+        self.scales = nn.Parameter(origin.scales.float().clone()) if origin.scales is not None else None
+        self.bias = nn.Parameter(origin.bias.detach().float().clone()) if origin.bias is not None else None
+
+    def weight(self) -> Tensor:
+        w = self.codebook[0][self.indices] if self.codebook.shape[0] == 1 else self.codebook.gather(1, self.indices)
+        return w * self.scales[:, None] if self.scales is not None else w
+
+    def forward(self, x: Tensor) -> Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        return nn.functional.linear(x, self.weight().to(x.dtype), bias)
+
+    def to_compressed(self, merge_quantized: bool = False) -> nn.Module:
+        origin = self.origin[0]
+        book = self.codebook.detach().sort(dim=1)  # keep the codebook sorted; indices follow
+        rank = book.indices.argsort(dim=1)
+        idx = rank[0][self.indices] if rank.shape[0] == 1 else rank.gather(1, self.indices)
+        bias = self.bias.detach().to(origin.bias.dtype) if self.bias is not None and origin.bias is not None else None
+        scales = self.scales.detach() if self.scales is not None else None
+        return CodebookLinear.from_indices(
+            idx.to(torch.uint8), book.values, origin.bits, bias, origin.codebook.dtype, scales
+        )
+
+
+Trainable = TrainableLinear | TrainableCodebook
+
+
 def _quantized_of(layer: QuantLinear) -> Quantized:
     return Quantized(layer.codes(), layer.scales.float(), layer.zeros(), layer.bits, layer.group_size)
 
 
-def to_trainable(module: nn.Module, codes: Codes = "frozen", lora_rank: int = 0) -> TrainableLinear | None:
+def to_trainable(module: nn.Module, codes: Codes = "frozen", lora_rank: int = 0) -> Trainable | None:
     """The trainable stand-in of a compressed (or, with LoRA, dense) linear layer; None: train as is."""
+    if isinstance(module, CodebookLinear):
+        return None if lora_rank else TrainableCodebook(module)
     if isinstance(module, QuantLinear):
         q = _quantized_of(module)
         w = q.dequantize()
@@ -210,9 +250,9 @@ def to_trainable(module: nn.Module, codes: Codes = "frozen", lora_rank: int = 0)
     return None
 
 
-def make_trainable(model: nn.Module, codes: Codes = "frozen", lora_rank: int = 0) -> dict[str, TrainableLinear]:
+def make_trainable(model: nn.Module, codes: Codes = "frozen", lora_rank: int = 0) -> dict[str, Trainable]:
     """Swap every compressed linear layer (every linear layer, with LoRA) for a `TrainableLinear`."""
-    swapped: dict[str, TrainableLinear] = {}
+    swapped: dict[str, Trainable] = {}
     for name, module in list(model.named_modules()):
         if is_conv1d(module) and lora_rank:
             continue  # GPT-2's Conv1D is dense: it trains as it is
@@ -224,7 +264,7 @@ def make_trainable(model: nn.Module, codes: Codes = "frozen", lora_rank: int = 0
     return swapped
 
 
-def restore_compressed(model: nn.Module, swapped: dict[str, TrainableLinear], merge_quantized: bool = False) -> None:
+def restore_compressed(model: nn.Module, swapped: dict[str, Trainable], merge_quantized: bool = False) -> None:
     """Pack every `TrainableLinear` back into its original format, in place."""
     for name, t in swapped.items():
         replace_module(model, name, t.to_compressed(merge_quantized))

@@ -86,10 +86,24 @@ class CodebookLinear(nn.Module):
         return unpack(self.qweight, self.bits, self.in_features).long()
 
     def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The weights the indices stand for.  (out, in)"""
-        idx = self.indices()
+        """The weights the indices stand for.  (out, in)
+
+        With 1, 2, 4 or 8 bits a packed byte holds whole indices, so one lookup per byte in a
+        256-entry table of value tuples (built from the codebook, ``per`` values each) decodes it:
+        a single gather instead of unpacking every index first.
+        """
         book = self.codebook.to(dtype)
-        w = book[0][idx] if not self.per_channel else torch.gather(book, 1, idx)
+        if 8 % self.bits:
+            idx = self.indices()
+            w = book[0][idx] if not self.per_channel else torch.gather(book, 1, idx)
+        else:
+            per = 8 // self.bits
+            byte = torch.arange(256, device=book.device)
+            parts = (byte[:, None] >> (self.bits * torch.arange(per, device=book.device))) & (2**self.bits - 1)
+            table = book[:, parts]  # (groups, 256, per): the values of every byte
+            q = self.qweight.long()
+            w = table[0][q] if not self.per_channel else torch.gather(table, 1, q[:, :, None].expand(-1, -1, per))
+            w = w.reshape(self.out_features, -1)[:, : self.in_features]
         return w * self.scales.to(dtype)[:, None] if self.scales is not None else w
 
     def forward(self, x: Tensor) -> Tensor:
