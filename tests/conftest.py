@@ -18,6 +18,13 @@ torch.set_num_threads(int(os.environ.get("LMPRESS_TEST_THREADS", os.environ.get(
 TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi")
 
 
+@pytest.fixture(autouse=True)
+def _no_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Commands record runs by default; tests turn it on only where they test it (``--track``)."""
+    monkeypatch.setenv("LMPRESS_TRACK", "0")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture(scope="session")
 def tokenizer():  # type: ignore[no-untyped-def]
     """A 512-token byte-level BPE trained on a few stdlib modules (fast, deterministic)."""

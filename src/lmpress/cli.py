@@ -65,6 +65,21 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="run the mo
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for PyTorch (0: its default)")]
 TextFieldOpt = Annotated[str, typer.Option("--text-field", help="JSONL field holding the text")]
 PatternOpt = Annotated[str, typer.Option("--pattern", help="glob for files inside a data directory")]
+TrackOpt = Annotated[
+    bool | None, typer.Option("--track/--no-track", help="write a run directory and log to MLflow [default: on]")
+]
+RunsDirOpt = Annotated[
+    Path | None,
+    typer.Option("--runs-dir", help="where run directories go [default: $LMPRESS_RUNS_DIR or lmpress-runs]"),
+]
+TrackingUriOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow store [default: $MLFLOW_TRACKING_URI or SQLite in --runs-dir]"),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or log lines; errors still print")]
+SamplesOpt = Annotated[
+    int, typer.Option("--samples", min=0, help="generation samples from both models, for the report")
+]
 
 
 def _fail(message: str, code: int) -> None:
@@ -89,16 +104,27 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def _setup(threads: int) -> None:
+def _setup(threads: int, quiet: bool = False) -> None:
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("lmpress").setLevel(logging.INFO)
+    logging.getLogger("lmpress").setLevel(logging.WARNING if quiet else logging.INFO)
     if threads:
         torch.set_num_threads(threads)
+
+
+def _track_options(track: bool | None, runs_dir: Path | None, tracking_uri: str | None) -> Any:
+    from lmpress.track import TrackOptions
+
+    given: dict[str, Any] = {}
+    if track is not None:
+        given["enabled"] = track
+    if runs_dir is not None:
+        given["runs_dir"] = runs_dir
+    return TrackOptions(tracking_uri=tracking_uri, **given)
 
 
 def _fmt(key: str, value: float | None) -> str:
@@ -178,11 +204,17 @@ def eval_cmd(
     threads: ThreadsOpt = 0,
     pattern: PatternOpt = "**/*",
     text_field: TextFieldOpt = "text",
+    track: TrackOpt = None,
+    runs_dir: RunsDirOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Evaluate a model on held-out text: quality, size, speed and memory."""
     from lmpress.api import evaluate
+    from lmpress.track import record_run
 
-    _setup(threads)
+    _setup(threads, quiet or as_json)
+    tracking = _track_options(track, runs_dir, tracking_uri)
     result = evaluate(
         model,
         _data_options(data, pattern, text_field, seq_len=seq_len, eval_windows=max_windows),
@@ -192,12 +224,19 @@ def eval_cmd(
         dtype=dtype,
         tokenizer=tokenizer,
         measure_speed=speed,
-        progress=not as_json,
+        progress=not (as_json or quiet),
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
+    record = {
+        "source_model": model,
+        "reference_model": reference,
+        "metrics": {"evaluated": result.metrics, **({"reference": result.reference_metrics} if reference else {})},
+        "data": result.data.to_dict(),
+    }
+    run_dir = record_run(tracking, "eval", Path(model).name or model, record)
     if as_json:
-        _print_json(result.to_dict())
+        _print_json({**result.to_dict(), "run_dir": str(run_dir) if run_dir else None})
         return
     m = result.data
     console.print(
@@ -205,6 +244,8 @@ def eval_cmd(
     )
     console.print(f"model: {model}" + (f"\nreference: {reference}" if reference else ""), soft_wrap=True)
     console.print(f"data: {m.documents} documents, {m.windows} windows x {m.seq_len} tokens, sha256 {m.sha256[:16]}")
+    if run_dir:
+        console.print(f"run: {run_dir}", soft_wrap=True)
 
 
 @app.command()
@@ -228,14 +269,22 @@ def compress(
     threads: ThreadsOpt = 0,
     pattern: PatternOpt = "**/*",
     text_field: TextFieldOpt = "text",
+    track: TrackOpt = None,
+    runs_dir: RunsDirOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    samples: SamplesOpt = 3,
+    quiet: QuietOpt = False,
 ) -> None:
     """Compress a model with a recipe, measure it against the original, and save it."""
-    from lmpress.pipeline import compress as run
+    from lmpress.recipe import load_recipe
 
-    _setup(threads)
-    result = run(
+    _setup(threads, quiet or as_json)
+    tracking = _track_options(track, runs_dir, tracking_uri)
+    parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
+    result, run_dir = tracked_compress(
+        tracking,
         model,
-        recipe,
+        parsed,
         _data_options(
             data, pattern, text_field, seq_len=seq_len, eval_windows=max_windows, calib_windows=calib_windows
         ),
@@ -245,12 +294,13 @@ def compress(
         dtype=dtype,
         run_eval=run_eval,
         measure_speed=speed,
-        progress=not as_json,
+        progress=not (as_json or quiet),
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
+        samples=samples if run_eval else 0,
     )
     if as_json:
-        _print_json(result.summary())
+        _print_json({**result.summary(), "run_dir": str(run_dir) if run_dir else None})
         return
     for s in result.stages:
         console.print(f"stage {s['stage']} {s['method']}: done in {s['seconds']:.1f} s")
@@ -263,6 +313,33 @@ def compress(
         )
     if result.output:
         console.print(f"saved to {result.output}")
+    if run_dir:
+        console.print(f"run: {run_dir}", soft_wrap=True)
+
+
+def tracked_compress(tracking: Any, model: str, recipe: Any, data: DataOptions, **kw: Any) -> tuple[Any, Path | None]:
+    """`lmpress.pipeline.compress` inside a run directory (removed again if the compression fails)."""
+    import shutil
+
+    import yaml
+
+    from lmpress.pipeline import compress as run
+    from lmpress.track import new_run_dir, record_run
+
+    run_dir = new_run_dir(tracking, "compress", recipe.name) if tracking.enabled else None
+    try:
+        work = run_dir / "work" if run_dir is not None and kw.get("output") is None else None
+        result = run(model, recipe, data, work_dir=work, **kw)
+    except BaseException:
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    record = {
+        "source_model": model,
+        **result.summary(),
+    }
+    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    return result, record_run(tracking, "compress", recipe.name, record, run_dir, recipe_yaml)
 
 
 @app.command("train-reference")

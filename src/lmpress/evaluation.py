@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -285,3 +286,24 @@ def evaluate(
         metrics.update(speed(model, vocab, **_speed_lengths(model)))
     model.train(was_training)
     return metrics
+
+
+@torch.no_grad()
+def generate_samples(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
+    """Greedy continuations of ``prompts`` (the generated text only), to read beside the metrics."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+        gen = model.generate(  # type: ignore[operator]
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.eos_token_id,
+        )
+        out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
+    model.train(was_training)
+    return out

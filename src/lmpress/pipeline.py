@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import nn
 
-from lmpress.data import STDLIB, Manifest, Split, TokenData, load_documents, load_windows
+from lmpress.data import STDLIB, Manifest, Split, TokenData, load_documents, load_windows, select_split
 from lmpress.errors import ModelLoadError
 from lmpress.evaluation import evaluate, size
 from lmpress.io import check_output_dir, save
@@ -41,9 +41,11 @@ class Result:
     data: Manifest | None = None  # the evaluation windows
     calibration: dict[str, Any] | None = None  # manifest of the calibration windows, if used
     output: Path | None = None
+    samples: dict[str, list[str]] | None = None  # "prompts", "original", "compressed": greedy continuations
 
     def summary(self) -> dict[str, Any]:
         return {
+            "samples": self.samples,
             "recipe": self.recipe.to_dict(),
             "stages": self.stages,
             "metrics": self.metrics,
@@ -64,6 +66,23 @@ class DataOptions:
     train_windows: int | None = None  # None: every window of the train split (training stages)
     pattern: str = "**/*"
     text_field: str = "text"
+
+    def prompts(self, n: int, chars: int = 120) -> list[str]:
+        """``n`` openings of evaluation text, cut at a line end: prompts for generation samples. The
+        first documents' beginnings first; fewer documents than ``n`` give openings further in."""
+        docs = select_split(load_documents(self.source, pattern=self.pattern, text_field=self.text_field), "eval")
+        texts = [d.text for d in docs if len(d.text.strip()) >= 20]
+        out: list[str] = []
+        for k in range(n):  # round k: the opening at k/n of each document (at a line start)
+            for text in texts:
+                start = 0 if k == 0 else text.find("\n", k * len(text) // n) + 1
+                piece = text[start:].lstrip()
+                cut = piece.rfind("\n", 0, chars)
+                if len(piece) >= 20:
+                    out.append(piece[: cut + 1] if cut > 20 else piece[:chars])
+                if len(out) == n:
+                    return out
+        return out
 
     def load(self, tokenizer: Any, split: Split, max_windows: int | None) -> TokenData:
         return load_windows(
@@ -108,11 +127,15 @@ def compress(
     progress: bool = False,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
+    samples: int = 0,
+    work_dir: Path | None = None,
 ) -> Result:
     """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given.
 
     ``data`` is a source (path or "stdlib") or `DataOptions`; its calibration split feeds the stages
-    that need data, its evaluation split measures both models on the same tokens.
+    that need data, its evaluation split measures both models on the same tokens. ``samples``:
+    greedy continuations of that many evaluation-text openings, by the original and the result.
+    ``work_dir``: where training stages keep checkpoints and curves (default: beside ``output``).
     """
     recipe = load_recipe(recipe)
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
@@ -136,7 +159,7 @@ def compress(
         device=model_device,
         teacher=original,
         progress=progress,
-        work_dir=work_dir_for(output),
+        work_dir=work_dir or work_dir_for(output),
         corpus=lambda: [d.text for d in load_documents(data.source, pattern=data.pattern, text_field=data.text_field)],
     )
     # read the tokenizer when the data is needed: a vocabulary stage may have replaced it
@@ -169,6 +192,15 @@ def compress(
                 progress=progress,
                 token_map=ctx.token_map,
             )
+    if samples and original is not None:
+        from lmpress.evaluation import generate_samples
+
+        prompts = data.prompts(samples)
+        result.samples = {
+            "prompts": prompts,
+            "original": generate_samples(original, loaded.tokenizer, prompts),
+            "compressed": generate_samples(loaded.model, ctx.tokenizer, prompts),
+        }
     result.calibration = ctx.calib_manifest
     ctx.teacher = original = None
     if output is not None:

@@ -1,0 +1,195 @@
+"""Run directories and experiment tracking: every ``compress``, ``eval`` and ``search`` leaves a record.
+
+A run directory (``<runs_dir>/<time>-<command>-<name>/``) holds ``run.json`` (the command, recipe,
+stage reports, metrics against the original, data manifests, generation samples, library
+versions and where the model was written) and ``recipe.yaml``; training stages write their
+TensorBoard curves under it when the model is not saved elsewhere. `lmpress report` reads run
+directories.
+
+The same record goes to MLflow: the recipe as parameters (``stage1.method``, ``stage1.bits``,
+...), the metrics (``compressed.perplexity``, ``original.bytes_on_disk``, ...), and the run
+directory as artifacts. The store is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else a local
+SQLite store beside the run directories (``<runs_dir>/mlflow.db``, artifacts in
+``<runs_dir>/mlartifacts``). A tracking failure after the work is done is a warning, never a lost
+result. ``--no-track`` (or ``LMPRESS_TRACK=0``) turns all of it off.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmpress.io import library_versions, write_json_atomic
+
+log = logging.getLogger(__name__)
+RUN_FILE = "run.json"
+
+
+def _default_runs_dir() -> Path:
+    return Path(os.environ.get("LMPRESS_RUNS_DIR", "lmpress-runs"))
+
+
+def _default_enabled() -> bool:
+    return os.environ.get("LMPRESS_TRACK", "1").lower() not in ("0", "false", "no", "off")
+
+
+@dataclass(frozen=True)
+class TrackOptions:
+    """Where runs are recorded; ``enabled=False`` records nothing."""
+
+    enabled: bool = field(default_factory=_default_enabled)
+    runs_dir: Path = field(default_factory=_default_runs_dir)
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else SQLite in runs_dir
+    experiment: str = "lmpress"
+    mlflow: bool = True
+
+    def resolved_uri(self) -> str:
+        if self.tracking_uri:
+            return self.tracking_uri
+        if os.environ.get("MLFLOW_TRACKING_URI"):
+            return os.environ["MLFLOW_TRACKING_URI"]
+        return f"sqlite:///{(self.runs_dir / 'mlflow.db').resolve()}"
+
+
+def new_run_dir(opts: TrackOptions, command: str, name: str) -> Path:
+    """A fresh, unique run directory (created)."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "run"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    opts.runs_dir.mkdir(parents=True, exist_ok=True)
+    for i in range(1000):
+        path = (
+            opts.runs_dir / f"{stamp}-{command}-{slug}" if i == 0 else opts.runs_dir / f"{stamp}-{command}-{slug}-{i}"
+        )
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"cannot create a run directory in {opts.runs_dir}")
+
+
+def flat_params(recipe: dict[str, Any] | None) -> dict[str, str]:
+    """Recipe as MLflow parameters: ``recipe.name``, ``stage1.method``, ``stage1.bits``, ..."""
+    if not recipe:
+        return {}
+    out = {"recipe.name": str(recipe.get("name"))}
+    for i, stage in enumerate(recipe.get("stages", []), 1):
+        for key, value in stage.items():
+            text = json.dumps(value) if isinstance(value, list | dict) else str(value)
+            out[f"stage{i}.{key}"] = text[:500]
+    return out
+
+
+def flat_metrics(metrics: dict[str, dict[str, float]]) -> dict[str, float]:
+    """``{"original": {...}, "compressed": {...}}`` -> ``original.perplexity`` ... (finite numbers only)."""
+    out = {}
+    for who, values in metrics.items():
+        for key, value in (values or {}).items():
+            if isinstance(value, int | float) and value == value and abs(value) != float("inf"):
+                out[f"{who}.{key}"] = float(value)
+    return out
+
+
+def record_run(
+    opts: TrackOptions,
+    command: str,
+    name: str,
+    record: dict[str, Any],
+    run_dir: Path | None = None,
+    recipe_yaml: str | None = None,
+) -> Path | None:
+    """Write ``run.json`` (and ``recipe.yaml``) into a run directory and log it to MLflow.
+
+    Returns the run directory, or None when tracking is off."""
+    if not opts.enabled:
+        return None
+    run_dir = run_dir or new_run_dir(opts, command, name)
+    record = {
+        "command": command,
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **record,
+        "versions": library_versions(),
+    }
+    if recipe_yaml is not None:
+        (run_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+    write_json_atomic(run_dir / RUN_FILE, record)
+    if opts.mlflow:
+        run_id = log_mlflow(opts, command, name, record, run_dir)
+        if run_id is not None:
+            record["mlflow"] = {"tracking_uri": opts.resolved_uri(), "run_id": run_id}
+            write_json_atomic(run_dir / RUN_FILE, record)
+    return run_dir
+
+
+def log_mlflow(opts: TrackOptions, command: str, name: str, record: dict[str, Any], run_dir: Path) -> str | None:
+    """Log one run; returns its MLflow run id, or None (with a warning) if tracking failed."""
+    try:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        log.warning("mlflow is not installed; the run is recorded in %s only", run_dir)
+        return None
+    uri = opts.resolved_uri()
+    try:
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        client = MlflowClient(uri)
+        exp = client.get_experiment_by_name(opts.experiment)
+        if exp is None:
+            local = uri.startswith("sqlite:///") and not os.environ.get("MLFLOW_TRACKING_URI") and not opts.tracking_uri
+            location = (opts.runs_dir / "mlartifacts").resolve().as_uri() if local else None
+            exp_id = client.create_experiment(opts.experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        run = client.create_run(exp_id, run_name=f"{command} {name}", tags={"lmpress.command": command})
+        rid = run.info.run_id
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        params = [Param(k, v) for k, v in flat_params(record.get("recipe")).items()]
+        if record.get("source_model"):
+            params.append(Param("model", str(record["source_model"])[:500]))
+        metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(record.get("metrics") or {}).items()]
+        for step, loss in _curve(record):
+            metrics.append(Metric("train.loss", loss, now, step))
+        client.log_batch(rid, metrics=metrics, params=params)
+        client.log_artifacts(rid, str(run_dir))
+        client.set_terminated(rid)
+        del mlflow
+        return str(rid)
+    except Exception as e:  # the work is done and saved; tracking must not lose it
+        log.warning("MLflow logging to %s failed (%s); the run is recorded in %s", uri, str(e).splitlines()[0], run_dir)
+        return None
+
+
+def _curve(record: dict[str, Any]) -> list[tuple[int, float]]:
+    """(step, loss) of the first training stage, for an MLflow chart."""
+    for stage in record.get("stages") or []:
+        history = stage.get("history") if isinstance(stage, dict) else None
+        if history:
+            return [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h and "step" in h]
+    return []
+
+
+def load_run(path: Path) -> dict[str, Any]:
+    """A run directory's record (or a saved model directory's ``lmpress.json``)."""
+    from lmpress.errors import LmpressError
+    from lmpress.models.loading import META_FILE
+
+    for candidate in (path / RUN_FILE, path / META_FILE):
+        if candidate.is_file():
+            try:
+                data: dict[str, Any] = json.loads(candidate.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise LmpressError(f"{candidate} is not valid JSON ({e}); re-run it") from None
+            data.setdefault("name", path.name)
+            data["path"] = str(path)
+            return data
+    raise LmpressError(f"{path} is not a run directory (no {RUN_FILE}) nor a saved model (no {META_FILE})")
