@@ -20,8 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(BIN)/lmpress eval builtin
-	$(BIN)/lmpress compress builtin --recipe w4 --output out/builtin-w4 --overwrite
+	$(BIN)/lmpress demo
 
 test: setup
 	$(BIN)/python -m pytest

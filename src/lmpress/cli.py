@@ -281,6 +281,8 @@ def compress(
     _setup(threads, quiet or as_json)
     tracking = _track_options(track, runs_dir, tracking_uri)
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
+    from lmpress.track import tracked_compress
+
     result, run_dir = tracked_compress(
         tracking,
         model,
@@ -315,31 +317,6 @@ def compress(
         console.print(f"saved to {result.output}")
     if run_dir:
         console.print(f"run: {run_dir}", soft_wrap=True)
-
-
-def tracked_compress(tracking: Any, model: str, recipe: Any, data: DataOptions, **kw: Any) -> tuple[Any, Path | None]:
-    """`lmpress.pipeline.compress` inside a run directory (removed again if the compression fails)."""
-    import shutil
-
-    import yaml
-
-    from lmpress.pipeline import compress as run
-    from lmpress.track import new_run_dir, record_run
-
-    run_dir = new_run_dir(tracking, "compress", recipe.name) if tracking.enabled else None
-    try:
-        work = run_dir / "work" if run_dir is not None and kw.get("output") is None else None
-        result = run(model, recipe, data, work_dir=work, **kw)
-    except BaseException:
-        if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-        raise
-    record = {
-        "source_model": model,
-        **result.summary(),
-    }
-    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-    return result, record_run(tracking, "compress", recipe.name, record, run_dir, recipe_yaml)
 
 
 @app.command("train-reference")
@@ -387,6 +364,75 @@ def presets_cmd() -> None:
 
     for name in presets():
         console.print(f"[bold]{name}[/]  {load_recipe(name).description}")
+
+
+DEMO_COLUMNS = [
+    ("bytes_on_disk", "MB", lambda v: f"{v / 1e6:.2f}"),
+    ("bits_per_weight", "bits/w", lambda v: f"{v:.2f}"),
+    ("perplexity", "ppl", lambda v: f"{v:.3f}"),
+    ("kl", "KL", lambda v: f"{v:.4f}"),
+    ("top1_agreement", "top-1", lambda v: f"{100 * v:.1f}%"),
+    ("prefill_tokens_per_s", "prefill/s", lambda v: f"{v:,.0f}"),
+    ("decode_tokens_per_s", "decode/s", lambda v: f"{v:,.0f}"),
+    ("seconds", "secs", lambda v: f"{v:.1f}"),
+]
+
+
+@app.command("demo")
+@handles_errors
+def demo_cmd(
+    presets: Annotated[str, typer.Option(help="comma-separated presets to run")] = ",".join(
+        ("w8", "w8a8", "w4", "sparse50", "w4-sparse", "edge")
+    ),
+    out_dir: Annotated[Path, typer.Option("--out-dir", help="models, run records and report.html go here")] = Path(
+        "lmpress-demo"
+    ),
+    max_windows: Annotated[int, typer.Option("--max-windows", min=1, help="evaluation windows")] = 32,
+    speed: SpeedOpt = True,
+    as_json: JsonOpt = False,
+    threads: ThreadsOpt = 0,
+    track: TrackOpt = None,
+    runs_dir: RunsDirOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Compress the built-in model with several presets, compare them in one table, write the report."""
+    from lmpress.demo import run_demo
+
+    _setup(threads, quiet or as_json)
+    tracking = _track_options(track, runs_dir or out_dir / "runs", tracking_uri)
+    names = [n.strip() for n in presets.split(",") if n.strip()]
+    result = run_demo(names, out_dir, tracking, max_windows, progress=not (as_json or quiet), measure_speed=speed)
+    if as_json:
+        _print_json({"rows": result.rows, "runs": [str(p) for p in result.run_dirs], "report": str(result.report)})
+        return
+    table = Table(title="built-in model: presets vs the original (same held-out windows)", title_justify="left")
+    table.add_column("preset", no_wrap=True)
+    for _, label, _fmt_fn in DEMO_COLUMNS:
+        table.add_column(label, justify="right")
+    for row in result.rows:
+        cells = [fn(row[k]) if isinstance(row.get(k), int | float) else "-" for k, _, fn in DEMO_COLUMNS]
+        table.add_row(row["name"], *cells)
+    console.print(table)
+    console.print(f"report: {result.report}", soft_wrap=True)
+
+
+@app.command("report")
+@handles_errors
+def report_cmd(
+    runs: Annotated[list[Path], typer.Argument(help="run directories (or saved model directories)")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="HTML file to write")] = Path("lmpress-report.html"),
+    title: Annotated[str, typer.Option(help="page title")] = "lmpress report",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write one self-contained HTML page comparing runs: trade-off plots, metrics, samples."""
+    from lmpress.report import write_report
+
+    path = write_report(runs, output, title)
+    if as_json:
+        _print_json({"report": str(path)})
+    else:
+        console.print(f"report: {path}", soft_wrap=True)
 
 
 def main() -> None:

@@ -193,3 +193,27 @@ def load_run(path: Path) -> dict[str, Any]:
             data["path"] = str(path)
             return data
     raise LmpressError(f"{path} is not a run directory (no {RUN_FILE}) nor a saved model (no {META_FILE})")
+
+
+def tracked_compress(tracking: TrackOptions, model: Any, recipe: Any, data: Any, **kw: Any) -> tuple[Any, Path | None]:
+    """`lmpress.pipeline.compress` inside a run directory (removed again if the compression fails)."""
+    import shutil
+
+    import yaml
+
+    from lmpress.pipeline import compress as run
+
+    run_dir = new_run_dir(tracking, "compress", recipe.name) if tracking.enabled else None
+    try:
+        work = run_dir / "work" if run_dir is not None and kw.get("output") is None else None
+        result = run(model, recipe, data, work_dir=work, **kw)
+    except BaseException:
+        if run_dir is not None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    record = {
+        "source_model": str(getattr(model, "source", model)),
+        **result.summary(),
+    }
+    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
+    return result, record_run(tracking, "compress", recipe.name, record, run_dir, recipe_yaml)
