@@ -349,19 +349,25 @@ def train_reference_cmd(
 
 
 @app.command("methods")
-def methods_cmd() -> None:
-    """List the compression methods a recipe can use."""
+def methods_cmd(as_json: JsonOpt = False) -> None:
+    """List the compression methods a recipe can use (keys: docs/recipes.md)."""
     from lmpress.registry import methods
 
+    if as_json:
+        _print_json({n: {"summary": m.summary, "keys": list(m.config.model_fields)} for n, m in methods().items()})
+        return
     for name, m in sorted(methods().items()):
         console.print(f"[bold]{name}[/]  {m.summary}")
 
 
 @app.command("presets")
-def presets_cmd() -> None:
-    """List the recipes shipped with lmpress."""
+def presets_cmd(as_json: JsonOpt = False) -> None:
+    """List the recipes shipped with lmpress (each is a YAML file to copy and edit)."""
     from lmpress.recipe import load_recipe, presets
 
+    if as_json:
+        _print_json({n: {**load_recipe(n).to_dict(), "file": str(p)} for n, p in presets().items()})
+        return
     for name in presets():
         console.print(f"[bold]{name}[/]  {load_recipe(name).description}")
 

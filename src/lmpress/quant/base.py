@@ -42,17 +42,17 @@ class Override(BaseModel):
 class WeightQuantConfig(MethodConfig):
     """Fields shared by weight-only quantizers."""
 
-    bits: int = Field(4, ge=2, le=8)
-    group_size: int | None = Field(128, gt=0)  # None: one group per output row
-    symmetric: bool = False
-    scale_dtype: Literal["float16", "bfloat16"] = "float16"
-    targets: Patterns = ["re:.*"]
-    ignore: Patterns = ["lm_head"]
-    overrides: list[Override] = []
+    bits: int = Field(4, ge=2, le=8)  # bits per weight code
+    group_size: int | None = Field(128, gt=0)  # weights sharing one scale (and zero); None: one group per output row
+    symmetric: bool = False  # zero point fixed at the grid's middle (no stored zeros)
+    scale_dtype: Literal["float16", "bfloat16"] = "float16"  # storage type of the scales
+    targets: Patterns = ["re:.*"]  # layers to quantize: exact names or re: regexes
+    ignore: Patterns = ["lm_head"]  # layers to leave alone (wins over targets)
+    overrides: list[Override] = []  # different bits/groups for some layers; the first match wins
     # a targeted layer that saw no calibration tokens (an expert never routed to): stop, or round it
     uncalibrated: Literal["error", "rtn"] = "error"
     embedding_bits: int | None = Field(None, ge=2, le=8)  # None: token embeddings stay as they are
-    embedding_group_size: int | None = Field(128, gt=0)
+    embedding_group_size: int | None = Field(128, gt=0)  # group size of the embedding codes
 
 
 class LayerSettings(BaseModel):
