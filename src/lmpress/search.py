@@ -1,0 +1,447 @@
+"""``search``: find the recipe that fits a budget (size, quality, speed), with Optuna.
+
+A trial is a recipe built from the search space: a weight quantizer and its bits per *block group*
+(the decoder blocks cut into ``block_groups`` contiguous runs), group size, the head's and the
+token embeddings' bits, and optionally SparseGPT sparsity and dropped blocks before it.
+
+- **Objective.** Held-out perplexity (or KL against the original) under ``max_bytes`` /
+  ``min_speedup``; or, with only ``max_ppl_increase``, the smallest model within it; or both at once
+  (``multi_objective``: NSGA-II, the Pareto front). Constraints are Optuna constraints, so TPE
+  learns where the feasible region is.
+- **Selection is not evaluation.** Trials are scored on calibration-split windows the calibration
+  did not use; the winner is measured again on the evaluation split, like every other result.
+- **Cheap before expensive.** Each trial's size is known before any calibrated work: the recipe is
+  first applied with round-to-nearest (same formats, same bytes), and a trial over ``max_bytes`` is
+  pruned there. The *sensitivity cache* (each block group's, the head's and the embeddings' KL when
+  only they are rounded to b bits, measured once per model and kept in ``sensitivity.json``)
+  predicts a trial's KL as the sum of its parts; a trial predicted far outside ``max_ppl_increase``
+  is pruned before calibration, and the search starts from sensitivity-guided seeds.
+- **Durable.** The study lives in a database (SQLite in the study directory, or any Optuna storage
+  URL): an interrupted search resumes where it stopped, and several worker processes (or machines)
+  can share one study.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from torch import Tensor, nn
+
+from lmpress.errors import LmpressError
+from lmpress.evaluation import quality, tensor_bytes
+from lmpress.io import write_json_atomic
+from lmpress.models.adapters import Adapter
+from lmpress.pipeline import run_stages
+from lmpress.recipe import parse_recipe
+from lmpress.registry import Context
+
+log = logging.getLogger(__name__)
+QUANTIZERS = ("gptq", "rtn", "awq", "hqq")
+
+
+class SearchError(LmpressError):
+    """A search that cannot be run as asked."""
+
+
+class SearchSpace(BaseModel):
+    """What a trial may choose (a YAML search file narrows it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    methods: list[str] = ["gptq"]  # weight quantizers to choose from
+    bits: list[int] = [2, 3, 4, 8]  # per block group
+    group_sizes: list[int] = [64, 128]
+    block_groups: int = Field(2, ge=1)  # contiguous runs of blocks that choose their bits separately
+    head_bits: list[int | None] = [None, 8, 4]  # None: the head stays as it is
+    embedding_bits: list[int | None] = [None, 8, 4]
+    sparsity: list[float] = [0.0]  # SparseGPT before quantization; 0: none
+    drop_blocks: list[int] = [0]
+
+    @field_validator("methods")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        bad = [m for m in v if m not in QUANTIZERS]
+        if bad:
+            raise ValueError(f"unknown method {bad[0]!r} in the search space; choose from {', '.join(QUANTIZERS)}")
+        return v
+
+    @field_validator("bits", "group_sizes", "head_bits", "embedding_bits", "sparsity", "drop_blocks", "methods")
+    @classmethod
+    def _not_empty(cls, v: list[Any]) -> list[Any]:
+        if not v:
+            raise ValueError("an empty list leaves nothing to search; give at least one value")
+        return v
+
+
+class Budget(BaseModel):
+    """Hard limits a result must meet."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_bytes: int | None = Field(None, gt=0)
+    max_ppl_increase: float | None = Field(None, gt=0)  # a share: 0.05 = at most 5% worse perplexity
+    min_speedup: float | None = Field(None, gt=0)  # decode tokens/s against the original
+
+
+@dataclass
+class Evaluator:
+    """Applies a trial's recipe to a copy of the model and measures it on the selection windows."""
+
+    model: nn.Module
+    tokenizer: Any
+    calib: Any  # TokenData used for calibration
+    select_windows: Tensor  # calibration-split windows the calibration does not use
+    base_ppl: float
+
+    def compress(self, recipe: dict[str, Any]) -> tuple[nn.Module, int]:
+        model = copy.deepcopy(self.model)
+        ctx = Context(tokenizer=self.tokenizer, device=torch.device("cpu"), calibration=lambda: self.calib)
+        run_stages(model, parse_recipe(recipe), ctx)
+        return model, tensor_bytes(model)
+
+    def measure(self, model: nn.Module, windows: Tensor | None = None) -> dict[str, float]:
+        return quality(model, self.select_windows if windows is None else windows, reference=self.model, batch_size=16)
+
+
+def block_groups(n_blocks: int, groups: int) -> list[list[int]]:
+    """``groups`` contiguous runs of block indices (the first runs one longer when uneven)."""
+    groups = min(groups, n_blocks)
+    base, extra = divmod(n_blocks, groups)
+    out, start = [], 0
+    for g in range(groups):
+        size = base + (1 if g < extra else 0)
+        out.append(list(range(start, start + size)))
+        start += size
+    return out
+
+
+def build_recipe(choice: dict[str, Any], blocks_prefix: str, groups: list[list[int]], name: str) -> dict[str, Any]:
+    """The recipe of one set of choices."""
+    stages: list[dict[str, Any]] = []
+    if choice.get("drop_blocks"):
+        stages.append({"method": "drop_blocks", "blocks": choice["drop_blocks"]})
+    if choice.get("sparsity"):
+        stages.append({"method": "sparsegpt", "sparsity": choice["sparsity"]})
+    escaped = blocks_prefix.replace(".", r"\.")
+    overrides = []
+    for g, blocks in enumerate(groups[1:], 1):
+        bits = choice[f"bits_g{g}"]
+        if bits != choice["bits_g0"]:
+            ids = "|".join(str(b) for b in blocks)
+            overrides.append({"targets": [f"re:{escaped}\\.({ids})\\..*"], "bits": bits})
+    quant: dict[str, Any] = {"method": choice["method"], "bits": choice["bits_g0"], "group_size": choice["group_size"]}
+    if choice.get("head_bits"):
+        quant["ignore"] = []
+        overrides.append({"targets": ["lm_head"], "bits": choice["head_bits"]})
+    if choice.get("embedding_bits"):
+        quant["embedding_bits"] = choice["embedding_bits"]
+    if overrides:
+        quant["overrides"] = overrides
+    stages.append(quant)
+    return {"name": name, "description": "found by lmpress search", "stages": stages}
+
+
+def as_rtn(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The same formats, fast: every calibrated quantizer replaced by round-to-nearest, SparseGPT by magnitude."""
+    out = copy.deepcopy(recipe)
+    for s in out["stages"]:
+        if s["method"] in QUANTIZERS:
+            s["method"] = "rtn"
+        elif s["method"] == "sparsegpt":
+            s["method"] = "magnitude"
+    return out
+
+
+# ---- sensitivity --------------------------------------------------------------------------------
+
+
+def sensitivity(
+    ev: Evaluator, space: SearchSpace, groups: list[list[int]], prefix: str, cache: Path | None
+) -> dict[str, float]:
+    """KL when only one part is rounded to b bits: ``g{i}@{b}``, ``head@{b}``, ``embed@{b}`` (cached)."""
+    if cache is not None and cache.is_file():
+        return dict(json.loads(cache.read_text()))
+    escaped = prefix.replace(".", r"\.")
+    out: dict[str, float] = {}
+    gs = max(space.group_sizes)
+    for b in sorted(set(space.bits) | {x for x in space.head_bits + space.embedding_bits if x}):
+        for g, blocks in enumerate(groups):
+            ids = "|".join(str(i) for i in blocks)
+            stage = {"method": "rtn", "bits": b, "group_size": gs, "targets": [f"re:{escaped}\\.({ids})\\..*"]}
+            out[f"g{g}@{b}"] = _kl_of(ev, stage)
+        out[f"head@{b}"] = _kl_of(
+            ev, {"method": "rtn", "bits": b, "group_size": gs, "targets": ["lm_head"], "ignore": []}
+        )
+        out[f"embed@{b}"] = _embed_kl(ev, b, gs)
+    if cache is not None:
+        write_json_atomic(cache, out)
+    return out
+
+
+def _kl_of(ev: Evaluator, stage: dict[str, Any]) -> float:
+    model, _ = ev.compress({"stages": [stage]})
+    return float(ev.measure(model, ev.select_windows[: max(4, len(ev.select_windows) // 4)])["kl"])
+
+
+def _embed_kl(ev: Evaluator, bits: int, group_size: int) -> float:
+    """Embeddings only (a head tied to them is rounded with them)."""
+    from lmpress.quant.base import quantize_embeddings
+    from lmpress.quant.rtn import RTNConfig
+
+    model = copy.deepcopy(ev.model)
+    config = RTNConfig.model_validate({"bits": bits, "embedding_bits": bits, "embedding_group_size": group_size})
+    quantize_embeddings(model, config)
+    return float(ev.measure(model, ev.select_windows[: max(4, len(ev.select_windows) // 4)])["kl"])
+
+
+def predicted_kl(choice: dict[str, Any], sens: dict[str, float], n_groups: int) -> float:
+    kl = sum(sens.get(f"g{g}@{choice[f'bits_g{g}']}", 0.0) for g in range(n_groups))
+    if choice.get("head_bits"):
+        kl += sens.get(f"head@{choice['head_bits']}", 0.0)
+    if choice.get("embedding_bits"):
+        kl += sens.get(f"embed@{choice['embedding_bits']}", 0.0)
+    return kl
+
+
+# ---- the study ----------------------------------------------------------------------------------
+
+
+class SearchConfig(BaseModel):
+    """How to search: the space, the budget, the objective, the trial budget and where the study lives."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
+    space: SearchSpace = Field(default_factory=lambda: SearchSpace.model_validate({}))
+    budget: Budget = Field(default_factory=lambda: Budget.model_validate({}))
+    objective: Literal["perplexity", "kl"] = "perplexity"
+    multi_objective: bool = False  # NSGA-II over (objective, bytes): the Pareto front
+    trials: int = Field(30, ge=1)  # trials in the study in all (a resumed study counts its earlier ones)
+    timeout: float | None = Field(None, gt=0)  # seconds for this process
+    calib_windows: int = Field(64, ge=1)
+    select_windows: int = Field(32, ge=4)
+    seed: int = 0
+    prune: bool = True  # size proxy and sensitivity prediction before the calibrated work
+    seeds: bool = True  # start from uniform and sensitivity-guided recipes
+    study_name: str = "lmpress-search"
+    storage: str | None = None  # Optuna storage URL; None: SQLite in the study directory
+
+
+@dataclass
+class SearchResult:
+    best: dict[str, Any] | None  # the best feasible trial: recipe, bytes, perplexity, kl, ...
+    pareto: list[dict[str, Any]]  # feasible, non-dominated trials on (objective, bytes)
+    trials: list[dict[str, Any]]
+    original: dict[str, float]
+    smallest_bytes: int
+    seconds: float
+    sensitivity: dict[str, float]
+
+
+def _suggest(trial: Any, space: SearchSpace, n_groups: int) -> dict[str, Any]:
+    choice: dict[str, Any] = {"method": trial.suggest_categorical("method", space.methods)}
+    for g in range(n_groups):
+        choice[f"bits_g{g}"] = trial.suggest_categorical(f"bits_g{g}", space.bits)
+    choice["group_size"] = trial.suggest_categorical("group_size", space.group_sizes)
+    choice["head_bits"] = trial.suggest_categorical("head_bits", space.head_bits)
+    choice["embedding_bits"] = trial.suggest_categorical("embedding_bits", space.embedding_bits)
+    choice["sparsity"] = trial.suggest_categorical("sparsity", space.sparsity)
+    choice["drop_blocks"] = trial.suggest_categorical("drop_blocks", space.drop_blocks)
+    return choice
+
+
+def _seed_choices(space: SearchSpace, n_groups: int, sens: dict[str, float], small: bool) -> list[dict[str, Any]]:
+    """Uniform bits at every level, and the same with one step more bits for the most sensitive group;
+    with a size budget (``small``), head and embeddings at their fewest bits."""
+    out = []
+    levels = sorted(space.bits)
+
+    def pick(options: list[int | None]) -> int | None:
+        quantized = [b for b in options if b]
+        return min(quantized) if small and quantized else options[0]
+
+    common = {
+        "method": space.methods[0],
+        "group_size": min(space.group_sizes),
+        "head_bits": pick(space.head_bits),
+        "embedding_bits": pick(space.embedding_bits),
+        "sparsity": space.sparsity[0],
+        "drop_blocks": space.drop_blocks[0],
+    }
+    for i, b in enumerate(levels):
+        out.append({**common, **{f"bits_g{g}": b for g in range(n_groups)}})
+        if i + 1 < len(levels) and n_groups > 1 and sens:
+            worst = max(range(n_groups), key=lambda g: sens.get(f"g{g}@{b}", 0.0))
+            out.append({**out[-1], f"bits_g{worst}": levels[i + 1]})
+    return out
+
+
+def run_search(
+    model: nn.Module, tokenizer: Any, calib: Any, config: SearchConfig, study_dir: Path, progress: bool = False
+) -> SearchResult:
+    """Run (or resume) the study; ``calib`` is calibration-split TokenData with at least
+    ``calib_windows + select_windows`` windows."""
+    import dataclasses
+
+    import optuna
+
+    t0 = time.perf_counter()
+    budget, space = config.budget, config.space
+    if (
+        not config.multi_objective
+        and budget.max_bytes is None
+        and budget.max_ppl_increase is None
+        and budget.min_speedup is None
+    ):
+        raise SearchError(
+            "search: give a budget (--max-bytes, --max-ppl-increase or --min-speedup) or --multi-objective"
+        )
+    need = config.calib_windows + config.select_windows
+    if calib.windows.shape[0] < need:
+        raise SearchError(
+            f"search: {calib.windows.shape[0]} calibration-split windows, need {need} "
+            f"({config.calib_windows} to calibrate + {config.select_windows} to select on); "
+            "give more text or fewer windows"
+        )
+    model.eval()
+    adapter = Adapter(model)
+    groups = block_groups(adapter.num_blocks, space.block_groups)
+    if max(space.drop_blocks) >= adapter.num_blocks:
+        raise SearchError(f"search: drop_blocks {max(space.drop_blocks)} leaves no block of {adapter.num_blocks}")
+    prefix = adapter.spec.blocks
+    calibration = dataclasses.replace(calib, windows=calib.windows[: config.calib_windows])
+    select = calib.windows[config.calib_windows : need]
+    ev = Evaluator(model, tokenizer, calibration, select, 0.0)
+    ev.base_ppl = quality(model, select, batch_size=16)["perplexity"]
+    original = {"bytes": float(tensor_bytes(model)), "perplexity": ev.base_ppl}
+    study_dir.mkdir(parents=True, exist_ok=True)
+
+    smallest_choice = {
+        "method": "rtn",
+        **{f"bits_g{g}": min(space.bits) for g in range(len(groups))},
+        "group_size": max(space.group_sizes),
+        "head_bits": min((b for b in space.head_bits if b), default=None),
+        "embedding_bits": min((b for b in space.embedding_bits if b), default=None),
+        "sparsity": max(space.sparsity),
+        "drop_blocks": max(space.drop_blocks),
+    }
+    _, smallest = ev.compress(as_rtn(build_recipe(smallest_choice, prefix, groups, "smallest")))
+    if budget.max_bytes is not None and budget.max_bytes < smallest:
+        raise SearchError(
+            f"search: no recipe in the space fits {budget.max_bytes / 1e6:.2f} MB; the smallest reachable is "
+            f"{smallest / 1e6:.2f} MB ({min(space.bits)}-bit everywhere); raise --max-bytes or widen the space"
+        )
+    sens_key = f"sensitivity-{len(groups)}g-{'-'.join(map(str, sorted(space.bits)))}.json"
+    sens = sensitivity(ev, space, groups, prefix, study_dir / sens_key) if (config.prune or config.seeds) else {}
+
+    storage = config.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def constraints(trial: Any) -> list[float]:
+        return list(trial.user_attrs.get("constraints", [0.0]))
+
+    sampler = (
+        optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints)
+        if config.multi_objective
+        else optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints, multivariate=True)
+    )
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"] * (2 if config.multi_objective else 1)
+    study = optuna.create_study(
+        study_name=config.study_name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
+    )
+    if config.seeds and not study.trials:
+        for choice in _seed_choices(space, len(groups), sens, budget.max_bytes is not None):
+            study.enqueue_trial(choice, skip_if_exists=True)
+    only_quality = budget.max_bytes is None and budget.min_speedup is None and budget.max_ppl_increase is not None
+
+    def objective(trial: Any) -> float | tuple[float, float] | list[float]:
+        choice = _suggest(trial, space, len(groups))
+        for other in trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if other.params == trial.params:  # TPE proposed a recipe already measured: reuse it
+                for k, v in other.user_attrs.items():
+                    trial.set_user_attr(k, v)
+                trial.set_user_attr("repeat_of", other.number)
+                return list(other.values) if config.multi_objective else float(other.value)
+        recipe = build_recipe(choice, prefix, groups, f"search-{trial.number}")
+        trial.set_user_attr("recipe", recipe)
+        t = time.perf_counter()
+        proxy, nbytes = ev.compress(as_rtn(recipe))  # same formats, same bytes, seconds not minutes
+        trial.set_user_attr("bytes", nbytes)
+        pred = predicted_kl(choice, sens, len(groups)) if sens else None
+        trial.set_user_attr("predicted_kl", pred)
+        if config.prune and budget.max_bytes is not None and nbytes > budget.max_bytes:
+            trial.set_user_attr("pruned_by", "size")
+            raise optuna.TrialPruned()
+        quant_only = not choice.get("sparsity") and not choice.get("drop_blocks")  # what the cache predicts
+        limit = budget.max_ppl_increase
+        hopeless = pred is not None and limit is not None and math.exp(pred) - 1 > 4 * limit
+        if config.prune and quant_only and hopeless:
+            trial.set_user_attr("pruned_by", "sensitivity")
+            raise optuna.TrialPruned()
+        exact = all(s["method"] in ("rtn", "magnitude", "drop_blocks") for s in recipe["stages"])
+        compressed = proxy if exact else ev.compress(recipe)[0]
+        m = ev.measure(compressed)
+        ppl_inc = m["perplexity"] / ev.base_ppl - 1
+        trial.set_user_attr("perplexity", m["perplexity"])
+        trial.set_user_attr("kl", m["kl"])
+        trial.set_user_attr("ppl_increase", ppl_inc)
+        cons = [
+            nbytes - budget.max_bytes if budget.max_bytes is not None else 0.0,
+            ppl_inc - budget.max_ppl_increase if budget.max_ppl_increase is not None else 0.0,
+        ]
+        if budget.min_speedup is not None:
+            speedup = _decode_speedup(model, compressed)
+            trial.set_user_attr("decode_speedup", speedup)
+            cons.append(budget.min_speedup - speedup)
+        trial.set_user_attr("constraints", cons)
+        trial.set_user_attr("seconds", time.perf_counter() - t)
+        value = m["perplexity"] if config.objective == "perplexity" else m["kl"]
+        if config.multi_objective:
+            return value, float(nbytes)
+        return float(nbytes) if only_quality else value
+
+    done = len([t for t in study.trials if t.state.is_finished()])
+    remaining = config.trials - done
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, timeout=config.timeout, show_progress_bar=progress)
+    trials = [_trial_record(t) for t in study.trials if t.state.is_finished()]
+    feasible = [t for t in trials if t["state"] == "COMPLETE" and all(c <= 0 for c in t.get("constraints", [0]))]
+    key = "bytes" if only_quality else config.objective
+    best = min(feasible, key=lambda t: (t[key], t["bytes"])) if feasible else None
+    from lmpress.report import pareto
+
+    front = pareto([(float(t["bytes"]), float(t[config.objective])) for t in feasible])
+    result = SearchResult(
+        best=best,
+        pareto=[feasible[i] for i in front],
+        trials=trials,
+        original=original,
+        smallest_bytes=int(smallest),
+        seconds=time.perf_counter() - t0,
+        sensitivity=sens,
+    )
+    write_json_atomic(study_dir / "trials.json", {"original": original, "best": best, "trials": trials})
+    return result
+
+
+def _trial_record(t: Any) -> dict[str, Any]:
+    rec = {"number": t.number, "state": t.state.name, "params": t.params, **t.user_attrs}
+    rec["duration"] = t.duration.total_seconds() if t.duration else None
+    return rec
+
+
+def _decode_speedup(base: nn.Module, model: nn.Module) -> float:
+    from lmpress.evaluation import speed
+
+    vocab = int(base.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+    a = speed(base, vocab, prompt_len=64, decode_tokens=32, repeats=2)["decode_tokens_per_s"]
+    b = speed(model, vocab, prompt_len=64, decode_tokens=32, repeats=2)["decode_tokens_per_s"]
+    return b / a
