@@ -27,7 +27,10 @@ import copy
 import json
 import logging
 import math
+import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -337,26 +340,13 @@ def run_search(
     if budget.max_bytes is not None and budget.max_bytes < smallest:
         raise SearchError(
             f"search: no recipe in the space fits {budget.max_bytes / 1e6:.2f} MB; the smallest reachable is "
-            f"{smallest / 1e6:.2f} MB ({min(space.bits)}-bit everywhere); raise --max-bytes or widen the space"
+            f"{smallest / 1e6:.2f} MB (every choice at its smallest: {min(space.bits)}-bit blocks, head and embeddings "
+            "at their fewest bits); raise --max-bytes or widen the space"
         )
-    sens_key = f"sensitivity-{len(groups)}g-{'-'.join(map(str, sorted(space.bits)))}.json"
-    sens = sensitivity(ev, space, groups, prefix, study_dir / sens_key) if (config.prune or config.seeds) else {}
-
-    storage = config.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-    def constraints(trial: Any) -> list[float]:
-        return list(trial.user_attrs.get("constraints", [0.0]))
-
-    sampler = (
-        optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints)
-        if config.multi_objective
-        else optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints, multivariate=True)
-    )
-    directions: list[Literal["minimize", "maximize"]] = ["minimize"] * (2 if config.multi_objective else 1)
-    study = optuna.create_study(
-        study_name=config.study_name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
-    )
+    with _locked(study_dir / ".lock"):  # workers starting together: one measures and creates, the others read
+        sens_key = f"sensitivity-{len(groups)}g-{'-'.join(map(str, sorted(space.bits)))}.json"
+        sens = sensitivity(ev, space, groups, prefix, study_dir / sens_key) if (config.prune or config.seeds) else {}
+        study = _open_study(config, study_dir)
     if config.seeds and not study.trials:
         for choice in _seed_choices(space, len(groups), sens, budget.max_bytes is not None):
             study.enqueue_trial(choice, skip_if_exists=True)
@@ -372,6 +362,7 @@ def run_search(
                 return list(other.values) if config.multi_objective else float(other.value)
         recipe = build_recipe(choice, prefix, groups, f"search-{trial.number}")
         trial.set_user_attr("recipe", recipe)
+        trial.set_user_attr("worker", os.getpid())
         t = time.perf_counter()
         proxy, nbytes = ev.compress(as_rtn(recipe))  # same formats, same bytes, seconds not minutes
         trial.set_user_attr("bytes", nbytes)
@@ -410,8 +401,19 @@ def run_search(
 
     done = len([t for t in study.trials if t.state.is_finished()])
     remaining = config.trials - done
-    if remaining > 0:
-        study.optimize(objective, n_trials=remaining, timeout=config.timeout, show_progress_bar=progress)
+    if remaining > 0:  # other workers may add trials meanwhile: stop when the study holds `trials`
+        from optuna.study import MaxTrialsCallback
+
+        stop = MaxTrialsCallback(config.trials, states=None)
+        quiet = logging.getLogger("lmpress.pipeline")
+        level = quiet.level
+        quiet.setLevel(logging.WARNING)  # one line per stage per trial would drown the progress bar
+        try:
+            study.optimize(
+                objective, n_trials=remaining, timeout=config.timeout, show_progress_bar=progress, callbacks=[stop]
+            )
+        finally:
+            quiet.setLevel(level)
     trials = [_trial_record(t) for t in study.trials if t.state.is_finished()]
     feasible = [t for t in trials if t["state"] == "COMPLETE" and all(c <= 0 for c in t.get("constraints", [0]))]
     key = "bytes" if only_quality else config.objective
@@ -430,6 +432,40 @@ def run_search(
     )
     write_json_atomic(study_dir / "trials.json", {"original": original, "best": best, "trials": trials})
     return result
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` across processes (POSIX ``flock``)."""
+    import fcntl
+
+    with path.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _open_study(config: SearchConfig, study_dir: Path) -> Any:
+    """Create or load the study in its storage."""
+    import optuna
+
+    storage = config.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+    def constraints(trial: Any) -> list[float]:
+        return list(trial.user_attrs.get("constraints", [0.0]))
+
+    sampler = (
+        optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints)
+        if config.multi_objective
+        else optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints, multivariate=True)
+    )
+    directions: list[Literal["minimize", "maximize"]] = ["minimize"] * (2 if config.multi_objective else 1)
+    return optuna.create_study(
+        study_name=config.study_name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
+    )
 
 
 def _trial_record(t: Any) -> dict[str, Any]:
