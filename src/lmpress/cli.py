@@ -549,6 +549,11 @@ def search_cmd(
     pareto_dir.mkdir(exist_ok=True)
     for t in result.pareto:
         (pareto_dir / f"trial-{t['number']}.yaml").write_text(yaml.safe_dump(t["recipe"], sort_keys=False))
+    from lmpress.io import write_text_atomic
+    from lmpress.report import render
+    from lmpress.search import study_runs
+
+    write_text_atomic(study_dir / "report.html", render(study_runs(result), "lmpress search: every measured trial"))
     best_recipe = parse_recipe({**result.best["recipe"], "name": "best"})
     tracking = _track_options(track, runs_dir, tracking_uri)
     final, run_dir = tracked_compress(
@@ -570,6 +575,7 @@ def search_cmd(
         "pruned": sum(t["state"] == "PRUNED" for t in result.trials),
         "seconds": result.seconds,
         "recipe_file": str(study_dir / "best.yaml"),
+        "report": str(study_dir / "report.html"),
         "evaluation": final.metrics,
         "run_dir": str(run_dir) if run_dir else None,
     }
@@ -588,6 +594,7 @@ def search_cmd(
         )
     )
     console.print(f"recipe: {study_dir / 'best.yaml'}  (Pareto set: {pareto_dir})", soft_wrap=True)
+    console.print(f"study report: {study_dir / 'report.html'}", soft_wrap=True)
     if final.output:
         console.print(f"saved to {final.output}")
     if run_dir:

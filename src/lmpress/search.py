@@ -348,7 +348,10 @@ def run_search(
         sens = sensitivity(ev, space, groups, prefix, study_dir / sens_key) if (config.prune or config.seeds) else {}
         study = _open_study(config, study_dir)
     if config.seeds and not study.trials:
-        for choice in _seed_choices(space, len(groups), sens, budget.max_bytes is not None):
+        seeds = _seed_choices(space, len(groups), sens, budget.max_bytes is not None)
+        if budget.max_bytes is not None:  # the smallest recipe: feasible whenever anything is
+            seeds.insert(0, {**smallest_choice, "method": space.methods[0]})
+        for choice in seeds:
             study.enqueue_trial(choice, skip_if_exists=True)
     only_quality = budget.max_bytes is None and budget.min_speedup is None and budget.max_ppl_increase is not None
 
@@ -404,7 +407,8 @@ def run_search(
     if remaining > 0:  # other workers may add trials meanwhile: stop when the study holds `trials`
         from optuna.study import MaxTrialsCallback
 
-        stop = MaxTrialsCallback(config.trials, states=None)
+        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+        stop = MaxTrialsCallback(config.trials, states=finished)  # enqueued seeds do not count until run
         quiet = logging.getLogger("lmpress.pipeline")
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # one line per stage per trial would drown the progress bar
@@ -481,3 +485,19 @@ def _decode_speedup(base: nn.Module, model: nn.Module) -> float:
     a = speed(base, vocab, prompt_len=64, decode_tokens=32, repeats=2)["decode_tokens_per_s"]
     b = speed(model, vocab, prompt_len=64, decode_tokens=32, repeats=2)["decode_tokens_per_s"]
     return b / a
+
+
+def study_runs(result: SearchResult) -> list[dict[str, Any]]:
+    """Every measured trial as a run record for `lmpress.report` (the best one labelled ``best``)."""
+    original = {"perplexity": result.original["perplexity"], "bytes": result.original["bytes"]}
+    best = result.best["number"] if result.best else None
+    runs = []
+    for t in result.trials:
+        if t["state"] != "COMPLETE" or "repeat_of" in t or "perplexity" not in t:
+            continue
+        label = f"best #{t['number']}" if t["number"] == best else f"#{t['number']}"
+        metrics = {"perplexity": t["perplexity"], "kl": t["kl"], "bytes": t["bytes"]}
+        runs.append(
+            {"name": label, "recipe": {"name": label}, "metrics": {"original": original, "compressed": metrics}}
+        )
+    return runs

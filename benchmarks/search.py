@@ -1,0 +1,209 @@
+"""Recipe search against the hand-written presets on the built-in model, at three size budgets.
+
+    python -m benchmarks.search [--threads 2] [--eval-windows 200] [--trials 24]
+
+For budgets of 40%, 25% and 15% of the original's bytes: the searched recipe's held-out perplexity
+(evaluation split, never seen by the search, which selects on calibration-split windows) against
+the best preset that fits the budget, and against the smallest preset when none fits; trials and
+wall time. Then the same 25% search with trial pruning and the sensitivity seeds turned off: the
+trial-seconds each needs to reach its best. Writes ``benchmarks/results/search.json`` and its
+table in ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from lmpress.evaluation import quality, tensor_bytes
+from lmpress.models.loading import load_model
+from lmpress.pipeline import run_stages
+from lmpress.recipe import load_recipe, parse_recipe
+from lmpress.registry import Context
+from lmpress.search import SearchConfig, run_search
+
+NAME = "search"
+PRESETS = ("w8", "w4", "edge", "sparse50", "w4-sparse")
+BUDGETS = (0.40, 0.25, 0.15)
+SPACE = {
+    "methods": ["gptq"],
+    "bits": [2, 3, 4, 8],
+    "group_sizes": [64, 128],
+    "block_groups": 2,
+    "head_bits": [None, 8, 4, 3],
+    "embedding_bits": [None, 8, 4, 3, 2],
+    "drop_blocks": [0, 1],
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-windows", type=int, default=200)
+    ap.add_argument("--trials", type=int, default=24)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    loaded = load_model("builtin")
+    original, tok = loaded.model, loaded.tokenizer
+    eval_data = split_windows(tok, "eval", args.eval_windows)
+    calib_all = split_windows(tok, "calib", 96)
+    calib = dataclasses.replace(calib_all, windows=calib_all.windows[:64])
+    base = quality(original, eval_data.windows, batch_size=16)
+    orig_bytes = saved_bytes(original, tok)
+    orig_tensor = tensor_bytes(original)
+    rows: list[dict[str, Any]] = [
+        {"kind": "original", "name": "bf16", "perplexity": base["perplexity"], "bytes": orig_bytes}
+    ]
+
+    def measure(recipe: dict[str, Any]) -> dict[str, Any]:
+        model = copy.deepcopy(original)
+        ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: calib)
+        _, seconds = timed(lambda: run_stages(model, parse_recipe(recipe), ctx))
+        q = quality(model, eval_data.windows, reference=original, batch_size=16)
+        return {**q, "bytes": saved_bytes(model, tok), "compress_seconds": seconds}
+
+    for name in PRESETS:
+        row = {"kind": "preset", "name": name, **measure(load_recipe(name).to_dict())}
+        rows.append(row)
+        print(f"preset {name:10s} {row['bytes'] / 1e6:6.2f} MB ppl {row['perplexity']:.3f}", flush=True)
+
+    def search(budget_share: float, prune: bool, seeds: bool, study: Path) -> tuple[Any, float]:
+        config = SearchConfig.model_validate(
+            {
+                "space": SPACE,
+                "budget": {"max_bytes": int(budget_share * orig_tensor)},
+                "trials": args.trials,
+                "calib_windows": 64,
+                "select_windows": 32,
+                "prune": prune,
+                "seeds": seeds,
+            }
+        )
+        return timed(lambda: run_search(original, tok, calib_all, config, study))
+
+    with tempfile.TemporaryDirectory() as d:
+        for share in BUDGETS:
+            result, seconds = search(share, True, True, Path(d) / f"s{share}")
+            if result.best is None:
+                rows.append(
+                    {"kind": "search", "name": f"{share:.0%}", "budget_bytes": share * orig_tensor, "found": False}
+                )
+                continue
+            row = {
+                "kind": "search",
+                "name": f"{share:.0%}",
+                "budget_bytes": share * orig_tensor,
+                **measure(result.best["recipe"]),
+                "recipe": result.best["recipe"],
+                "trials": len(result.trials),
+                "measured": sum(t["state"] == "COMPLETE" and "repeat_of" not in t for t in result.trials),
+                "pruned": sum(t["state"] == "PRUNED" for t in result.trials),
+                "search_seconds": seconds,
+                "trial_seconds": _trial_seconds(result.trials),
+            }
+            rows.append(row)
+            print(f"search {share:.0%}: {row['bytes'] / 1e6:.2f} MB ppl {row['perplexity']:.3f} "
+                  f"({row['trials']} trials, {row['pruned']} pruned, {seconds:.0f} s)", flush=True)  # fmt: skip
+        ablation = []
+        for prune, seeds in ((True, True), (False, False)):
+            result, seconds = search(0.25, prune, seeds, Path(d) / f"ab{prune}")
+            ablation.append(
+                {
+                    "prune_and_seeds": prune,
+                    "seconds": seconds,
+                    "trial_seconds": _trial_seconds(result.trials),
+                    "best_selection_perplexity": result.best["perplexity"] if result.best else None,
+                    "seconds_to_best": _seconds_to_best(result.trials),
+                    "measured": sum(t["state"] == "COMPLETE" and "repeat_of" not in t for t in result.trials),
+                }
+            )
+            print("ablation", ablation[-1], flush=True)
+    payload = {
+        "machine": machine(),
+        "eval": eval_data.manifest.to_dict(),
+        "space": SPACE,
+        "rows": rows,
+        "ablation": ablation,
+    }
+    write_results(NAME, payload, _table(payload))
+
+
+def _trial_seconds(trials: list[dict[str, Any]]) -> float:
+    return float(sum(t.get("duration") or 0.0 for t in trials))
+
+
+def _seconds_to_best(trials: list[dict[str, Any]]) -> float | None:
+    """Trial-seconds spent until the best selection perplexity was first reached."""
+    done = [t for t in trials if t["state"] == "COMPLETE" and all(c <= 0 for c in t.get("constraints", [0]))]
+    if not done:
+        return None
+    best = min(t["perplexity"] for t in done)
+    spent = 0.0
+    for t in sorted(trials, key=lambda t: t["number"]):
+        spent += t.get("duration") or 0.0
+        if t in done and t["perplexity"] <= best * (1 + 1e-9):
+            return spent
+    return spent
+
+
+def _table(payload: dict[str, Any]) -> str:
+    rows = payload["rows"]
+    orig = rows[0]
+    presets = [r for r in rows if r["kind"] == "preset"]
+    out_rows = []
+    verdicts = []
+    for r in (r for r in rows if r["kind"] == "search"):
+        if not r.get("perplexity"):
+            out_rows.append([r["name"], f"{r['budget_bytes'] / 1e6:.2f}", "none found", "", "", "", "", ""])
+            continue
+        fits = [p for p in presets if p["bytes"] <= r["budget_bytes"] * 1.01]
+        rival = min(fits, key=lambda p: p["perplexity"]) if fits else min(presets, key=lambda p: p["bytes"])
+        win = r["perplexity"] <= rival["perplexity"] * (1 + 1e-4)
+        out_rows.append(
+            [
+                r["name"],
+                f"{r['budget_bytes'] / 1e6:.2f}",
+                f"{r['bytes'] / 1e6:.2f}",
+                f"{r['perplexity']:.3f}",
+                f"{rival['name']} ({rival['bytes'] / 1e6:.2f} MB{'' if fits else ', larger'}): "
+                f"{rival['perplexity']:.3f}",
+                "win/tie" if win else "loses",
+                f"{r['trials']} ({r['pruned']} pruned)",
+                f"{r['search_seconds']:.0f}",
+            ]
+        )
+        verdicts.append(win)
+    table = markdown_table(
+        ["budget", "budget MB", "found MB", "ppl", "best preset that fits (else smallest)", "search", "trials", "s"],
+        out_rows,
+    )
+    preset_rows = [[p["name"], f"{p['bytes'] / 1e6:.2f}", f"{p['perplexity']:.3f}", f"{p['kl']:.4f}"] for p in presets]
+    lines = [
+        "Recipe search (issue 8) on the built-in model, `python -m benchmarks.search`: budgets as a share of the "
+        f"original's {orig['bytes'] / 1e6:.2f} MB; perplexity on the evaluation split "
+        f"({payload['eval'].get('windows')} windows; original {orig['perplexity']:.3f}); the search selects on calibration-split windows.",
+        "",
+        table,
+        "",
+        markdown_table(["preset", "MB", "ppl", "KL"], preset_rows),
+        "",
+    ]
+    for a in payload["ablation"]:
+        lines.append(
+            f"- 25% budget, {'with' if a['prune_and_seeds'] else 'without'} size/sensitivity pruning and seeds: "
+            f"{a['measured']} trials measured, {a['trial_seconds']:.0f} trial-seconds in all, best selection "
+            f"perplexity {a['best_selection_perplexity']:.3f} reached after {a['seconds_to_best'] or 0:.0f} "
+            "trial-seconds."
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
