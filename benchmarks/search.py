@@ -188,7 +188,8 @@ def _table(payload: dict[str, Any]) -> str:
     lines = [
         "Recipe search (issue 8) on the built-in model, `python -m benchmarks.search`: budgets as a share of the "
         f"original's {orig['bytes'] / 1e6:.2f} MB; perplexity on the evaluation split "
-        f"({payload['eval'].get('windows')} windows; original {orig['perplexity']:.3f}); the search selects on calibration-split windows.",
+        f"({payload['eval'].get('windows')} windows; original {orig['perplexity']:.3f}); the search selects on "
+        "calibration-split windows.",
         "",
         table,
         "",
