@@ -279,11 +279,21 @@ def _seed_choices(space: SearchSpace, n_groups: int, sens: dict[str, float], sma
         "sparsity": space.sparsity[0],
         "drop_blocks": space.drop_blocks[0],
     }
+
+    def above(options: list[int | None], b: int) -> int | None:
+        higher = sorted(x for x in options if x and x > b)
+        return higher[0] if higher else None
+
     for i, b in enumerate(levels):
-        out.append({**common, **{f"bits_g{g}": b for g in range(n_groups)}})
+        uniform = {**common, **{f"bits_g{g}": b for g in range(n_groups)}}
+        out.append(uniform)
         if i + 1 < len(levels) and n_groups > 1 and sens:
             worst = max(range(n_groups), key=lambda g: sens.get(f"g{g}@{b}", 0.0))
-            out.append({**out[-1], f"bits_g{worst}": levels[i + 1]})
+            out.append({**uniform, f"bits_g{worst}": levels[i + 1]})
+        if small:  # the usual hand-written choice: head and embeddings one step above the blocks
+            head, embed = above(space.head_bits, b), above(space.embedding_bits, b)
+            if head is not None and embed is not None:
+                out.append({**uniform, "head_bits": head, "embedding_bits": embed})
     return out
 
 
@@ -467,8 +477,10 @@ def _open_study(config: SearchConfig, study_dir: Path) -> Any:
         else optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints, multivariate=True)
     )
     directions: list[Literal["minimize", "maximize"]] = ["minimize"] * (2 if config.multi_objective else 1)
+    # heartbeats: a trial whose worker was killed is failed after the grace period, not left running forever
+    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=15, grace_period=45) if "://" in storage else storage
     return optuna.create_study(
-        study_name=config.study_name, storage=storage, sampler=sampler, directions=directions, load_if_exists=True
+        study_name=config.study_name, storage=rdb, sampler=sampler, directions=directions, load_if_exists=True
     )
 
 
