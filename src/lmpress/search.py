@@ -372,6 +372,7 @@ def run_search(
                 for k, v in other.user_attrs.items():
                     trial.set_user_attr(k, v)
                 trial.set_user_attr("repeat_of", other.number)
+                _constrain(trial, list(other.user_attrs.get("constraints", [0.0])))
                 return list(other.values) if config.multi_objective else float(other.value)
         recipe = build_recipe(choice, prefix, groups, f"search-{trial.number}")
         trial.set_user_attr("recipe", recipe)
@@ -406,6 +407,7 @@ def run_search(
             trial.set_user_attr("decode_speedup", speedup)
             cons.append(budget.min_speedup - speedup)
         trial.set_user_attr("constraints", cons)
+        _constrain(trial, cons)
         trial.set_user_attr("seconds", time.perf_counter() - t)
         value = m["perplexity"] if config.objective == "perplexity" else m["kl"]
         if config.multi_objective:
@@ -448,6 +450,15 @@ def run_search(
     return result
 
 
+CONSTRAINTS = ("bytes_over", "ppl_increase_over", "speedup_short")
+
+
+def _constrain(trial: Any, values: list[float]) -> None:
+    """Tell the sampler how far outside each budget the trial is (<= 0: within)."""
+    for key, value in zip(CONSTRAINTS, values, strict=False):
+        trial.set_constraint(key, float(value))
+
+
 @contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """An exclusive lock on ``path`` across processes (POSIX ``flock``)."""
@@ -468,17 +479,20 @@ def _open_study(config: SearchConfig, study_dir: Path) -> Any:
     storage = config.storage or f"sqlite:///{(study_dir / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    def constraints(trial: Any) -> list[float]:
-        return list(trial.user_attrs.get("constraints", [0.0]))
-
-    sampler = (
-        optuna.samplers.NSGAIISampler(seed=config.seed, constraints_func=constraints)
+    sampler = (  # constraints come from trial.set_constraint: the samplers learn the feasible region
+        optuna.samplers.NSGAIISampler(seed=config.seed)
         if config.multi_objective
-        else optuna.samplers.TPESampler(seed=config.seed, constraints_func=constraints, multivariate=True)
+        else optuna.samplers.TPESampler(seed=config.seed, multivariate=True)
     )
     directions: list[Literal["minimize", "maximize"]] = ["minimize"] * (2 if config.multi_objective else 1)
     # heartbeats: a trial whose worker was killed is failed after the grace period, not left running forever
-    rdb = optuna.storages.RDBStorage(storage, heartbeat_interval=15, grace_period=45) if "://" in storage else storage
+    import warnings
+
+    with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        rdb = (
+            optuna.storages.RDBStorage(storage, heartbeat_interval=15, grace_period=45) if "://" in storage else storage
+        )
     return optuna.create_study(
         study_name=config.study_name, storage=rdb, sampler=sampler, directions=directions, load_if_exists=True
     )
