@@ -53,6 +53,10 @@ def run_demo(
     data = DataOptions(eval_windows=eval_windows)
     runs = tracking if tracking.enabled else TrackOptions(enabled=True, runs_dir=out_dir / "runs", mlflow=False)
     result = DemoResult()
+    if measure_speed:  # warm up kernels and caches first: the first timed model would look slow otherwise
+        from lmpress.evaluation import speed
+
+        speed(base.model, len(base.tokenizer), prompt_len=64, decode_tokens=16, repeats=1)
     for recipe in recipes:
         log.info("demo: %s", recipe.name)
         loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.source, base.path, base.meta)
