@@ -149,3 +149,185 @@ def test_bad_budgets_and_spaces_are_clear_errors(
         assert r.exit_code == 2 and message in r.output, r.output
     r = runner.invoke(app, ["search", "--max-bytes", "lots"])
     assert r.exit_code == 2 and "is not a size" in r.output
+
+
+KILLED_WORKER = """
+import sys, time, torch
+from pathlib import Path
+import lmpress.search as search
+from lmpress.models.loading import load_model
+from lmpress.pipeline import DataOptions
+torch.set_num_threads(1)
+calls = []
+measure = search.Evaluator.measure
+def hang_on_the_fourth(self, model, windows=None):
+    calls.append(1)
+    if len(calls) == 4:  # the fourth trial is mid-way (compressed, not yet scored): wait to be killed
+        Path(sys.argv[4]).write_text("mid-trial")
+        time.sleep(600)
+    return measure(self, model, windows)
+search.Evaluator.measure = hang_on_the_fourth
+loaded = load_model(sys.argv[1])
+calib = DataOptions(source=sys.argv[2], seq_len=32).load(loaded.tokenizer, "calib", 24)
+cfg = search.SearchConfig.model_validate(%s)
+search.run_search(loaded.model, loaded.tokenizer, calib, cfg, Path(sys.argv[3]))
+"""
+
+
+def test_a_killed_worker_s_trial_is_failed_retried_and_the_study_resumes(
+    trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path
+) -> None:
+    import time
+
+    import optuna
+
+    cfg = {"space": SPACE, "calib_windows": 16, "select_windows": 8, "trials": 6, "budget": {"max_ppl_increase": 0.5},
+           "seeds": False, "prune": False, "heartbeat": 1, "grace": 2}  # fmt: skip
+    study_dir, marker, script = tmp_path / "study", tmp_path / "mid-trial", tmp_path / "worker.py"
+    script.write_text(KILLED_WORKER.replace("%s", repr(cfg)))
+    src = trained_dir("llama")
+    proc = subprocess.Popen([sys.executable, str(script), str(src), str(distill_text), str(study_dir), str(marker)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 300
+    while not marker.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert marker.exists(), proc.communicate()[1][-2000:]
+    proc.kill()  # SIGKILL: no cleanup, the trial stays RUNNING in the database
+    proc.wait()
+    storage = f"sqlite:///{(study_dir / 'study.db').resolve()}"
+    before = optuna.load_study(study_name="lmpress-search", storage=storage).trials
+    states = [t.state.name for t in before]
+    assert states[-1] == "RUNNING" and set(states[:-1]) == {"COMPLETE"} and len(states) >= 4, states  # repeats reuse
+    killed = before[-1]
+    time.sleep(3)  # past the grace period: the killed worker's heartbeat has stopped
+
+    loaded = load_model(src)
+    calib = DataOptions(source=distill_text, seq_len=32).load(loaded.tokenizer, "calib", 24)
+    result = run_search(loaded.model, loaded.tokenizer, calib, SearchConfig.model_validate(cfg), study_dir)
+    by_number = {t["number"]: t for t in result.trials}
+    assert by_number[killed.number]["state"] == "FAIL"  # failed by the heartbeat check, not left RUNNING
+    retried = [t for t in result.trials if t["number"] > killed.number and t["params"] == killed.params]
+    assert retried and retried[0]["state"] == "COMPLETE"  # the killed recipe was run again
+    assert sum(t["state"] in ("COMPLETE", "PRUNED") for t in result.trials) == 6  # the crash used up no trial
+    assert [t["number"] for t in result.trials[: len(before) - 1]] == [t.number for t in before[:-1]]  # kept
+    assert result.best is not None
+
+
+def test_a_speed_budget_is_measured_and_met(
+    trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path
+) -> None:
+    loaded, _, calib = _setup(trained_dir, distill_text)
+    model, tok = loaded.model, loaded.tokenizer  # type: ignore[attr-defined]
+    base = {"space": SPACE, "calib_windows": 16, "select_windows": 8, "trials": 4, "seeds": False}
+    easy = SearchConfig.model_validate({**base, "budget": {"min_speedup": 0.05}})
+    result = run_search(model, tok, calib, easy, tmp_path / "easy")
+    measured = [t for t in result.trials if t["state"] == "COMPLETE"]
+    assert measured and all(t["decode_speedup"] > 0 for t in measured)
+    assert all(len(t["constraints"]) == 3 and t["constraints"][2] == pytest.approx(0.05 - t["decode_speedup"])
+               for t in measured)  # fmt: skip
+    assert result.best is not None and result.best["decode_speedup"] >= 0.05
+    impossible = SearchConfig.model_validate({**base, "trials": 2, "budget": {"min_speedup": 1000}})
+    assert run_search(model, tok, calib, impossible, tmp_path / "hard").best is None
+
+
+def test_recovery_refines_the_best_candidates_and_its_recipe_reproduces(
+    trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path
+) -> None:
+    from lmpress.evaluation import tensor_bytes
+
+    loaded, data, calib = _setup(trained_dir, distill_text)
+    model, tok = loaded.model, loaded.tokenizer  # type: ignore[attr-defined]
+    train = data.load(tok, "train", None)  # type: ignore[attr-defined]
+    cfg = {"space": {**SPACE, "bits": [2]}, "calib_windows": 16, "select_windows": 8, "trials": 5, "objective": "kl",
+           "budget": {"max_bytes": int(0.45 * tensor_bytes(model))},
+           "recovery": {"steps": 12, "top_k": 2, "batch_size": 8, "lr": 1e-3, "codes": "frozen"}}  # fmt: skip
+    with pytest.raises(LmpressError, match="recovery training needs the train split"):
+        run_search(model, tok, calib, SearchConfig.model_validate(cfg), tmp_path / "none")
+    result = run_search(model, tok, calib, SearchConfig.model_validate(cfg), tmp_path / "s", train=train)
+    refined = [t for t in result.trials if "refines" in t]
+    assert len(refined) == 2
+    by_number = {t["number"]: t for t in result.trials}
+    for r in refined:
+        cand = by_number[r["refines"]]
+        assert r["params"] == {**cand["params"], "recovery_steps": 12}
+        assert r["recipe"]["stages"][:-1] == cand["recipe"]["stages"]
+        assert r["recipe"]["stages"][-1]["method"] == "distill" and r["recipe"]["stages"][-1]["steps"] == 12
+        assert r["bytes"] == cand["bytes"]  # training keeps the format
+        assert r["kl"] < 0.8 * cand["kl"]  # and it moves closer to the original
+    assert result.best is not None and "refines" in result.best  # a recovered candidate wins
+    # resumed with the same settings: candidates already refined are not trained again
+    again = run_search(model, tok, calib, SearchConfig.model_validate(cfg), tmp_path / "s", train=train)
+    assert sum("refines" in t for t in again.trials) == 2
+    # the winning recipe run alone (same calibration, train data and teacher) gives the same numbers
+    alone = load_model(trained_dir("llama")).model
+    ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: _first(calib, 16),
+                  training=lambda: train, teacher=model)  # fmt: skip
+    run_stages(alone, parse_recipe(result.best["recipe"]), ctx)
+    q = quality(alone, calib.windows[16:24], reference=model)  # type: ignore[attr-defined]
+    assert q["perplexity"] == pytest.approx(result.best["perplexity"], rel=1e-4)
+
+
+def test_cli_search_writes_recipes_pareto_models_and_tracks_the_study(
+    trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path
+) -> None:
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump(SPACE))
+    study, runs = tmp_path / "study", tmp_path / "runs"
+    r = CliRunner().invoke(
+        app,
+        [
+            "search",
+            str(trained_dir("llama")),
+            "--multi-objective",
+            "--save-pareto",
+            "--space",
+            str(space),
+            "--trials",
+            "6",
+            "--data",
+            str(distill_text),
+            "--seq-len",
+            "32",
+            "--calib-windows",
+            "16",
+            "--select-windows",
+            "8",
+            "--max-windows",
+            "8",
+            "--study-dir",
+            str(study),
+            "--track",
+            "--runs-dir",
+            str(runs),
+            "--json",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    best = yaml.safe_load((study / "best.yaml").read_text())
+    parse_recipe(best)  # an ordinary recipe file
+    assert out["trials"] == 6 and out["pareto"] and (study / "report.html").is_file()
+    assert sorted(p.name for p in (study / "pareto").glob("*.yaml")) == sorted(f"trial-{n}.yaml" for n in out["pareto"])
+    # every Pareto recipe as a saved model with its metrics, and the sizes ordered as the front says
+    assert [p["number"] for p in out["pareto_models"]] == out["pareto"]
+    for p in out["pareto_models"]:
+        reloaded = load_model(p["output"])
+        assert reloaded.meta and p["metrics"]["perplexity"] > 0 and p["metrics"]["bytes"] > 0
+    # the study is a run of its own, in MLflow with a series over trials
+    record = json.loads((Path(out["search_run_dir"]) / "run.json").read_text())
+    assert record["command"] == "search" and record["search"]["best_trial"] == out["best"]["number"]
+    client = MlflowClient(f"sqlite:///{runs.resolve() / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("lmpress")
+    assert exp is not None
+    found = client.get_run(record["mlflow"]["run_id"])
+    assert found.data.metrics["selection.perplexity"] == pytest.approx(out["best"]["perplexity"])
+    assert found.data.metrics["study.trials"] == 6
+    history = client.get_metric_history(found.info.run_id, "trial.perplexity")
+    assert len(history) == sum(t["state"] == "COMPLETE" and "repeat_of" not in t for t in
+                               json.loads((study / "trials.json").read_text())["trials"])  # fmt: skip
+    assert {"trials.json", "report.html", "best.yaml", "run.json"} <= {
+        a.path for a in client.list_artifacts(found.info.run_id)
+    }

@@ -485,10 +485,19 @@ def search_cmd(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="save the best model here")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
     data: DataOpt = "stdlib",
+    seq_len: SeqLenOpt = None,
     calib_windows: Annotated[int, typer.Option("--calib-windows", min=1)] = 64,
     select_windows: Annotated[int, typer.Option("--select-windows", min=4, help="windows trials are scored on")] = 32,
     max_windows: WindowsOpt = None,
     no_prune: Annotated[bool, typer.Option("--no-prune", help="measure every trial fully")] = False,
+    recovery_steps: Annotated[
+        int, typer.Option("--recovery-steps", min=0, help="distill the best candidates this many steps (QAT); 0: off")
+    ] = 0,
+    recovery_top: Annotated[int, typer.Option("--recovery-top", min=1, help="candidates given recovery training")] = 2,
+    save_pareto: Annotated[
+        bool,
+        typer.Option("--save-pareto", help="compress, evaluate and save every Pareto recipe under STUDY_DIR/pareto"),
+    ] = False,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = 0,
     track: TrackOpt = None,
@@ -497,13 +506,16 @@ def search_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Find the best recipe under a size, quality or speed budget (Optuna; resumable, shareable)."""
+    import copy
+    import dataclasses
+
     import yaml
     from pydantic import ValidationError
 
     from lmpress.io import check_output_dir
     from lmpress.models.loading import load_model
     from lmpress.recipe import parse_recipe
-    from lmpress.search import SearchConfig, SearchError, run_search
+    from lmpress.search import SearchConfig, SearchError, record_study, run_search
     from lmpress.track import tracked_compress
 
     _setup(threads, quiet or as_json)
@@ -525,6 +537,7 @@ def search_cmd(
                 "select_windows": select_windows,
                 "prune": not no_prune,
                 "storage": storage,
+                "recovery": {"steps": recovery_steps, "top_k": recovery_top},
             }
         )
     except FileNotFoundError:
@@ -536,9 +549,12 @@ def search_cmd(
     if output is not None:
         check_output_dir(output, overwrite)
     loaded = load_model(model)
-    options = _data_options(data, "**/*", "text", eval_windows=max_windows)
+    options = _data_options(data, "**/*", "text", seq_len=seq_len, eval_windows=max_windows)
     calib = options.load(loaded.tokenizer, "calib", calib_windows + select_windows)
-    result = run_search(loaded.model, loaded.tokenizer, calib, config, study_dir, progress=not (as_json or quiet))
+    train = options.load(loaded.tokenizer, "train", options.train_windows) if recovery_steps else None
+    result = run_search(
+        loaded.model, loaded.tokenizer, calib, config, study_dir, progress=not (as_json or quiet), train=train
+    )
     if result.best is None:
         raise SearchError(
             f"search: none of {len(result.trials)} trials met the budget; raise it, widen the space or add --trials "
@@ -556,6 +572,7 @@ def search_cmd(
     write_text_atomic(study_dir / "report.html", render(study_runs(result), "lmpress search: every measured trial"))
     best_recipe = parse_recipe({**result.best["recipe"], "name": "best"})
     tracking = _track_options(track, runs_dir, tracking_uri)
+    pristine = copy.deepcopy(loaded.model) if save_pareto else loaded.model  # the final compress changes loaded
     final, run_dir = tracked_compress(
         tracking,
         loaded,
@@ -567,6 +584,22 @@ def search_cmd(
         progress=not (as_json or quiet),
         samples=3,
     )
+    saved = []
+    for t in result.pareto if save_pareto else []:  # each Pareto recipe: its model and its metrics
+        fresh = dataclasses.replace(loaded, model=copy.deepcopy(pristine))
+        out = pareto_dir / f"trial-{t['number']}"
+        member, _ = tracked_compress(
+            tracking,
+            fresh,
+            parse_recipe({**t["recipe"], "name": f"pareto-{t['number']}"}),
+            options,
+            output=out,
+            overwrite=True,
+            measure_speed=False,
+            progress=not (as_json or quiet),
+        )
+        saved.append({"number": t["number"], "output": str(out), "metrics": member.metrics.get("compressed")})
+    search_dir = record_study(tracking, result, str(getattr(loaded, "source", model)), study_dir, final.metrics)
     summary = {
         "best": result.best,
         "pareto": [t["number"] for t in result.pareto],
@@ -578,6 +611,8 @@ def search_cmd(
         "report": str(study_dir / "report.html"),
         "evaluation": final.metrics,
         "run_dir": str(run_dir) if run_dir else None,
+        "search_run_dir": str(search_dir) if search_dir else None,
+        "pareto_models": saved,
     }
     if as_json:
         _print_json(summary)
@@ -597,8 +632,17 @@ def search_cmd(
     console.print(f"study report: {study_dir / 'report.html'}", soft_wrap=True)
     if final.output:
         console.print(f"saved to {final.output}")
+    for p in saved:
+        c = p["metrics"] or {}
+        console.print(
+            f"pareto trial {p['number']}: {c.get('bytes', float('nan')) / 1e6:.2f} MB, "
+            f"perplexity {c.get('perplexity', float('nan')):.3f} -> {p['output']}",
+            soft_wrap=True,
+        )
     if run_dir:
         console.print(f"run: {run_dir}", soft_wrap=True)
+    if search_dir:
+        console.print(f"search run: {search_dir}", soft_wrap=True)
 
 
 def main() -> None:

@@ -95,6 +95,27 @@ class Budget(BaseModel):
     min_speedup: float | None = Field(None, gt=0)  # decode tokens/s against the original
 
 
+class Recovery(BaseModel):
+    """Recovery training after the post-training search: the best ``top_k`` candidates are distilled
+    against the original (codes trained: QAT), and compete with the rest as trials of their own."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(0, ge=0)  # optimizer steps per candidate; 0: no recovery
+    top_k: int = Field(2, ge=1)  # candidates refined
+    codes: Literal["train", "frozen"] = "train"  # train the codes (QAT), or keep them and learn the scales
+    lr: float = Field(3e-4, gt=0)
+    batch_size: int = Field(16, ge=1)
+
+    def stage(self) -> dict[str, Any]:
+        """The recipe stage appended to a candidate."""
+        stage: dict[str, Any] = {"method": "distill", "codes": self.codes, "steps": self.steps, "lr": self.lr}
+        if self.codes == "train":
+            stage["scale_lr"] = 1e-6  # QAT's measured default: the scales barely move, the codes do
+        stage.update(batch_size=self.batch_size, eval_every=max(1, self.steps // 4), eval_windows=16)
+        return stage
+
+
 @dataclass
 class Evaluator:
     """Applies a trial's recipe to a copy of the model and measures it on the selection windows."""
@@ -104,10 +125,17 @@ class Evaluator:
     calib: Any  # TokenData used for calibration
     select_windows: Tensor  # calibration-split windows the calibration does not use
     base_ppl: float
+    train: Any = None  # TokenData of the train split, for recovery stages
 
     def compress(self, recipe: dict[str, Any]) -> tuple[nn.Module, int]:
         model = copy.deepcopy(self.model)
-        ctx = Context(tokenizer=self.tokenizer, device=torch.device("cpu"), calibration=lambda: self.calib)
+        ctx = Context(
+            tokenizer=self.tokenizer,
+            device=torch.device("cpu"),
+            calibration=lambda: self.calib,
+            training=(lambda: self.train) if self.train is not None else None,
+            teacher=self.model,
+        )
         run_stages(model, parse_recipe(recipe), ctx)
         return model, tensor_bytes(model)
 
@@ -234,8 +262,11 @@ class SearchConfig(BaseModel):
     seed: int = 0
     prune: bool = True  # size proxy and sensitivity prediction before the calibrated work
     seeds: bool = True  # start from uniform and sensitivity-guided recipes
+    recovery: Recovery = Field(default_factory=lambda: Recovery.model_validate({}))
     study_name: str = "lmpress-search"
     storage: str | None = None  # Optuna storage URL; None: SQLite in the study directory
+    heartbeat: float = Field(15.0, gt=0)  # seconds between a running trial's heartbeats
+    grace: float = Field(45.0, gt=0)  # a trial without a heartbeat this long had its worker killed: failed, retried
 
 
 @dataclass
@@ -298,10 +329,16 @@ def _seed_choices(space: SearchSpace, n_groups: int, sens: dict[str, float], sma
 
 
 def run_search(
-    model: nn.Module, tokenizer: Any, calib: Any, config: SearchConfig, study_dir: Path, progress: bool = False
+    model: nn.Module,
+    tokenizer: Any,
+    calib: Any,
+    config: SearchConfig,
+    study_dir: Path,
+    progress: bool = False,
+    train: Any = None,
 ) -> SearchResult:
     """Run (or resume) the study; ``calib`` is calibration-split TokenData with at least
-    ``calib_windows + select_windows`` windows."""
+    ``calib_windows + select_windows`` windows; ``train`` (train-split TokenData) feeds recovery."""
     import dataclasses
 
     import optuna
@@ -324,6 +361,8 @@ def run_search(
             f"({config.calib_windows} to calibrate + {config.select_windows} to select on); "
             "give more text or fewer windows"
         )
+    if config.recovery.steps and train is None:
+        raise SearchError("search: recovery training needs the train split; give train data or set recovery steps to 0")
     model.eval()
     adapter = Adapter(model)
     groups = block_groups(adapter.num_blocks, space.block_groups)
@@ -332,7 +371,7 @@ def run_search(
     prefix = adapter.spec.blocks
     calibration = dataclasses.replace(calib, windows=calib.windows[: config.calib_windows])
     select = calib.windows[config.calib_windows : need]
-    ev = Evaluator(model, tokenizer, calibration, select, 0.0)
+    ev = Evaluator(model, tokenizer, calibration, select, 0.0, train)
     ev.base_ppl = quality(model, select, batch_size=16)["perplexity"]
     original = {"bytes": float(tensor_bytes(model)), "perplexity": ev.base_ppl}
     study_dir.mkdir(parents=True, exist_ok=True)
@@ -393,34 +432,27 @@ def run_search(
             raise optuna.TrialPruned()
         exact = all(s["method"] in ("rtn", "magnitude", "drop_blocks") for s in recipe["stages"])
         compressed = proxy if exact else ev.compress(recipe)[0]
-        m = ev.measure(compressed)
-        ppl_inc = m["perplexity"] / ev.base_ppl - 1
-        trial.set_user_attr("perplexity", m["perplexity"])
-        trial.set_user_attr("kl", m["kl"])
-        trial.set_user_attr("ppl_increase", ppl_inc)
-        cons = [
-            nbytes - budget.max_bytes if budget.max_bytes is not None else 0.0,
-            ppl_inc - budget.max_ppl_increase if budget.max_ppl_increase is not None else 0.0,
-        ]
-        if budget.min_speedup is not None:
-            speedup = _decode_speedup(model, compressed)
-            trial.set_user_attr("decode_speedup", speedup)
-            cons.append(budget.min_speedup - speedup)
-        trial.set_user_attr("constraints", cons)
-        _constrain(trial, cons)
+        speedup = _decode_speedup(model, compressed) if budget.min_speedup is not None else None
+        attrs = _scored(ev, compressed, nbytes, budget, speedup)
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        _constrain(trial, attrs["constraints"])
         trial.set_user_attr("seconds", time.perf_counter() - t)
-        value = m["perplexity"] if config.objective == "perplexity" else m["kl"]
-        if config.multi_objective:
-            return value, float(nbytes)
-        return float(nbytes) if only_quality else value
+        return _values(attrs)
 
-    done = len([t for t in study.trials if t.state.is_finished()])
+    def _values(attrs: dict[str, Any]) -> float | tuple[float, float]:
+        value = float(attrs[config.objective])
+        if config.multi_objective:
+            return value, float(attrs["bytes"])
+        return float(attrs["bytes"]) if only_quality else value
+
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what uses up the trial budget
+    done = len(study.get_trials(deepcopy=False, states=counted))  # a crashed trial is retried, not counted
     remaining = config.trials - done
     if remaining > 0:  # other workers may add trials meanwhile: stop when the study holds `trials`
         from optuna.study import MaxTrialsCallback
 
-        finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
-        stop = MaxTrialsCallback(config.trials, states=finished)  # enqueued seeds do not count until run
+        stop = MaxTrialsCallback(config.trials, states=counted)  # enqueued seeds do not count until run
         quiet = logging.getLogger("lmpress.pipeline")
         level = quiet.level
         quiet.setLevel(logging.WARNING)  # one line per stage per trial would drown the progress bar
@@ -430,6 +462,8 @@ def run_search(
             )
         finally:
             quiet.setLevel(level)
+    if config.recovery.steps:
+        _recover(study, ev, config, study_dir, only_quality, _values)
     trials = [_trial_record(t) for t in study.trials if t.state.is_finished()]
     feasible = [t for t in trials if t["state"] == "COMPLETE" and all(c <= 0 for c in t.get("constraints", [0]))]
     key = "bytes" if only_quality else config.objective
@@ -448,6 +482,87 @@ def run_search(
     )
     write_json_atomic(study_dir / "trials.json", {"original": original, "best": best, "trials": trials})
     return result
+
+
+def _scored(ev: Evaluator, compressed: nn.Module, nbytes: int, budget: Budget, speedup: float | None) -> dict[str, Any]:
+    """A compressed model's selection metrics and how far outside each budget it is (<= 0: within)."""
+    m = ev.measure(compressed)
+    ppl_inc = m["perplexity"] / ev.base_ppl - 1
+    cons = [
+        nbytes - budget.max_bytes if budget.max_bytes is not None else 0.0,
+        ppl_inc - budget.max_ppl_increase if budget.max_ppl_increase is not None else 0.0,
+    ]
+    out: dict[str, Any] = {"bytes": nbytes, "perplexity": m["perplexity"], "kl": m["kl"], "ppl_increase": ppl_inc}
+    if speedup is not None:
+        out["decode_speedup"] = speedup
+        cons.append(budget.min_speedup - speedup if budget.min_speedup is not None else 0.0)
+    out["constraints"] = cons
+    return out
+
+
+def _recover(study: Any, ev: Evaluator, config: SearchConfig, study_dir: Path, only_quality: bool, values: Any) -> None:
+    """Distill the best ``top_k`` post-training candidates against the original; each result joins the
+    study as a trial of its own (its params: the candidate's plus ``recovery_steps``).
+
+    Candidates are the measured trials within every budget that training cannot change (size, speed),
+    best objective first; with only a quality budget, the trials smaller than the best feasible one,
+    closest to the quality budget first (training may bring them within it). A candidate is claimed in
+    the study before it is trained, so workers sharing the study refine different candidates."""
+    import optuna
+
+    rec = config.recovery
+    trials = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    measured = [
+        t
+        for t in trials
+        if "perplexity" in t.user_attrs and "repeat_of" not in t.user_attrs and "refines" not in t.user_attrs
+    ]
+
+    def fixed_budgets_met(t: Any) -> bool:  # everything but the quality budget, which training improves
+        cons = t.user_attrs.get("constraints", [0.0])
+        return all(c <= 0 for i, c in enumerate(cons) if i != 1)
+
+    if only_quality:
+        feasible = [t.user_attrs["bytes"] for t in trials if all(c <= 0 for c in t.user_attrs.get("constraints", [0]))]
+        smallest = min(feasible, default=math.inf)
+        pool = sorted(
+            (t for t in measured if t.user_attrs["bytes"] < smallest), key=lambda t: t.user_attrs["ppl_increase"]
+        )
+    else:
+        pool = sorted((t for t in measured if fixed_budgets_met(t)), key=lambda t: t.user_attrs[config.objective])
+    distribution = optuna.distributions.CategoricalDistribution([0, rec.steps])
+    for cand in pool[: rec.top_k]:
+        claim = f"recovery:{cand.number}:{rec.steps}"
+        with _locked(study_dir / ".lock"):
+            if claim in study.user_attrs:
+                continue  # another worker (or an earlier run of this study) has it
+            study.set_user_attr(claim, os.getpid())
+        t = time.perf_counter()
+        recipe = copy.deepcopy(cand.user_attrs["recipe"])
+        recipe["name"] = f"{recipe['name']}-recovered"
+        recipe["stages"].append(rec.stage())
+        model, nbytes = ev.compress(recipe)
+        attrs = _scored(ev, model, nbytes, config.budget, cand.user_attrs.get("decode_speedup"))
+        attrs.update(recipe=recipe, refines=cand.number, worker=os.getpid(), seconds=time.perf_counter() - t)
+        value = values(attrs)
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={**cand.params, "recovery_steps": rec.steps},
+                distributions={**cand.distributions, "recovery_steps": distribution},
+                **({"values": list(value)} if config.multi_objective else {"value": value}),
+                user_attrs=attrs,
+                # the key Trial.set_constraint writes: the samplers see the constraints of this trial too
+                system_attrs={
+                    f"constraints:{k}": float(v) for k, v in zip(CONSTRAINTS, attrs["constraints"], strict=False)
+                },
+            )
+        )
+        log.info(
+            "recovery of trial %d: perplexity %.3f -> %.3f",
+            cand.number,
+            cand.user_attrs["perplexity"],
+            attrs["perplexity"],
+        )
 
 
 CONSTRAINTS = ("bytes_over", "ppl_increase_over", "speedup_short")
@@ -491,7 +606,14 @@ def _open_study(config: SearchConfig, study_dir: Path) -> Any:
     with warnings.catch_warnings():  # heartbeats are marked experimental in Optuna 5
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         rdb = (
-            optuna.storages.RDBStorage(storage, heartbeat_interval=15, grace_period=45) if "://" in storage else storage
+            optuna.storages.RDBStorage(
+                storage,
+                heartbeat_interval=max(1, round(config.heartbeat)),
+                grace_period=max(1, round(config.grace)),
+                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+            )
+            if "://" in storage
+            else storage
         )
     return optuna.create_study(
         study_name=config.study_name, storage=rdb, sampler=sampler, directions=directions, load_if_exists=True
@@ -500,7 +622,7 @@ def _open_study(config: SearchConfig, study_dir: Path) -> Any:
 
 def _trial_record(t: Any) -> dict[str, Any]:
     rec = {"number": t.number, "state": t.state.name, "params": t.params, **t.user_attrs}
-    rec["duration"] = t.duration.total_seconds() if t.duration else None
+    rec["duration"] = t.duration.total_seconds() if t.duration else t.user_attrs.get("seconds")
     return rec
 
 
@@ -527,3 +649,59 @@ def study_runs(result: SearchResult) -> list[dict[str, Any]]:
             {"name": label, "recipe": {"name": label}, "metrics": {"original": original, "compressed": metrics}}
         )
     return runs
+
+
+def record_study(
+    tracking: Any, result: SearchResult, source: str, study_dir: Path, evaluation: dict[str, Any] | None = None
+) -> Path | None:
+    """The study as a run of its own (``search``): its run directory holds ``trials.json``, the study
+    report and the best recipe; MLflow gets the best trial's recipe and metrics, the study's counts, and
+    every measured trial's perplexity and bytes as a series over trial numbers."""
+    import shutil
+
+    import yaml
+
+    from lmpress.track import new_run_dir, record_run
+
+    if not tracking.enabled or result.best is None:
+        return None
+    run_dir = new_run_dir(tracking, "search", study_dir.name)
+    for name in ("trials.json", "report.html", "best.yaml"):
+        if (study_dir / name).is_file():
+            shutil.copy2(study_dir / name, run_dir / name)
+    measured = sorted(
+        (t for t in result.trials if t["state"] == "COMPLETE" and "perplexity" in t and "repeat_of" not in t),
+        key=lambda t: t["number"],
+    )
+    best = result.best
+    selection = {k: best[k] for k in ("perplexity", "kl", "bytes", "ppl_increase", "decode_speedup") if k in best}
+    record = {
+        "source_model": source,
+        "recipe": best["recipe"],
+        "metrics": {
+            "original": (evaluation or {}).get("original") or {},
+            "compressed": (evaluation or {}).get("compressed") or {},
+            "selection": selection,
+            "study": {
+                "trials": float(len(result.trials)),
+                "measured": float(len(measured)),
+                "pruned": float(sum(t["state"] == "PRUNED" for t in result.trials)),
+                "recovered": float(sum("refines" in t for t in result.trials)),
+                "seconds": result.seconds,
+                "best_trial": float(best["number"]),
+            },
+        },
+        "search": {
+            "study_dir": str(study_dir),
+            "best_trial": best["number"],
+            "pareto": [t["number"] for t in result.pareto],
+            "smallest_bytes": result.smallest_bytes,
+        },
+        "series": {
+            "trial.perplexity": [(t["number"], float(t["perplexity"])) for t in measured],
+            "trial.bytes": [(t["number"], float(t["bytes"])) for t in measured],
+        },
+    }
+    return record_run(
+        tracking, "search", study_dir.name, record, run_dir, yaml.safe_dump(best["recipe"], sort_keys=False)
+    )

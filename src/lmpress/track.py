@@ -159,6 +159,8 @@ def log_mlflow(opts: TrackOptions, command: str, name: str, record: dict[str, An
         metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(record.get("metrics") or {}).items()]
         for step, loss in _curve(record):
             metrics.append(Metric("train.loss", loss, now, step))
+        for key, points in (record.get("series") or {}).items():  # e.g. a search's trials, by trial number
+            metrics += [Metric(key, float(v), now, int(step)) for step, v in points]
         client.log_batch(rid, metrics=metrics, params=params)
         client.log_artifacts(rid, str(run_dir))
         client.set_terminated(rid)
