@@ -30,17 +30,31 @@ def test_block_groups_and_recipes_from_choices() -> None:
     assert block_groups(5, 2) == [[0, 1, 2], [3, 4]]
     assert block_groups(2, 4) == [[0], [1]]
     choice = {"method": "gptq", "bits_g0": 4, "bits_g1": 2, "group_size": 64, "head_bits": 8, "embedding_bits": 4,
-              "sparsity": 0.5, "drop_blocks": 1}  # fmt: skip
+              "sparsity_g0": 0.0, "sparsity_g1": 0.0, "drop_blocks": 0}  # fmt: skip
     recipe = build_recipe(choice, "model.layers", [[0, 1], [2, 3]], "r")
-    methods = [s["method"] for s in recipe["stages"]]
-    assert methods == ["drop_blocks", "sparsegpt", "gptq"]
-    quant = recipe["stages"][-1]
-    assert quant["bits"] == 4 and quant["embedding_bits"] == 4 and quant["ignore"] == []
+    (quant,) = recipe["stages"]
+    assert quant["method"] == "gptq" and quant["bits"] == 4 and quant["embedding_bits"] == 4 and quant["ignore"] == []
     block_rule, head_rule = quant["overrides"]
     assert matches("model.layers.3.mlp.up_proj", block_rule["targets"]) and block_rule["bits"] == 2
     assert not matches("model.layers.1.mlp.up_proj", block_rule["targets"])
     assert head_rule == {"targets": ["lm_head"], "bits": 8}
     parse_recipe(recipe)  # a valid recipe
+    # a sparse group is pruned and quantized jointly by SparseGPT at its own bits; groups are the blocks
+    # that remain after dropping (5 blocks, 1 dropped: [0, 1] and [2, 3])
+    sparse = {**choice, "sparsity_g1": 0.5, "drop_blocks": 1}
+    recipe = build_recipe(sparse, "model.layers", [[0, 1, 2], [3, 4]], "r")
+    assert [s["method"] for s in recipe["stages"]] == ["drop_blocks", "sparsegpt", "gptq"]
+    drop, prune, quant = recipe["stages"]
+    assert drop["blocks"] == 1 and prune["sparsity"] == 0.5 and prune["bits"] == 2 and prune["group_size"] == 64
+    assert matches("model.layers.3.self_attn.q_proj", prune["targets"])
+    assert not matches("model.layers.1.self_attn.q_proj", prune["targets"])
+    assert not matches("model.layers.4.self_attn.q_proj", prune["targets"])  # block 4 is gone
+    assert quant["bits"] == 4 and quant["overrides"] == [{"targets": ["lm_head"], "bits": 8}]
+    parse_recipe(recipe)
+    # every group sparse and the head kept: no quantizer stage is left
+    all_sparse = {**sparse, "sparsity_g0": 0.5, "head_bits": None, "drop_blocks": 0}
+    stages = build_recipe(all_sparse, "model.layers", [[0], [1]], "r")["stages"]
+    assert [s["method"] for s in stages] == ["sparsegpt", "sparsegpt"]
 
 
 def _setup(trained_dir: Callable[[str], Path], distill_text: Path) -> tuple[object, object, object]:
@@ -228,6 +242,31 @@ def test_a_speed_budget_is_measured_and_met(
     assert result.best is not None and result.best["decode_speedup"] >= 0.05
     impossible = SearchConfig.model_validate({**base, "trials": 2, "budget": {"min_speedup": 1000}})
     assert run_search(model, tok, calib, impossible, tmp_path / "hard").best is None
+
+
+def test_per_group_sparsity_is_searched_and_predicted(
+    trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path
+) -> None:
+    from lmpress.evaluation import tensor_bytes
+
+    loaded, _, calib = _setup(trained_dir, distill_text)
+    model, tok = loaded.model, loaded.tokenizer  # type: ignore[attr-defined]
+    space = {**SPACE, "bits": [4, 8], "sparsity": [0.0, 0.5], "drop_blocks": [0, 1]}
+    cfg = {"space": space, "calib_windows": 16, "select_windows": 8, "trials": 8, "seed": 1,
+           "budget": {"max_bytes": int(0.5 * tensor_bytes(model))}}  # fmt: skip
+    result = run_search(model, tok, calib, SearchConfig.model_validate(cfg), tmp_path / "s")
+    sens = result.sensitivity
+    assert {"g0@s0.5", "g1@s0.5", "drop@1", "g0@4", "head@4", "embed@8"} <= set(sens)
+    assert all(v >= 0 for v in sens.values()) and sens["drop@1"] > sens["g0@8"]  # a dropped block costs more
+    sparse = [
+        t for t in result.trials if "recipe" in t and any(s["method"] == "sparsegpt" for s in t["recipe"]["stages"])
+    ]
+    assert sparse, "no trial tried sparsity"
+    for t in sparse:  # the sparse group's codes are chosen by SparseGPT at the group's bits
+        prune = next(s for s in t["recipe"]["stages"] if s["method"] == "sparsegpt")
+        assert prune["bits"] in (4, 8) and prune["sparsity"] == 0.5
+        assert t["predicted_kl"] >= sens["g0@s0.5"] or t["predicted_kl"] >= sens["g1@s0.5"]
+    assert result.best is not None and result.best["bytes"] <= cfg["budget"]["max_bytes"]  # type: ignore[index]
 
 
 def test_recovery_refines_the_best_candidates_and_its_recipe_reproduces(

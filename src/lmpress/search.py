@@ -66,8 +66,8 @@ class SearchSpace(BaseModel):
     block_groups: int = Field(2, ge=1)  # contiguous runs of blocks that choose their bits separately
     head_bits: list[int | None] = [None, 8, 4]  # None: the head stays as it is
     embedding_bits: list[int | None] = [None, 8, 4]
-    sparsity: list[float] = [0.0]  # SparseGPT before quantization; 0: none
-    drop_blocks: list[int] = [0]
+    sparsity: list[float] = [0.0]  # per block group: SparseGPT with joint codes at the group's bits; 0: dense
+    drop_blocks: list[int] = [0]  # how many blocks to drop (which ones: the least important, measured)
 
     @field_validator("methods")
     @classmethod
@@ -156,20 +156,47 @@ def block_groups(n_blocks: int, groups: int) -> list[list[int]]:
 
 
 def build_recipe(choice: dict[str, Any], blocks_prefix: str, groups: list[list[int]], name: str) -> dict[str, Any]:
-    """The recipe of one set of choices."""
+    """The recipe of one set of choices.
+
+    Stage order is fixed where it matters: blocks are dropped first (nothing is calibrated for a block
+    that goes), a sparse group is pruned and quantized *jointly* by SparseGPT (its codes are chosen with
+    the mask, one pass; quantizing a pruned layer afterwards would not touch its sparse storage), and
+    the quantizer then takes the dense groups, the head and the embeddings. Block groups are runs of
+    the blocks that *remain* after dropping."""
     stages: list[dict[str, Any]] = []
+    n_blocks = sum(len(g) for g in groups)
     if choice.get("drop_blocks"):
         stages.append({"method": "drop_blocks", "blocks": choice["drop_blocks"]})
-    if choice.get("sparsity"):
-        stages.append({"method": "sparsegpt", "sparsity": choice["sparsity"]})
+        groups = block_groups(n_blocks - choice["drop_blocks"], len(groups))
     escaped = blocks_prefix.replace(".", r"\.")
-    overrides = []
-    for g, blocks in enumerate(groups[1:], 1):
-        bits = choice[f"bits_g{g}"]
-        if bits != choice["bits_g0"]:
-            ids = "|".join(str(b) for b in blocks)
-            overrides.append({"targets": [f"re:{escaped}\\.({ids})\\..*"], "bits": bits})
-    quant: dict[str, Any] = {"method": choice["method"], "bits": choice["bits_g0"], "group_size": choice["group_size"]}
+
+    def target(blocks: list[int]) -> str:
+        return f"re:{escaped}\\.({'|'.join(str(b) for b in blocks)})\\..*"
+
+    dense = []
+    for g, blocks in enumerate(groups):
+        sparsity = choice.get(f"sparsity_g{g}", 0.0)
+        if sparsity:
+            stages.append(
+                {
+                    "method": "sparsegpt",
+                    "sparsity": sparsity,
+                    "bits": choice[f"bits_g{g}"],
+                    "group_size": choice["group_size"],
+                    "targets": [target(blocks)],
+                }
+            )
+        else:
+            dense.append(g)
+    if not dense and not choice.get("head_bits"):
+        return {"name": name, "description": "found by lmpress search", "stages": stages}  # nothing left to quantize
+    first = choice[f"bits_g{dense[0]}"] if dense else choice["head_bits"]
+    overrides = [
+        {"targets": [target(groups[g])], "bits": choice[f"bits_g{g}"]}
+        for g in dense[1:]
+        if choice[f"bits_g{g}"] != first
+    ]
+    quant: dict[str, Any] = {"method": choice["method"], "bits": first, "group_size": choice["group_size"]}
     if choice.get("head_bits"):
         quant["ignore"] = []
         overrides.append({"targets": ["lm_head"], "bits": choice["head_bits"]})
@@ -182,13 +209,12 @@ def build_recipe(choice: dict[str, Any], blocks_prefix: str, groups: list[list[i
 
 
 def as_rtn(recipe: dict[str, Any]) -> dict[str, Any]:
-    """The same formats, fast: every calibrated quantizer replaced by round-to-nearest, SparseGPT by magnitude."""
+    """The same formats, fast: every calibrated quantizer replaced by round-to-nearest. SparseGPT stays
+    (its sparse, jointly quantized storage has no cheaper stand-in of the same size)."""
     out = copy.deepcopy(recipe)
     for s in out["stages"]:
         if s["method"] in QUANTIZERS:
             s["method"] = "rtn"
-        elif s["method"] == "sparsegpt":
-            s["method"] = "magnitude"
     return out
 
 
@@ -198,7 +224,8 @@ def as_rtn(recipe: dict[str, Any]) -> dict[str, Any]:
 def sensitivity(
     ev: Evaluator, space: SearchSpace, groups: list[list[int]], prefix: str, cache: Path | None
 ) -> dict[str, float]:
-    """KL when only one part is rounded to b bits: ``g{i}@{b}``, ``head@{b}``, ``embed@{b}`` (cached)."""
+    """KL when only one part is changed (cached): rounded to b bits (``g{i}@{b}``, ``head@{b}``,
+    ``embed@{b}``), a block group pruned to sparsity s (``g{i}@s{s}``), k blocks dropped (``drop@{k}``)."""
     if cache is not None and cache.is_file():
         return dict(json.loads(cache.read_text()))
     escaped = prefix.replace(".", r"\.")
@@ -213,6 +240,14 @@ def sensitivity(
             ev, {"method": "rtn", "bits": b, "group_size": gs, "targets": ["lm_head"], "ignore": []}
         )
         out[f"embed@{b}"] = _embed_kl(ev, b, gs)
+    for sp in sorted(x for x in space.sparsity if x):  # pruning alone (dense codes' share is the bits' entry)
+        for g, blocks in enumerate(groups):
+            ids = "|".join(str(i) for i in blocks)
+            out[f"g{g}@s{sp:g}"] = _kl_of(
+                ev, {"method": "sparsegpt", "sparsity": sp, "targets": [f"re:{escaped}\\.({ids})\\..*"]}
+            )
+    for k in sorted(x for x in space.drop_blocks if x):
+        out[f"drop@{k}"] = _kl_of(ev, {"method": "drop_blocks", "blocks": k})
     if cache is not None:
         write_json_atomic(cache, out)
     return out
@@ -234,8 +269,20 @@ def _embed_kl(ev: Evaluator, bits: int, group_size: int) -> float:
     return float(ev.measure(model, ev.select_windows[: max(4, len(ev.select_windows) // 4)])["kl"])
 
 
+def _space_key(space: SearchSpace, groups: list[list[int]]) -> str:
+    """What the sensitivity cache depends on, as a short hash."""
+    import hashlib
+
+    parts = [groups, space.bits, space.head_bits, space.embedding_bits, space.group_sizes, space.sparsity]
+    blob = json.dumps([*parts, space.drop_blocks], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
 def predicted_kl(choice: dict[str, Any], sens: dict[str, float], n_groups: int) -> float:
+    """A trial's KL predicted as the sum of its parts' (first order: the parts' errors add)."""
     kl = sum(sens.get(f"g{g}@{choice[f'bits_g{g}']}", 0.0) for g in range(n_groups))
+    kl += sum(sens.get(f"g{g}@s{choice.get(f'sparsity_g{g}', 0.0):g}", 0.0) for g in range(n_groups))
+    kl += sens.get(f"drop@{choice.get('drop_blocks', 0)}", 0.0)
     if choice.get("head_bits"):
         kl += sens.get(f"head@{choice['head_bits']}", 0.0)
     if choice.get("embedding_bits"):
@@ -287,7 +334,8 @@ def _suggest(trial: Any, space: SearchSpace, n_groups: int) -> dict[str, Any]:
     choice["group_size"] = trial.suggest_categorical("group_size", space.group_sizes)
     choice["head_bits"] = trial.suggest_categorical("head_bits", space.head_bits)
     choice["embedding_bits"] = trial.suggest_categorical("embedding_bits", space.embedding_bits)
-    choice["sparsity"] = trial.suggest_categorical("sparsity", space.sparsity)
+    for g in range(n_groups):
+        choice[f"sparsity_g{g}"] = trial.suggest_categorical(f"sparsity_g{g}", space.sparsity)
     choice["drop_blocks"] = trial.suggest_categorical("drop_blocks", space.drop_blocks)
     return choice
 
@@ -307,7 +355,7 @@ def _seed_choices(space: SearchSpace, n_groups: int, sens: dict[str, float], sma
         "group_size": min(space.group_sizes),
         "head_bits": pick(space.head_bits),
         "embedding_bits": pick(space.embedding_bits),
-        "sparsity": space.sparsity[0],
+        **{f"sparsity_g{g}": space.sparsity[0] for g in range(n_groups)},
         "drop_blocks": space.drop_blocks[0],
     }
 
@@ -382,10 +430,15 @@ def run_search(
         "group_size": max(space.group_sizes),
         "head_bits": min((b for b in space.head_bits if b), default=None),
         "embedding_bits": min((b for b in space.embedding_bits if b), default=None),
-        "sparsity": max(space.sparsity),
+        **{f"sparsity_g{g}": max(space.sparsity) for g in range(len(groups))},
         "drop_blocks": max(space.drop_blocks),
     }
     _, smallest = ev.compress(as_rtn(build_recipe(smallest_choice, prefix, groups, "smallest")))
+    if max(space.sparsity) > 0:  # a sparse layer keeps a mask: at few bits, dense may be the smaller
+        dense_choice = {**smallest_choice, **{f"sparsity_g{g}": 0.0 for g in range(len(groups))}}
+        _, dense_bytes = ev.compress(as_rtn(build_recipe(dense_choice, prefix, groups, "smallest")))
+        if dense_bytes < smallest:
+            smallest_choice, smallest = dense_choice, dense_bytes
     if budget.max_bytes is not None and budget.max_bytes < smallest:
         raise SearchError(
             f"search: no recipe in the space fits {budget.max_bytes / 1e6:.2f} MB; the smallest reachable is "
@@ -393,7 +446,7 @@ def run_search(
             "at their fewest bits); raise --max-bytes or widen the space"
         )
     with _locked(study_dir / ".lock"):  # workers starting together: one measures and creates, the others read
-        sens_key = f"sensitivity-{len(groups)}g-{'-'.join(map(str, sorted(space.bits)))}.json"
+        sens_key = f"sensitivity-{_space_key(space, groups)}.json"
         sens = sensitivity(ev, space, groups, prefix, study_dir / sens_key) if (config.prune or config.seeds) else {}
         study = _open_study(config, study_dir)
     if config.seeds and not study.trials:
@@ -424,13 +477,12 @@ def run_search(
         if config.prune and budget.max_bytes is not None and nbytes > budget.max_bytes:
             trial.set_user_attr("pruned_by", "size")
             raise optuna.TrialPruned()
-        quant_only = not choice.get("sparsity") and not choice.get("drop_blocks")  # what the cache predicts
         limit = budget.max_ppl_increase
         hopeless = pred is not None and limit is not None and math.exp(pred) - 1 > 4 * limit
-        if config.prune and quant_only and hopeless:
+        if config.prune and hopeless:
             trial.set_user_attr("pruned_by", "sensitivity")
             raise optuna.TrialPruned()
-        exact = all(s["method"] in ("rtn", "magnitude", "drop_blocks") for s in recipe["stages"])
+        exact = as_rtn(recipe) == recipe  # the proxy is the trial itself
         compressed = proxy if exact else ev.compress(recipe)[0]
         speedup = _decode_speedup(model, compressed) if budget.min_speedup is not None else None
         attrs = _scored(ev, compressed, nbytes, budget, speedup)
