@@ -662,7 +662,7 @@ def _open_study(config: SearchConfig, study_dir: Path) -> Any:
                 storage,
                 heartbeat_interval=max(1, round(config.heartbeat)),
                 grace_period=max(1, round(config.grace)),
-                failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1),
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1),
             )
             if "://" in storage
             else storage
