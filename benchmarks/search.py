@@ -17,13 +17,14 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import json
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from benchmarks.common import machine, markdown_table, saved_bytes, split_windows, timed, write_results
+from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
 from lmpress.evaluation import quality, tensor_bytes
 from lmpress.models.loading import load_model
 from lmpress.pipeline import run_stages
@@ -52,7 +53,12 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=30)
     ap.add_argument("--recovery-steps", type=int, default=100)
     ap.add_argument("--select-windows", type=int, default=64)
+    ap.add_argument("--table-only", action="store_true", help="re-render the table from the committed results")
     args = ap.parse_args()
+    if args.table_only:
+        payload = json.loads((RESULTS / f"{NAME}.json").read_text())
+        write_results(NAME, payload, _table(payload))
+        return
     torch.set_num_threads(args.threads)
     loaded = load_model("builtin")
     original, tok = loaded.model, loaded.tokenizer
@@ -172,6 +178,35 @@ def main() -> None:
     write_results(NAME, payload, _table(payload))
 
 
+TIE = 1e-3  # perplexities within 0.1% of each other: a tie (different recipes differ by about this in noise)
+
+
+def _verdict(ours: float, theirs: float) -> str:
+    if ours < theirs * (1 - TIE):
+        return "**win**"
+    return "tie" if ours <= theirs * (1 + TIE) else "loses"
+
+
+def _describe(recipe: dict[str, Any]) -> str:
+    """A recipe in a few words: drop 1 block, gptq 2-bit g128 (head 4-bit, embeddings 2-bit), distill 100."""
+    parts = []
+    for st in recipe["stages"]:
+        m = st["method"]
+        if m == "drop_blocks":
+            parts.append(f"drop {st['blocks']} block(s)")
+        elif m == "sparsegpt":
+            parts.append(f"sparsegpt {st['sparsity']:.0%} at {st.get('bits')}-bit")
+        elif m == "distill":
+            parts.append(f"distill {st['steps']} steps ({'QAT' if st.get('codes') == 'train' else 'scales'})")
+        else:
+            extra = [f"head {o['bits']}-bit" for o in st.get("overrides", []) if o["targets"] == ["lm_head"]]
+            extra += [f"embeddings {st['embedding_bits']}-bit"] if st.get("embedding_bits") else []
+            groups = [o["bits"] for o in st.get("overrides", []) if o["targets"] != ["lm_head"]]
+            extra += [f"a block group at {b}-bit" for b in groups]
+            parts.append(f"{m} {st['bits']}-bit g{st['group_size']}" + (f" ({', '.join(extra)})" if extra else ""))
+    return ", ".join(parts)
+
+
 def _best_post_training(trials: list[dict[str, Any]]) -> dict[str, Any] | None:
     done = [
         t
@@ -205,18 +240,23 @@ def _table(payload: dict[str, Any]) -> str:
     presets = [r for r in rows if r["kind"] == "preset"]
     recovered_edge = next((r for r in rows if r["kind"] == "preset+recovery"), None)
     post = {r["name"]: r for r in rows if r["kind"] == "search-post-training"}
-    out_rows = []
+    out_rows: list[list[str]] = []
+    notes: list[str] = []
     for r in (r for r in rows if r["kind"] == "search"):
         if not r.get("perplexity"):
             out_rows.append([r["name"], f"{r['budget_bytes'] / 1e6:.2f}", "none found", "", "", "", "", "", ""])
             continue
         fits = [p for p in presets if p["bytes"] <= r["budget_bytes"] * 1.01]
         rival = min(fits, key=lambda p: p["perplexity"]) if fits else min(presets, key=lambda p: p["bytes"])
-        verdict = "**win**" if r["perplexity"] < rival["perplexity"] * (1 - 1e-4) else (
-            "tie" if r["perplexity"] <= rival["perplexity"] * (1 + 1e-4) else "loses")  # fmt: skip
+        verdict = _verdict(r["perplexity"], rival["perplexity"])
         if recovered_edge and r.get("recovered") and recovered_edge["bytes"] <= r["budget_bytes"] * 1.01:
             same = recovered_edge["perplexity"]
-            verdict += f"; vs edge + recovery {same:.3f}: {'win' if r['perplexity'] <= same * (1 + 1e-4) else 'loses'}"
+            verdict += f"; vs edge + recovery {same:.3f}: {_verdict(r['perplexity'], same)}"
+        if not fits:
+            notes.append(
+                f"- {r['name']}: no preset is this small (the smallest, {rival['name']}, is "
+                f"{rival['bytes'] / r['budget_bytes']:.1f}x the budget); the search's recipe: {_describe(r['recipe'])}."
+            )
         p = post.get(r["name"])
         out_rows.append(
             [
@@ -260,6 +300,7 @@ def _table(payload: dict[str, Any]) -> str:
         markdown_table(["preset", "MB", "ppl", "KL"], preset_rows),
         "",
     ]
+    lines += notes
     for a in payload["ablation"]:
         lines.append(
             f"- 25% budget, {'with' if a['prune_and_seeds'] else 'without'} size/sensitivity pruning and seeds: "

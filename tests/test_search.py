@@ -156,13 +156,17 @@ def test_bad_budgets_and_spaces_are_clear_errors(
     runner = CliRunner()
     bad = tmp_path / "space.yaml"
     for text, message in (("methods: [gptq, magic]\n", "unknown method 'magic'"), ("bits: []\n", "empty list"),
-                          ("colour: red\n", "colour")):  # fmt: skip
+                          ("colour: red\n", "colour"), ("sparsity: [1.5]\n", "sparsity")):  # fmt: skip
         bad.write_text(text)
         r = runner.invoke(app, ["search", str(trained_dir("llama")), "--max-bytes", "1MB", "--space", str(bad),
                                 "--study-dir", str(tmp_path / "cli")])  # fmt: skip
         assert r.exit_code == 2 and message in r.output, r.output
     r = runner.invoke(app, ["search", "--max-bytes", "lots"])
     assert r.exit_code == 2 and "is not a size" in r.output
+    r = runner.invoke(app, ["search", "--max-bytes", "1MB", "--objective", "beauty"])
+    assert r.exit_code == 2 and "objective" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["search", "--min-speedup", "2", "--speed", "warp"])
+    assert r.exit_code == 2 and "speed" in r.output and "Traceback" not in r.output
 
 
 KILLED_WORKER = """
@@ -236,12 +240,21 @@ def test_a_speed_budget_is_measured_and_met(
     easy = SearchConfig.model_validate({**base, "budget": {"min_speedup": 0.05}})
     result = run_search(model, tok, calib, easy, tmp_path / "easy")
     measured = [t for t in result.trials if t["state"] == "COMPLETE"]
-    assert measured and all(t["decode_speedup"] > 0 for t in measured)
-    assert all(len(t["constraints"]) == 3 and t["constraints"][2] == pytest.approx(0.05 - t["decode_speedup"])
+    assert measured and all(t["speedup"] > 0 for t in measured)
+    assert all(len(t["constraints"]) == 3 and t["constraints"][2] == pytest.approx(0.05 - t["speedup"])
                for t in measured)  # fmt: skip
-    assert result.best is not None and result.best["decode_speedup"] >= 0.05
+    assert result.best is not None and result.best["speedup"] >= 0.05
+    assert result.best["perplexity"] == min(t["perplexity"] for t in measured)  # perplexity under a speed budget
     impossible = SearchConfig.model_validate({**base, "trials": 2, "budget": {"min_speedup": 1000}})
     assert run_search(model, tok, calib, impossible, tmp_path / "hard").best is None
+    # the fastest model within a quality budget, by prefill speed
+    fastest = SearchConfig.model_validate(
+        {**base, "objective": "speedup", "budget": {"max_ppl_increase": 0.5, "speed": "prefill"}}
+    )
+    result = run_search(model, tok, calib, fastest, tmp_path / "fast")
+    feasible = [t for t in result.trials if t["state"] == "COMPLETE" and all(c <= 0 for c in t["constraints"])]
+    assert feasible and all(t["speedup"] > 0 and t["constraints"][2] == 0.0 for t in feasible)  # timed, no budget
+    assert result.best is not None and result.best["speedup"] == max(t["speedup"] for t in feasible)
 
 
 def test_per_group_sparsity_is_searched_and_predicted(
@@ -349,6 +362,8 @@ def test_cli_search_writes_recipes_pareto_models_and_tracks_the_study(
     best = yaml.safe_load((study / "best.yaml").read_text())
     parse_recipe(best)  # an ordinary recipe file
     assert out["trials"] == 6 and out["pareto"] and (study / "report.html").is_file()
+    # the final compress calibrated on the trials' windows: the best recipe run alone gives its trial's number
+    assert out["reproduced_selection_perplexity"] == pytest.approx(out["best"]["perplexity"], rel=1e-5)
     assert sorted(p.name for p in (study / "pareto").glob("*.yaml")) == sorted(f"trial-{n}.yaml" for n in out["pareto"])
     # every Pareto recipe as a saved model with its metrics, and the sizes ordered as the front says
     assert [p["number"] for p in out["pareto_models"]] == out["pareto"]
@@ -370,3 +385,19 @@ def test_cli_search_writes_recipes_pareto_models_and_tracks_the_study(
     assert {"trials.json", "report.html", "best.yaml", "run.json"} <= {
         a.path for a in client.list_artifacts(found.info.run_id)
     }
+
+
+def test_calibration_and_selection_windows_are_the_compress_ones_and_disjoint() -> None:
+    from lmpress.data import Manifest, TokenData, windows
+
+    stream = torch.arange(100 * 4)
+    every = windows(stream, 4)  # 100 windows, each identified by its first token
+    data = TokenData(every, Manifest("test", "calib", 1, 400, "0"))
+    from lmpress.search import calibration_and_selection
+
+    cut = calibration_and_selection(data, 10, 6).windows
+    assert torch.equal(cut[:10], windows(stream, 4, 10))  # what a compress run with 10 windows calibrates on
+    calib_ids, select_ids = set(cut[:10, 0].tolist()), set(cut[10:, 0].tolist())
+    assert len(select_ids) == 6 and not calib_ids & select_ids
+    with pytest.raises(LmpressError, match="need 120"):
+        calibration_and_selection(data, 100, 20)

@@ -474,7 +474,13 @@ def search_cmd(
     space: Annotated[Path | None, typer.Option("--space", help="YAML search file narrowing the space")] = None,
     trials: Annotated[int, typer.Option(min=1, help="trials in the study in all (resumed ones count)")] = 30,
     timeout: Annotated[float | None, typer.Option(min=1.0, help="seconds for this process")] = None,
-    objective: Annotated[str, typer.Option(help="perplexity or kl")] = "perplexity",
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="perplexity, kl, bytes or speedup [default: bytes with only --max-ppl-increase, else perplexity]"
+        ),
+    ] = None,
+    speed: Annotated[str, typer.Option(help="decode or prefill: the speed --min-speedup and speedup mean")] = "decode",
     multi_objective: Annotated[
         bool, typer.Option("--multi-objective", help="Pareto front of quality and size")
     ] = False,
@@ -512,10 +518,11 @@ def search_cmd(
     import yaml
     from pydantic import ValidationError
 
+    from lmpress.evaluation import quality
     from lmpress.io import check_output_dir
     from lmpress.models.loading import load_model
     from lmpress.recipe import parse_recipe
-    from lmpress.search import SearchConfig, SearchError, record_study, run_search
+    from lmpress.search import SearchConfig, SearchError, calibration_and_selection, record_study, run_search
     from lmpress.track import tracked_compress
 
     _setup(threads, quiet or as_json)
@@ -528,6 +535,7 @@ def search_cmd(
                     "max_bytes": _parse_size(max_bytes) if max_bytes else None,
                     "max_ppl_increase": _parse_share(max_ppl_increase) if max_ppl_increase else None,
                     "min_speedup": min_speedup,
+                    "speed": speed,
                 },
                 "objective": objective,
                 "multi_objective": multi_objective,
@@ -549,8 +557,11 @@ def search_cmd(
     if output is not None:
         check_output_dir(output, overwrite)
     loaded = load_model(model)
-    options = _data_options(data, "**/*", "text", seq_len=seq_len, eval_windows=max_windows)
-    calib = options.load(loaded.tokenizer, "calib", calib_windows + select_windows)
+    # the final compress calibrates on the very windows the trials did
+    options = _data_options(
+        data, "**/*", "text", seq_len=seq_len, eval_windows=max_windows, calib_windows=calib_windows
+    )
+    calib = calibration_and_selection(options.load(loaded.tokenizer, "calib", None), calib_windows, select_windows)
     train = options.load(loaded.tokenizer, "train", options.train_windows) if recovery_steps else None
     result = run_search(
         loaded.model, loaded.tokenizer, calib, config, study_dir, progress=not (as_json or quiet), train=train
@@ -584,6 +595,15 @@ def search_cmd(
         progress=not (as_json or quiet),
         samples=3,
     )
+    # the found recipe, run alone, measured again on the trials' selection windows: the same number
+    again = quality(final.model, calib.windows[calib_windows:], batch_size=16)["perplexity"]
+    if abs(again / result.best["perplexity"] - 1) > 1e-3:
+        logging.getLogger("lmpress.search").warning(
+            "the best recipe run alone gives selection perplexity %.4f, its trial gave %.4f: the recipe does not "
+            "reproduce exactly (a method with randomness, or a different device)",
+            again,
+            result.best["perplexity"],
+        )
     saved = []
     for t in result.pareto if save_pareto else []:  # each Pareto recipe: its model and its metrics
         fresh = dataclasses.replace(loaded, model=copy.deepcopy(pristine))
@@ -610,6 +630,7 @@ def search_cmd(
         "recipe_file": str(study_dir / "best.yaml"),
         "report": str(study_dir / "report.html"),
         "evaluation": final.metrics,
+        "reproduced_selection_perplexity": again,
         "run_dir": str(run_dir) if run_dir else None,
         "search_run_dir": str(search_dir) if search_dir else None,
         "pareto_models": saved,

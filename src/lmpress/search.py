@@ -33,7 +33,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -49,6 +49,7 @@ from lmpress.registry import Context
 
 log = logging.getLogger(__name__)
 QUANTIZERS = ("gptq", "rtn", "awq", "hqq")
+Bits = Annotated[int, Field(ge=2, le=8)]
 
 
 class SearchError(LmpressError):
@@ -61,13 +62,14 @@ class SearchSpace(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     methods: list[str] = ["gptq"]  # weight quantizers to choose from
-    bits: list[int] = [2, 3, 4, 8]  # per block group
-    group_sizes: list[int] = [64, 128]
+    bits: list[Bits] = [2, 3, 4, 8]  # per block group
+    group_sizes: list[Annotated[int, Field(gt=0)]] = [64, 128]
     block_groups: int = Field(2, ge=1)  # contiguous runs of blocks that choose their bits separately
-    head_bits: list[int | None] = [None, 8, 4]  # None: the head stays as it is
-    embedding_bits: list[int | None] = [None, 8, 4]
-    sparsity: list[float] = [0.0]  # per block group: SparseGPT with joint codes at the group's bits; 0: dense
-    drop_blocks: list[int] = [0]  # how many blocks to drop (which ones: the least important, measured)
+    head_bits: list[Bits | None] = [None, 8, 4]  # None: the head stays as it is
+    embedding_bits: list[Bits | None] = [None, 8, 4]
+    # per block group: SparseGPT with joint codes at the group's bits; 0: dense
+    sparsity: list[Annotated[float, Field(ge=0, lt=1)]] = [0.0]
+    drop_blocks: list[Annotated[int, Field(ge=0)]] = [0]  # blocks to drop (which ones: the least important, measured)
 
     @field_validator("methods")
     @classmethod
@@ -92,7 +94,8 @@ class Budget(BaseModel):
 
     max_bytes: int | None = Field(None, gt=0)
     max_ppl_increase: float | None = Field(None, gt=0)  # a share: 0.05 = at most 5% worse perplexity
-    min_speedup: float | None = Field(None, gt=0)  # decode tokens/s against the original
+    min_speedup: float | None = Field(None, gt=0)  # tokens/s against the original's (see `speed`)
+    speed: Literal["decode", "prefill"] = "decode"  # which speed min_speedup and the speedup objective mean
 
 
 class Recovery(BaseModel):
@@ -141,6 +144,27 @@ class Evaluator:
 
     def measure(self, model: nn.Module, windows: Tensor | None = None) -> dict[str, float]:
         return quality(model, self.select_windows if windows is None else windows, reference=self.model, batch_size=16)
+
+
+def calibration_and_selection(every: Any, calib_windows: int, select_windows: int) -> Any:
+    """``every`` (all windows of the calibration split) cut into what `run_search` takes: first the
+    ``calib_windows`` windows a compress run with that many calibration windows uses (spread evenly,
+    as `lmpress.data.windows` picks them), then ``select_windows`` others, spread over the rest. So
+    the found recipe, run alone with ``calib_windows``, calibrates on exactly the trial's windows."""
+    import dataclasses
+
+    n = every.windows.shape[0]
+    if n < calib_windows + select_windows:
+        raise SearchError(
+            f"search: {n} calibration-split windows, need {calib_windows + select_windows} ({calib_windows} to "
+            f"calibrate + {select_windows} to select on); give more text or fewer windows"
+        )
+    chosen = torch.linspace(0, n - 1, calib_windows).round().long() if calib_windows < n else torch.arange(n)
+    rest = torch.ones(n, dtype=torch.bool)
+    rest[chosen] = False
+    others = rest.nonzero().squeeze(1)
+    picked = others[torch.linspace(0, len(others) - 1, select_windows).round().long()]
+    return dataclasses.replace(every, windows=torch.cat([every.windows[chosen], every.windows[picked]]))
 
 
 def block_groups(n_blocks: int, groups: int) -> list[list[int]]:
@@ -300,7 +324,9 @@ class SearchConfig(BaseModel):
 
     space: SearchSpace = Field(default_factory=lambda: SearchSpace.model_validate({}))
     budget: Budget = Field(default_factory=lambda: Budget.model_validate({}))
-    objective: Literal["perplexity", "kl"] = "perplexity"
+    # what the best trial minimizes (speedup: maximizes); None: bytes when the only budget is
+    # max_ppl_increase (the smallest model within it), else perplexity
+    objective: Literal["perplexity", "kl", "bytes", "speedup"] | None = None
     multi_objective: bool = False  # NSGA-II over (objective, bytes): the Pareto front
     trials: int = Field(30, ge=1)  # trials in the study in all (a resumed study counts its earlier ones)
     timeout: float | None = Field(None, gt=0)  # seconds for this process
@@ -456,6 +482,10 @@ def run_search(
         for choice in seeds:
             study.enqueue_trial(choice, skip_if_exists=True)
     only_quality = budget.max_bytes is None and budget.min_speedup is None and budget.max_ppl_increase is not None
+    goal = config.objective or ("bytes" if only_quality and not config.multi_objective else "perplexity")
+    if config.multi_objective and goal == "bytes":
+        goal = "perplexity"  # bytes is the second objective already
+    timed_speed = budget.min_speedup is not None or goal == "speedup"
 
     def objective(trial: Any) -> float | tuple[float, float] | list[float]:
         choice = _suggest(trial, space, len(groups))
@@ -484,7 +514,7 @@ def run_search(
             raise optuna.TrialPruned()
         exact = as_rtn(recipe) == recipe  # the proxy is the trial itself
         compressed = proxy if exact else ev.compress(recipe)[0]
-        speedup = _decode_speedup(model, compressed) if budget.min_speedup is not None else None
+        speedup = _speedup(model, compressed, budget.speed) if timed_speed else None
         attrs = _scored(ev, compressed, nbytes, budget, speedup)
         for k, v in attrs.items():
             trial.set_user_attr(k, v)
@@ -493,10 +523,8 @@ def run_search(
         return _values(attrs)
 
     def _values(attrs: dict[str, Any]) -> float | tuple[float, float]:
-        value = float(attrs[config.objective])
-        if config.multi_objective:
-            return value, float(attrs["bytes"])
-        return float(attrs["bytes"]) if only_quality else value
+        value = _goal_value(attrs, goal)
+        return (value, float(attrs["bytes"])) if config.multi_objective else value
 
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)  # what uses up the trial budget
     done = len(study.get_trials(deepcopy=False, states=counted))  # a crashed trial is retried, not counted
@@ -515,14 +543,13 @@ def run_search(
         finally:
             quiet.setLevel(level)
     if config.recovery.steps:
-        _recover(study, ev, config, study_dir, only_quality, _values)
+        _recover(study, ev, config, study_dir, goal, _values)
     trials = [_trial_record(t) for t in study.trials if t.state.is_finished()]
     feasible = [t for t in trials if t["state"] == "COMPLETE" and all(c <= 0 for c in t.get("constraints", [0]))]
-    key = "bytes" if only_quality else config.objective
-    best = min(feasible, key=lambda t: (t[key], t["bytes"])) if feasible else None
+    best = min(feasible, key=lambda t: (_goal_value(t, goal), t["bytes"])) if feasible else None
     from lmpress.report import pareto
 
-    front = pareto([(float(t["bytes"]), float(t[config.objective])) for t in feasible])
+    front = pareto([(float(t["bytes"]), _goal_value(t, goal)) for t in feasible])
     result = SearchResult(
         best=best,
         pareto=[feasible[i] for i in front],
@@ -536,6 +563,11 @@ def run_search(
     return result
 
 
+def _goal_value(attrs: dict[str, Any], goal: str) -> float:
+    """What the search minimizes for a measured trial (speedup is maximized)."""
+    return -float(attrs["speedup"]) if goal == "speedup" else float(attrs[goal])
+
+
 def _scored(ev: Evaluator, compressed: nn.Module, nbytes: int, budget: Budget, speedup: float | None) -> dict[str, Any]:
     """A compressed model's selection metrics and how far outside each budget it is (<= 0: within)."""
     m = ev.measure(compressed)
@@ -546,19 +578,20 @@ def _scored(ev: Evaluator, compressed: nn.Module, nbytes: int, budget: Budget, s
     ]
     out: dict[str, Any] = {"bytes": nbytes, "perplexity": m["perplexity"], "kl": m["kl"], "ppl_increase": ppl_inc}
     if speedup is not None:
-        out["decode_speedup"] = speedup
+        out["speedup"] = speedup
         cons.append(budget.min_speedup - speedup if budget.min_speedup is not None else 0.0)
     out["constraints"] = cons
     return out
 
 
-def _recover(study: Any, ev: Evaluator, config: SearchConfig, study_dir: Path, only_quality: bool, values: Any) -> None:
+def _recover(study: Any, ev: Evaluator, config: SearchConfig, study_dir: Path, goal: str, values: Any) -> None:
     """Distill the best ``top_k`` post-training candidates against the original; each result joins the
     study as a trial of its own (its params: the candidate's plus ``recovery_steps``).
 
     Candidates are the measured trials within every budget that training cannot change (size, speed),
-    best objective first; with only a quality budget, the trials smaller than the best feasible one,
-    closest to the quality budget first (training may bring them within it). A candidate is claimed in
+    best objective first. When the objective is one training cannot change (bytes, speedup), they are
+    the trials better on it than the best feasible one but outside the quality budget, closest to it
+    first: training may bring them within it. A candidate is claimed in
     the study before it is trained, so workers sharing the study refine different candidates."""
     import optuna
 
@@ -574,14 +607,17 @@ def _recover(study: Any, ev: Evaluator, config: SearchConfig, study_dir: Path, o
         cons = t.user_attrs.get("constraints", [0.0])
         return all(c <= 0 for i, c in enumerate(cons) if i != 1)
 
-    if only_quality:
-        feasible = [t.user_attrs["bytes"] for t in trials if all(c <= 0 for c in t.user_attrs.get("constraints", [0]))]
-        smallest = min(feasible, default=math.inf)
+    if goal in ("bytes", "speedup"):
+        feasible = [
+            t for t in trials if "perplexity" in t.user_attrs and all(c <= 0 for c in t.user_attrs["constraints"])
+        ]
+        bar = min((_goal_value(t.user_attrs, goal) for t in feasible), default=math.inf)
         pool = sorted(
-            (t for t in measured if t.user_attrs["bytes"] < smallest), key=lambda t: t.user_attrs["ppl_increase"]
+            (t for t in measured if fixed_budgets_met(t) and _goal_value(t.user_attrs, goal) < bar),
+            key=lambda t: t.user_attrs["ppl_increase"],
         )
     else:
-        pool = sorted((t for t in measured if fixed_budgets_met(t)), key=lambda t: t.user_attrs[config.objective])
+        pool = sorted((t for t in measured if fixed_budgets_met(t)), key=lambda t: _goal_value(t.user_attrs, goal))
     distribution = optuna.distributions.CategoricalDistribution([0, rec.steps])
     for cand in pool[: rec.top_k]:
         claim = f"recovery:{cand.number}:{rec.steps}"
@@ -594,7 +630,7 @@ def _recover(study: Any, ev: Evaluator, config: SearchConfig, study_dir: Path, o
         recipe["name"] = f"{recipe['name']}-recovered"
         recipe["stages"].append(rec.stage())
         model, nbytes = ev.compress(recipe)
-        attrs = _scored(ev, model, nbytes, config.budget, cand.user_attrs.get("decode_speedup"))
+        attrs = _scored(ev, model, nbytes, config.budget, cand.user_attrs.get("speedup"))
         attrs.update(recipe=recipe, refines=cand.number, worker=os.getpid(), seconds=time.perf_counter() - t)
         value = values(attrs)
         study.add_trial(
@@ -678,12 +714,15 @@ def _trial_record(t: Any) -> dict[str, Any]:
     return rec
 
 
-def _decode_speedup(base: nn.Module, model: nn.Module) -> float:
+def _speedup(base: nn.Module, model: nn.Module, kind: str) -> float:
+    """Tokens/s of ``model`` over the original's, decode (batch 1, KV cache) or prefill; both timed here,
+    one after the other, so that the ratio holds on a noisy machine."""
     from lmpress.evaluation import speed
 
+    key = "decode_tokens_per_s" if kind == "decode" else "prefill_tokens_per_s"
     vocab = int(base.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
-    a = speed(base, vocab, prompt_len=64, decode_tokens=32, repeats=2)["decode_tokens_per_s"]
-    b = speed(model, vocab, prompt_len=64, decode_tokens=32, repeats=2)["decode_tokens_per_s"]
+    a = speed(base, vocab, prompt_len=64, decode_tokens=32, repeats=2)[key]
+    b = speed(model, vocab, prompt_len=64, decode_tokens=32, repeats=2)[key]
     return b / a
 
 
@@ -696,6 +735,8 @@ def study_runs(result: SearchResult) -> list[dict[str, Any]]:
         if t["state"] != "COMPLETE" or "repeat_of" in t or "perplexity" not in t:
             continue
         label = f"best #{t['number']}" if t["number"] == best else f"#{t['number']}"
+        if "refines" in t:
+            label += f" (#{t['refines']} + recovery)"
         metrics = {"perplexity": t["perplexity"], "kl": t["kl"], "bytes": t["bytes"]}
         runs.append(
             {"name": label, "recipe": {"name": label}, "metrics": {"original": original, "compressed": metrics}}
@@ -726,7 +767,7 @@ def record_study(
         key=lambda t: t["number"],
     )
     best = result.best
-    selection = {k: best[k] for k in ("perplexity", "kl", "bytes", "ppl_increase", "decode_speedup") if k in best}
+    selection = {k: best[k] for k in ("perplexity", "kl", "bytes", "ppl_increase", "speedup") if k in best}
     record = {
         "source_model": source,
         "recipe": best["recipe"],
