@@ -490,6 +490,7 @@ def search_cmd(
     storage: Annotated[str | None, typer.Option(help="Optuna storage URL shared by workers")] = None,
     output: Annotated[Path | None, typer.Option("--output", "-o", help="save the best model here")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
+    device: DeviceOpt = "auto",
     data: DataOpt = "stdlib",
     seq_len: SeqLenOpt = None,
     calib_windows: Annotated[int, typer.Option("--calib-windows", min=1)] = 64,
@@ -556,7 +557,7 @@ def search_cmd(
         raise SearchError(f"search settings: {where}: {err['msg'].removeprefix('Value error, ')}") from None
     if output is not None:
         check_output_dir(output, overwrite)
-    loaded = load_model(model)
+    loaded = load_model(model, device=device)
     # the final compress calibrates on the very windows the trials did
     options = _data_options(
         data, "**/*", "text", seq_len=seq_len, eval_windows=max_windows, calib_windows=calib_windows

@@ -134,7 +134,7 @@ class Evaluator:
         model = copy.deepcopy(self.model)
         ctx = Context(
             tokenizer=self.tokenizer,
-            device=torch.device("cpu"),
+            device=next(self.model.parameters()).device,  # where the model is: a GPU search calibrates there
             calibration=lambda: self.calib,
             training=(lambda: self.train) if self.train is not None else None,
             teacher=self.model,
