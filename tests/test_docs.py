@@ -23,3 +23,14 @@ def test_every_method_and_key_is_documented() -> None:
         for key in m.config.model_fields:
             if key != "method":
                 assert f"| `{key}` |" in text, (name, key)
+
+
+def test_every_search_space_key_is_in_the_search_guide() -> None:
+    from lmpress.search import SearchSpace
+
+    text = (DOCS.parent / "search.md").read_text(encoding="utf-8")
+    for key in SearchSpace.model_fields:
+        assert f"\n{key}: " in text, key  # in the example search file
+    flags = "--max-bytes --max-ppl-increase --min-speedup --objective --speed --recovery-steps --recovery-top"
+    for flag in (flags + " --save-pareto --storage --study-dir --no-prune --select-windows").split():
+        assert flag in text, flag
