@@ -151,6 +151,7 @@ def test_bad_budgets_and_spaces_are_clear_errors(
         LmpressError, match=r"no recipe in the space fits 0\.00 MB; the smallest reachable is \d+\.\d+ MB"
     ):
         run_search(model, tok, calib, tiny, tmp_path / "s")
+    assert not (tmp_path / "s").exists()  # nothing written for an impossible budget
     with pytest.raises(LmpressError, match="give a budget"):
         run_search(model, tok, calib, SearchConfig.model_validate({"space": SPACE}), tmp_path / "s")
     runner = CliRunner()
@@ -275,6 +276,12 @@ def test_per_group_sparsity_is_searched_and_predicted(
         t for t in result.trials if "recipe" in t and any(s["method"] == "sparsegpt" for s in t["recipe"]["stages"])
     ]
     assert sparse, "no trial tried sparsity"
+    measured = next(t for t in sparse if t["state"] == "COMPLETE" and "perplexity" in t and "repeat_of" not in t)
+    alone = load_model(trained_dir("llama")).model  # the trial ran its shared stages once for proxy and trial
+    ctx = Context(tokenizer=tok, device=torch.device("cpu"), calibration=lambda: _first(calib, 16))
+    run_stages(alone, parse_recipe(measured["recipe"]), ctx)
+    q = quality(alone, calib.windows[16:24], reference=model)  # type: ignore[attr-defined]
+    assert q["perplexity"] == pytest.approx(measured["perplexity"], rel=1e-5)
     for t in sparse:  # the sparse group's codes are chosen by SparseGPT at the group's bits
         prune = next(s for s in t["recipe"]["stages"] if s["method"] == "sparsegpt")
         assert prune["bits"] in (4, 8) and prune["sparsity"] == 0.5

@@ -211,6 +211,11 @@ def tokenize_documents(docs: Sequence[Document], tokenizer: Tokenizer, batch: in
     return torch.tensor(ids, dtype=torch.long)
 
 
+def spread(n: int, k: int) -> Tensor:
+    """Indices of ``k`` of ``n`` items spread evenly from the first to the last (all ``n`` if k >= n)."""
+    return torch.linspace(0, n - 1, k).round().long() if k < n else torch.arange(n)
+
+
 def windows(stream: Tensor, seq_len: int, max_windows: int | None = None) -> Tensor:
     """Cut a token stream into non-overlapping windows of ``seq_len``; the tail is dropped.  (N, seq_len)
 
@@ -225,7 +230,7 @@ def windows(stream: Tensor, seq_len: int, max_windows: int | None = None) -> Ten
         )
     w = stream[: n * seq_len].view(n, seq_len)
     if max_windows is not None and max_windows < n:
-        w = w[torch.linspace(0, n - 1, max_windows).round().long()]
+        w = w[spread(n, max_windows)]
     return w
 
 

@@ -130,8 +130,11 @@ class Evaluator:
     base_ppl: float
     train: Any = None  # TokenData of the train split, for recovery stages
 
-    def compress(self, recipe: dict[str, Any]) -> tuple[nn.Module, int]:
-        model = copy.deepcopy(self.model)
+    def compress(self, recipe: dict[str, Any], start: nn.Module | None = None) -> tuple[nn.Module, int]:
+        """A copy of ``start`` (default: the original) with the recipe's stages applied, and its bytes."""
+        model = copy.deepcopy(self.model if start is None else start)
+        if not recipe["stages"]:
+            return model, tensor_bytes(model)
         ctx = Context(
             tokenizer=self.tokenizer,
             device=next(self.model.parameters()).device,  # where the model is: a GPU search calibrates there
@@ -159,12 +162,20 @@ def calibration_and_selection(every: Any, calib_windows: int, select_windows: in
             f"search: {n} calibration-split windows, need {calib_windows + select_windows} ({calib_windows} to "
             f"calibrate + {select_windows} to select on); give more text or fewer windows"
         )
-    chosen = torch.linspace(0, n - 1, calib_windows).round().long() if calib_windows < n else torch.arange(n)
+    from lmpress.data import spread
+
+    chosen = spread(n, calib_windows)  # the windows `load_windows(..., calib_windows)` returns
     rest = torch.ones(n, dtype=torch.bool)
     rest[chosen] = False
     others = rest.nonzero().squeeze(1)
-    picked = others[torch.linspace(0, len(others) - 1, select_windows).round().long()]
+    picked = others[spread(len(others), select_windows)]
     return dataclasses.replace(every, windows=torch.cat([every.windows[chosen], every.windows[picked]]))
+
+
+def blocks_pattern(prefix: str, blocks: list[int]) -> str:
+    """A target pattern for every layer inside the given decoder blocks (``prefix``: the blocks' module path)."""
+    escaped = prefix.replace(".", r"\.")
+    return f"re:{escaped}\\.({'|'.join(str(b) for b in blocks)})\\..*"
 
 
 def block_groups(n_blocks: int, groups: int) -> list[list[int]]:
@@ -192,11 +203,6 @@ def build_recipe(choice: dict[str, Any], blocks_prefix: str, groups: list[list[i
     if choice.get("drop_blocks"):
         stages.append({"method": "drop_blocks", "blocks": choice["drop_blocks"]})
         groups = block_groups(n_blocks - choice["drop_blocks"], len(groups))
-    escaped = blocks_prefix.replace(".", r"\.")
-
-    def target(blocks: list[int]) -> str:
-        return f"re:{escaped}\\.({'|'.join(str(b) for b in blocks)})\\..*"
-
     dense = []
     for g, blocks in enumerate(groups):
         sparsity = choice.get(f"sparsity_g{g}", 0.0)
@@ -207,7 +213,7 @@ def build_recipe(choice: dict[str, Any], blocks_prefix: str, groups: list[list[i
                     "sparsity": sparsity,
                     "bits": choice[f"bits_g{g}"],
                     "group_size": choice["group_size"],
-                    "targets": [target(blocks)],
+                    "targets": [blocks_pattern(blocks_prefix, blocks)],
                 }
             )
         else:
@@ -216,7 +222,7 @@ def build_recipe(choice: dict[str, Any], blocks_prefix: str, groups: list[list[i
         return {"name": name, "description": "found by lmpress search", "stages": stages}  # nothing left to quantize
     first = choice[f"bits_g{dense[0]}"] if dense else choice["head_bits"]
     overrides = [
-        {"targets": [target(groups[g])], "bits": choice[f"bits_g{g}"]}
+        {"targets": [blocks_pattern(blocks_prefix, groups[g])], "bits": choice[f"bits_g{g}"]}
         for g in dense[1:]
         if choice[f"bits_g{g}"] != first
     ]
@@ -252,13 +258,11 @@ def sensitivity(
     ``embed@{b}``), a block group pruned to sparsity s (``g{i}@s{s}``), k blocks dropped (``drop@{k}``)."""
     if cache is not None and cache.is_file():
         return dict(json.loads(cache.read_text()))
-    escaped = prefix.replace(".", r"\.")
     out: dict[str, float] = {}
     gs = max(space.group_sizes)
     for b in sorted(set(space.bits) | {x for x in space.head_bits + space.embedding_bits if x}):
         for g, blocks in enumerate(groups):
-            ids = "|".join(str(i) for i in blocks)
-            stage = {"method": "rtn", "bits": b, "group_size": gs, "targets": [f"re:{escaped}\\.({ids})\\..*"]}
+            stage = {"method": "rtn", "bits": b, "group_size": gs, "targets": [blocks_pattern(prefix, blocks)]}
             out[f"g{g}@{b}"] = _kl_of(ev, stage)
         out[f"head@{b}"] = _kl_of(
             ev, {"method": "rtn", "bits": b, "group_size": gs, "targets": ["lm_head"], "ignore": []}
@@ -266,9 +270,8 @@ def sensitivity(
         out[f"embed@{b}"] = _embed_kl(ev, b, gs)
     for sp in sorted(x for x in space.sparsity if x):  # pruning alone (dense codes' share is the bits' entry)
         for g, blocks in enumerate(groups):
-            ids = "|".join(str(i) for i in blocks)
             out[f"g{g}@s{sp:g}"] = _kl_of(
-                ev, {"method": "sparsegpt", "sparsity": sp, "targets": [f"re:{escaped}\\.({ids})\\..*"]}
+                ev, {"method": "sparsegpt", "sparsity": sp, "targets": [blocks_pattern(prefix, blocks)]}
             )
     for k in sorted(x for x in space.drop_blocks if x):
         out[f"drop@{k}"] = _kl_of(ev, {"method": "drop_blocks", "blocks": k})
@@ -448,7 +451,6 @@ def run_search(
     ev = Evaluator(model, tokenizer, calibration, select, 0.0, train)
     ev.base_ppl = quality(model, select, batch_size=16)["perplexity"]
     original = {"bytes": float(tensor_bytes(model)), "perplexity": ev.base_ppl}
-    study_dir.mkdir(parents=True, exist_ok=True)
 
     smallest_choice = {
         "method": "rtn",
@@ -471,6 +473,7 @@ def run_search(
             f"{smallest / 1e6:.2f} MB (every choice at its smallest: {min(space.bits)}-bit blocks, head and embeddings "
             "at their fewest bits); raise --max-bytes or widen the space"
         )
+    study_dir.mkdir(parents=True, exist_ok=True)  # only once the budget is known to be reachable
     with _locked(study_dir / ".lock"):  # workers starting together: one measures and creates, the others read
         sens_key = f"sensitivity-{_space_key(space, groups)}.json"
         sens = sensitivity(ev, space, groups, prefix, study_dir / sens_key) if (config.prune or config.seeds) else {}
@@ -500,7 +503,12 @@ def run_search(
         trial.set_user_attr("recipe", recipe)
         trial.set_user_attr("worker", os.getpid())
         t = time.perf_counter()
-        proxy, nbytes = ev.compress(as_rtn(recipe))  # same formats, same bytes, seconds not minutes
+        # the stages the proxy shares with the trial (dropping, SparseGPT) run once, for both
+        stages, fast = recipe["stages"], as_rtn(recipe)["stages"]
+        shared = next((i for i, (a, b) in enumerate(zip(stages, fast, strict=True)) if a != b), len(stages))
+        common = ev.compress({"stages": stages[:shared]})[0] if shared else None
+        # same formats, same bytes, seconds not minutes
+        proxy, nbytes = ev.compress({"stages": fast[shared:]}, start=common)
         trial.set_user_attr("bytes", nbytes)
         pred = predicted_kl(choice, sens, len(groups)) if sens else None
         trial.set_user_attr("predicted_kl", pred)
@@ -512,8 +520,8 @@ def run_search(
         if config.prune and hopeless:
             trial.set_user_attr("pruned_by", "sensitivity")
             raise optuna.TrialPruned()
-        exact = as_rtn(recipe) == recipe  # the proxy is the trial itself
-        compressed = proxy if exact else ev.compress(recipe)[0]
+        exact = shared == len(stages)  # the proxy is the trial itself
+        compressed = proxy if exact else ev.compress({"stages": stages[shared:]}, start=common)[0]
         speedup = _speedup(model, compressed, budget.speed) if timed_speed else None
         attrs = _scored(ev, compressed, nbytes, budget, speedup)
         for k, v in attrs.items():
@@ -605,7 +613,8 @@ def _recover(study: Any, ev: Evaluator, config: SearchConfig, study_dir: Path, g
 
     def fixed_budgets_met(t: Any) -> bool:  # everything but the quality budget, which training improves
         cons = t.user_attrs.get("constraints", [0.0])
-        return all(c <= 0 for i, c in enumerate(cons) if i != 1)
+        quality = CONSTRAINTS.index("ppl_increase_over")
+        return all(c <= 0 for i, c in enumerate(cons) if i != quality)
 
     if goal in ("bytes", "speedup"):
         feasible = [
