@@ -5,6 +5,7 @@
 """
 
 from lmpress.nn.codebook_linear import CodebookLinear
+from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.lora_linear import LoRALinear
 from lmpress.nn.lowrank_linear import LowRankLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
@@ -18,9 +19,13 @@ LayerType = (
     | type[LoRALinear]
     | type[LowRankLinear]
     | type[CodebookLinear]
+    | type[GGUFLinear]
+    | type[GGUFEmbedding]
 )
 LAYER_FORMATS: dict[str, LayerType] = {
     "codebook": CodebookLinear,
+    "gguf": GGUFLinear,
+    "gguf_embedding": GGUFEmbedding,
     "lora": LoRALinear,
     "lowrank": LowRankLinear,
     "quant": QuantLinear,
@@ -31,6 +36,8 @@ LAYER_FORMATS: dict[str, LayerType] = {
 __all__ = [
     "LAYER_FORMATS",
     "CodebookLinear",
+    "GGUFEmbedding",
+    "GGUFLinear",
     "LoRALinear",
     "LowRankLinear",
     "QuantEmbedding",

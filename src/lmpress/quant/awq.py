@@ -13,13 +13,14 @@ predecessor get only the clipping search.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lmpress.models.adapters import Adapter, linear_weight
+from lmpress.quant import ggml
 from lmpress.quant.base import LayerSettings, QuantizeFn, WeightQuantConfig, quantize_calibrated, settings_for
 from lmpress.quant.grid import Quantized, clip_search, quantize, quantize_with
 from lmpress.registry import Context, Method, StageReport
@@ -29,7 +30,16 @@ class AWQConfig(WeightQuantConfig):
     """AWQ: activation-aware scales (folded into the previous op) plus clipping search."""
 
     method: Literal["awq"] = "awq"
-    grid: int = Field(20, ge=2, le=100)  # α candidates in [0, 1)
+    alpha_grid: int = Field(20, ge=2, le=100)  # α candidates in [0, 1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integer_grid_is_alpha_grid(cls, data: Any) -> Any:
+        """Recipes written before GGUF grids used ``grid: 20`` for the α candidates."""
+        if isinstance(data, dict) and isinstance(data.get("grid"), int) and not isinstance(data["grid"], bool):
+            data = {**data, "alpha_grid": data["grid"]}
+            del data["grid"]
+        return data
     clip: bool = True  # activation-weighted clipping search
     max_tokens: int = Field(4096, ge=64)  # calibration tokens kept per group for the search
     calib_batch_size: int = Field(8, ge=1)
@@ -71,7 +81,9 @@ def awq_scales(
         sc = sc / (sc.max() * sc.min()).sqrt()
         err = 0.0
         for w, ref in zip(weights, refs, strict=True):
-            q = quantize(w * sc[None, :], s.bits, s.group_size, s.symmetric).dequantize() / sc[None, :]
+            ws = w * sc[None, :]
+            deq = ggml.dequantize(ggml.quantize(ws, s.grid)) if s.grid else quantize(ws, s.bits, s.group_size, s.symmetric).dequantize()
+            q = deq / sc[None, :]
             err += float((x @ q.T - ref).pow(2).mean())
         if err < best_err:
             best, best_err, best_alpha = sc, err, alpha
@@ -117,7 +129,7 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
             assert a.abs_sum is not None
             weights = [linear_weight(m).detach().float() for m in searched.values()]
             sc, alphas[prev_name] = awq_scales(
-                a.matrix(), a.abs_sum / a.n_tokens, weights, settings_for(first, config), config.grid
+                a.matrix(), a.abs_sum / a.n_tokens, weights, settings_for(first, config, weights[0].shape[1]), config.alpha_grid
             )
             fold_scales(prev, group, sc)  # every reader of prev's output, targeted or not
             for n in searched:  # the inputs these linears now see are divided by sc
@@ -125,9 +137,12 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
                 acts[n].sq_sum = sq / sc.pow(2) if sq is not None else None
                 acts[n].x = [x / sc for x in acts[n].x]
 
-        def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+        def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
             w = linear_weight(module).detach().float()
             sq_sum = acts[name].sq_sum
+            if s.grid is not None:  # the GGUF grid fitted with activation-weighted error
+                imp = sq_sum / acts[name].n_tokens if config.clip and sq_sum is not None else None
+                return ggml.fit_grid(w, ggml.ggml_type(s.grid), importance=imp)
             if not config.clip or sq_sum is None:
                 return quantize(w, s.bits, s.group_size, s.symmetric)
             return weighted_clip(w, sq_sum / acts[name].n_tokens, s)

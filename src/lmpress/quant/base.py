@@ -18,7 +18,9 @@ from torch import Tensor, nn
 
 from lmpress.errors import LmpressError
 from lmpress.models.adapters import is_conv1d, linear_weight
+from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_linear import QuantLinear
+from lmpress.quant import ggml
 from lmpress.quant.grid import Quantized
 from lmpress.registry import Context, MethodConfig, StageReport
 from lmpress.select import Patterns, matches, select
@@ -26,6 +28,12 @@ from lmpress.select import Patterns, matches, select
 
 class QuantError(LmpressError):
     """A quantization step that cannot be carried out as asked."""
+
+
+# llama.cpp's GGUF block types a quantizer can optimize on directly (`lmpress.quant.ggml`)
+GridName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
+# what llama.cpp itself uses when a row is not a multiple of a k-quant's 256 weights
+GRID_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
 
 
 class Override(BaseModel):
@@ -37,6 +45,7 @@ class Override(BaseModel):
     bits: int | None = Field(None, ge=2, le=8)
     group_size: int | None = Field(None, gt=0)
     symmetric: bool | None = None
+    grid: GridName | None = None  # a GGUF block type for these layers (wins over bits/group_size)
 
 
 class WeightQuantConfig(MethodConfig):
@@ -53,6 +62,11 @@ class WeightQuantConfig(MethodConfig):
     uncalibrated: Literal["error", "rtn"] = "error"
     embedding_bits: int | None = Field(None, ge=2, le=8)  # None: token embeddings stay as they are
     embedding_group_size: int | None = Field(128, gt=0)  # group size of the embedding codes
+    # optimize on exactly a GGUF block type's grid (llama.cpp's q4_k, q6_k, q8_0 ...): the layer
+    # stores that type's bytes and exports to GGUF without a second rounding; bits/group_size/
+    # symmetric are then the type's own
+    grid: GridName | None = None
+    embedding_grid: GridName | None = None  # the token embeddings in a GGUF block type
 
 
 class LayerSettings(BaseModel):
@@ -63,6 +77,21 @@ class LayerSettings(BaseModel):
     bits: int
     group_size: int | None
     symmetric: bool
+    grid: str | None = None  # a GGUF block type (`lmpress.quant.ggml`); then the other fields are its own
+
+
+def grid_settings(name: str, in_features: int, grid: str) -> LayerSettings:
+    """Settings of a GGUF-grid layer; a row that no 256-weight super-block divides falls back to
+    the 32-block type llama.cpp would use, and a row no 32-block divides is an error."""
+    t = ggml.ggml_type(grid)
+    if in_features % t.block and grid in GRID_FALLBACK:
+        t = ggml.ggml_type(GRID_FALLBACK[grid])
+    if in_features % t.block:
+        raise QuantError(
+            f"layer {name}: {in_features} inputs are not a multiple of {t.block}, which GGUF type {grid} needs; "
+            f"leave it out with ignore: [{name!r}] or quantize it without grid"
+        )
+    return LayerSettings(bits=t.bits, group_size=t.sub, symmetric=not t.affine, grid=t.name)
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -84,14 +113,26 @@ def targeted_layers(model: nn.Module, config: MethodConfig) -> dict[str, nn.Modu
     return chosen
 
 
-def settings_for(name: str, config: WeightQuantConfig) -> LayerSettings:
+def settings_for(name: str, config: WeightQuantConfig, in_features: int | None = None) -> LayerSettings:
+    """A layer's settings: the first matching override, else the config. An override's ``grid``
+    wins; an override that sets bits, group_size or symmetric but no grid leaves the GGUF grid."""
+    grid = config.grid
     for o in config.overrides:
         if matches(name, o.targets):
-            return LayerSettings(
-                bits=o.bits if o.bits is not None else config.bits,
-                group_size=o.group_size if o.group_size is not None else config.group_size,
-                symmetric=o.symmetric if o.symmetric is not None else config.symmetric,
-            )
+            integer = o.bits is not None or o.group_size is not None or o.symmetric is not None
+            grid = o.grid if o.grid is not None else (None if integer else config.grid)
+            if grid is None:
+                return LayerSettings(
+                    bits=o.bits if o.bits is not None else config.bits,
+                    group_size=o.group_size if o.group_size is not None else config.group_size,
+                    symmetric=o.symmetric if o.symmetric is not None else config.symmetric,
+                )
+            break
+    if grid is not None and in_features is not None:
+        return grid_settings(name, in_features, grid)
+    if grid is not None:
+        t = ggml.ggml_type(grid)
+        return LayerSettings(bits=t.bits, group_size=t.sub, symmetric=not t.affine, grid=t.name)
     return LayerSettings(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
 
 
@@ -129,7 +170,17 @@ def check_finite(name: str, w: Tensor) -> None:
         raise QuantError(f"layer {name}: weight has non-finite values; fix or exclude it with ignore: [{name!r}]")
 
 
-QuantizeFn = Callable[[str, nn.Module, LayerSettings], Quantized]
+QuantizeFn = Callable[[str, nn.Module, LayerSettings], "Quantized | ggml.GGMLBlocks"]
+
+
+def to_gguf_linear(name: str, module: nn.Module, b: ggml.GGMLBlocks) -> GGUFLinear:
+    """A `GGUFLinear` for ``module`` from its blocks; stops on non-finite scales."""
+    parts = [p for p in (b.d, b.dmin) if p is not None]
+    if not all(torch.isfinite(p.float()).all() for p in parts):
+        raise QuantError(f"layer {name}: non-finite scales after quantization; check the layer's weights")
+    bias = getattr(module, "bias", None)
+    bias = bias.detach().to(linear_weight(module).dtype) if isinstance(bias, Tensor) else None
+    return GGUFLinear.from_blocks(b, bias)
 
 
 def quantize_layers(
@@ -142,12 +193,17 @@ def quantize_layers(
     """Quantize each layer with ``fn`` and swap in a `QuantLinear`; returns a count per bit width."""
     counts: dict[str, int] = {}
     for name, module in layers.items():
-        s = settings_for(name, config)
-        check_finite(name, linear_weight(module))
+        w = linear_weight(module)
+        s = settings_for(name, config, w.shape[1])
+        check_finite(name, w)
         q = fn(name, module, s)
-        layer = to_quant_linear(name, module, q, s.symmetric, config.scale_dtype, float_zeros)
+        if isinstance(q, ggml.GGMLBlocks):
+            layer: nn.Module = to_gguf_linear(name, module, q)
+            key = q.type.name
+        else:
+            layer = to_quant_linear(name, module, q, s.symmetric, config.scale_dtype, float_zeros)
+            key = f"w{s.bits}g{s.group_size or 'row'}"
         replace_module(model, name, layer)
-        key = f"w{s.bits}g{s.group_size or 'row'}"
         counts[key] = counts.get(key, 0) + 1
     return counts
 
@@ -161,20 +217,33 @@ def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str
     from lmpress.nn.quant_embedding import QuantEmbedding
     from lmpress.quant.grid import quantize
 
-    if config.embedding_bits is None:
+    if config.embedding_bits is None and config.embedding_grid is None:
         return {}
     embed = model.get_input_embeddings()  # type: ignore[operator]
     if not isinstance(embed, nn.Embedding):
         raise QuantError(
             f"recipe stage ({config.method}): the token embedding is {type(embed).__name__}, "
-            "not nn.Embedding; remove embedding_bits"
+            "not nn.Embedding; remove embedding_bits / embedding_grid"
         )
     names = {id(m): n for n, m in model.named_modules()}
     name = names[id(embed)]
     check_finite(name, embed.weight)
-    q = quantize(embed.weight.detach(), config.embedding_bits, config.embedding_group_size, mse_clip=True)
     head = model.get_output_embeddings()  # type: ignore[operator]
-    if head is not None and getattr(head, "weight", None) is embed.weight:
+    tied = head is not None and getattr(head, "weight", None) is embed.weight
+    if config.embedding_grid is not None:
+        s = grid_settings(name, embed.embedding_dim, config.embedding_grid)
+        assert s.grid is not None
+        b = ggml.quantize(embed.weight.detach(), s.grid)
+        if tied:
+            head_g = to_gguf_linear(names[id(head)], head, b)
+            head_g.tied_to = name
+            replace_module(model, names[id(head)], head_g)
+            model.config.tie_word_embeddings = False  # type: ignore[union-attr]
+        replace_module(model, name, GGUFEmbedding.from_blocks(b, embed.weight.dtype, embed.padding_idx))
+        return {f"embedding {s.grid}": 1}
+    assert config.embedding_bits is not None
+    q = quantize(embed.weight.detach(), config.embedding_bits, config.embedding_group_size, mse_clip=True)
+    if tied:
         head_q = to_quant_linear(names[id(head)], head, q, False, config.scale_dtype)
         head_q.tied_to = name  # the codes are stored twice, the weights counted once
         replace_module(model, names[id(head)], head_q)
@@ -238,7 +307,9 @@ def quantize_calibrated(
     rest = {n: m for n, m in targets.items() if n not in handled}
     if rest:  # no block inputs (lm_head) or no calibration tokens (uncalibrated: rtn): round to nearest
 
-        def rtn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+        def rtn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
+            if s.grid is not None:
+                return ggml.quantize(linear_weight(module).detach(), s.grid)
             return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric)
 
         count(quantize_layers(model, rest, config, rtn))

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from lmpress.calib import InputStats
 from lmpress.models.adapters import linear_weight
+from lmpress.quant import ggml
 from lmpress.quant.base import LayerSettings, QuantError, QuantizeFn, WeightQuantConfig, quantize_calibrated
 from lmpress.quant.grid import Quantized, find_grid
 from lmpress.registry import Context, Method, StageReport
@@ -48,9 +49,12 @@ def gptq_quantize(
     act_order: bool = True,
     block_size: int = 128,
     mse_clip: bool = False,
+    grid: tuple[Tensor, Tensor] | None = None,
 ) -> Quantized:
     """Quantize (out, in) ``weight`` given its input Hessian ``H`` (in, in).
 
+    ``grid``: a fixed (scale, zero) per group, (out, G) each, to round on instead of one found
+    from the weights (a GGUF type's grid, whose stored parts are chosen before the codes).
     Returns codes and grids in the original column order. Pure tensor math; float32 throughout.
     """
     W = weight.detach().float().clone()  # (out, in)
@@ -61,8 +65,11 @@ def gptq_quantize(
     W[:, dead] = 0
     qmax = 2**bits - 1
 
-    static = act_order or group_size is None
-    if static:  # one grid per group from the unquantized weights
+    static = act_order or group_size is None or grid is not None
+    if grid is not None:
+        scales, zeros = (t.float() for t in grid)
+        scales = torch.where(scales == 0, torch.full_like(scales, 1e-30), scales)
+    elif static:  # one grid per group from the unquantized weights
         scales, zeros = find_grid(W, bits, group_size, symmetric, mse_clip)  # (out, G)
     else:
         G = -(-in_f // group_size)  # type: ignore[operator]
@@ -119,7 +126,16 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
                     "for a usable Hessian: give more calibration text"
                 )
 
-        def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+        def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
+            if s.grid is not None:  # the GGUF type's stored scales first (Hessian-weighted), then the codes
+                W, H = linear_weight(module), stats[name].H
+                b = ggml.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H))
+                q = gptq_quantize(
+                    W, H, s.bits, s.group_size, s.symmetric, config.damp, config.act_order, config.block_size,
+                    grid=ggml.grid_of(b),
+                )
+                b.codes = q.codes
+                return b
             return gptq_quantize(
                 linear_weight(module),
                 stats[name].H,

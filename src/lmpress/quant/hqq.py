@@ -24,6 +24,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lmpress.models.adapters import linear_weight
+from lmpress.quant import ggml
 from lmpress.quant.base import (
     LayerSettings,
     WeightQuantConfig,
@@ -100,11 +101,23 @@ def hqq_quantize(
     return Quantized(quantize_with(W, scale, zeros, bits, group_size), scale, zeros, bits, group_size)
 
 
+def hqq_gguf(weight: Tensor, t: ggml.GGMLType, config: HQQConfig) -> ggml.GGMLBlocks:
+    """HQQ on a GGUF type's grid: half-quadratic zero points per sub-block become the type's mins
+    (M = zero * scale), stored the type's way. Types without a min (Q4_0, Q3_K, Q6_K ...) have no
+    zero point to optimize and get the type's least-squares fit."""
+    if not t.affine:
+        return ggml.fit_grid(weight, t)
+    q = hqq_quantize(weight, t.bits, t.sub, config.iters, config.p, config.beta, config.kappa)
+    return ggml.from_sub_grid(weight.detach().float(), t, q.scales, q.zeros * q.scales)
+
+
 def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     layers = targeted_layers(model, config)
 
-    def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+    def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
+        if s.grid is not None:
+            return hqq_gguf(linear_weight(module), ggml.ggml_type(s.grid), config)
         return hqq_quantize(
             linear_weight(module), s.bits, s.group_size, config.iters, config.p, config.beta, config.kappa
         )

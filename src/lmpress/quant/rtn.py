@@ -1,7 +1,8 @@
 """``rtn``: round-to-nearest weight quantization, the calibration-free baseline.
 
 Each targeted layer's weight is put on a per-group integer grid (min/max range, or the
-MSE-optimal clipped range with ``mse_clip``) and stored packed in a `QuantLinear`.
+MSE-optimal clipped range with ``mse_clip``) and stored packed in a `QuantLinear`; with ``grid``
+(a GGUF block type) the scales are fitted on that type's grid and the layer stores its bytes.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from lmpress.quant.base import (
     quantize_layers,
     targeted_layers,
 )
+from lmpress.quant import ggml
 from lmpress.quant.grid import Quantized, quantize
 from lmpress.registry import Context, Method, StageReport
 
@@ -34,7 +36,9 @@ def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     layers = targeted_layers(model, config)
 
-    def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized:
+    def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
+        if s.grid is not None:
+            return ggml.quantize(linear_weight(module).detach(), s.grid)
         return quantize(linear_weight(module).detach(), s.bits, s.group_size, s.symmetric, config.mse_clip)
 
     counts = quantize_layers(model, layers, config, fn)

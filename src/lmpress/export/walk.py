@@ -1,0 +1,138 @@
+"""The one walk of a model's modules that every export format shares.
+
+`model_parts` lists what a runtime needs, in file order, each with a role that names it the same
+way for every family (``token_embd``, ``attn_q``, ``ffn_down``, ``output_norm`` ...), the block it
+belongs to, and the module holding it. It refuses, before anything is written, a model no runtime
+file can represent as it is: layers shared across blocks, per-block widths, and layer formats that
+have no export form unless asked to write them dense.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import Tensor, nn
+
+from lmpress.errors import LmpressError
+from lmpress.models.adapters import Adapter, is_conv1d
+from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
+from lmpress.nn.quant_embedding import QuantEmbedding
+from lmpress.nn.quant_linear import QuantLinear
+
+
+class ExportError(LmpressError):
+    """A model or layer that the target format cannot hold as asked."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One tensor-holding piece of the model, as an export sees it."""
+
+    role: str
+    module_name: str
+    module: nn.Module
+    kind: str  # "linear", "embedding", "norm" (tensor: the norm's weight), "bias" (tensor: a linear's bias)
+    block: int | None = None
+    tensor: Tensor | None = None
+    conv1d: bool = False  # GPT-2's Conv1D: the weight is stored (in, out)
+
+
+# Llama-family block-relative module -> role
+_LLAMA_ROLES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_LLAMA_NORMS = {
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+}
+_EXPORTABLE = (nn.Linear, QuantLinear, GGUFLinear)
+_DENSIFIABLE = {"SparseLinear", "LowRankLinear", "CodebookLinear"}
+
+
+def check_layer(name: str, module: nn.Module, densify: bool) -> None:
+    """Refuse a layer format that has no exported form (or none unless written dense)."""
+    if isinstance(module, _EXPORTABLE) or is_conv1d(module):
+        return
+    kind = type(module).__name__
+    if kind in _DENSIFIABLE and densify:
+        return
+    if kind in _DENSIFIABLE:
+        what = {"SparseLinear": "sparse", "LowRankLinear": "low-rank", "CodebookLinear": "codebook"}[kind]
+        raise ExportError(
+            f"{name}: {what} layers have no GGUF type; pass --densify to write them as exact dense weights "
+            "(no size saving in the runtime), or choose a quantizing recipe"
+        )
+    if kind == "LoRALinear":
+        raise ExportError(f"{name}: LoRA adapters have no GGUF type here; train with codes: train instead of lora_rank")
+    raise ExportError(f"{name}: {kind} layers cannot be exported")
+
+
+def _llama_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part]:
+    parts: list[Part] = []
+    embed_name, embed = next(iter(adapter.embeddings().items()))
+    if not isinstance(embed, nn.Embedding | QuantEmbedding | GGUFEmbedding):
+        raise ExportError(f"{embed_name}: {type(embed).__name__} embeddings cannot be exported")
+    parts.append(Part("token_embd", embed_name, embed, "embedding"))
+    seen: dict[int, str] = {}
+    for i in range(adapter.num_blocks):
+        block_name = adapter.block_name(i)
+        for rel, role in _LLAMA_NORMS.items():
+            try:
+                norm = model.get_submodule(f"{block_name}.{rel}")
+            except AttributeError:
+                continue
+            parts.append(Part(role, f"{block_name}.{rel}", norm, "norm", i, norm.weight))
+        for rel, role in _LLAMA_ROLES.items():
+            name = f"{block_name}.{rel}"
+            m = model.get_submodule(name)
+            if id(m) in seen:
+                raise ExportError(
+                    f"{name} is shared with {seen[id(m)]} (share); runtime files store each block's weights, "
+                    "so choose a recipe without share"
+                )
+            seen[id(m)] = name
+            check_layer(name, m, densify)
+            parts.append(Part(role, name, m, "linear", i))
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, Tensor):
+                parts.append(Part(role, name, m, "bias", i, bias))
+    norm_name, norm = adapter.final_norm()
+    parts.append(Part("output_norm", norm_name, norm, "norm", tensor=norm.weight))  # type: ignore[arg-type]
+    head_name, head = adapter.head()
+    tied = getattr(head, "weight", None) is getattr(embed, "weight", None) and isinstance(embed, nn.Embedding)
+    if not tied:
+        check_layer(head_name, head, densify)
+        parts.append(Part("output", head_name, head, "linear"))
+    _check_uniform(parts, model)
+    return parts
+
+
+def _check_uniform(parts: list[Part], model: nn.Module) -> None:
+    """Runtime files describe every block with one set of widths (the config's)."""
+    first: dict[str, tuple[int, int]] = {}
+    for p in parts:
+        if p.kind != "linear" or p.block is None:
+            continue
+        shape = (int(p.module.out_features), int(p.module.in_features))  # type: ignore[arg-type]
+        if first.setdefault(p.role, shape) != shape:
+            raise ExportError(
+                f"{p.module_name} is {shape[0]}x{shape[1]} but block 0's is {first[p.role][0]}x{first[p.role][1]} "
+                "(structured with uniform: false); runtime files need the same widths in every block: "
+                "prune with uniform: true"
+            )
+
+
+def model_parts(model: nn.Module, densify: bool = False) -> list[Part]:
+    """Every tensor-holding part of a supported model, in the order a runtime file lists them."""
+    adapter = Adapter(model)
+    if adapter.model_type in ("llama", "mistral", "qwen2", "qwen3"):
+        return _llama_parts(model, adapter, densify)
+    raise ExportError(f"{adapter.model_type} models are not exported yet; lmpress exports llama, mistral, qwen2, qwen3")

@@ -1,0 +1,207 @@
+"""``GGUFLinear`` and ``GGUFEmbedding``: layers stored as the exact bytes of a GGUF block type.
+
+A quantizer run with ``grid: q4_k`` (or any type of `lmpress.quant.ggml`) leaves these. Their
+``blocks`` buffer (rows, row_bytes) uint8 is what a GGUF file holds for the tensor, so the model's
+size is what the file costs and export copies the bytes without a second rounding.
+
+Forward: 4-bit types with 32-weight sub-blocks (Q4_0, Q4_1, Q4_K) run on PyTorch's int4 CPU
+kernel (prepared on first use, like `QuantLinear`'s) for a few rows at a time; everything else
+dequantizes the blocks (bit-exact with llama.cpp's reference dequantization) and multiplies.
+An embedding lookup dequantizes only the rows it gathers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmpress.nn.quant_linear import INT4_KERNEL_ROWS
+from lmpress.quant import ggml
+
+
+class GGUFLinear(nn.Module):
+    """Linear layer holding one GGUF block type's bytes (llama.cpp's Q4_K, Q6_K, Q8_0 ...)."""
+
+    blocks: Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        type_name: str,
+        bias: bool,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.type = ggml.ggml_type(type_name)
+        if in_features % self.type.block:
+            raise ValueError(f"{self.type.name} needs in_features divisible by {self.type.block}, got {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.tied_to: str | None = None
+        rb = self.type.row_bytes(in_features)
+        self.register_buffer("blocks", torch.zeros(out_features, rb, dtype=torch.uint8, device=device))
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
+        self._kernel: tuple[str, Any] | None = None
+
+    @classmethod
+    def from_blocks(cls, b: ggml.GGMLBlocks, bias: Tensor | None) -> GGUFLinear:
+        out_f, in_f = b.codes.shape
+        dtype = bias.dtype if bias is not None else torch.float32
+        layer = cls(in_f, out_f, b.type.name, bias is not None, dtype, b.codes.device)
+        layer.blocks.copy_(ggml.pack(b))
+        if bias is not None:
+            assert layer.bias is not None
+            layer.bias.data.copy_(bias.detach())
+        return layer
+
+    @property
+    def bits(self) -> int:
+        return self.type.bits
+
+    def ggml_blocks(self) -> ggml.GGMLBlocks:
+        return ggml.unpack(self.blocks, self.type, self.in_features)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The weight this layer represents.  (out, in)"""
+        return ggml.dequantize(self.ggml_blocks()).to(dtype)
+
+    def num_logical_params(self) -> int:
+        bias = self.out_features if self.bias is not None else 0
+        return bias if self.tied_to else self.in_features * self.out_features + bias
+
+    def lmpress_format(self) -> dict[str, Any]:
+        return {
+            "format": "gguf",
+            "type": self.type.name,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "tied_to": self.tied_to,
+        }
+
+    @classmethod
+    def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> GGUFLinear:
+        layer = cls(fmt["in_features"], fmt["out_features"], fmt["type"], fmt["bias"], dtype)
+        layer.tied_to = fmt.get("tied_to")
+        return layer
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._kernel = None
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GGUFLinear:
+        self._kernel = None
+        return super()._apply(fn, recurse)  # type: ignore[return-value]
+
+    def kernel_path(self) -> str:
+        t = self.type
+        if self.blocks.device.type == "cpu" and t.bits == 4 and t.sub == 32 and self.out_features % 16 == 0:
+            return "int4"
+        return "dequant"
+
+    def _prepare(self) -> tuple[str, Any]:
+        path = self.kernel_path()
+        if path != "int4":
+            return path, None
+        b = self.ggml_blocks()
+        S, M = ggml.sub_scales(b)  # (out, G)
+        if b.type.name == "q4_1":
+            M = -b.dmin.float()  # type: ignore[union-attr]
+        # kernel: w = (u - 8) * s + zf; ours: S*u - M (affine) or S*(u - 8)
+        zf = 8 * S - M if M is not None else torch.zeros_like(S)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(b.codes.to(torch.int32), 1)
+        sz = torch.stack([S, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
+        return path, (packed, sz)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._kernel is None:
+            self._kernel = self._prepare()
+        path, prepared = self._kernel
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if path == "int4" and x2.shape[0] < INT4_KERNEL_ROWS:
+            packed, sz = prepared
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.type.sub, sz)
+        elif path == "int4":
+            y = nn.functional.linear(x2.to(torch.bfloat16), self.dequantize_weight(torch.bfloat16))
+        else:
+            y = nn.functional.linear(x2, self.dequantize_weight(x.dtype))
+        y = y.to(x.dtype).view(*shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, type={self.type.name}, bias={self.bias is not None}"
+
+
+class GGUFEmbedding(nn.Module):
+    """Embedding table held as one GGUF block type's bytes; lookups dequantize the gathered rows."""
+
+    blocks: Tensor
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        type_name: str,
+        dtype: torch.dtype = torch.float32,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.type = ggml.ggml_type(type_name)
+        if embedding_dim % self.type.block:
+            raise ValueError(f"{self.type.name} needs a width divisible by {self.type.block}, got {embedding_dim}")
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = padding_idx
+        self.out_dtype = dtype
+        rb = self.type.row_bytes(embedding_dim)
+        self.register_buffer("blocks", torch.zeros(num_embeddings, rb, dtype=torch.uint8, device=device))
+
+    @classmethod
+    def from_blocks(cls, b: ggml.GGMLBlocks, dtype: torch.dtype, padding_idx: int | None = None) -> GGUFEmbedding:
+        V, D = b.codes.shape
+        layer = cls(V, D, b.type.name, dtype, padding_idx, b.codes.device)
+        layer.blocks.copy_(ggml.pack(b))
+        return layer
+
+    @property
+    def bits(self) -> int:
+        return self.type.bits
+
+    def _rows(self, ids: Tensor) -> Tensor:
+        return ggml.dequantize(ggml.unpack(self.blocks[ids], self.type, self.embedding_dim)).to(self.out_dtype)
+
+    @property
+    def weight(self) -> Tensor:
+        """The whole table dequantized.  (vocab, dim)"""
+        return self._rows(torch.arange(self.num_embeddings, device=self.blocks.device))
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
+
+    def num_logical_params(self) -> int:
+        return self.num_embeddings * self.embedding_dim
+
+    def lmpress_format(self) -> dict[str, Any]:
+        return {
+            "format": "gguf_embedding",
+            "type": self.type.name,
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "padding_idx": self.padding_idx,
+            "dtype": str(self.out_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> GGUFEmbedding:
+        return cls(fmt["num_embeddings"], fmt["embedding_dim"], fmt["type"], dtype, fmt["padding_idx"])
+
+    def _apply(self, fn: Any, recurse: bool = True) -> GGUFEmbedding:
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
+        return super()._apply(fn, recurse)  # type: ignore[return-value]
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type.name}"
