@@ -274,11 +274,15 @@ def compress(
     tracking_uri: TrackingUriOpt = None,
     samples: SamplesOpt = 3,
     quiet: QuietOpt = False,
+    export_to: Annotated[
+        str | None, typer.Option("--export", help="also write the result for a runtime: gguf (OUT.gguf beside -o)")
+    ] = None,
 ) -> None:
     """Compress a model with a recipe, measure it against the original, and save it."""
     from lmpress.recipe import load_recipe
 
     _setup(threads, quiet or as_json)
+    export_path = _export_path(export_to, output, overwrite)
     tracking = _track_options(track, runs_dir, tracking_uri)
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
     from lmpress.track import tracked_compress
@@ -301,8 +305,13 @@ def compress(
         trust_remote_code=trust_remote_code,
         samples=samples if run_eval else 0,
     )
+    exported = None
+    if export_path is not None and result.output is not None:
+        from lmpress.export import export
+
+        exported = export(result.output, "gguf", export_path, overwrite=overwrite).to_dict()
     if as_json:
-        _print_json({**result.summary(), "run_dir": str(run_dir) if run_dir else None})
+        _print_json({**result.summary(), "run_dir": str(run_dir) if run_dir else None, "export": exported})
         return
     for s in result.stages:
         console.print(f"stage {s['stage']} {s['method']}: done in {s['seconds']:.1f} s")
@@ -315,8 +324,68 @@ def compress(
         )
     if result.output:
         console.print(f"saved to {result.output}")
+    if exported:
+        console.print(_export_line(exported), soft_wrap=True)
     if run_dir:
         console.print(f"run: {run_dir}", soft_wrap=True)
+
+
+def _export_path(to: str | None, output: Path | None, overwrite: bool) -> Path | None:
+    """Where ``compress --export`` writes, checked before any work."""
+    if to is None:
+        return None
+    from lmpress.export import FORMATS, ExportError, check_output_file
+
+    if to not in FORMATS:
+        raise ExportError(f"--export {to}: unknown format; choose one of {', '.join(FORMATS)}")
+    if output is None:
+        raise ExportError("--export needs -o OUT: the file is written beside the saved directory, as OUT.gguf")
+    path = output.with_name(output.name + ".gguf")
+    check_output_file(path, overwrite)
+    return path
+
+
+def _export_line(report: dict[str, Any]) -> str:
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
+    line = f"exported {report['path']} ({report['bytes'] / 1e6:.2f} MB; tensors: {types})"
+    if report["requantized"]:
+        line += f"; requantized {len(report['requantized'])} layers"
+    return line
+
+
+@app.command("export")
+@handles_errors
+def export_cmd(
+    model: ModelArg = "builtin",
+    to: Annotated[str, typer.Option("--to", help="format: gguf (llama.cpp, Ollama, LM Studio)")] = "gguf",
+    output: Annotated[Path, typer.Option("--output", "-o", help="file to write, e.g. model.gguf")] = ...,  # type: ignore[assignment]
+    requantize: Annotated[
+        str | None, typer.Option("--requantize", help="round layers with no exact GGUF type to this type (q4_k, q8_0 ...)")
+    ] = None,
+    densify: Annotated[
+        bool, typer.Option("--densify", help="write sparse, low-rank and codebook layers as exact dense weights")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a model (lmpress or Hugging Face directory, or builtin) in a runtime's format."""
+    from lmpress.api import load
+    from lmpress.export import export, check_output_file
+
+    _setup(threads, quiet or as_json)
+    check_output_file(output, overwrite)  # before loading anything
+    loaded = load(model, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    report = export(loaded, to, output, requantize=requantize, densify=densify, overwrite=overwrite).to_dict()
+    if as_json:
+        _print_json(report)
+        return
+    console.print(_export_line(report), soft_wrap=True)
+    for module, why in report["requantized"].items():
+        console.print(f"  requantized {module}: {why}", soft_wrap=True)
 
 
 @app.command("train-reference")
