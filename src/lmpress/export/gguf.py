@@ -44,6 +44,7 @@ ARCH = {
     "mistral": ("llama", True),
     "qwen2": ("qwen2", False),
     "qwen3": ("qwen3", False),
+    "gpt2": ("gpt2", False),
 }
 ROLE_NAMES = {
     "token_embd": "token_embd",
@@ -60,6 +61,8 @@ ROLE_NAMES = {
     "ffn_down": "ffn_down",
     "attn_q_norm": "attn_q_norm",
     "attn_k_norm": "attn_k_norm",
+    "position_embd": "position_embd",
+    "attn_qkv": "attn_qkv",
 }
 
 
@@ -162,6 +165,8 @@ class _Plan:
     def __init__(self, model: nn.Module, requantize: str | None) -> None:
         self.model = model
         self.requantize = ggml.ggml_type(requantize).name if requantize else None
+        floats = [p.dtype for p in model.parameters() if p.dtype in DENSE_TYPES]
+        self.dtype = max(set(floats), key=floats.count) if floats else torch.float32  # the model's dtype
         self.report_types: dict[str, str] = {}
         self.requantized: dict[str, str] = {}
 
@@ -190,14 +195,18 @@ class _Plan:
         if part.conv1d:
             w = w.T
         dtype = w.dtype if w.dtype in DENSE_TYPES else torch.float32
-        self.report_types[name] = str(dtype).removeprefix("torch.").replace("float", "f").replace("bf16", "bf16")
+        if dtype == torch.float32 and self.dtype != torch.float32:  # a decoded layer: its own dtype if exact
+            narrow = w.to(self.dtype)
+            if torch.equal(narrow.float(), w.float()):
+                dtype = self.dtype
+        self.report_types[name] = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}[dtype]
         shape = tuple(w.shape)
 
         def dense() -> np.ndarray:
             x = w.detach().to(dtype)
             return _rows_numpy(x[rows_perm] if rows_perm is not None else x)
 
-        return TensorSpec(name, shape, DENSE_TYPES[dtype], w.numel() * w.element_size(), dense)
+        return TensorSpec(name, shape, DENSE_TYPES[dtype], w.numel() * dtype.itemsize, dense)
 
     def _blocks(self, part: Part) -> tuple[str, Callable[[], Tensor]] | None:
         m = part.module
@@ -246,8 +255,25 @@ def _shape(m: nn.Module) -> tuple[int, int]:
     return m.out_features, m.in_features  # type: ignore[return-value]
 
 
+def gpt2_metadata(config: Any, n_vocab: int) -> dict[str, Any]:
+    """llama.cpp's hyper-parameter keys for a GPT-2 config."""
+    if getattr(config, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise ExportError(f"GPT-2 with activation {config.activation_function!r}: llama.cpp's gpt2 uses tanh GELU")
+    return {
+        "gpt2.context_length": U32(config.n_positions),
+        "gpt2.embedding_length": U32(config.n_embd),
+        "gpt2.feed_forward_length": U32(config.n_inner or 4 * config.n_embd),
+        "gpt2.block_count": U32(config.n_layer),
+        "gpt2.attention.head_count": U32(config.n_head),
+        "gpt2.attention.layer_norm_epsilon": float(config.layer_norm_epsilon),
+        "gpt2.vocab_size": U32(n_vocab),
+    }
+
+
 def architecture_metadata(config: Any, arch: str, n_vocab: int) -> dict[str, Any]:
     """llama.cpp's hyper-parameter keys for a Llama-family config."""
+    if arch == "gpt2":
+        return gpt2_metadata(config, n_vocab)
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
@@ -295,7 +321,7 @@ def export_gguf(
     parts = model_parts(model, densify)
     plan = _Plan(model, requantize)
     n_vocab = _shape(next(p.module for p in parts if p.role == "token_embd"))[0]
-    heads = config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", 0)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     specs = []
     for p in parts:

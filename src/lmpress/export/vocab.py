@@ -10,10 +10,13 @@ else is refused rather than exported to tokenize differently.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from lmpress.export.gguf_file import U32
 from lmpress.export.walk import ExportError
+
+log = logging.getLogger(__name__)
 
 # llama.cpp's pre-tokenizer names for the split regexes it implements
 LLAMA3_SPLIT = (
@@ -39,8 +42,14 @@ def _backend_json(tokenizer: Any) -> dict[str, Any]:
 def pre_tokenizer_name(tok: dict[str, Any]) -> str:
     """llama.cpp's name for this tokenizer's byte-level pre-tokenization, or an error."""
     pre = tok.get("pre_tokenizer") or {}
-    if tok.get("normalizer") not in (None, {}):
-        raise ExportError("the tokenizer normalizes text before splitting, which llama.cpp's BPE does not do")
+    norm = tok.get("normalizer") or {}
+    if norm.get("type") == "NFC":  # Qwen2's: llama.cpp does not normalize (nor does its own converter)
+        log.warning("the tokenizer applies NFC normalization, which llama.cpp does not: text with decomposed "
+                    "accents may tokenize differently there")
+    elif norm:
+        raise ExportError(
+            f"the tokenizer normalizes text ({norm.get('type')}) before splitting, which llama.cpp's BPE does not do"
+        )
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
         if pre.get("add_prefix_space"):
             raise ExportError("the tokenizer adds a prefix space, which llama.cpp's gpt-2 pre-tokenizer does not")

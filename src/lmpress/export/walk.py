@@ -91,19 +91,7 @@ def _llama_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part
                 continue
             parts.append(Part(role, f"{block_name}.{rel}", norm, "norm", i, norm.weight))
         for rel, role in _LLAMA_ROLES.items():
-            name = f"{block_name}.{rel}"
-            m = model.get_submodule(name)
-            if id(m) in seen:
-                raise ExportError(
-                    f"{name} is shared with {seen[id(m)]} (share); runtime files store each block's weights, "
-                    "so choose a recipe without share"
-                )
-            seen[id(m)] = name
-            check_layer(name, m, densify)
-            parts.append(Part(role, name, m, "linear", i))
-            bias = getattr(m, "bias", None)
-            if isinstance(bias, Tensor):
-                parts.append(Part(role, name, m, "bias", i, bias))
+            parts += _linear_parts(model, f"{block_name}.{rel}", role, i, densify, seen)
     norm_name, norm = adapter.final_norm()
     parts.append(Part("output_norm", norm_name, norm, "norm", tensor=norm.weight))  # type: ignore[arg-type]
     head_name, head = adapter.head()
@@ -115,13 +103,70 @@ def _llama_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part
     return parts
 
 
+_GPT2_ROLES = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
+_GPT2_NORMS = {"ln_1": "attn_norm", "ln_2": "ffn_norm"}
+
+
+def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None) -> list[Part]:
+    out = [Part(role, name, norm, "norm", block, norm.weight)]  # type: ignore[arg-type]
+    if isinstance(getattr(norm, "bias", None), Tensor):
+        out.append(Part(role, name, norm, "bias", block, norm.bias))  # type: ignore[arg-type]
+    return out
+
+
+def _gpt2_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part]:
+    embeds = adapter.embeddings()
+    wte, wpe = embeds["transformer.wte"], embeds["transformer.wpe"]
+    parts = [
+        Part("token_embd", "transformer.wte", wte, "embedding"),
+        Part("position_embd", "transformer.wpe", wpe, "embedding"),
+    ]
+    seen: dict[int, str] = {}
+    for i in range(adapter.num_blocks):
+        block_name = adapter.block_name(i)
+        for rel, role in _GPT2_NORMS.items():
+            parts += _norm_parts(role, f"{block_name}.{rel}", model.get_submodule(f"{block_name}.{rel}"), i)
+        for rel, role in _GPT2_ROLES.items():
+            parts += _linear_parts(model, f"{block_name}.{rel}", role, i, densify, seen)
+    norm_name, norm = adapter.final_norm()
+    parts += _norm_parts("output_norm", norm_name, norm, None)
+    head_name, head = adapter.head()
+    if getattr(head, "weight", None) is not getattr(wte, "weight", None) or not isinstance(wte, nn.Embedding):
+        check_layer(head_name, head, densify)
+        parts.append(Part("output", head_name, head, "linear"))
+    _check_uniform(parts, model)
+    return parts
+
+
+def _linear_parts(
+    model: nn.Module, name: str, role: str, block: int, densify: bool, seen: dict[int, str]
+) -> list[Part]:
+    m = model.get_submodule(name)
+    if id(m) in seen:
+        raise ExportError(
+            f"{name} is shared with {seen[id(m)]} (share); runtime files store each block's weights, "
+            "so choose a recipe without share"
+        )
+    seen[id(m)] = name
+    check_layer(name, m, densify)
+    out = [Part(role, name, m, "linear", block, conv1d=is_conv1d(m))]
+    bias = getattr(m, "bias", None)
+    if isinstance(bias, Tensor):
+        out.append(Part(role, name, m, "bias", block, bias))
+    return out
+
+
 def _check_uniform(parts: list[Part], model: nn.Module) -> None:
     """Runtime files describe every block with one set of widths (the config's)."""
     first: dict[str, tuple[int, int]] = {}
     for p in parts:
         if p.kind != "linear" or p.block is None:
             continue
-        shape = (int(p.module.out_features), int(p.module.in_features))  # type: ignore[arg-type]
+        w = getattr(p.module, "weight", None)
+        if p.conv1d and isinstance(w, Tensor):
+            shape = (int(w.shape[1]), int(w.shape[0]))
+        else:
+            shape = (int(p.module.out_features), int(p.module.in_features))  # type: ignore[arg-type]
         if first.setdefault(p.role, shape) != shape:
             raise ExportError(
                 f"{p.module_name} is {shape[0]}x{shape[1]} but block 0's is {first[p.role][0]}x{first[p.role][1]} "
@@ -135,4 +180,8 @@ def model_parts(model: nn.Module, densify: bool = False) -> list[Part]:
     adapter = Adapter(model)
     if adapter.model_type in ("llama", "mistral", "qwen2", "qwen3"):
         return _llama_parts(model, adapter, densify)
-    raise ExportError(f"{adapter.model_type} models are not exported yet; lmpress exports llama, mistral, qwen2, qwen3")
+    if adapter.model_type == "gpt2":
+        return _gpt2_parts(model, adapter, densify)
+    raise ExportError(
+        f"{adapter.model_type} models are not exported yet; lmpress exports llama, mistral, qwen2, qwen3, gpt2"
+    )

@@ -67,6 +67,19 @@ class WeightQuantConfig(MethodConfig):
     # symmetric are then the type's own
     grid: GridName | None = None
     embedding_grid: GridName | None = None  # the token embeddings in a GGUF block type
+    # llama.cpp's per-layer mix for its _M files (more bits for the head and some v/down layers); sets grid
+    mix: Literal["q3_k_m", "q4_k_m", "q5_k_m"] | None = None
+
+
+def with_mix(model: nn.Module, config: WeightQuantConfig) -> WeightQuantConfig:
+    """``config`` with its ``mix`` spelled out as exact-name overrides for ``model`` (after the
+    recipe's own, which win), and ``grid`` set to the mix's base type."""
+    if config.mix is None:
+        return config
+    from lmpress.quant.mix import MIX_BASE, mix_layer_types
+
+    extra = [Override(targets=[name], grid=t) for name, t in mix_layer_types(model, config.mix).items()]  # type: ignore[arg-type]
+    return config.model_copy(update={"grid": config.grid or MIX_BASE[config.mix], "overrides": [*config.overrides, *extra]})
 
 
 class LayerSettings(BaseModel):
@@ -279,6 +292,7 @@ def quantize_calibrated(
     from lmpress.quant.grid import quantize
 
     t0 = time.perf_counter()
+    config = with_mix(model, config)
     targets = targeted_layers(model, config)
     adapter = Adapter(model)
     calib = ctx.calib_data()

@@ -31,6 +31,7 @@ from lmpress.quant.base import (
     quantize_embeddings,
     quantize_layers,
     targeted_layers,
+    with_mix,
 )
 from lmpress.quant.grid import Quantized, clip_search, n_groups, quantize_with
 from lmpress.registry import Context, Method, StageReport
@@ -113,6 +114,7 @@ def hqq_gguf(weight: Tensor, t: ggml.GGMLType, config: HQQConfig) -> ggml.GGMLBl
 
 def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
+    config = with_mix(model, config)
     layers = targeted_layers(model, config)
 
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:

@@ -19,6 +19,7 @@ from lmpress.quant.base import (
     quantize_embeddings,
     quantize_layers,
     targeted_layers,
+    with_mix,
 )
 from lmpress.quant import ggml
 from lmpress.quant.grid import Quantized, quantize
@@ -34,6 +35,7 @@ class RTNConfig(WeightQuantConfig):
 
 def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
+    config = with_mix(model, config)
     layers = targeted_layers(model, config)
 
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:

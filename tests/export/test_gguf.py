@@ -1,0 +1,257 @@
+"""GGUF export: tensors exactly as lmpress computes with them, checked in llama.cpp itself.
+
+llama.cpp runs through llama-cpp-python (the ``gguf`` extra); without it the llama.cpp checks are
+skipped, unless LMPRESS_REQUIRE_LLAMA_CPP=1 (CI) makes them required.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import lmpress
+from lmpress.cli import app
+from lmpress.data import load_documents, select_split, tokenize_documents
+from lmpress.export import ExportError, export
+from lmpress.export.gguf import rope_permutation
+from lmpress.models.loading import LoadedModel
+from lmpress.nn.gguf_linear import GGUFLinear
+from lmpress.quant import ggml
+
+gguf = pytest.importorskip("gguf")
+try:
+    import llama_cpp
+except ImportError:
+    if os.environ.get("LMPRESS_REQUIRE_LLAMA_CPP"):
+        raise
+    llama_cpp = None
+needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python not installed (pip install 'lmpress[gguf]')")
+
+KL_MAX = 1e-3  # llama.cpp rounds activations to 8 bits in quantized dot products (~2e-4 on the built-in model)
+
+
+@pytest.fixture(scope="module")
+def builtin() -> LoadedModel:
+    return lmpress.load("builtin", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def held_out(builtin: LoadedModel) -> list[int]:
+    """256 tokens of evaluation-split text (a document the model was not trained on)."""
+    docs = select_split(load_documents("stdlib"), "eval")[:3]
+    return tokenize_documents(docs, builtin.tokenizer)[1000:1256].tolist()  # type: ignore[no-any-return]
+
+
+def _compress(stage: dict[str, object]) -> LoadedModel:
+    r = lmpress.compress("builtin", {"stages": [stage]}, lmpress.DataOptions(calib_windows=16), run_eval=False)
+    return LoadedModel(r.model, r.tokenizer if hasattr(r, "tokenizer") else lmpress.load("builtin").tokenizer, "builtin", Path("."))
+
+
+def _lmpress_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.float()(torch.tensor([ids])).logits[0].float()  # type: ignore[no-any-return]
+
+
+def _llama(path: Path) -> object:
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, verbose=False, n_threads=2)  # type: ignore[union-attr]
+
+
+def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
+    p, q = ref.log_softmax(-1), other.log_softmax(-1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def _llama_check(path: Path, model: torch.nn.Module, tokenizer: object, ids: list[int]) -> float:
+    """Tokenization identical, and the mean per-token KL of llama.cpp's logits from lmpress's."""
+    llm = _llama(path)
+    text = tokenizer.decode(ids)  # type: ignore[attr-defined]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(  # type: ignore[attr-defined]
+        text, add_special_tokens=False
+    )["input_ids"]
+    llm.reset()  # type: ignore[attr-defined]
+    llm.eval(ids)  # type: ignore[attr-defined]
+    ours = torch.tensor(np.array(llm.scores[: len(ids)]))  # type: ignore[attr-defined]
+    return _kl(_lmpress_logits(model, ids), ours)
+
+
+def _reader_tensors(path: Path) -> dict[str, object]:
+    return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def test_dense_tensors_are_the_model_weights(builtin: LoadedModel, tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    report = export(builtin, "gguf", out)
+    tensors = _reader_tensors(out)
+    assert len(tensors) == 2 + 4 * 9 + 1  # embeddings, 4 blocks of 9, head (untied)
+    m = builtin.model
+    embed = tensors["token_embd.weight"]
+    assert embed.tensor_type == gguf.GGMLQuantizationType.BF16  # type: ignore[attr-defined]
+    assert np.array_equal(np.asarray(embed.data).view(np.int16), m.model.embed_tokens.weight.view(torch.int16).numpy())  # type: ignore[attr-defined, union-attr, operator]
+    q = tensors["blk.1.attn_q.weight"]
+    perm = rope_permutation(256, 4)
+    assert np.array_equal(np.asarray(q.data).view(np.int16), m.model.layers[1].self_attn.q_proj.weight[perm].view(torch.int16).numpy())  # type: ignore[attr-defined, index, union-attr, operator]
+    assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # type: ignore[attr-defined]
+    assert report.bytes == out.stat().st_size and report.type_counts() == {"bf16": 30, "f32": 9}
+    fields = gguf.GGUFReader(str(out)).fields
+    assert bytes(fields["tokenizer.ggml.pre"].parts[-1]).decode() == "gpt-2"
+    assert int(fields["llama.block_count"].parts[-1][0]) == 4
+
+
+def test_quantized_tensors_decode_to_what_the_layers_compute(tmp_path: Path) -> None:
+    stage = {
+        "method": "gptq",
+        "grid": "q4_k",
+        "embedding_grid": "q6_k",
+        "ignore": [],
+        "overrides": [
+            {"targets": ["re:.*v_proj"], "grid": "q6_k"},
+            {"targets": ["re:.*down_proj"], "bits": 8, "group_size": 32, "symmetric": True},  # a QuantLinear: Q8_0
+        ],
+    }
+    loaded = _compress(stage)
+    out = tmp_path / "q.gguf"
+    report = export(loaded, "gguf", out)
+    assert report.type_counts() == {"q4_k": 4 * 5 + 1, "q6_k": 4 + 1, "q8_0": 4, "f32": 9}
+    tensors = _reader_tensors(out)
+    layers = loaded.model.model.layers  # type: ignore[union-attr]
+    for i in range(4):
+        for gname, module, perm in (
+            (f"blk.{i}.attn_q.weight", layers[i].self_attn.q_proj, rope_permutation(256, 4)),
+            (f"blk.{i}.attn_k.weight", layers[i].self_attn.k_proj, rope_permutation(128, 2)),
+            (f"blk.{i}.attn_v.weight", layers[i].self_attn.v_proj, None),
+            (f"blk.{i}.ffn_down.weight", layers[i].mlp.down_proj, None),
+        ):
+            t = tensors[gname]
+            decoded = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)  # type: ignore[attr-defined]
+            ours = module.dequantize_weight(torch.float32)
+            ours = ours[perm] if perm is not None else ours
+            assert np.array_equal(decoded.reshape(ours.shape), ours.numpy()), gname
+        q = layers[i].self_attn.q_proj
+        assert isinstance(q, GGUFLinear)
+        assert np.array_equal(np.asarray(tensors[f"blk.{i}.attn_q.weight"].data), q.blocks[rope_permutation(256, 4)].numpy())  # type: ignore[attr-defined]
+
+
+# (name, stage): every GGUF type, from a grid or from lmpress's own integer grid where one is exact
+TYPES = [
+    ("q8_0-quantlinear", {"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True, "ignore": []}),
+    ("q5_0-quantlinear", {"method": "rtn", "bits": 5, "group_size": 32, "symmetric": True}),
+    ("q4_0-quantlinear", {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True}),
+    *[(g, {"method": "rtn", "grid": g, "embedding_grid": g, "ignore": []}) for g in ggml.GRID_NAMES],
+    ("q4_k-gptq", {"method": "gptq", "grid": "q4_k", "overrides": [{"targets": ["re:.*v_proj"], "grid": "q6_k"}]}),
+    ("q3_k-awq", {"method": "awq", "grid": "q3_k"}),
+    ("q4_k-hqq", {"method": "hqq", "grid": "q4_k"}),
+]
+
+
+@needs_llama
+@pytest.mark.parametrize(("name", "stage"), TYPES, ids=[t[0] for t in TYPES])
+def test_llama_cpp_runs_every_type(name: str, stage: dict[str, object], held_out: list[int], tmp_path: Path) -> None:
+    loaded = _compress(stage)
+    out = tmp_path / f"{name}.gguf"
+    report = export(loaded, "gguf", out)
+    expected = name.split("-")[0]
+    assert report.type_counts().get(expected, 0) >= 20, report.type_counts()
+    kl = _llama_check(out, loaded.model, loaded.tokenizer, held_out)
+    assert kl < KL_MAX, kl
+
+
+@needs_llama
+def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], tmp_path: Path) -> None:
+    out = tmp_path / "dense.gguf"
+    export(builtin, "gguf", out)
+    assert _llama_check(out, builtin.model, builtin.tokenizer, held_out) < 1e-4
+
+
+@needs_llama
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """Each family, dense and with 8-bit codes (GPT-2's Conv1D transposed), matches in llama.cpp."""
+    src = trained_dir(arch)
+    for recipe in ({"stages": [{"method": "cast", "dtype": "float32"}]}, {"stages": [{"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}]}):
+        r = lmpress.compress(src, recipe, lmpress.DataOptions(calib_windows=4), run_eval=False)
+        loaded = lmpress.load(src, device="cpu")
+        out = tmp_path / f"{arch}-{recipe['stages'][0]['method']}.gguf"  # type: ignore[index]
+        export(LoadedModel(r.model, loaded.tokenizer, str(src), src), "gguf", out)
+        docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
+        ids = tokenize_documents(docs, loaded.tokenizer)[:200].tolist()
+        kl = _llama_check(out, r.model, loaded.tokenizer, ids)
+        assert kl < KL_MAX, (arch, recipe, kl)
+
+
+def test_a_layer_without_an_exact_type_is_refused_or_requantized(tmp_path: Path) -> None:
+    loaded = _compress({"method": "rtn", "bits": 4, "group_size": 128})
+    out = tmp_path / "w4.gguf"
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj .*nearest is q4_k.*--requantize q4_k"):
+        export(loaded, "gguf", out)
+    assert not out.exists() and not list(tmp_path.iterdir())
+    report = export(loaded, "gguf", out, requantize="q4_k")
+    assert len(report.requantized) == 28 and report.type_counts()["q4_k"] == 28
+
+
+@pytest.mark.parametrize(
+    ("stage", "match"),
+    [
+        ({"method": "magnitude", "sparsity": 0.5}, "sparse layers have no GGUF type; pass --densify"),
+        ({"method": "lowrank", "target": 0.2, "whiten": False}, "low-rank layers have no GGUF type"),
+        ({"method": "share", "target": 0.25, "merge": "mean"}, "shared with"),
+    ],
+)
+def test_unrepresentable_models_are_refused(stage: dict[str, object], match: str, tmp_path: Path) -> None:
+    loaded = _compress(stage)
+    with pytest.raises(ExportError, match=match):
+        export(loaded, "gguf", tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+
+
+def test_densify_writes_sparse_layers_exactly(tmp_path: Path) -> None:
+    loaded = _compress({"method": "magnitude", "sparsity": 0.5})
+    out = tmp_path / "s.gguf"
+    export(loaded, "gguf", out, densify=True)
+    t = _reader_tensors(out)["blk.0.ffn_up.weight"]
+    dense = loaded.model.model.layers[0].mlp.up_proj.dense_weight(torch.bfloat16)  # type: ignore[union-attr, operator]
+    assert np.array_equal(np.asarray(t.data).view(np.int16), dense.view(torch.int16).numpy())  # type: ignore[attr-defined]
+
+
+def test_opt_is_refused(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="opt models are not exported"):
+        export(tiny_model_dir("opt"), "gguf", tmp_path / "o.gguf")
+
+
+runner = CliRunner()
+
+
+def test_cli_export_and_bad_input(tmp_path: Path) -> None:
+    out = tmp_path / "m.gguf"
+    r = runner.invoke(app, ["export", "builtin", "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "exported" in r.stdout and out.stat().st_size > 8_000_000
+    before = out.read_bytes()
+    for args, msg in (
+        (["export", "builtin", "-o", str(out)], "exists"),
+        (["export", "builtin", "-o", str(tmp_path / "m.bin")], "should end in .gguf"),
+        (["export", "builtin", "-o", str(tmp_path / "n.gguf"), "--requantize", "q9_k"], "unknown GGUF type"),
+        (["export", "nowhere", "-o", str(tmp_path / "n.gguf")], "neither a model directory"),
+        (["export", "builtin", "--to", "onnx2", "-o", str(tmp_path / "n.gguf")], "unknown export format"),
+        (["compress", "-r", "w8", "--export", "gguf"], "--export needs -o"),
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, (args, r.output)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_compress_export_writes_beside_the_directory(tmp_path: Path) -> None:
+    out = tmp_path / "q8"
+    r = runner.invoke(
+        app,
+        ["compress", "-r", "gguf-q8_0", "-o", str(out), "--export", "gguf", "--no-eval", "--calib-windows", "8"],
+    )
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "q8.gguf").is_file() and (out / "lmpress.json").is_file()
+    assert "q8_0" in r.stdout
