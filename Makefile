@@ -2,19 +2,23 @@
 #   make demo   create .venv, install everything, compress and evaluate the built-in model
 #   make test   create .venv, install everything, run the test suite
 #   make lint   ruff check, ruff format --check, mypy
+#   EXTRAS=dev,gguf make test   also install llama.cpp (llama-cpp-python) for the GGUF runtime tests
 PYTHON ?= python3
+EXTRAS ?= dev
 VENV ?= .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: setup demo test test-all lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	# torch first, from the local CPU build, so that nothing pulls a CUDA build
+	# torch first, from the local CPU build, so that nothing pulls a CUDA build; then pinned
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[dev]"
+	echo "torch==2.13.0" > $(VENV)/constraints.txt
+	$(BIN)/pip install --quiet -c $(VENV)/constraints.txt -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -63,7 +63,9 @@ def test_bad_recipes(tmp_path: Path, text: str, message: str) -> None:
 
 def test_unknown_recipe_name() -> None:
     with pytest.raises(
-        RecipeError, match="is not a preset; presets: bf16, distill-half, edge, fp16, gguf-q3_k_m, gguf-q4_k_m, gguf-q5_k_m, gguf-q8_0, sparse50, w4-sparse, w4, w8, w8a8"
+        RecipeError,
+        match="is not a preset; presets: bf16, distill-half, edge, fp16, gguf-q3_k_m, gguf-q4_k_m, gguf-q5_k_m, "
+        "gguf-q8_0, sparse50, w4-sparse, w4, w8, w8a8",
     ):
         load_recipe("no-such-recipe")
     with pytest.raises(RecipeError, match="recipe file 'missing.yaml' does not exist"):

@@ -349,7 +349,8 @@ def _export_line(report: dict[str, Any]) -> str:
     types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
     line = f"exported {report['path']} ({report['bytes'] / 1e6:.2f} MB; tensors: {types})"
     if report["requantized"]:
-        line += f"; requantized {len(report['requantized'])} layers"
+        kl = report.get("requantize_kl")
+        line += f"; requantized {len(report['requantized'])} layers" + (f" (+{kl:.4f} KL nats/token)" if kl else "")
     return line
 
 
@@ -360,7 +361,8 @@ def export_cmd(
     to: Annotated[str, typer.Option("--to", help="format: gguf (llama.cpp, Ollama, LM Studio)")] = "gguf",
     output: Annotated[Path, typer.Option("--output", "-o", help="file to write, e.g. model.gguf")] = ...,  # type: ignore[assignment]
     requantize: Annotated[
-        str | None, typer.Option("--requantize", help="round layers with no exact GGUF type to this type (q4_k, q8_0 ...)")
+        str | None,
+        typer.Option("--requantize", help="round layers with no exact GGUF type to this type (q4_k, q8_0 ...)"),
     ] = None,
     densify: Annotated[
         bool, typer.Option("--densify", help="write sparse, low-rank and codebook layers as exact dense weights")
@@ -374,7 +376,7 @@ def export_cmd(
 ) -> None:
     """Write a model (lmpress or Hugging Face directory, or builtin) in a runtime's format."""
     from lmpress.api import load
-    from lmpress.export import export, check_output_file
+    from lmpress.export import check_output_file, export
 
     _setup(threads, quiet or as_json)
     check_output_file(output, overwrite)  # before loading anything

@@ -140,7 +140,8 @@ def tensor_bytes(model: nn.Module) -> int:
         if ptr not in seen:
             seen.add(ptr)
             total += t.untyped_storage().nbytes()
-    return total
+    runtime = getattr(model, "runtime_bytes", None)  # weights held by another runtime (llama.cpp)
+    return total + (int(runtime()) if callable(runtime) else 0)
 
 
 def _sync(device: torch.device) -> None:

@@ -307,5 +307,7 @@ def _tied_keys(model: nn.Module) -> list[str]:
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes on disk of a directory's weight files."""
+    """Bytes on disk of a directory's weight files (or of one weight file, such as a GGUF)."""
+    if path.is_file():
+        return path.stat().st_size
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))

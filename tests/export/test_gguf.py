@@ -31,7 +31,9 @@ except ImportError:
     if os.environ.get("LMPRESS_REQUIRE_LLAMA_CPP"):
         raise
     llama_cpp = None
-needs_llama = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python not installed (pip install 'lmpress[gguf]')")
+needs_llama = pytest.mark.skipif(
+    llama_cpp is None, reason="llama-cpp-python not installed (pip install 'lmpress[gguf]')"
+)
 
 KL_MAX = 1e-3  # llama.cpp rounds activations to 8 bits in quantized dot products (~2e-4 on the built-in model)
 
@@ -50,7 +52,9 @@ def held_out(builtin: LoadedModel) -> list[int]:
 
 def _compress(stage: dict[str, object]) -> LoadedModel:
     r = lmpress.compress("builtin", {"stages": [stage]}, lmpress.DataOptions(calib_windows=16), run_eval=False)
-    return LoadedModel(r.model, r.tokenizer if hasattr(r, "tokenizer") else lmpress.load("builtin").tokenizer, "builtin", Path("."))
+    return LoadedModel(
+        r.model, r.tokenizer if hasattr(r, "tokenizer") else lmpress.load("builtin").tokenizer, "builtin", Path(".")
+    )
 
 
 def _lmpress_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
@@ -71,9 +75,12 @@ def _llama_check(path: Path, model: torch.nn.Module, tokenizer: object, ids: lis
     """Tokenization identical, and the mean per-token KL of llama.cpp's logits from lmpress's."""
     llm = _llama(path)
     text = tokenizer.decode(ids)  # type: ignore[attr-defined]
-    assert llm.tokenize(text.encode(), add_bos=False, special=False) == tokenizer(  # type: ignore[attr-defined]
-        text, add_special_tokens=False
-    )["input_ids"]
+    assert (
+        llm.tokenize(text.encode(), add_bos=False, special=False)
+        == tokenizer(  # type: ignore[attr-defined]
+            text, add_special_tokens=False
+        )["input_ids"]
+    )
     llm.reset()  # type: ignore[attr-defined]
     llm.eval(ids)  # type: ignore[attr-defined]
     ours = torch.tensor(np.array(llm.scores[: len(ids)]))  # type: ignore[attr-defined]
@@ -95,7 +102,9 @@ def test_dense_tensors_are_the_model_weights(builtin: LoadedModel, tmp_path: Pat
     assert np.array_equal(np.asarray(embed.data).view(np.int16), m.model.embed_tokens.weight.view(torch.int16).numpy())  # type: ignore[attr-defined, union-attr, operator]
     q = tensors["blk.1.attn_q.weight"]
     perm = rope_permutation(256, 4)
-    assert np.array_equal(np.asarray(q.data).view(np.int16), m.model.layers[1].self_attn.q_proj.weight[perm].view(torch.int16).numpy())  # type: ignore[attr-defined, index, union-attr, operator]
+    assert np.array_equal(
+        np.asarray(q.data).view(np.int16), m.model.layers[1].self_attn.q_proj.weight[perm].view(torch.int16).numpy()
+    )  # type: ignore[attr-defined, index, union-attr, operator]
     assert tensors["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32  # type: ignore[attr-defined]
     assert report.bytes == out.stat().st_size and report.type_counts() == {"bf16": 30, "f32": 9}
     fields = gguf.GGUFReader(str(out)).fields
@@ -134,7 +143,9 @@ def test_quantized_tensors_decode_to_what_the_layers_compute(tmp_path: Path) -> 
             assert np.array_equal(decoded.reshape(ours.shape), ours.numpy()), gname
         q = layers[i].self_attn.q_proj
         assert isinstance(q, GGUFLinear)
-        assert np.array_equal(np.asarray(tensors[f"blk.{i}.attn_q.weight"].data), q.blocks[rope_permutation(256, 4)].numpy())  # type: ignore[attr-defined]
+        assert np.array_equal(
+            np.asarray(tensors[f"blk.{i}.attn_q.weight"].data), q.blocks[rope_permutation(256, 4)].numpy()
+        )  # type: ignore[attr-defined]
 
 
 # (name, stage): every GGUF type, from a grid or from lmpress's own integer grid where one is exact
@@ -173,7 +184,10 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """Each family, dense and with 8-bit codes (GPT-2's Conv1D transposed), matches in llama.cpp."""
     src = trained_dir(arch)
-    for recipe in ({"stages": [{"method": "cast", "dtype": "float32"}]}, {"stages": [{"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}]}):
+    for recipe in (
+        {"stages": [{"method": "cast", "dtype": "float32"}]},
+        {"stages": [{"method": "rtn", "bits": 8, "group_size": 32, "symmetric": True}]},
+    ):
         r = lmpress.compress(src, recipe, lmpress.DataOptions(calib_windows=4), run_eval=False)
         loaded = lmpress.load(src, device="cpu")
         out = tmp_path / f"{arch}-{recipe['stages'][0]['method']}.gguf"  # type: ignore[index]

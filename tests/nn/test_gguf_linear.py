@@ -33,7 +33,10 @@ def test_int4_kernel_matches_the_dequantized_weight(name: str) -> None:
     y = layer(x)
     assert float((y - ref).norm() / ref.norm()) < 1e-2  # bf16 kernel
     big = torch.randn(300, 512)  # many rows: bf16 GEMM on the dequantized weight
-    assert float((layer(big) - big @ layer.dequantize_weight().T).norm() / (big @ layer.dequantize_weight().T).norm()) < 1e-2
+    assert (
+        float((layer(big) - big @ layer.dequantize_weight().T).norm() / (big @ layer.dequantize_weight().T).norm())
+        < 1e-2
+    )
 
 
 def test_embedding_gathers_rows() -> None:

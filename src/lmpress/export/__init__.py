@@ -45,9 +45,12 @@ def export(
     densify: bool = False,
     overwrite: bool = False,
     name: str | None = None,
+    kl_windows: int = 8,
 ) -> Any:
     """Write ``model`` (an lmpress or Hugging Face directory, ``builtin``, or a loaded model) in
-    format ``to`` at ``path``; returns the format's report (for GGUF a `GGUFReport`)."""
+    format ``to`` at ``path``; returns the format's report (for GGUF a `GGUFReport`). With
+    ``requantize``, the KL that rounding cost is measured on ``kl_windows`` windows of the built-in
+    corpus's evaluation split (0: not measured)."""
     from lmpress.api import load
 
     if to not in FORMATS:
@@ -65,4 +68,11 @@ def export(
     from lmpress.export.gguf import export_gguf
 
     label = name or Path(loaded.source).name or "lmpress"
-    return export_gguf(loaded.model, loaded.tokenizer, path, name=label, requantize=requantize, densify=densify)
+    windows = None
+    if requantize is not None and kl_windows:  # what the requantization costs, on held-out text
+        from lmpress.data import load_windows
+
+        windows = load_windows(loaded.tokenizer, "stdlib", "eval", 256, kl_windows).windows
+    return export_gguf(
+        loaded.model, loaded.tokenizer, path, name=label, requantize=requantize, densify=densify, kl_windows=windows
+    )

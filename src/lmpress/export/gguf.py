@@ -74,6 +74,7 @@ class GGUFReport:
     bytes: int
     types: dict[str, str] = field(default_factory=dict)  # GGUF tensor name -> type
     requantized: dict[str, str] = field(default_factory=dict)  # module -> why
+    requantize_kl: float | None = None  # KL(model || requantized model) per token, measured
 
     def type_counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -87,6 +88,7 @@ class GGUFReport:
             "bytes": self.bytes,
             "types": self.type_counts(),
             "requantized": self.requantized,
+            "requantize_kl": self.requantize_kl,
         }
 
 
@@ -153,6 +155,10 @@ def _rows_numpy(t: Tensor) -> np.ndarray:
     return t.numpy()
 
 
+def _f32_of(t: Tensor) -> Callable[[], np.ndarray]:
+    return lambda: _rows_numpy(t.float())
+
+
 def rope_permutation(rows: int, n_head: int) -> Tensor:
     """Row order llama.cpp's converter gives Llama q/k projections: within each head, the two
     rotary halves interleaved.  -> (rows,) indices"""
@@ -162,25 +168,23 @@ def rope_permutation(rows: int, n_head: int) -> Tensor:
 class _Plan:
     """The tensors of one model in GGUF form, each converted only when written."""
 
-    def __init__(self, model: nn.Module, requantize: str | None) -> None:
+    def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.requantize = ggml.ggml_type(requantize).name if requantize else None
         floats = [p.dtype for p in model.parameters() if p.dtype in DENSE_TYPES]
         self.dtype = max(set(floats), key=floats.count) if floats else torch.float32  # the model's dtype
         self.report_types: dict[str, str] = {}
-        self.requantized: dict[str, str] = {}
 
     def spec(self, name: str, part: Part, rows_perm: Tensor | None) -> TensorSpec:
         m = part.module
         if part.kind in ("norm", "bias"):
-            t = part.tensor
-            assert t is not None
+            vec = part.tensor
+            assert vec is not None
             self.report_types[name] = "f32"
-            return TensorSpec(name, tuple(t.shape), F32, t.numel() * 4, lambda: _rows_numpy(t.float()))
+            return TensorSpec(name, tuple(vec.shape), F32, vec.numel() * 4, lambda: _rows_numpy(vec.float()))
         blocks = self._blocks(part)
         if blocks is not None:
             type_name, get = blocks
-            t = ggml.ggml_type(type_name)
+            gt = ggml.ggml_type(type_name)
             rows, width = _shape(m)
             self.report_types[name] = type_name
 
@@ -188,7 +192,7 @@ class _Plan:
                 raw = get()
                 return _rows_numpy(raw[rows_perm] if rows_perm is not None else raw)
 
-            return TensorSpec(name, (rows, width), t.type_id, rows * t.row_bytes(width), data)
+            return TensorSpec(name, (rows, width), gt.type_id, rows * gt.row_bytes(width), data)
         w = _dense_weight(m)
         if w is None:
             raise ExportError(f"{part.module_name}: {type(m).__name__} has no weight to export")
@@ -211,22 +215,59 @@ class _Plan:
     def _blocks(self, part: Part) -> tuple[str, Callable[[], Tensor]] | None:
         m = part.module
         if isinstance(m, GGUFLinear | GGUFEmbedding):
-            return m.type.name, lambda: m.blocks
+            return m.gtype.name, lambda: m.blocks
         if isinstance(m, QuantLinear | QuantEmbedding):
             exact = exact_gguf_type(m)
             if exact is not None:
                 return exact, lambda: ggml.pack(quant_to_blocks(m, exact))
             nearest = nearest_type(m)
-            why = f"{m.bits}-bit, group {m.group_size}, {'symmetric' if m.symmetric else 'asymmetric'}"
-            if self.requantize is None:
-                raise ExportError(
-                    f"{part.module_name} ({why}) has no exact GGUF type; the nearest is {nearest}: "
-                    f"pass --requantize {nearest} (the extra error is measured), or quantize with grid: {nearest}"
-                )
-            target = _fits(self.requantize, _shape(m)[1], part.module_name)
-            self.requantized[part.module_name] = f"{why} -> {target}"
-            return target, lambda: ggml.pack(ggml.quantize(_dense_weight(m).float(), target))  # type: ignore[union-attr]
+            raise ExportError(
+                f"{part.module_name} ({_describe(m)}) has no exact GGUF type; the nearest is {nearest}: "
+                f"pass --requantize {nearest} (the extra error is measured), or quantize with grid: {nearest}"
+            )
         return None
+
+
+def _describe(m: QuantLinear | QuantEmbedding) -> str:
+    return f"{m.bits}-bit, group {m.group_size}, {'symmetric' if m.symmetric else 'asymmetric'}"
+
+
+def requantize_layers(model: nn.Module, type_name: str) -> dict[str, tuple[nn.Module, str]]:
+    """Swap every quantized layer that has no exact GGUF type for a GGUF layer of ``type_name``
+    (rounded from the weight it computes with); returns name -> (the original layer, what changed)."""
+    from lmpress.quant.base import replace_module
+
+    swapped: dict[str, tuple[nn.Module, str]] = {}
+    for name, m in list(model.named_modules()):
+        if not isinstance(m, QuantLinear | QuantEmbedding) or exact_gguf_type(m) is not None:
+            continue
+        target = _fits(type_name, _shape(m)[1], name)
+        if isinstance(m, QuantLinear):
+            bias = m.bias.detach() if m.bias is not None else None
+            new: nn.Module = GGUFLinear.from_blocks(ggml.quantize(m.dequantize_weight(), target), bias)
+        else:
+            new = GGUFEmbedding.from_blocks(ggml.quantize(m.weight.float(), target), m.out_dtype, m.padding_idx)
+        replace_module(model, name, new)
+        swapped[name] = (m, f"{_describe(m)} -> {target}")
+    return swapped
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, windows: Tensor) -> list[Tensor]:
+    return [model(input_ids=w[None], use_cache=False).logits[0].float().log_softmax(-1) for w in windows]
+
+
+def requantization_kl(
+    model: nn.Module, type_name: str, windows: Tensor
+) -> tuple[dict[str, tuple[nn.Module, str]], float]:
+    """`requantize_layers`, with the mean per-token KL(before || after) it cost on ``windows``."""
+    before = _logits(model, windows)
+    swapped = requantize_layers(model, type_name)
+    if not swapped:
+        return swapped, 0.0
+    after = _logits(model, windows)
+    kl = sum(float((p.exp() * (p - q)).sum()) for p, q in zip(before, after, strict=True))
+    return swapped, kl / sum(p.shape[0] for p in before)
 
 
 def _fits(type_name: str, width: int, name: str) -> str:
@@ -281,7 +322,7 @@ def architecture_metadata(config: Any, arch: str, n_vocab: int) -> dict[str, Any
     if rope_type not in ("default", None):
         raise ExportError(f"rope scaling {rope_type!r} is not exported to GGUF yet; export a model with default rope")
     theta = rope.get("rope_theta") if isinstance(rope, dict) else None
-    theta = theta or getattr(config, "rope_theta", 10000.0)
+    theta = float(theta or getattr(config, "rope_theta", None) or 10000.0)
     meta: dict[str, Any] = {
         f"{arch}.context_length": U32(config.max_position_embeddings),
         f"{arch}.embedding_length": U32(config.hidden_size),
@@ -308,6 +349,7 @@ def export_gguf(
     name: str = "lmpress",
     requantize: str | None = None,
     densify: bool = False,
+    kl_windows: Tensor | None = None,
 ) -> GGUFReport:
     """Write ``model`` (with its tokenizer) as a GGUF file at ``path``; refuses before writing
     anything when a module has no GGUF form."""
@@ -319,8 +361,43 @@ def export_gguf(
         )
     arch, permute = ARCH[model_type]
     parts = model_parts(model, densify)
-    plan = _Plan(model, requantize)
     n_vocab = _shape(next(p.module for p in parts if p.role == "token_embd"))[0]
+    meta: dict[str, Any] = {  # refusals of the config or tokenizer come before any work
+        "general.architecture": arch,
+        "general.name": name,
+        "general.quantization_version": U32(2),
+        **architecture_metadata(config, arch, n_vocab),
+        **tokenizer_metadata(tokenizer, n_vocab),
+    }
+    swapped: dict[str, tuple[nn.Module, str]] = {}
+    kl = None
+    if requantize is not None:
+        requantize = ggml.ggml_type(requantize).name
+        if kl_windows is not None:
+            swapped, kl = requantization_kl(model, requantize, kl_windows)
+        else:
+            swapped = requantize_layers(model, requantize)
+        parts = model_parts(model, densify)
+    try:
+        return _write(model, meta, path, parts, permute, config, swapped, kl)
+    finally:
+        from lmpress.quant.base import replace_module
+
+        for module_name, (original, _) in swapped.items():  # the caller's model as it was
+            replace_module(model, module_name, original)
+
+
+def _write(
+    model: nn.Module,
+    meta: dict[str, Any],
+    path: Path,
+    parts: list[Part],
+    permute: bool,
+    config: Any,
+    swapped: dict[str, tuple[nn.Module, str]],
+    kl: float | None,
+) -> GGUFReport:
+    plan = _Plan(model)
     heads = getattr(config, "num_attention_heads", 0)
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     specs = []
@@ -333,18 +410,12 @@ def export_gguf(
         if permute and p.role in ("attn_q", "attn_k") and p.kind == "bias":
             assert p.tensor is not None
             perm = rope_permutation(p.tensor.shape[0], heads if p.role == "attn_q" else kv_heads)
-            t = p.tensor[perm]
-            specs.append(TensorSpec(gname, tuple(t.shape), F32, t.numel() * 4, lambda t=t: _rows_numpy(t.float())))
+            vec = p.tensor[perm]
+            specs.append(TensorSpec(gname, tuple(vec.shape), F32, vec.numel() * 4, _f32_of(vec)))
             plan.report_types[gname] = "f32"
             continue
         specs.append(plan.spec(gname, p, perm))
-    meta: dict[str, Any] = {
-        "general.architecture": arch,
-        "general.name": name,
-        "general.quantization_version": U32(2),
-        **architecture_metadata(config, arch, n_vocab),
-        **tokenizer_metadata(tokenizer, n_vocab),
-    }
     path = Path(path)
     size = write_gguf(path, meta, specs)
-    return GGUFReport(path, size, plan.report_types, plan.requantized)
+    requantized = {k: why for k, (_, why) in swapped.items()}
+    return GGUFReport(path, size, plan.report_types, requantized, kl if swapped else None)

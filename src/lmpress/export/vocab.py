@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 
 # llama.cpp's pre-tokenizer names for the split regexes it implements
 LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}
 # token types
@@ -34,7 +36,8 @@ def _backend_json(tokenizer: Any) -> dict[str, Any]:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None or not hasattr(backend, "to_str"):
         raise ExportError(
-            f"{type(tokenizer).__name__} has no fast (tokenizer.json) form; GGUF export needs a tokenizers-backed tokenizer"
+            f"{type(tokenizer).__name__} has no fast (tokenizer.json) form; "
+            "GGUF export needs a tokenizers-backed tokenizer"
         )
     return json.loads(backend.to_str())  # type: ignore[no-any-return]
 
@@ -44,8 +47,10 @@ def pre_tokenizer_name(tok: dict[str, Any]) -> str:
     pre = tok.get("pre_tokenizer") or {}
     norm = tok.get("normalizer") or {}
     if norm.get("type") == "NFC":  # Qwen2's: llama.cpp does not normalize (nor does its own converter)
-        log.warning("the tokenizer applies NFC normalization, which llama.cpp does not: text with decomposed "
-                    "accents may tokenize differently there")
+        log.warning(
+            "the tokenizer applies NFC normalization, which llama.cpp does not: text with decomposed "
+            "accents may tokenize differently there"
+        )
     elif norm:
         raise ExportError(
             f"the tokenizer normalizes text ({norm.get('type')}) before splitting, which llama.cpp's BPE does not do"

@@ -89,11 +89,11 @@ def _llama_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part
                 norm = model.get_submodule(f"{block_name}.{rel}")
             except AttributeError:
                 continue
-            parts.append(Part(role, f"{block_name}.{rel}", norm, "norm", i, norm.weight))
+            parts += _norm_parts(role, f"{block_name}.{rel}", norm, i)
         for rel, role in _LLAMA_ROLES.items():
             parts += _linear_parts(model, f"{block_name}.{rel}", role, i, densify, seen)
     norm_name, norm = adapter.final_norm()
-    parts.append(Part("output_norm", norm_name, norm, "norm", tensor=norm.weight))  # type: ignore[arg-type]
+    parts += _norm_parts("output_norm", norm_name, norm, None)
     head_name, head = adapter.head()
     tied = getattr(head, "weight", None) is getattr(embed, "weight", None) and isinstance(embed, nn.Embedding)
     if not tied:
@@ -108,9 +108,11 @@ _GPT2_NORMS = {"ln_1": "attn_norm", "ln_2": "ffn_norm"}
 
 
 def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None) -> list[Part]:
-    out = [Part(role, name, norm, "norm", block, norm.weight)]  # type: ignore[arg-type]
-    if isinstance(getattr(norm, "bias", None), Tensor):
-        out.append(Part(role, name, norm, "bias", block, norm.bias))  # type: ignore[arg-type]
+    weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    assert isinstance(weight, Tensor)
+    out = [Part(role, name, norm, "norm", block, weight)]
+    if isinstance(bias, Tensor):
+        out.append(Part(role, name, norm, "bias", block, bias))
     return out
 
 

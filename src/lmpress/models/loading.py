@@ -154,8 +154,15 @@ def load_model(
     """Load a causal LM from a built-in name or a local directory, safely.
 
     ``dtype`` "auto" keeps the checkpoint's dtype. A directory written by lmpress (with
-    ``lmpress.json``) is restored with its compressed layers by `lmpress.io.load`.
+    ``lmpress.json``) is restored with its compressed layers by `lmpress.io.load`. A ``.gguf`` file
+    runs in llama.cpp (`lmpress.export.llama_runtime`), with llama.cpp's own tokenizer.
     """
+    if str(source).lower().endswith(".gguf"):
+        from lmpress.export.llama_runtime import load_gguf
+
+        gpath = Path(source).expanduser()
+        model, tok = load_gguf(gpath)
+        return LoadedModel(model.eval(), tok, str(source), gpath)
     path = resolve_path(source)
     config = read_config(path)
     model_type = config.get("model_type")

@@ -36,12 +36,12 @@ class GGUFLinear(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.type = ggml.ggml_type(type_name)
-        if in_features % self.type.block:
-            raise ValueError(f"{self.type.name} needs in_features divisible by {self.type.block}, got {in_features}")
+        self.gtype = ggml.ggml_type(type_name)
+        if in_features % self.gtype.block:
+            raise ValueError(f"{self.gtype.name} needs in_features divisible by {self.gtype.block}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
         self.tied_to: str | None = None
-        rb = self.type.row_bytes(in_features)
+        rb = self.gtype.row_bytes(in_features)
         self.register_buffer("blocks", torch.zeros(out_features, rb, dtype=torch.uint8, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel: tuple[str, Any] | None = None
@@ -59,10 +59,10 @@ class GGUFLinear(nn.Module):
 
     @property
     def bits(self) -> int:
-        return self.type.bits
+        return self.gtype.bits
 
     def ggml_blocks(self) -> ggml.GGMLBlocks:
-        return ggml.unpack(self.blocks, self.type, self.in_features)
+        return ggml.unpack(self.blocks, self.gtype, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this layer represents.  (out, in)"""
@@ -75,7 +75,7 @@ class GGUFLinear(nn.Module):
     def lmpress_format(self) -> dict[str, Any]:
         return {
             "format": "gguf",
-            "type": self.type.name,
+            "type": self.gtype.name,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bias": self.bias is not None,
@@ -97,7 +97,7 @@ class GGUFLinear(nn.Module):
         return super()._apply(fn, recurse)  # type: ignore[return-value]
 
     def kernel_path(self) -> str:
-        t = self.type
+        t = self.gtype
         if self.blocks.device.type == "cpu" and t.bits == 4 and t.sub == 32 and self.out_features % 16 == 0:
             return "int4"
         return "dequant"
@@ -124,7 +124,7 @@ class GGUFLinear(nn.Module):
         x2 = x.reshape(-1, shape[-1])
         if path == "int4" and x2.shape[0] < INT4_KERNEL_ROWS:
             packed, sz = prepared
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.type.sub, sz)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.gtype.sub, sz)
         elif path == "int4":
             y = nn.functional.linear(x2.to(torch.bfloat16), self.dequantize_weight(torch.bfloat16))
         else:
@@ -133,7 +133,7 @@ class GGUFLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
-        return f"in={self.in_features}, out={self.out_features}, type={self.type.name}, bias={self.bias is not None}"
+        return f"in={self.in_features}, out={self.out_features}, type={self.gtype.name}, bias={self.bias is not None}"
 
 
 class GGUFEmbedding(nn.Module):
@@ -151,13 +151,13 @@ class GGUFEmbedding(nn.Module):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.type = ggml.ggml_type(type_name)
-        if embedding_dim % self.type.block:
-            raise ValueError(f"{self.type.name} needs a width divisible by {self.type.block}, got {embedding_dim}")
+        self.gtype = ggml.ggml_type(type_name)
+        if embedding_dim % self.gtype.block:
+            raise ValueError(f"{self.gtype.name} needs a width divisible by {self.gtype.block}, got {embedding_dim}")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self.out_dtype = dtype
-        rb = self.type.row_bytes(embedding_dim)
+        rb = self.gtype.row_bytes(embedding_dim)
         self.register_buffer("blocks", torch.zeros(num_embeddings, rb, dtype=torch.uint8, device=device))
 
     @classmethod
@@ -169,10 +169,10 @@ class GGUFEmbedding(nn.Module):
 
     @property
     def bits(self) -> int:
-        return self.type.bits
+        return self.gtype.bits
 
     def _rows(self, ids: Tensor) -> Tensor:
-        return ggml.dequantize(ggml.unpack(self.blocks[ids], self.type, self.embedding_dim)).to(self.out_dtype)
+        return ggml.dequantize(ggml.unpack(self.blocks[ids], self.gtype, self.embedding_dim)).to(self.out_dtype)
 
     @property
     def weight(self) -> Tensor:
@@ -188,7 +188,7 @@ class GGUFEmbedding(nn.Module):
     def lmpress_format(self) -> dict[str, Any]:
         return {
             "format": "gguf_embedding",
-            "type": self.type.name,
+            "type": self.gtype.name,
             "num_embeddings": self.num_embeddings,
             "embedding_dim": self.embedding_dim,
             "padding_idx": self.padding_idx,
@@ -204,4 +204,4 @@ class GGUFEmbedding(nn.Module):
         return super()._apply(fn, recurse)  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type.name}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, type={self.gtype.name}"

@@ -40,6 +40,7 @@ class AWQConfig(WeightQuantConfig):
             data = {**data, "alpha_grid": data["grid"]}
             del data["grid"]
         return data
+
     clip: bool = True  # activation-weighted clipping search
     max_tokens: int = Field(4096, ge=64)  # calibration tokens kept per group for the search
     calib_batch_size: int = Field(8, ge=1)
@@ -82,7 +83,11 @@ def awq_scales(
         err = 0.0
         for w, ref in zip(weights, refs, strict=True):
             ws = w * sc[None, :]
-            deq = ggml.dequantize(ggml.quantize(ws, s.grid)) if s.grid else quantize(ws, s.bits, s.group_size, s.symmetric).dequantize()
+            deq = (
+                ggml.dequantize(ggml.quantize(ws, s.grid))
+                if s.grid
+                else quantize(ws, s.bits, s.group_size, s.symmetric).dequantize()
+            )
             q = deq / sc[None, :]
             err += float((x @ q.T - ref).pow(2).mean())
         if err < best_err:
@@ -129,7 +134,11 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
             assert a.abs_sum is not None
             weights = [linear_weight(m).detach().float() for m in searched.values()]
             sc, alphas[prev_name] = awq_scales(
-                a.matrix(), a.abs_sum / a.n_tokens, weights, settings_for(first, config, weights[0].shape[1]), config.alpha_grid
+                a.matrix(),
+                a.abs_sum / a.n_tokens,
+                weights,
+                settings_for(first, config, weights[0].shape[1]),
+                config.alpha_grid,
             )
             fold_scales(prev, group, sc)  # every reader of prev's output, targeted or not
             for n in searched:  # the inputs these linears now see are divided by sc

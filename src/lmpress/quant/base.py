@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -71,15 +71,22 @@ class WeightQuantConfig(MethodConfig):
     mix: Literal["q3_k_m", "q4_k_m", "q5_k_m"] | None = None
 
 
-def with_mix(model: nn.Module, config: WeightQuantConfig) -> WeightQuantConfig:
+C = TypeVar("C", bound=WeightQuantConfig)
+
+
+def with_mix(model: nn.Module, config: C) -> C:
     """``config`` with its ``mix`` spelled out as exact-name overrides for ``model`` (after the
     recipe's own, which win), and ``grid`` set to the mix's base type."""
     if config.mix is None:
         return config
     from lmpress.quant.mix import MIX_BASE, mix_layer_types
 
-    extra = [Override(targets=[name], grid=t) for name, t in mix_layer_types(model, config.mix).items()]  # type: ignore[arg-type]
-    return config.model_copy(update={"grid": config.grid or MIX_BASE[config.mix], "overrides": [*config.overrides, *extra]})
+    extra = [
+        Override.model_validate({"targets": [n], "grid": t}) for n, t in mix_layer_types(model, config.mix).items()
+    ]
+    return config.model_copy(
+        update={"grid": config.grid or MIX_BASE[config.mix], "overrides": [*config.overrides, *extra]}
+    )
 
 
 class LayerSettings(BaseModel):

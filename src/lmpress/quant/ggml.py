@@ -348,7 +348,7 @@ def _bits_from(b: Tensor, width: int, groups: int) -> Tensor:
 def pack(b: GGMLBlocks) -> Tensor:
     """The GGUF bytes of the blocks.  -> (rows, row_bytes) uint8"""
     t = b.type
-    rows, n = b.codes.shape
+    rows = b.codes.shape[0]
     u = b.codes.reshape(-1, t.block).to(torch.uint8)  # (N, block)
     N = u.shape[0]
     d = _f16_bytes(b.d.reshape(-1).half())
@@ -434,7 +434,6 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
     rows = raw.shape[0]
     nb = n // t.block
     x = raw.reshape(rows * nb, t.type_size)
-    N = x.shape[0]
 
     def f16(lo: int) -> Tensor:
         return x[:, lo : lo + 2].contiguous().view(torch.float16).view(rows, nb)

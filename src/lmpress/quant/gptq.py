@@ -131,7 +131,14 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
                 W, H = linear_weight(module), stats[name].H
                 b = ggml.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H))
                 q = gptq_quantize(
-                    W, H, s.bits, s.group_size, s.symmetric, config.damp, config.act_order, config.block_size,
+                    W,
+                    H,
+                    s.bits,
+                    s.group_size,
+                    s.symmetric,
+                    config.damp,
+                    config.act_order,
+                    config.block_size,
                     grid=ggml.grid_of(b),
                 )
                 b.codes = q.codes

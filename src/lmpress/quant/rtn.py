@@ -13,6 +13,7 @@ from typing import Literal
 from torch import nn
 
 from lmpress.models.adapters import linear_weight
+from lmpress.quant import ggml
 from lmpress.quant.base import (
     LayerSettings,
     WeightQuantConfig,
@@ -21,7 +22,6 @@ from lmpress.quant.base import (
     targeted_layers,
     with_mix,
 )
-from lmpress.quant import ggml
 from lmpress.quant.grid import Quantized, quantize
 from lmpress.registry import Context, Method, StageReport
 
