@@ -307,9 +307,14 @@ def compress(
     )
     exported = None
     if export_path is not None and result.output is not None:
-        from lmpress.export import export
+        from lmpress.export import ExportError, export
 
-        exported = export(result.output, "gguf", export_path, overwrite=overwrite).to_dict()
+        try:
+            exported = export(result.output, "gguf", export_path, overwrite=overwrite).to_dict()
+        except ExportError as e:
+            raise ExportError(
+                f"{e} (the compressed model is saved in {result.output}; export it with lmpress export)"
+            ) from None
     if as_json:
         _print_json({**result.summary(), "run_dir": str(run_dir) if run_dir else None, "export": exported})
         return

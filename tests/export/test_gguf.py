@@ -269,3 +269,34 @@ def test_compress_export_writes_beside_the_directory(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert (tmp_path / "q8.gguf").is_file() and (out / "lmpress.json").is_file()
     assert "q8_0" in r.stdout
+
+
+@needs_llama
+def test_eval_measures_a_gguf_file_in_llama_cpp(tmp_path: Path) -> None:
+    loaded = _compress({"method": "gptq", "grid": "q4_k", "embedding_grid": "q4_k", "ignore": []})
+    src = tmp_path / "q4k"
+    lmpress.save(loaded.model, loaded.tokenizer, src)
+    out = tmp_path / "q4k.gguf"
+    export(src, "gguf", out)
+    data = lmpress.DataOptions(eval_windows=4)
+    ours = lmpress.evaluate(out, data, reference=src, measure_speed=True)
+    m = ours.metrics
+    assert m["kl"] < KL_MAX and m["top1_agreement"] > 0.97
+    assert m["bytes_on_disk"] == out.stat().st_size and m["parameters"] == ours.reference_metrics["parameters"]  # type: ignore[index]
+    assert m["perplexity"] == pytest.approx(ours.reference_metrics["perplexity"], rel=0.02)  # type: ignore[index]
+    assert m["decode_tokens_per_s"] > 0 and m["prefill_tokens_per_s"] > 0
+    r = runner.invoke(app, ["eval", str(out), "--max-windows", "2", "--no-speed"])
+    assert r.exit_code == 0 and "perplexity" in r.stdout, r.output
+    fake = tmp_path / "fake.gguf"
+    fake.write_bytes(b"not a gguf file")
+    r = runner.invoke(app, ["eval", str(fake)])
+    assert r.exit_code == 2 and "not a GGUF file" in r.output
+
+
+def test_requantize_reports_the_kl_it_cost(tmp_path: Path) -> None:
+    loaded = _compress({"method": "rtn", "bits": 4, "group_size": 64, "embedding_bits": 8, "embedding_group_size": 64})
+    before = {n: type(m).__name__ for n, m in loaded.model.named_modules()}
+    report = export(loaded, "gguf", tmp_path / "r.gguf", requantize="q4_0", kl_windows=2)
+    assert report.requantize_kl is not None and 1e-4 < report.requantize_kl < 0.05
+    assert report.type_counts()["q4_0"] == 29  # 28 linears + the embeddings (the head is not quantized)
+    assert {n: type(m).__name__ for n, m in loaded.model.named_modules()} == before  # the model is left as it was

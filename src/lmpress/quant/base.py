@@ -68,7 +68,7 @@ class WeightQuantConfig(MethodConfig):
     grid: GridName | None = None
     embedding_grid: GridName | None = None  # the token embeddings in a GGUF block type
     # llama.cpp's per-layer mix for its _M files (more bits for the head and some v/down layers); sets grid
-    mix: Literal["q3_k_m", "q4_k_m", "q5_k_m"] | None = None
+    mix: Literal["q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q8_0"] | None = None
 
 
 C = TypeVar("C", bound=WeightQuantConfig)

@@ -1,4 +1,4 @@
-"""llama.cpp's per-tensor type mixes (its Q3_K_M, Q4_K_M, Q5_K_M files) as quantizer overrides.
+"""llama.cpp's per-tensor type mixes (its Q2_K, Q3_K_M, Q4_0, Q4_K_M, Q5_K_M, Q8_0 files) as overrides.
 
 A "_M" file is not one type: llama.cpp gives the output head Q6_K and some attention-value and
 MLP-down layers more bits than the rest (``llama_tensor_get_type`` in its ``llama-quant.cpp``;
@@ -15,8 +15,8 @@ from torch import nn
 
 from lmpress.models.adapters import Adapter, linear_weight
 
-MixName = Literal["q3_k_m", "q4_k_m", "q5_k_m"]
-MIX_BASE = {"q3_k_m": "q3_k", "q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+MixName = Literal["q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q8_0"]
+MIX_BASE = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_0": "q4_0", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q8_0": "q8_0"}
 
 # block-relative module suffix -> llama.cpp tensor category
 _ROLES = {
@@ -41,8 +41,13 @@ def use_more_bits(i: int, n: int) -> bool:
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
 
 
-def mix_type(mix: str, role: str, i: int, n: int) -> str | None:
-    """The type llama.cpp's ``mix`` gives block ``i`` of ``n``'s ``role`` layer; None: the base type."""
+def mix_type(mix: str, role: str, i: int, n: int, gqa: int = 1) -> str | None:
+    """The type llama.cpp's ``mix`` gives block ``i`` of ``n``'s ``role`` layer (``gqa``: query heads
+    per key/value head); None: the base type."""
+    if mix == "q2_k":
+        if role == "attn_v":
+            return "q4_k" if gqa >= 4 else "q3_k"
+        return "q3_k" if role in ("ffn_down", "attn_output") else None
     if mix in ("q4_k_m", "q5_k_m"):
         if role in ("attn_v", "ffn_down") and use_more_bits(i, n):
             return "q6_k"
@@ -63,15 +68,19 @@ def mix_layer_types(model: nn.Module, mix: str) -> dict[str, str]:
     """Module name -> GGUF type for the layers ``mix`` does not leave at its base type."""
     adapter = Adapter(model)
     n = adapter.num_blocks
+    config = model.config  # type: ignore[union-attr]
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
+    gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
     out: dict[str, str] = {}
     for i in range(n):
         prefix = adapter.block_name(i) + "."
         for name in adapter.block_linears(i):
             role = _ROLES.get(name.removeprefix(prefix))
-            t = mix_type(mix, role, i, n) if role else None
+            t = mix_type(mix, role, i, n, gqa) if role else None
             if t is not None:
                 out[name] = t
     head_name, head = adapter.head()
     width = linear_weight(head).shape[1] if hasattr(head, "weight") else 0
-    out[head_name] = "q6_k" if width % 256 == 0 else "q8_0"  # llama.cpp: the output head
+    if mix != "q8_0":  # llama.cpp: the output head Q6_K (Q8_0 where its rows do not fit 256-blocks)
+        out[head_name] = "q6_k" if width % 256 == 0 else "q8_0"
     return out
