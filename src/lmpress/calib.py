@@ -167,6 +167,40 @@ def collect(
     return stats
 
 
+@torch.no_grad()
+def outside_stats(
+    model: nn.Module,
+    windows: Tensor,
+    layers: Mapping[str, nn.Module],
+    make: Callable[[nn.Module], Any],
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Input statistics of layers outside the decoder blocks (the output head) from the model's
+    own forward on ``windows`` (N, T); each batch stops once every layer has seen its input, so no
+    logits are computed."""
+    stats = {name: make(m) for name, m in layers.items()}
+    seen: set[str] = set()
+
+    def update(name: str, x: Tensor) -> None:
+        seen.add(name)
+        stats[name].update(x)
+        if len(seen) == len(stats):
+            raise _StopForwardError
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_inputs(layers, update):
+            for i in range(0, windows.shape[0], batch_size):
+                seen.clear()
+                with suppress(_StopForwardError):
+                    model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+    return stats
+
+
 def blockwise(
     model: nn.Module, windows: Tensor, batch_size: int = 8, progress: bool = False
 ) -> Iterator[tuple[int, nn.Module, BlockInputs]]:

@@ -285,6 +285,7 @@ def quantize_calibrated(
     make_stats: Callable[[nn.Module], Any],
     per_block: BlockQuantizer,
     batch_size: int = 8,
+    calibrate_outside: bool = False,
 ) -> StageReport:
     """The loop every data-driven weight quantizer shares.
 
@@ -292,7 +293,8 @@ def quantize_calibrated(
     targeted linears, let ``per_block(i, layers, stats)`` prepare the block (fold scales, check
     token counts) and return the function that quantizes one layer, swap the layers in. Targeted
     layers outside the blocks (``lm_head``) get round-to-nearest; embeddings follow
-    ``embedding_bits``.
+    ``embedding_bits``; with ``calibrate_outside`` the head is quantized like a block's layers
+    (``per_block(-1, ...)``) on its inputs from the already-quantized model's forward.
     """
     from lmpress.calib import blockwise, collect
     from lmpress.models.adapters import Adapter
@@ -325,6 +327,14 @@ def quantize_calibrated(
         stats = {n: st for n, st in stats.items() if n not in unseen}
         count(quantize_layers(model, layers, config, per_block(i, layers, stats)))
         handled.update(layers)
+    in_blocks = {n for i in range(adapter.num_blocks) for n in adapter.block_linears(i)}
+    outside = {n: m for n, m in targets.items() if n not in handled and n not in in_blocks}
+    if outside and calibrate_outside:  # the head: calibrated on what the quantized blocks hand it
+        from lmpress.calib import outside_stats
+
+        stats = outside_stats(model, calib.windows, outside, make_stats, batch_size)
+        count(quantize_layers(model, outside, config, per_block(-1, outside, stats)))
+        handled.update(outside)
     rest = {n: m for n, m in targets.items() if n not in handled}
     if rest:  # no block inputs (lm_head) or no calibration tokens (uncalibrated: rtn): round to nearest
 
