@@ -59,7 +59,15 @@ def llama_quantize(src: Path, dst: Path, ftype: str, threads: int, bin_dir: Path
     """llama.cpp's own quantizer: the library call, or its llama-quantize tool for an imatrix."""
     if imatrix is not None:
         assert bin_dir is not None
-        cmd = [str(bin_dir / "llama-quantize"), "--imatrix", str(imatrix), str(src), str(dst), FTYPE[ftype], str(threads)]
+        cmd = [
+            str(bin_dir / "llama-quantize"),
+            "--imatrix",
+            str(imatrix),
+            str(src),
+            str(dst),
+            FTYPE[ftype],
+            str(threads),
+        ]
         subprocess.run(cmd, check=True, capture_output=True)
         return
     import llama_cpp
@@ -99,17 +107,28 @@ def builtin_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, A
     bf16 = work / "bf16.gguf"
     export(loaded, "gguf", bf16)
     reference = LlamaCppModel(bf16, n_threads=args.threads, n_ctx=512)
-    rows: list[dict[str, Any]] = [{"type": "bf16", "source": "original", **measure(bf16, reference, eval_data.windows, args.threads)}]
+    rows: list[dict[str, Any]] = [
+        {"type": "bf16", "source": "original", **measure(bf16, reference, eval_data.windows, args.threads)}
+    ]
     calib_text = work / "calib.txt"  # exactly the windows lmpress calibrates on, as text
     calib_text.write_text("".join(tok.decode(w) for w in calib.windows.tolist()))
     bin_dir = Path(args.llama_bin) if args.llama_bin else None
     imatrix = work / "imatrix.gguf"
-    has_imatrix = bin_dir is not None and build_imatrix(bf16, calib_text, imatrix, bin_dir, args.threads, args.calib_windows)
+    has_imatrix = bin_dir is not None and build_imatrix(
+        bf16, calib_text, imatrix, bin_dir, args.threads, args.calib_windows
+    )
     data = lmpress.DataOptions(calib_windows=args.calib_windows)
     for t in TYPES:
         out = work / f"llama-{t}.gguf"
         _, secs = _timed(lambda t=t, out=out: llama_quantize(bf16, out, t, args.threads, bin_dir, None))
-        rows.append({"type": t, "source": "llama.cpp", "seconds": secs, **measure(out, reference, eval_data.windows, args.threads)})
+        rows.append(
+            {
+                "type": t,
+                "source": "llama.cpp",
+                "seconds": secs,
+                **measure(out, reference, eval_data.windows, args.threads),
+            }
+        )
         if has_imatrix and t != "q8_0":
             out = work / f"llama-imatrix-{t}.gguf"
             _, secs = _timed(lambda t=t, out=out: llama_quantize(bf16, out, t, args.threads, bin_dir, imatrix))
@@ -117,10 +136,14 @@ def builtin_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, A
                          **measure(out, reference, eval_data.windows, args.threads)})  # fmt: skip
         variants = [("lmpress gptq", LMPRESS[t])]
         if t in RTN_ABLATION:
-            variants.append(("lmpress rtn", {"method": "rtn", "mix": t, "embedding_grid": t.split("_")[0] + "_k", "ignore": []}))
+            variants.append(
+                ("lmpress rtn", {"method": "rtn", "mix": t, "embedding_grid": t.split("_")[0] + "_k", "ignore": []})
+            )
         for source, recipe in variants:
             d = work / f"{source.replace(' ', '-')}-{t}"
-            r, secs = _timed(lambda recipe=recipe, d=d: lmpress.compress("builtin", _recipe(recipe), data, output=d, run_eval=False))
+            r, secs = _timed(
+                lambda recipe=recipe, d=d: lmpress.compress("builtin", _recipe(recipe), data, output=d, run_eval=False)
+            )
             out = work / f"{source.replace(' ', '-')}-{t}.gguf"
             report = export(d, "gguf", out)
             rows.append({"type": t, "source": source, "seconds": secs, "tensor_types": report.type_counts(),
@@ -159,7 +182,10 @@ def tinyllama_rows(args: argparse.Namespace, work: Path) -> list[dict[str, Any]]
     rows: list[dict[str, Any]] = []
     for name, d in (("bf16", src), ("q4_k_m (rtn)", q4)):
         loaded = lmpress.load(d, device="cpu")
-        largest = max(p.numel() * p.element_size() for p in [*loaded.model.parameters(), *loaded.model.buffers()])
+        tensors = [*loaded.model.parameters(), *loaded.model.buffers()]
+        largest = max(t.numel() * t.element_size() for t in tensors)
+        for t in tensors:  # page the memory-mapped weights in, so the baseline is the loaded model
+            t.contiguous().view(torch.uint8).sum()
         gc.collect()
         out = work / f"tinyllama-{name.split()[0]}.gguf"
         with PeakRSS() as mem:
@@ -187,7 +213,8 @@ def table(payload: dict[str, Any]) -> str:
         "## GGUF export (issue 15)",
         "",
         "Built-in model, `stdlib` eval split "
-        f"({payload['info']['eval']['windows']} windows x 256 tokens, sha256 {payload['info']['eval']['sha256'][:12]}); "
+        f"({payload['info']['eval']['windows']} windows x 256 tokens, "
+        f"sha256 {payload['info']['eval']['sha256'][:12]}); "
         "every file run by **llama.cpp** (llama-cpp-python), KL and top-1 against the bf16 original in llama.cpp. "
         f"Calibration: {payload['info']['calib']['windows']} windows of the calib split (imatrix: the same text"
         f"{'' if payload['info']['imatrix'] else ', not built'}). `python -m benchmarks.gguf`.",
@@ -200,16 +227,20 @@ def table(payload: dict[str, Any]) -> str:
             key=lambda x: x["perplexity"],
             default=None,
         )
-        ratio = size = "-"
+        ratio = size = kl_ratio = "-"
         if r["source"].startswith("lmpress") and best_llama is not None:
             d_ours, d_theirs = r["perplexity"] - orig, best_llama["perplexity"] - orig
             ratio = f"{d_ours / d_theirs:.2f}x" if d_theirs > 0 else "-"
             size = f"{100 * (r['bytes'] / best_llama['bytes'] - 1):+.1f}%"
+            best_kl = min(
+                by[(r["type"], s)]["kl"] for s in ("llama.cpp", "llama.cpp + imatrix") if (r["type"], s) in by
+            )
+            kl_ratio = f"{r['kl'] / best_kl:.2f}x"
         body.append([r["type"], r["source"], f"{int(r['bytes']):,}", size, f"{r['perplexity']:.3f}",
-                     f"{100 * (r['perplexity'] / orig - 1):+.2f}%", ratio, f"{r.get('kl', 0):.4f}",
+                     f"{100 * (r['perplexity'] / orig - 1):+.2f}%", ratio, f"{r.get('kl', 0):.4f}", kl_ratio,
                      f"{100 * r.get('top1_agreement', 1):.1f}%"])  # fmt: skip
     header = ["type", "quantizer", "bytes", "size vs llama.cpp", "perplexity", "vs original",
-              "increase vs best llama.cpp", "KL", "top-1"]  # fmt: skip
+              "increase vs best llama.cpp", "KL", "KL vs best llama.cpp", "top-1"]  # fmt: skip
     lines.append(markdown_table(header, body))
     if payload.get("tinyllama"):
         lines += ["", "TinyLlama-1.1B shapes (random weights), 2 threads, one run: prefill 128 tokens, decode 64.", ""]
@@ -233,6 +264,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--llama-bin", default=None, help="directory with llama-imatrix and llama-quantize")
     ap.add_argument("--skip-tinyllama", action="store_true")
+    ap.add_argument("--only-tinyllama", action="store_true", help="keep the built-in rows of results/gguf.json")
     ap.add_argument("--table-only", action="store_true", help="re-render the table from results/gguf.json")
     args = ap.parse_args()
     if args.table_only:
@@ -242,9 +274,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="lmpress-gguf-bench-"))
     try:
-        rows, info = builtin_rows(args, work)
-        payload: dict[str, Any] = {"machine": machine(), "info": info, "builtin": rows}
-        payload["eval"] = info["eval"]
+        if args.only_tinyllama:
+            payload: dict[str, Any] = json.loads((RESULTS / "gguf.json").read_text())
+            payload["machine_tinyllama"] = machine()
+        else:
+            rows, info = builtin_rows(args, work)
+            payload = {"machine": machine(), "info": info, "builtin": rows, "eval": info["eval"]}
         if not args.skip_tinyllama:
             payload["tinyllama"] = tinyllama_rows(args, work)
         write_results("gguf", payload, table(payload))

@@ -95,7 +95,7 @@ def _llama_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part
     norm_name, norm = adapter.final_norm()
     parts += _norm_parts("output_norm", norm_name, norm, None)
     head_name, head = adapter.head()
-    tied = getattr(head, "weight", None) is getattr(embed, "weight", None) and isinstance(embed, nn.Embedding)
+    tied = _tied(head, embed)
     if not tied:
         check_layer(head_name, head, densify)
         parts.append(Part("output", head_name, head, "linear"))
@@ -133,7 +133,7 @@ def _gpt2_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part]
     norm_name, norm = adapter.final_norm()
     parts += _norm_parts("output_norm", norm_name, norm, None)
     head_name, head = adapter.head()
-    if getattr(head, "weight", None) is not getattr(wte, "weight", None) or not isinstance(wte, nn.Embedding):
+    if not _tied(head, wte):
         check_layer(head_name, head, densify)
         parts.append(Part("output", head_name, head, "linear"))
     _check_uniform(parts, model)
@@ -156,6 +156,12 @@ def _linear_parts(
     if isinstance(bias, Tensor):
         out.append(Part(role, name, m, "bias", block, bias))
     return out
+
+
+def _tied(head: nn.Module, embed: nn.Module) -> bool:
+    """The head is the embedding table itself (only a dense table can be; a compressed embedding's
+    ``weight`` is a decoded copy, which is never read here)."""
+    return isinstance(embed, nn.Embedding) and getattr(head, "weight", None) is embed.weight
 
 
 def _check_uniform(parts: list[Part], model: nn.Module) -> None:
