@@ -118,5 +118,5 @@ def _write_tensor(f: BinaryIO, s: TensorSpec) -> None:
     data = np.ascontiguousarray(s.data())
     if data.nbytes != s.nbytes:
         raise ValueError(f"tensor {s.name}: {data.nbytes} bytes, declared {s.nbytes}")
-    f.write(memoryview(data.reshape(-1).view(np.uint8)))  # no copy
+    f.write(memoryview(data.reshape(-1).view(np.uint8)))  # type: ignore[arg-type]  # no copy
     f.write(b"\0" * _pad(s.nbytes))

@@ -69,8 +69,8 @@ def mix_layer_types(model: nn.Module, mix: str) -> dict[str, str]:
     adapter = Adapter(model)
     n = adapter.num_blocks
     config = model.config  # type: ignore[union-attr]
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", 1)
-    gqa = heads // (getattr(config, "num_key_value_heads", None) or heads)
+    heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)
+    gqa = heads // int(getattr(config, "num_key_value_heads", None) or heads)
     out: dict[str, str] = {}
     for i in range(n):
         prefix = adapter.block_name(i) + "."
