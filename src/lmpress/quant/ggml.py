@@ -159,11 +159,14 @@ def codes_on_grid(w: Tensor, b: GGMLBlocks) -> Tensor:
 # ---- fitting ----------------------------------------------------------------------------------
 
 
-def _fit_affine(x: Tensor, wt: Tensor, qmax: int, steps: int = 20) -> tuple[Tensor, Tensor]:
+def _fit_affine(
+    x: Tensor, wt: Tensor, qmax: int, steps: int = 20, min_at_most_zero: bool = True
+) -> tuple[Tensor, Tensor]:
     """Per row of (N, g) ``x``: scale s and min m (x ≈ s*u + m, u in [0, qmax]) minimizing the
     ``wt``-weighted squared error, over candidate scales around (max-min)/qmax, each refit by
-    weighted least squares given its codes.  -> (N,) x2; m <= 0 as the k-quants require."""
-    lo = x.amin(-1).clamp(max=0)
+    weighted least squares given its codes.  -> (N,) x2. ``min_at_most_zero``: m <= 0, as the
+    k-quants require (Q4_1/Q5_1 store any float min)."""
+    lo = x.amin(-1).clamp(max=0) if min_at_most_zero else x.amin(-1)
     hi = x.amax(-1)
     rng = (hi - lo).clamp(min=1e-20)
     best_s, best_m = rng / qmax, lo
@@ -181,9 +184,10 @@ def _fit_affine(x: Tensor, wt: Tensor, qmax: int, steps: int = 20) -> tuple[Tens
         ok = det > 0
         s = torch.where(ok, (sw * sux - su * sx) / torch.where(ok, det, 1), best_s)
         m = torch.where(ok, (suu * sx - su * sux) / torch.where(ok, det, 1), best_m)
-        pos = m > 0  # the min must not be above zero: refit the scale with m = 0
-        s = torch.where(pos, sux / suu.clamp(min=1e-30), s)
-        m = torch.where(pos, torch.zeros_like(m), m)
+        if min_at_most_zero:  # a min above zero: refit the scale with m = 0
+            pos = m > 0
+            s = torch.where(pos, sux / suu.clamp(min=1e-30), s)
+            m = torch.where(pos, torch.zeros_like(m), m)
         err = _affine_err(x, wt, s, m, qmax)
         better = (err < best_err) & (s > 0)
         best_err = torch.where(better, err, best_err)
@@ -254,8 +258,7 @@ def fit_grid(w: Tensor, t: GGMLType, importance: Tensor | None = None) -> GGMLBl
     x = wf.reshape(-1, t.sub)  # (rows*n/sub, sub)
     wt = imp.view(1, -1).expand(rows, n).reshape(-1, t.sub)
     if t.affine:
-        fit = _fit_affine_free if t.scale_bits == 0 else _fit_affine
-        s, m = fit(x, wt, t.qmax)
+        s, m = _fit_affine(x, wt, t.qmax, min_at_most_zero=t.scale_bits > 0)
         return from_sub_grid(wf, t, s.view(rows, -1), -m.view(rows, -1))
     return from_sub_grid(wf, t, _fit_symmetric(x, wt, t.offset).view(rows, -1))
 
@@ -291,29 +294,6 @@ def from_sub_grid(w: Tensor, t: GGMLType, S: Tensor, M: Tensor | None = None) ->
         b = GGMLBlocks(t, torch.empty(0), d, sc=sc)
     b.codes = codes_on_grid(w.float(), b)
     return b
-
-
-def _fit_affine_free(x: Tensor, wt: Tensor, qmax: int, steps: int = 20) -> tuple[Tensor, Tensor]:
-    """Q4_1/Q5_1: like `_fit_affine` but the block min may be positive (it is stored as a float)."""
-    lo, hi = x.amin(-1), x.amax(-1)
-    rng = (hi - lo).clamp(min=1e-20)
-    best_s, best_m = rng / qmax, lo
-    best_err = _affine_err(x, wt, best_s, best_m, qmax)
-    sw = wt.sum(-1)
-    for i in range(steps + 1):
-        iscale = (qmax - 1 + 0.1 * i) / rng
-        u = ((x - lo[:, None]) * iscale[:, None]).round().clamp(0, qmax)
-        su, suu = (wt * u).sum(-1), (wt * u * u).sum(-1)
-        sx, sux = (wt * x).sum(-1), (wt * u * x).sum(-1)
-        det = sw * suu - su * su
-        ok = det > 0
-        s = torch.where(ok, (sw * sux - su * sx) / torch.where(ok, det, 1), best_s)
-        m = torch.where(ok, (suu * sx - su * sux) / torch.where(ok, det, 1), best_m)
-        err = _affine_err(x, wt, s, m, qmax)
-        better = (err < best_err) & (s > 0)
-        best_err = torch.where(better, err, best_err)
-        best_s, best_m = torch.where(better, s, best_s), torch.where(better, m, best_m)
-    return best_s, best_m
 
 
 def quantize(w: Tensor, t: GGMLType | str, importance: Tensor | None = None) -> GGMLBlocks:

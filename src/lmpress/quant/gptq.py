@@ -129,25 +129,12 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
                 )
 
         def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
-            if s.grid is not None:  # the GGUF type's stored scales first (Hessian-weighted), then the codes
-                W, H = linear_weight(module), stats[name].H
-                b = ggml.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H))
-                q = gptq_quantize(
-                    W,
-                    H,
-                    s.bits,
-                    s.group_size,
-                    s.symmetric,
-                    config.damp,
-                    config.act_order,
-                    config.block_size,
-                    grid=ggml.grid_of(b),
-                )
-                b.codes = q.codes
-                return b
-            return gptq_quantize(
-                linear_weight(module),
-                stats[name].H,
+            W, H = linear_weight(module), stats[name].H
+            # a GGUF type's stored scales come first (Hessian-weighted fit), then GPTQ chooses the codes on them
+            b = ggml.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H)) if s.grid else None
+            q = gptq_quantize(
+                W,
+                H,
                 s.bits,
                 s.group_size,
                 s.symmetric,
@@ -155,7 +142,12 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
                 config.act_order,
                 config.block_size,
                 config.mse_clip,
+                grid=ggml.grid_of(b) if b is not None else None,
             )
+            if b is None:
+                return q
+            b.codes = q.codes
+            return b
 
         return fn
 
