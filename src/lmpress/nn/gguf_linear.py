@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.quant_linear import INT4_KERNEL_ROWS
+from lmpress.nn.quant_linear import INT4_KERNEL_ROWS, int4_layout
 from lmpress.quant import ggml
 
 
@@ -111,10 +111,7 @@ class GGUFLinear(nn.Module):
         if b.type.name == "q4_1":
             M = -b.dmin.float()  # type: ignore[union-attr]
         # kernel: w = (u - 8) * s + zf; ours: S*u - M (affine) or S*(u - 8)
-        zf = 8 * S - M if M is not None else torch.zeros_like(S)
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(b.codes.to(torch.int32), 1)
-        sz = torch.stack([S, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
-        return path, (packed, sz)
+        return path, int4_layout(b.codes, S, 8 * S - M if M is not None else torch.zeros_like(S))
 
     def forward(self, x: Tensor) -> Tensor:
         if self._kernel is None:

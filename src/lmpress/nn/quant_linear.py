@@ -227,12 +227,8 @@ class QuantLinear(nn.Module):
         if path == "w8a8":
             return path, (self.qweight.view(torch.int8).T, self.scales.float().view(1, -1))  # (in, out), (1, out)
         if path == "int4":
-            codes = self.codes().to(torch.int32)  # (out, in), kernel zero at 8
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
             s = self.scales.float()
-            zf = (8.0 - self.zeros()) * s  # (out, G): w = (q - 8) * s + zf
-            sz = torch.stack([s, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
-            return path, (packed, sz)
+            return path, int4_layout(self.codes(), s, (8.0 - self.zeros()) * s)
         return path, None
 
     def forward(self, x: Tensor) -> Tensor:
@@ -266,6 +262,14 @@ class QuantLinear(nn.Module):
             f"in={self.in_features}, out={self.out_features}, bits={self.bits}, group={self.group_size}, {sym}, "
             f"bias={self.bias is not None}"
         )
+
+
+def int4_layout(codes: Tensor, scale: Tensor, zf: Tensor) -> tuple[Tensor, Tensor]:
+    """PyTorch's int4 CPU kernel layout of unsigned 4-bit ``codes`` (out, in) on the grid
+    w = (q - 8) * scale + zf, per group: ``scale``, ``zf`` (out, G).  -> (packed, (G, out, 2) bf16)"""
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    sz = torch.stack([scale, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
+    return packed, sz
 
 
 def int8_matmul(x: Tensor, wT: Tensor, w_scale: Tensor) -> Tensor:
