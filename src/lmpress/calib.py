@@ -54,6 +54,9 @@ class InputStats:
         self.n_tokens += n
         self.H.addmm_(x.T, x, alpha=2.0 / self.n_tokens)
 
+    def reduce(self, dist: Any) -> None:
+        self.n_tokens = _reduce_mean(dist, self.H, self.n_tokens)
+
 
 @dataclass
 class SquareNorm:
@@ -75,6 +78,10 @@ class SquareNorm:
         self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
         self.n_tokens += n
 
+    def reduce(self, dist: Any) -> None:
+        dist.all_reduce(self.abs_max, op=dist.ReduceOp.MAX)
+        self.n_tokens = _reduce_mean(dist, self.mean_sq, self.n_tokens)
+
 
 class _StopForwardError(Exception):
     """Raised by the capture hook to end the forward pass at the first block."""
@@ -93,11 +100,56 @@ def capture_inputs(modules: Mapping[str, nn.Module], fn: Callable[[str, Tensor],
             h.remove()
 
 
+def shard_windows(windows: Tensor) -> Tensor:
+    """This process's share of the calibration windows under ``torch.distributed`` (every
+    ``world``-th window from its rank); all of them in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return windows[dist.get_rank() :: dist.get_world_size()]
+    return windows
+
+
+def all_reduce_stats(stats: Mapping[str, Any]) -> None:
+    """Make every process's statistics those of all processes' windows (`InputStats`, `SquareNorm`:
+    token-weighted means, maxima of ``abs_max``); a no-op in a single process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    for st in {id(s): s for s in stats.values()}.values():
+        if not hasattr(st, "reduce"):
+            raise TypeError(f"{type(st).__name__} statistics cannot be combined across processes")
+        st.reduce(dist)
+
+
+def _reduce_mean(dist: Any, mean: Tensor, n_tokens: int) -> int:
+    """Token-weighted mean of ``mean`` over processes, in place; returns the total token count."""
+    n = torch.tensor([float(n_tokens)], dtype=torch.float64, device=mean.device)
+    mean.mul_(n_tokens)
+    dist.all_reduce(mean)
+    dist.all_reduce(n)
+    total = int(n.item())
+    mean.div_(max(total, 1))
+    return total
+
+
 @torch.no_grad()
 def first_block_inputs(model: nn.Module, windows: Tensor, batch_size: int) -> BlockInputs:
     """Run the model up to its first block on each batch of ``windows`` (N, T); keep the block's inputs."""
+    from lmpress.streaming import resident, stream_of
+
     adapter = Adapter(model)
-    device = next(model.parameters()).device
+    stream = stream_of(model)
+    if stream is not None:
+        with resident(model, adapter.embeddings()):
+            return _first_block_inputs(model, adapter, windows, batch_size, stream.device)
+    return _first_block_inputs(model, adapter, windows, batch_size, next(model.parameters()).device)
+
+
+def _first_block_inputs(
+    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
+) -> BlockInputs:
     inputs = BlockInputs([], [], [])
 
     def hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -164,6 +216,7 @@ def collect(
                 block(h, *a, **kw)
     for name, first in aliases.items():
         stats[name] = stats[first]
+    all_reduce_stats(stats)
     return stats
 
 
@@ -178,6 +231,11 @@ def outside_stats(
     """Input statistics of layers outside the decoder blocks (the output head) from the model's
     own forward on ``windows`` (N, T); each batch stops once every layer has seen its input, so no
     logits are computed."""
+    from lmpress.streaming import stream_of
+
+    windows = shard_windows(windows)
+    if stream_of(model) is not None:
+        return _streamed_outside_stats(model, windows, layers, make, batch_size)
     stats = {name: make(m) for name, m in layers.items()}
     seen: set[str] = set()
 
@@ -198,6 +256,36 @@ def outside_stats(
                     model(input_ids=windows[i : i + batch_size].to(device), use_cache=False)
     finally:
         model.train(was_training)
+    all_reduce_stats(stats)
+    return stats
+
+
+@torch.no_grad()
+def _streamed_outside_stats(
+    model: nn.Module,
+    windows: Tensor,
+    layers: Mapping[str, nn.Module],
+    make: Callable[[nn.Module], Any],
+    batch_size: int,
+) -> dict[str, Any]:
+    """`outside_stats` for a streamed model: carry the windows through the blocks one at a time,
+    then through the final norm to the head (the only layer after the blocks lmpress targets)."""
+    from lmpress.streaming import resident
+
+    adapter = Adapter(model)
+    head_name, _ = adapter.head()
+    if set(layers) - {head_name}:
+        raise ValueError(f"streamed calibration reaches only the head after the blocks, not {sorted(layers)}")
+    inputs = first_block_inputs(model, windows, batch_size)
+    for i in range(adapter.num_blocks):
+        with resident(model, [adapter.block_name(i)]):
+            inputs = BlockInputs(run_block(adapter.blocks()[i], inputs), inputs.args, inputs.kwargs)
+    norm_name, norm = adapter.final_norm()
+    with resident(model, [norm_name, head_name]):
+        stats = {head_name: make(model.get_submodule(head_name))}
+        for h in inputs.hidden:
+            stats[head_name].update(norm(h))
+    all_reduce_stats(stats)
     return stats
 
 
@@ -206,14 +294,17 @@ def blockwise(
 ) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
     """Yield (index, block, inputs) for each block; after the caller compresses a block, its
     outputs on ``inputs`` become the next block's inputs."""
+    from lmpress.streaming import resident
+
     adapter = Adapter(model)
     was_training = model.training
     model.eval()
-    inputs = first_block_inputs(model, windows, batch_size)
+    inputs = first_block_inputs(model, shard_windows(windows), batch_size)
     try:
         for i in track(range(adapter.num_blocks), "calibrating blocks", enabled=progress):
-            block = adapter.blocks()[i]
-            yield i, block, inputs
-            inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)
+            with resident(model, [adapter.block_name(i)], changed=True):
+                block = adapter.blocks()[i]
+                yield i, block, inputs
+                inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)
     finally:
         model.train(was_training)

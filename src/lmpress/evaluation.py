@@ -46,6 +46,19 @@ class QualityStats:
             out["top1_agreement_full_vocab"] = self.agree_full / self.tokens
         return out
 
+    def update(self, logits: Tensor, target: Tensor, ref_logits: Tensor | None = None) -> None:
+        """Add predicted positions: ``logits`` (B, T, V) for ``target`` (B, T); the reference's
+        ``ref_logits`` (B, T, V) on the same vocabulary, if any."""
+        logp = F.log_softmax(logits, dim=-1)
+        self.nll += -logp.gather(-1, target[..., None]).sum().item()
+        pred = logits.argmax(-1)
+        self.correct += int((pred == target).sum())
+        self.tokens += target.numel()
+        if ref_logits is not None:
+            ref_logp = F.log_softmax(ref_logits, dim=-1)
+            self.kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            self.agree += int((ref_logits.argmax(-1) == pred).sum())
+
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
@@ -82,25 +95,58 @@ def quality(
         ids = (token_map[ref_ids] if token_map is not None else ref_ids).to(device)  # (B, T)
         logits = _logits(model, ids)[:, :-1]  # (B, T-1, V)
         target = ids[:, 1:]  # (B, T-1)
-        logp = F.log_softmax(logits, dim=-1)
-        stats.nll += -logp.gather(-1, target[..., None]).sum().item()
-        pred = logits.argmax(-1)
-        stats.correct += int((pred == target).sum())
-        stats.tokens += target.numel()
+        ref_logits = None
         if reference is not None:
             ref_device = next(reference.parameters()).device
             ref_logits = _logits(reference, ref_ids.to(ref_device))[:, :-1].to(device)
             if kept is not None and token_map is not None:
                 full = F.log_softmax(ref_logits, dim=-1)
-                stats.agree_full += int((token_map.to(device)[ref_logits.argmax(-1)] == pred).sum())
+                stats.agree_full += int((token_map.to(device)[ref_logits.argmax(-1)] == logits.argmax(-1)).sum())
                 ref_logits = ref_logits[..., kept.to(device)]
                 stats.dropped_mass = (stats.dropped_mass or 0.0) + float(
                     (1 - full[..., kept.to(device)].exp().sum(-1)).clamp(min=0).sum()
                 )
-            ref_logp = F.log_softmax(ref_logits, dim=-1)
-            stats.kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
-            stats.agree += int((ref_logits.argmax(-1) == pred).sum())
+        stats.update(logits, target, ref_logits)
     return stats.metrics(reference is not None)
+
+
+@torch.no_grad()
+def streamed_quality(
+    model: nn.Module,
+    windows: Tensor,
+    reference: nn.Module | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[dict[str, float], dict[str, float] | None]:
+    """`quality` of ``model`` and of its ``reference`` in one pass, block by block: both models'
+    block i in memory at a time (streamed models, `lmpress.streaming`), the hidden states of both
+    carried. Returns (model's metrics with KL and top-1 agreement, the reference's own metrics)."""
+    from lmpress.calib import BlockInputs, first_block_inputs, run_block
+    from lmpress.models.adapters import Adapter
+    from lmpress.progress import track
+    from lmpress.streaming import resident
+
+    models = [model] if reference is None else [model, reference]
+    adapters = [Adapter(m) for m in models]
+    inputs = [first_block_inputs(m, windows, batch_size) for m in models]
+    for i in track(range(adapters[0].num_blocks), "evaluating blocks", enabled=progress):
+        for k, (m, a) in enumerate(zip(models, adapters, strict=True)):
+            with resident(m, [a.block_name(i)]):
+                inputs[k] = BlockInputs(run_block(a.blocks()[i], inputs[k]), inputs[k].args, inputs[k].kwargs)
+    stats = [QualityStats() for _ in models]
+    ends = [[a.final_norm()[0], a.head()[0]] for a in adapters]
+    with resident(model, ends[0]), resident(reference if reference is not None else model, ends[-1]):
+        for b in range(len(inputs[0].hidden)):
+            target = windows[b * batch_size : (b + 1) * batch_size, 1:]  # (B, T-1)
+            logits = [
+                m.get_submodule(e[1])(m.get_submodule(e[0])(inp.hidden[b]))[:, :-1].float()  # (B, T-1, V)
+                for m, e, inp in zip(models, ends, inputs, strict=True)
+            ]
+            target = target.to(logits[0].device)
+            stats[0].update(logits[0], target, logits[1].to(logits[0].device) if reference is not None else None)
+            if reference is not None:
+                stats[1].update(logits[1], target.to(logits[1].device))
+    return stats[0].metrics(reference is not None), stats[1].metrics(False) if reference is not None else None
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -136,8 +136,9 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def module_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
-    """Per-module storage format: compressed layers describe themselves, the rest are dense."""
+def module_formats(model: nn.Module, described: dict[str, dict[str, Any]] | None = None) -> dict[str, dict[str, Any]]:
+    """Per-module storage format: compressed layers describe themselves (or are in ``described``,
+    recorded while a streamed model's unit was in memory), the rest are dense."""
     formats: dict[str, dict[str, Any]] = {}
     adapter = Adapter(model) if getattr(model.config, "model_type", None) in ARCHS else None
     named = dict(adapter.linears()) if adapter else {}
@@ -146,7 +147,9 @@ def module_formats(model: nn.Module) -> dict[str, dict[str, Any]]:
         named[adapter.head()[0]] = adapter.head()[1]
     for name, m in model.named_modules():
         describe = getattr(m, "lmpress_format", None)
-        if callable(describe):
+        if described and name in described:
+            formats[name] = described[name]
+        elif callable(describe):
             formats[name] = describe()
         elif name in named:
             w = getattr(m, "weight", None)
@@ -198,6 +201,33 @@ def save(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record["bytes_on_disk"] = weight_bytes(tmp)
+        write_json_atomic(tmp / META_FILE, record)
+    return out
+
+
+def save_streamed_dir(
+    model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """`save` for a streamed model (`lmpress.streaming`): its shards are written unit by unit from
+    the checkpoint and the stages' spills, never the whole state dict at once."""
+    from lmpress.streaming import save_streamed
+
+    with atomic_dir(out, overwrite) as tmp:
+        formats = save_streamed(model, tmp)
+        model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        record = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "modules": formats,
+            **(meta or {}),
+            "versions": library_versions(),
+            "bytes_on_disk": weight_bytes(tmp),
+        }
         write_json_atomic(tmp / META_FILE, record)
     return out
 

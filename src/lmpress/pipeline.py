@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 class Result:
     """A compressed model with what each stage did and its metrics against the original."""
 
-    model: nn.Module
+    _model: nn.Module | None  # None: a streamed result, loaded from ``output`` on first use
     tokenizer: Any
     recipe: Recipe
     stages: list[dict[str, Any]]
@@ -42,6 +42,15 @@ class Result:
     calibration: dict[str, Any] | None = None  # manifest of the calibration windows, if used
     output: Path | None = None
     samples: dict[str, list[str]] | None = None  # "prompts", "original", "compressed": greedy continuations
+
+    @property
+    def model(self) -> nn.Module:
+        """The compressed model (a streamed run's result is loaded from its directory when asked for)."""
+        if self._model is None:
+            if self.output is None:
+                raise RuntimeError("this result has no model in memory and no saved directory")
+            self._model = load_model(self.output).model
+        return self._model
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -113,6 +122,65 @@ def run_stages(model: nn.Module, recipe: Recipe, ctx: Context) -> list[dict[str,
     return reports
 
 
+def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | None) -> str | None:
+    """Why this run cannot stream (`lmpress.streamed_run`), or None when it can."""
+    from lmpress.models.adapters import ARCHS
+    from lmpress.models.loading import META_FILE, read_config, resolve_path
+
+    if output is None:
+        return "the result stays in memory (no output directory)"
+    if isinstance(model, LoadedModel):
+        return "the model is already loaded"
+    if str(model).lower().endswith(".gguf"):
+        return "a GGUF file runs in llama.cpp"
+    path = resolve_path(model)
+    if (path / META_FILE).is_file():
+        return "the model is an lmpress directory (its compressed layers load whole)"
+    if not any(path.glob("*.safetensors")):
+        return "its weights are not safetensors"
+    if read_config(path).get("model_type") not in ARCHS:
+        return "lmpress does not know its block layout"
+    registry = methods()
+    for i, stage in enumerate(recipe.stages, 1):
+        if stage.method not in registry or not registry[stage.method].streams:
+            return f"stage {i} ({stage.method}) needs the whole model"
+    return None
+
+
+def check_memory(
+    model: str | Path | LoadedModel,
+    recipe: Recipe,
+    data: DataOptions,
+    streaming: bool,
+    max_memory: int | None,
+    why: str | None,
+    run_eval: bool,
+) -> int:
+    """Stop before any work if the run's estimated peak is over the budget; returns the budget."""
+    from lmpress.io import weight_bytes
+    from lmpress.memory import available_memory, check_budget, estimate
+    from lmpress.models.loading import read_config, resolve_path
+
+    budget = max_memory if max_memory is not None else available_memory()
+    if isinstance(model, LoadedModel) or str(model).lower().endswith(".gguf"):
+        return budget
+    path = resolve_path(model)
+    registry = methods()
+    names = [s.method for s in recipe.stages]
+    e = estimate(
+        read_config(path),
+        weight_bytes(path),
+        names,
+        streaming=streaming,
+        seq_len=data.seq_len,
+        calib_windows=data.calib_windows,
+        eval_windows=(data.eval_windows or 64) if run_eval else 0,
+        training=any(registry[n].needs_teacher for n in names if n in registry),
+    )
+    check_budget(e, budget, max_memory is not None, why)
+    return budget
+
+
 def compress(
     model: str | Path | LoadedModel,
     recipe: str | Path | Recipe | dict[str, Any],
@@ -129,6 +197,8 @@ def compress(
     trust_remote_code: bool = False,
     samples: int = 0,
     work_dir: Path | None = None,
+    max_memory: int | None = None,
+    stream: bool | None = None,
 ) -> Result:
     """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given.
 
@@ -136,11 +206,47 @@ def compress(
     that need data, its evaluation split measures both models on the same tokens. ``samples``:
     greedy continuations of that many evaluation-text openings, by the original and the result.
     ``work_dir``: where training stages keep checkpoints and curves (default: beside ``output``).
+    ``max_memory``: the budget in bytes (default: what the machine has available); a run whose
+    estimated peak is over it stops before any work. ``stream``: post-training recipes with an
+    ``output`` stream the model block by block from disk (`lmpress.streamed_run`) unless False.
     """
+    from lmpress.errors import LmpressError
+    from lmpress.models.loading import resolve_device, resolve_path
+
     recipe = load_recipe(recipe)
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     if output is not None:
         check_output_dir(output, overwrite)
+    why = why_whole(model, recipe, output) if stream is not False else "streaming was turned off"
+    if stream and why is not None:
+        raise LmpressError(f"cannot stream this run: {why}")
+    if allow_pickle or trust_remote_code:
+        why = why or "pickle or remote-code models load whole"
+    budget = check_memory(model, recipe, data, why is None, max_memory, why, run_eval)
+    if why is None:
+        from lmpress.models.loading import check_weights
+        from lmpress.streamed_run import compress_streamed
+
+        assert output is not None and not isinstance(model, LoadedModel)
+        path = resolve_path(model)
+        check_weights(path, allow_pickle=False)
+        return compress_streamed(
+            path,
+            str(model),
+            recipe,
+            data,
+            output=output,
+            overwrite=overwrite,
+            device=resolve_device(device),
+            dtype=dtype,
+            run_eval=run_eval,
+            measure_speed=measure_speed,
+            progress=progress,
+            samples=samples,
+            budget=budget,
+            work_dir=work_dir or work_dir_for(output),
+        )
+    log.info("not streaming: %s", why)
     loaded = (
         model
         if isinstance(model, LoadedModel)

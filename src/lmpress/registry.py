@@ -88,6 +88,7 @@ class Method:
     apply: ApplyFn
     summary: str
     needs_teacher: bool = False  # the stage trains against the original model
+    streams: bool = False  # works on a streamed model, one block in memory (`lmpress.streaming`)
 
 
 @cache

@@ -164,4 +164,6 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
     return {**report, "alphas": alphas}
 
 
-METHOD = Method("awq", AWQConfig, apply, "AWQ: activation-aware scaling and clipping, folded into the model")
+METHOD = Method(
+    "awq", AWQConfig, apply, "AWQ: activation-aware scaling and clipping, folded into the model", streams=True
+)

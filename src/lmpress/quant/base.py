@@ -9,7 +9,7 @@ result is finite.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal, TypeVar
 
 import torch
@@ -228,7 +228,58 @@ def quantize_layers(
     return counts
 
 
+def _add(total: dict[str, int], counts: dict[str, int]) -> None:
+    for k, v in counts.items():
+        total[k] = total.get(k, 0) + v
+
+
+def units_of(model: nn.Module, names: Iterable[str]) -> list[str]:
+    """The streaming units (`lmpress.streaming.outside_units`) that hold the modules ``names``."""
+    from lmpress.streaming import outside_units
+
+    units = outside_units(model)
+    return [u for u in units if any(n == u or n.startswith(u + ".") for n in names)]
+
+
+def quantize_each_block(
+    model: nn.Module,
+    layers: dict[str, nn.Module],
+    config: WeightQuantConfig,
+    fn: QuantizeFn,
+    float_zeros: bool = False,
+) -> dict[str, int]:
+    """`quantize_layers` one decoder block at a time (`lmpress.streaming.each_block`: a streamed
+    model holds one block in memory), then the targeted layers outside the blocks."""
+    from lmpress.models.adapters import Adapter
+    from lmpress.streaming import each_block, resident
+
+    adapter = Adapter(model)
+    counts: dict[str, int] = {}
+    in_blocks: set[str] = set()
+    for i, _ in each_block(model):
+        mine = {n: m for n, m in adapter.block_linears(i).items() if n in layers}
+        in_blocks.update(adapter.block_linears(i))
+        _add(counts, quantize_layers(model, mine, config, fn, float_zeros))
+    rest = {n: m for n, m in layers.items() if n not in in_blocks}
+    if rest:
+        with resident(model, units_of(model, rest), changed=True):
+            _add(counts, quantize_layers(model, rest, config, fn, float_zeros))
+    return counts
+
+
 def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str, int]:
+    """`_quantize_embeddings` with the embeddings and the head in memory (a streamed model)."""
+    from lmpress.models.adapters import Adapter
+    from lmpress.streaming import resident
+
+    if config.embedding_bits is None and config.embedding_grid is None:
+        return {}
+    adapter = Adapter(model)
+    with resident(model, [*adapter.embeddings(), adapter.head()[0]], changed=True):
+        return _quantize_embeddings(model, config)
+
+
+def _quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str, int]:
     """Quantize the token embedding table (round to nearest, MSE-clipped) when ``embedding_bits`` is set.
 
     A head tied to the embeddings gets its own `QuantLinear` with the same codes, and the config is
@@ -299,6 +350,7 @@ def quantize_calibrated(
     from lmpress.calib import blockwise, collect
     from lmpress.models.adapters import Adapter
     from lmpress.quant.grid import quantize
+    from lmpress.streaming import resident
 
     t0 = time.perf_counter()
     config = with_mix(model, config)
@@ -333,7 +385,8 @@ def quantize_calibrated(
         from lmpress.calib import outside_stats
 
         stats = outside_stats(model, calib.windows, outside, make_stats, batch_size)
-        count(quantize_layers(model, outside, config, per_block(-1, outside, stats)))
+        with resident(model, units_of(model, outside), changed=True):
+            count(quantize_layers(model, outside, config, per_block(-1, outside, stats)))
         handled.update(outside)
     rest = {n: m for n, m in targets.items() if n not in handled}
     if rest:  # no block inputs (lm_head) or no calibration tokens (uncalibrated: rtn): round to nearest
@@ -343,6 +396,6 @@ def quantize_calibrated(
                 return ggml.quantize(linear_weight(module).detach(), s.grid)
             return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric)
 
-        count(quantize_layers(model, rest, config, rtn))
+        count(quantize_each_block(model, rest, config, rtn))
     count(quantize_embeddings(model, config))
     return {"layers": done, "calib_tokens": calib.windows.numel(), "quantize_seconds": time.perf_counter() - t0}

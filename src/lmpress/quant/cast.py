@@ -43,4 +43,4 @@ def apply(model: nn.Module, config: CastConfig, ctx: Context) -> StageReport:
     }
 
 
-METHOD = Method("cast", CastConfig, apply, "store the whole model in float16, bfloat16 or float32")
+METHOD = Method("cast", CastConfig, apply, "store the whole model in float16, bfloat16 or float32", streams=True)

@@ -156,4 +156,6 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
     )
 
 
-METHOD = Method("gptq", GPTQConfig, apply, "GPTQ: Hessian-aware weight quantization with error compensation")
+METHOD = Method(
+    "gptq", GPTQConfig, apply, "GPTQ: Hessian-aware weight quantization with error compensation", streams=True
+)

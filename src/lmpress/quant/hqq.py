@@ -28,8 +28,8 @@ from lmpress.quant import ggml
 from lmpress.quant.base import (
     LayerSettings,
     WeightQuantConfig,
+    quantize_each_block,
     quantize_embeddings,
-    quantize_layers,
     targeted_layers,
     with_mix,
 )
@@ -124,9 +124,11 @@ def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
             linear_weight(module), s.bits, s.group_size, config.iters, config.p, config.beta, config.kappa
         )
 
-    counts = quantize_layers(model, layers, config, fn, float_zeros=True)
+    counts = quantize_each_block(model, layers, config, fn, float_zeros=True)
     counts.update(quantize_embeddings(model, config))
     return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
 
 
-METHOD = Method("hqq", HQQConfig, apply, "half-quadratic quantization: better zero points, no calibration data")
+METHOD = Method(
+    "hqq", HQQConfig, apply, "half-quadratic quantization: better zero points, no calibration data", streams=True
+)

@@ -17,8 +17,8 @@ from lmpress.quant import ggml
 from lmpress.quant.base import (
     LayerSettings,
     WeightQuantConfig,
+    quantize_each_block,
     quantize_embeddings,
-    quantize_layers,
     targeted_layers,
     with_mix,
 )
@@ -43,9 +43,11 @@ def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
             return ggml.quantize(linear_weight(module).detach(), s.grid)
         return quantize(linear_weight(module).detach(), s.bits, s.group_size, s.symmetric, config.mse_clip)
 
-    counts = quantize_layers(model, layers, config, fn)
+    counts = quantize_each_block(model, layers, config, fn)
     counts.update(quantize_embeddings(model, config))
     return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
 
 
-METHOD = Method("rtn", RTNConfig, apply, "round-to-nearest weight quantization (2-8 bits, per channel or group)")
+METHOD = Method(
+    "rtn", RTNConfig, apply, "round-to-nearest weight quantization (2-8 bits, per channel or group)", streams=True
+)

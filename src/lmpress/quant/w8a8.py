@@ -20,10 +20,11 @@ from torch import nn
 from lmpress.calib import SquareNorm, blockwise, collect
 from lmpress.models.adapters import Adapter, linear_weight
 from lmpress.quant.awq import fold_scales
-from lmpress.quant.base import QuantError, replace_module, targeted_layers, to_quant_linear
+from lmpress.quant.base import QuantError, replace_module, targeted_layers, to_quant_linear, units_of
 from lmpress.quant.grid import quantize
 from lmpress.registry import Context, Method, MethodConfig, StageReport
 from lmpress.select import Patterns
+from lmpress.streaming import each_block, resident
 
 
 class W8A8Config(MethodConfig):
@@ -64,13 +65,28 @@ def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
                 w_max = torch.stack([linear_weight(m).detach().abs().amax(0).float() for m in group.values()]).amax(0)
                 fold_scales(prev, group, smooth_scales(st.abs_max, w_max, config.smooth_alpha))
                 smoothed.append(prev_name)
-    for name, module in targets.items():
-        w = linear_weight(module).detach()
-        if not torch.isfinite(w).all():
-            raise QuantError(f"layer {name}: weight has non-finite values after smoothing; lower smooth_alpha")
-        q = quantize(w, 8, None, symmetric=True)
-        replace_module(model, name, to_quant_linear(name, module, q, True, "float16", act_bits=8))
+
+    def store(names: list[str]) -> None:
+        for name in names:
+            module = targets[name]
+            w = linear_weight(module).detach()
+            if not torch.isfinite(w).all():
+                raise QuantError(f"layer {name}: weight has non-finite values after smoothing; lower smooth_alpha")
+            q = quantize(w, 8, None, symmetric=True)
+            replace_module(model, name, to_quant_linear(name, module, q, True, "float16", act_bits=8))
+
+    adapter = Adapter(model)
+    in_blocks: set[str] = set()
+    for i, _ in each_block(model):  # a streamed model: one block in memory at a time
+        in_blocks.update(adapter.block_linears(i))
+        store([n for n in adapter.block_linears(i) if n in targets])
+    rest = [n for n in targets if n not in in_blocks]
+    if rest:
+        with resident(model, units_of(model, rest), changed=True):
+            store(rest)
     return {"layers": {"w8a8": len(targets)}, "smoothed": smoothed, "quantize_seconds": time.perf_counter() - t0}
 
 
-METHOD = Method("w8a8", W8A8Config, apply, "int8 weights x dynamic int8 activations (SmoothQuant), int8 matmul")
+METHOD = Method(
+    "w8a8", W8A8Config, apply, "int8 weights x dynamic int8 activations (SmoothQuant), int8 matmul", streams=True
+)

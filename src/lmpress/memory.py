@@ -1,0 +1,167 @@
+"""A memory budget you can state: the peak of a run, estimated before any work, against ``--max-memory``.
+
+The estimate adds what a run holds at its fullest moment, from the model's config and the data
+options alone (nothing is loaded): the process itself (Python, torch, transformers), the model's
+tensors that are in memory at once (one block and the embeddings when streaming; the model and its
+original copy otherwise; for training stages also the teacher, gradients and optimizer state), the
+calibration activations of one block, the largest per-layer solve (GPTQ's Hessian and its inverse),
+and the evaluation's logits. It errs high by design: a run that fits the estimate fits the machine.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from lmpress.errors import LmpressError
+
+PROCESS_BYTES = 400 * 2**20  # python + torch + transformers + lmpress, measured: ~260 MB resident
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+_UNITS.update({"kib": 2**10, "mib": 2**20, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40})
+
+
+class MemoryBudgetError(LmpressError):
+    """A run whose estimated peak memory is over the budget."""
+
+
+def parse_size(text: str) -> int:
+    """'4GB', '3.5GiB', '512MB', '2000000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    unit = m.group(2).lower() if m else ""
+    if m is None or unit not in _UNITS:
+        raise MemoryBudgetError(f"--max-memory {text!r} is not a size; write it like 4GB, 3.5GiB or 512MB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def available_memory() -> int:
+    """What this machine can give a new process now: MemAvailable (Linux), else physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def gb(n: float) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """What the estimate needs from a Hugging Face config."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    q_dim: int  # heads x head_dim
+    kv_dim: int
+    tied: bool
+    gated: bool  # a gated MLP (Llama) has three projections, else two
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> Shapes:
+        h = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
+        layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
+        inter = int(config.get("intermediate_size") or config.get("n_inner") or config.get("ffn_dim") or 4 * h)
+        heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+        head_dim = int(config.get("head_dim") or h // heads)
+        kv = int(config.get("num_key_value_heads") or heads)
+        gated = config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
+        return cls(
+            h,
+            layers,
+            inter,
+            int(config.get("vocab_size") or 0),
+            heads * head_dim,
+            kv * head_dim,
+            bool(config.get("tie_word_embeddings", config.get("model_type") == "gpt2")),
+            gated,
+        )
+
+    @property
+    def block_params(self) -> int:
+        attn = self.hidden * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden
+        return attn + (3 if self.gated else 2) * self.hidden * self.intermediate
+
+    @property
+    def outside_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + self.outside_params
+
+
+@dataclass
+class Estimate:
+    """The estimated peak of a run and what it is made of (bytes)."""
+
+    streaming: bool
+    parts: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def peak(self) -> int:
+        return sum(self.parts.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"streaming": self.streaming, "peak_bytes": self.peak, "parts": self.parts}
+
+
+def estimate(
+    config: dict[str, Any],
+    weight_bytes: int,
+    methods: list[str],
+    *,
+    streaming: bool,
+    seq_len: int,
+    calib_windows: int,
+    eval_windows: int,
+    batch_size: int = 8,
+    training: bool = False,
+) -> Estimate:
+    """The peak of compressing a model with ``config`` whose weights take ``weight_bytes``."""
+    s = Shapes.of(config)
+    per_param = weight_bytes / max(s.params, 1)  # bytes per weight as stored (2 for bf16)
+    act = 4  # activations and solves in float32
+    block = int(s.block_params * per_param)
+    calib_hidden = 2 * calib_windows * seq_len * s.hidden * act  # one block's inputs and outputs
+    widest = max(s.hidden, s.intermediate, s.q_dim)
+    calibrated = any(m in ("gptq", "sparsegpt", "lowrank", "share", "cluster", "structured") for m in methods)
+    stats = (2 * s.hidden**2 + s.q_dim**2 + s.intermediate**2) * act if calibrated else 0
+    solve = (3 * widest**2 + 4 * s.hidden * widest) * act if calibrated else 4 * s.hidden * widest * act
+    logits = 4 * batch_size * seq_len * s.vocab * act  # both models' logits and log-probabilities
+    e = Estimate(streaming)
+    e.parts["process"] = PROCESS_BYTES
+    if streaming:
+        outside = int(s.vocab * s.hidden * per_param) * (1 if s.tied else 2)
+        e.parts["weights in memory"] = max(outside, 2 * block)  # embeddings and head, or two blocks
+        e.parts["calibration"] = max(calib_hidden + stats + solve, 2 * eval_windows * seq_len * s.hidden * act + logits)
+        return e
+    e.parts["model and original copy"] = 2 * weight_bytes
+    if training:  # the student's gradients and Adam's two moments in float32, the teacher's logits
+        e.parts["training state"] = 3 * s.params * act
+    e.parts["calibration"] = max(calib_hidden + stats + solve, logits)
+    return e
+
+
+def check_budget(e: Estimate, budget: int, stated: bool, why_whole: str | None = None) -> None:
+    """Stop before any work if the estimate is over ``budget`` (``stated``: given with --max-memory)."""
+    if e.peak <= budget:
+        return
+    source = "--max-memory is" if stated else "available:"
+    if e.streaming:
+        raise MemoryBudgetError(
+            f"streaming needs about {gb(e.peak)} (one block and the calibration activations); {source} "
+            f"{gb(budget)}; raise --max-memory or use fewer --calib-windows / a shorter --seq-len"
+        )
+    raise MemoryBudgetError(
+        f"this run holds the whole model ({why_whole or 'it cannot stream'}): about {gb(e.peak)}; {source} "
+        f"{gb(budget)}; use post-training stages with -o (they stream) or a machine with more memory"
+    )

@@ -1,0 +1,426 @@
+"""Models bigger than memory: the tensors stay on disk, one unit (a block, the embeddings) at a time in memory.
+
+A streamed model is the architecture built on the meta device (no weights allocated; small
+non-persistent buffers such as rotary frequencies are real) plus a `Stream`, which reads a unit's
+tensors from the checkpoint's safetensors files (memory-mapped, shard by shard) when the calibration
+driver or a stage reaches it and, when the work on it is done, writes what the unit now holds
+(compressed layers included) to a spill file of its own and puts the unit back on the meta device.
+A later stage reads the unit from its spill; saving publishes the spills as the output's shards.
+Post-training stages (those whose method says ``streams``) work unchanged on a streamed model as long
+as they touch a block's tensors only inside `lmpress.calib.blockwise` or `each_block`, and tensors
+outside the blocks only inside `resident`; both are plain loops on a model held whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from lmpress.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Build modules with their parameters on the meta device (buffers stay real: rotary
+    frequencies and masks are computed in ``__init__`` and never saved). A parameter is allocated
+    uninitialized and dropped at once, so no memory is touched."""
+    register = nn.Module.register_parameter
+
+    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(self, name, param)
+        if param is not None:
+            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+class Checkpoint:
+    """The tensors of a model directory's safetensors files, by key, read on demand (memory-mapped).
+
+    Every shard the index names must exist and be complete (its header matches its size) before
+    anything is read, so a missing or truncated shard fails up front, not halfway.
+    """
+
+    def __init__(self, path: Path) -> None:
+        from lmpress.models.loading import check_safetensors
+
+        self.path = path
+        index = path / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+                raise ModelLoadError(f"{index} is not a valid safetensors index; re-save the model") from None
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise ModelLoadError(f"{path}: shard {shard} named in {INDEX_FILE} is missing; restore it")
+            files = sorted({path / s for s in weight_map.values()})
+        else:
+            files = sorted(path.glob("*.safetensors"))
+        if not files:
+            raise ModelLoadError(f"{path} has no weights (*.safetensors); give a complete model directory")
+        from safetensors import safe_open
+
+        self.where: dict[str, Path] = {}
+        for f in files:
+            check_safetensors(f)
+            with safe_open(f, "pt") as h:
+                for k in h.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    self.where[k] = f
+        self._open: dict[Path, Any] = {}
+
+    def keys(self) -> Iterable[str]:
+        return self.where.keys()
+
+    def tensor(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        f = self.where[key]
+        if f not in self._open:
+            self._open[f] = safe_open(f, "pt")
+        return self._open[f].get_tensor(key)  # type: ignore[no-any-return]
+
+
+@dataclass
+class _Slot:
+    """One place a tensor lives: ``module._parameters[name]`` or ``module._buffers[name]``."""
+
+    module: nn.Module
+    name: str
+    param: bool
+
+    def get(self) -> Tensor | None:
+        return (self.module._parameters if self.param else self.module._buffers)[self.name]
+
+
+def _assign(slots: list[_Slot], t: Tensor) -> None:
+    """Put ``t`` in every slot; parameter slots share one `nn.Parameter`, so ties survive."""
+    param = None
+    for s in slots:
+        if s.param:
+            if param is None:
+                old = s.get()
+                param = nn.Parameter(t, requires_grad=bool(old is not None and old.requires_grad))
+            s.module._parameters[s.name] = param
+        else:
+            s.module._buffers[s.name] = t
+
+
+def _slots(module: nn.Module, prefix: str) -> dict[str, _Slot]:
+    """Full key -> slot of every saved tensor under ``module`` (tied copies under every name)."""
+    out = {}
+    for mname, m in module.named_modules(remove_duplicate=False):
+        base = f"{prefix}.{mname}" if mname else prefix
+        for n, p in m._parameters.items():
+            if p is not None:
+                out[f"{base}.{n}".lstrip(".")] = _Slot(m, n, True)
+        for n, b in m._buffers.items():
+            if b is not None and n not in m._non_persistent_buffers_set:
+                out[f"{base}.{n}".lstrip(".")] = _Slot(m, n, False)
+    return out
+
+
+@dataclass
+class Stream:
+    """Which units of a meta-device model are in memory, and where each unit's tensors are read from.
+
+    A unit is a module name: a decoder block, an embedding, the final norm, the head. ``spills``
+    holds the units a stage changed; every other tensor comes from the source checkpoint.
+    """
+
+    model: nn.Module
+    source: Checkpoint
+    spill_dir: Path
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    spills: dict[str, Path] = field(default_factory=dict)
+    described: dict[str, dict[str, Any]] = field(default_factory=dict)  # compressed layers' lmpress_format
+    resident: dict[str, int] = field(default_factory=dict)  # unit -> how many users hold it
+    renames: dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key, where they differ
+
+    def _source_key(self, key: str) -> str:
+        return self.renames.get(key, key)
+
+    def _read(self, unit: str, slots: dict[str, _Slot]) -> dict[str, Tensor]:
+        """The tensors of ``slots`` (full key -> slot) from the unit's spill or the checkpoint, floating
+        point ones in the dtype the model holds them in (a `cast` stage changes it on the meta model)."""
+        from safetensors import safe_open
+
+        out: dict[str, Tensor] = {}
+        if unit in self.spills:
+            with safe_open(self.spills[unit], "pt") as h:
+                have = set(h.keys())
+                for k in slots:
+                    if k in have:
+                        out[k] = h.get_tensor(k)
+        for k in slots:
+            if k not in out:
+                src = self._source_key(k)
+                if src not in self.source.where:
+                    raise ModelLoadError(
+                        f"{self.source.path}: tensor {src} is missing from the weights; restore the model's files"
+                    )
+                out[k] = self.source.tensor(src)
+        for k, s in slots.items():
+            want = s.get()
+            if want is not None and want.is_floating_point() and out[k].is_floating_point():
+                out[k] = out[k].to(want.dtype)
+        return out
+
+    def load(self, unit: str) -> nn.Module:
+        """Bring ``unit``'s tensors into memory (tied tensors are set under every name)."""
+        module = self.model.get_submodule(unit)
+        self.resident[unit] = self.resident.get(unit, 0) + 1
+        if self.resident[unit] > 1:
+            return module
+        slots = _slots(module, unit)
+        todo = {k: s for k, s in slots.items() if (t := s.get()) is not None and t.is_meta}
+        if not todo:
+            return module
+        tied = self._holders()
+        values = self._read(unit, todo)
+        for k, s in todo.items():
+            old = s.get()
+            assert old is not None
+            _assign(tied.get(id(old), [s]), values[k].to(self.device))
+        return module
+
+    def _holders(self) -> dict[int, list[_Slot]]:
+        held: dict[int, list[_Slot]] = {}
+        for s in _slots(self.model, "").values():
+            t = s.get()
+            if t is not None:
+                held.setdefault(id(t), []).append(s)
+        return held
+
+    def release(self, unit: str, changed: bool) -> None:
+        """Done with ``unit``: if a stage ``changed`` it, write what it holds now to its spill;
+        then put it back on the meta device (tensors another resident unit shares stay)."""
+        self.resident[unit] -= 1
+        if self.resident[unit] > 0:
+            return
+        del self.resident[unit]
+        module = self.model.get_submodule(unit)
+        if changed:
+            self._spill(unit, module)
+        keep = {id(s.get()) for u in self.resident for s in _slots(self.model.get_submodule(u), u).values()}
+        tied = self._holders()
+        for s in _slots(module, unit).values():
+            t = s.get()
+            if t is None or t.is_meta or id(t) in keep:
+                continue
+            _assign(tied.get(id(t), [s]), torch.empty_like(t, device="meta"))
+        for m in module.modules():  # a compressed layer's prepared kernel layout goes too
+            if getattr(m, "_kernel", None) is not None:
+                m._kernel = None  # type: ignore[assignment]
+
+    def _spill(self, unit: str, module: nn.Module) -> None:
+        from safetensors.torch import save_file
+
+        state = {k: s.get() for k, s in _slots(module, unit).items()}
+        seen: dict[int, str] = {}
+        tensors: dict[str, Tensor] = {}
+        for k, t in state.items():
+            assert t is not None
+            if id(t) in seen:  # tied inside the unit: stored once
+                continue
+            seen[id(t)] = k
+            tensors[k] = t.detach().to("cpu").contiguous()
+        for name, m in module.named_modules():
+            describe = getattr(m, "lmpress_format", None)
+            if callable(describe):
+                self.described[f"{unit}.{name}".rstrip(".")] = describe()
+        path = self.spill_dir / f"{unit}.safetensors"
+        save_file(tensors, str(path))
+        self.spills[unit] = path
+
+    def units(self) -> list[str]:
+        """Every unit in file order: the embeddings, the blocks, then the rest (final norm, head)."""
+        from lmpress.models.adapters import Adapter
+
+        adapter = Adapter(self.model)
+        blocks = [adapter.block_name(i) for i in range(adapter.num_blocks)]
+        head, _ = adapter.head()
+        return [*adapter.embeddings(), *blocks, adapter.final_norm()[0], head]
+
+
+def stream_of(model: nn.Module) -> Stream | None:
+    """The `Stream` of a streamed model; None for a model held whole."""
+    return getattr(model, "_lmpress_stream", None)
+
+
+@contextmanager
+def resident(model: nn.Module, units: Iterable[str], changed: bool = False) -> Iterator[None]:
+    """Hold ``units`` (module names) in memory for the body; a no-op for a model held whole."""
+    stream = stream_of(model)
+    if stream is None:
+        yield
+        return
+    units = list(dict.fromkeys(units))
+    held: list[str] = []
+    try:
+        for u in units:
+            stream.load(u)
+            held.append(u)
+        yield
+    except BaseException:
+        for u in reversed(held):
+            stream.release(u, changed=False)
+        raise
+    for u in reversed(held):
+        stream.release(u, changed=changed)
+
+
+def outside_units(model: nn.Module) -> list[str]:
+    """The units outside the decoder blocks: embeddings, final norm, head."""
+    from lmpress.models.adapters import Adapter
+
+    adapter = Adapter(model)
+    return [*adapter.embeddings(), adapter.final_norm()[0], adapter.head()[0]]
+
+
+def each_block(model: nn.Module, progress: bool = False, label: str = "blocks") -> Iterator[tuple[int, nn.Module]]:
+    """Yield (index, block) with the block in memory; a streamed block is saved when the caller
+    moves on (the caller may change it)."""
+    from lmpress.models.adapters import Adapter
+    from lmpress.progress import track
+
+    adapter = Adapter(model)
+    for i in track(range(adapter.num_blocks), label, enabled=progress):
+        with resident(model, [adapter.block_name(i)], changed=True):
+            yield i, adapter.blocks()[i]
+
+
+def open_streamed(
+    path: Path, dtype: torch.dtype | str = "auto", device: torch.device | None = None, work: Path | None = None
+) -> nn.Module:
+    """The model in ``path`` on the meta device with a `Stream` over its safetensors files.
+
+    ``work``: where the spills go (a temporary directory by default; removed by `close`).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = Checkpoint(path)
+    config = AutoConfig.from_pretrained(path)
+    if dtype == "auto":
+        dtype = getattr(config, "dtype", None) or torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
+    with no_init_weights(), parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    spill = Path(tempfile.mkdtemp(prefix="lmpress-stream-", dir=work))
+    stream = Stream(model, source, spill, device or torch.device("cpu"))
+    stream.renames = _renames(model, set(source.keys()))
+    object.__setattr__(model, "_lmpress_stream", stream)
+    missing = [k for k in _slots(model, "") if stream._source_key(k) not in source.where and not _is_tied(model, k)]
+    if missing:
+        close(model)
+        raise ModelLoadError(f"{path}: tensor {missing[0]} is missing from the weights; restore the model's files")
+    return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    from lmpress.io import _tied_keys
+
+    return key in _tied_keys(model)
+
+
+def _renames(model: nn.Module, ckpt: set[str]) -> dict[str, str]:
+    """Model key -> checkpoint key where a checkpoint names tensors differently (a checkpoint saved
+    without the base model's prefix, or renamed the way ``save_pretrained`` renames)."""
+    own = _slots(model, "")
+    prefix = getattr(model, "base_model_prefix", "")
+    out = {}
+    for k in own:
+        if k in ckpt:
+            continue
+        if prefix and k.startswith(prefix + ".") and k[len(prefix) + 1 :] in ckpt:
+            out[k] = k[len(prefix) + 1 :]
+    return out
+
+
+def close(model: nn.Module) -> None:
+    """Remove a streamed model's spills."""
+    stream = stream_of(model)
+    if stream is not None:
+        shutil.rmtree(stream.spill_dir, ignore_errors=True)
+        stream.spills.clear()
+
+
+def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2**30) -> dict[str, dict[str, Any]]:
+    """Write a streamed model's tensors into ``out_dir`` as shards, unit by unit (one shard's tensors
+    in memory at most); returns the per-module formats for ``lmpress.json``.
+
+    One shard is ``model.safetensors``; more are ``model-0000k-of-0000n.safetensors`` with the index
+    transformers reads. A tensor tied to another (the head to the embeddings) is written once.
+    """
+    from safetensors.torch import save_file
+
+    from lmpress.io import _tied_keys, module_formats
+
+    stream = stream_of(model)
+    assert stream is not None
+    tied = set(_tied_keys(model))
+    shards: list[dict[str, Tensor]] = [{}]
+    written: list[tuple[Path, list[str]]] = []
+    size = 0
+    total = 0
+
+    def flush() -> None:
+        nonlocal size
+        if shards[-1]:
+            f = out_dir / f".shard-{len(written):05d}.safetensors"
+            save_file(shards[-1], str(f), metadata={"format": "pt"})
+            written.append((f, list(shards[-1])))
+        shards[-1] = {}
+        size = 0
+
+    done: set[str] = set()
+    for unit in stream.units():
+        slots = {k: s for k, s in _slots(model.get_submodule(unit), unit).items() if k not in tied and k not in done}
+        if not slots:
+            continue
+        values = stream._read(unit, slots)
+        for k in slots:
+            t = values[k].contiguous()
+            if size and size + t.nbytes > max_shard_bytes:
+                flush()
+            shards[-1][k] = t
+            size += t.nbytes
+            total += t.nbytes
+            done.add(k)
+        del values
+    flush()
+    n = len(written)
+    weight_map = {}
+    for j, (f, keys) in enumerate(written, 1):
+        name = "model.safetensors" if n == 1 else f"model-{j:05d}-of-{n:05d}.safetensors"
+        os.replace(f, out_dir / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    if n > 1:
+        (out_dir / INDEX_FILE).write_text(
+            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
+        )
+    return module_formats(model, stream.described)
