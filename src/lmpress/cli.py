@@ -277,15 +277,29 @@ def compress(
     export_to: Annotated[
         str | None, typer.Option("--export", help="also write the result for a runtime: gguf (OUT.gguf beside -o)")
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", help="memory budget, e.g. 4GB; refused up front if the run would not fit"),
+    ] = None,
+    stream: Annotated[
+        bool,
+        typer.Option("--stream/--no-stream", help="post-training recipes read and write one block at a time"),
+    ] = True,
 ) -> None:
-    """Compress a model with a recipe, measure it against the original, and save it."""
+    """Compress a model with a recipe, measure it against the original, and save it.
+
+    Post-training recipes (quantization without training) stream when -o is given: the model is
+    read from its safetensors files one block at a time, so memory follows one block, not the model."""
     from lmpress.recipe import load_recipe
 
     _setup(threads, quiet or as_json)
     export_path = _export_path(export_to, output, overwrite)
     tracking = _track_options(track, runs_dir, tracking_uri)
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
+    from lmpress.memory import parse_size
     from lmpress.track import tracked_compress
+
+    budget = parse_size(max_memory) if max_memory is not None else None
 
     result, run_dir = tracked_compress(
         tracking,
@@ -304,6 +318,8 @@ def compress(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         samples=samples if run_eval else 0,
+        max_memory=budget,
+        stream=None if stream else False,
     )
     exported = None
     if export_path is not None and result.output is not None:

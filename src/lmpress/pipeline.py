@@ -213,10 +213,13 @@ def compress(
     from lmpress.errors import LmpressError
     from lmpress.models.loading import resolve_device, resolve_path
 
+    from lmpress.distill.train import world
+
     recipe = load_recipe(recipe)
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     if output is not None:
         check_output_dir(output, overwrite)
+    world()  # under torchrun: join the process group; calibration statistics are then combined
     why = why_whole(model, recipe, output) if stream is not False else "streaming was turned off"
     if stream and why is not None:
         raise LmpressError(f"cannot stream this run: {why}")

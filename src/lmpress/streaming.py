@@ -43,7 +43,7 @@ def parameters_on_meta() -> Iterator[None]:
 
     def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(self, name, param)
-        if param is not None:
+        if param is not None and not param.is_meta:  # a meta one is already shared (tied): keep it
             self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
     nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
@@ -156,7 +156,10 @@ class Stream:
     resident: dict[str, int] = field(default_factory=dict)  # unit -> how many users hold it
     renames: dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key, where they differ
 
+    aliases: dict[str, str] = field(default_factory=dict)  # tied key -> the key its tensor is saved under
+
     def _source_key(self, key: str) -> str:
+        key = self.aliases.get(key, key)
         return self.renames.get(key, key)
 
     def _read(self, unit: str, slots: dict[str, _Slot]) -> dict[str, Tensor]:
@@ -329,22 +332,23 @@ def open_streamed(
         from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     with no_init_weights(), parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # skipped at construction while both sides are on meta
     model.eval()
     spill = Path(tempfile.mkdtemp(prefix="lmpress-stream-", dir=work))
     stream = Stream(model, source, spill, device or torch.device("cpu"))
     stream.renames = _renames(model, set(source.keys()))
+    first: dict[int, str] = {}
+    for k, slot in _slots(model, "").items():  # state-dict order: the embeddings before a tied head
+        t = slot.get()
+        if id(t) in first:
+            stream.aliases[k] = first[id(t)]
+        first.setdefault(id(t), k)
     object.__setattr__(model, "_lmpress_stream", stream)
-    missing = [k for k in _slots(model, "") if stream._source_key(k) not in source.where and not _is_tied(model, k)]
+    missing = [k for k in _slots(model, "") if stream._source_key(k) not in source.where]
     if missing:
         close(model)
         raise ModelLoadError(f"{path}: tensor {missing[0]} is missing from the weights; restore the model's files")
     return model
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    from lmpress.io import _tied_keys
-
-    return key in _tied_keys(model)
 
 
 def _renames(model: nn.Module, ckpt: set[str]) -> dict[str, str]:

@@ -68,6 +68,23 @@ class Activations:
     def matrix(self) -> Tensor:
         return torch.cat(self.x)  # (n, in)
 
+    def reduce(self, dist: Any) -> None:
+        """Combine processes (`lmpress.calib.all_reduce_stats`): the sums add up; the subsample is
+        each process's kept tokens in rank order, cut at ``max_tokens``."""
+        assert self.abs_sum is not None and self.sq_sum is not None
+        for t in (self.abs_sum, self.sq_sum):
+            dist.all_reduce(t)
+        x = self.matrix()  # (n, in)
+        n = torch.tensor([x.shape[0], self.n_tokens], dtype=torch.int64)
+        counts = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, n)
+        longest = max(int(c[0]) for c in counts)
+        padded = torch.nn.functional.pad(x, (0, 0, 0, longest - x.shape[0]))  # (longest, in)
+        parts = [torch.empty_like(padded) for _ in counts]
+        dist.all_gather(parts, padded)
+        self.x = [torch.cat([p[: int(c[0])] for p, c in zip(parts, counts, strict=True)])[: self.max_tokens]]
+        self.n_tokens = sum(int(c[1]) for c in counts)
+
 
 def awq_scales(
     x: Tensor, x_abs_mean: Tensor, weights: list[Tensor], s: LayerSettings, grid: int
