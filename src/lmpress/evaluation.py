@@ -137,15 +137,18 @@ def streamed_quality(
     ends = [[a.final_norm()[0], a.head()[0]] for a in adapters]
     with resident(model, ends[0]), resident(reference if reference is not None else model, ends[-1]):
         for b in range(len(inputs[0].hidden)):
-            target = windows[b * batch_size : (b + 1) * batch_size, 1:]  # (B, T-1)
-            logits = [
-                m.get_submodule(e[1])(m.get_submodule(e[0])(inp.hidden[b]))[:, :-1].float()  # (B, T-1, V)
-                for m, e, inp in zip(models, ends, inputs, strict=True)
-            ]
-            target = target.to(logits[0].device)
-            stats[0].update(logits[0], target, logits[1].to(logits[0].device) if reference is not None else None)
-            if reference is not None:
-                stats[1].update(logits[1], target.to(logits[1].device))
+            for r in range(inputs[0].hidden[b].shape[0]):  # one window at a time: a 128k vocabulary's logits are big
+                w = b * batch_size + r
+                target = windows[w : w + 1, 1:]  # (1, T-1)
+                logits = [
+                    m.get_submodule(e[1])(m.get_submodule(e[0])(inp.hidden[b][r : r + 1]))[:, :-1].float()
+                    for m, e, inp in zip(models, ends, inputs, strict=True)
+                ]  # [(1, T-1, V)]
+                target = target.to(logits[0].device)
+                ref = logits[1].to(logits[0].device) if reference is not None else None
+                stats[0].update(logits[0], target, ref)
+                if reference is not None:
+                    stats[1].update(logits[1], target.to(logits[1].device))
     return stats[0].metrics(reference is not None), stats[1].metrics(False) if reference is not None else None
 
 

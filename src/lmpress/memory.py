@@ -132,22 +132,30 @@ def estimate(
     act = 4  # activations and solves in float32
     block = int(s.block_params * per_param)
     calib_hidden = 2 * calib_windows * seq_len * s.hidden * act  # one block's inputs and outputs
+    eval_hidden = 4 * eval_windows * seq_len * s.hidden * act  # both models' inputs and outputs
     widest = max(s.hidden, s.intermediate, s.q_dim)
     calibrated = any(m in ("gptq", "sparsegpt", "lowrank", "share", "cluster", "structured") for m in methods)
+    # one block's Hessians (q/k/v share one, gate/up share one), then the widest layer's solve:
+    # a permuted copy of its Hessian and float32 copies of its weight
     stats = (2 * s.hidden**2 + s.q_dim**2 + s.intermediate**2) * act if calibrated else 0
-    solve = (3 * widest**2 + 4 * s.hidden * widest) * act if calibrated else 4 * s.hidden * widest * act
-    logits = 4 * batch_size * seq_len * s.vocab * act  # both models' logits and log-probabilities
+    solve = (widest**2 + 3 * s.hidden * widest) * act if calibrated else 3 * s.hidden * widest * act
+    logits = 5 * seq_len * s.vocab * act  # one window's logits, log-probabilities, both models
+    head = int(s.vocab * s.hidden * per_param)
     e = Estimate(streaming)
     e.parts["process"] = PROCESS_BYTES
     if streaming:
-        outside = int(s.vocab * s.hidden * per_param) * (1 if s.tied else 2)
-        e.parts["weights in memory"] = max(outside, 2 * block)  # embeddings and head, or two blocks
-        e.parts["calibration"] = max(calib_hidden + stats + solve, 2 * eval_windows * seq_len * s.hidden * act + logits)
+        phases = {
+            "calibration: one block, its Hessians and solve": int(1.5 * block) + calib_hidden + stats + solve,
+            "evaluation: both models' block": 2 * block + eval_hidden,
+            "evaluation: both models' heads": 2 * head + logits + eval_hidden // 2,
+        }
+        name = max(phases, key=lambda k: phases[k])
+        e.parts[name] = phases[name]
         return e
     e.parts["model and original copy"] = 2 * weight_bytes
     if training:  # the student's gradients and Adam's two moments in float32, the teacher's logits
         e.parts["training state"] = 3 * s.params * act
-    e.parts["calibration"] = max(calib_hidden + stats + solve, logits)
+    e.parts["working memory"] = max(calib_hidden + stats + solve, batch_size * logits)
     return e
 
 
@@ -158,7 +166,7 @@ def check_budget(e: Estimate, budget: int, stated: bool, why_whole: str | None =
     source = "--max-memory is" if stated else "available:"
     if e.streaming:
         raise MemoryBudgetError(
-            f"streaming needs about {gb(e.peak)} (one block and the calibration activations); {source} "
+            f"streaming needs about {gb(e.peak)} (at its fullest, {next(iter(set(e.parts) - {'process'}))}); {source} "
             f"{gb(budget)}; raise --max-memory or use fewer --calib-windows / a shorter --seq-len"
         )
     raise MemoryBudgetError(

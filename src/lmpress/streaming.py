@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -78,26 +77,58 @@ class Checkpoint:
             files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ModelLoadError(f"{path} has no weights (*.safetensors); give a complete model directory")
-        from safetensors import safe_open
-
         self.where: dict[str, Path] = {}
+        self.headers: dict[Path, dict[str, Any]] = {}
         for f in files:
             check_safetensors(f)
-            with safe_open(f, "pt") as h:
-                for k in h.keys():  # noqa: SIM118 (safe_open is not a mapping)
+            self.headers[f] = read_header(f)
+            for k in self.headers[f]:
+                if k != "__metadata__":
                     self.where[k] = f
-        self._open: dict[Path, Any] = {}
 
     def keys(self) -> Iterable[str]:
         return self.where.keys()
 
     def tensor(self, key: str) -> Tensor:
-        from safetensors import safe_open
-
         f = self.where[key]
-        if f not in self._open:
-            self._open[f] = safe_open(f, "pt")
-        return self._open[f].get_tensor(key)  # type: ignore[no-any-return]
+        return read_tensor(f, self.headers[f], key)
+
+
+DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_header(file: Path) -> dict[str, Any]:
+    """A safetensors file's header, with each entry's absolute byte offsets under ``"start"``/``"end"``."""
+    with file.open("rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header: dict[str, Any] = json.loads(f.read(n))
+    for k, v in header.items():
+        if k != "__metadata__":
+            v["start"], v["end"] = 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]
+    return header
+
+
+def read_tensor(file: Path, header: dict[str, Any], key: str) -> Tensor:
+    """One tensor, read into its own memory (not memory-mapped: mapped pages would count in the
+    process's resident memory long after the tensor is gone)."""
+    entry = header[key]
+    if entry["dtype"] not in DTYPES:
+        raise ModelLoadError(f"{file}: tensor {key} has dtype {entry['dtype']}, which lmpress does not read")
+    buf = torch.empty(entry["end"] - entry["start"], dtype=torch.uint8)
+    with file.open("rb", buffering=0) as f:
+        f.seek(entry["start"])
+        view = memoryview(buf.numpy())
+        got = 0
+        while got < len(view):
+            n = f.readinto(view[got:])
+            if not n:
+                raise ModelLoadError(f"{file} is truncated (tensor {key}); re-save or re-download it")
+            got += n
+    return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 @dataclass
@@ -165,15 +196,13 @@ class Stream:
     def _read(self, unit: str, slots: dict[str, _Slot]) -> dict[str, Tensor]:
         """The tensors of ``slots`` (full key -> slot) from the unit's spill or the checkpoint, floating
         point ones in the dtype the model holds them in (a `cast` stage changes it on the meta model)."""
-        from safetensors import safe_open
-
         out: dict[str, Tensor] = {}
         if unit in self.spills:
-            with safe_open(self.spills[unit], "pt") as h:
-                have = set(h.keys())
-                for k in slots:
-                    if k in have:
-                        out[k] = h.get_tensor(k)
+            spill = self.spills[unit]
+            header = read_header(spill)
+            for k in slots:
+                if k in header:
+                    out[k] = read_tensor(spill, header, k)
         for k in slots:
             if k not in out:
                 src = self._source_key(k)
@@ -234,6 +263,7 @@ class Stream:
         for m in module.modules():  # a compressed layer's prepared kernel layout goes too
             if getattr(m, "_kernel", None) is not None:
                 m._kernel = None  # type: ignore[assignment]
+        _trim()
 
     def _spill(self, unit: str, module: nn.Module) -> None:
         from safetensors.torch import save_file
@@ -322,6 +352,7 @@ def open_streamed(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = Checkpoint(path)
+    tune_malloc()
     config = AutoConfig.from_pretrained(path)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -374,57 +405,110 @@ def close(model: nn.Module) -> None:
 
 
 def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2**30) -> dict[str, dict[str, Any]]:
-    """Write a streamed model's tensors into ``out_dir`` as shards, unit by unit (one shard's tensors
-    in memory at most); returns the per-module formats for ``lmpress.json``.
+    """Write a streamed model's tensors into ``out_dir`` as safetensors shards, one unit's tensors in
+    memory at a time: each shard's header is planned from the units' headers (spill or checkpoint)
+    and the model's dtypes, then the tensors are read and written unit by unit. Returns the
+    per-module formats for ``lmpress.json``.
 
     One shard is ``model.safetensors``; more are ``model-0000k-of-0000n.safetensors`` with the index
     transformers reads. A tensor tied to another (the head to the embeddings) is written once.
     """
-    from safetensors.torch import save_file
-
     from lmpress.io import _tied_keys, module_formats
 
     stream = stream_of(model)
     assert stream is not None
     tied = set(_tied_keys(model))
-    shards: list[dict[str, Tensor]] = [{}]
-    written: list[tuple[Path, list[str]]] = []
-    size = 0
-    total = 0
-
-    def flush() -> None:
-        nonlocal size
-        if shards[-1]:
-            f = out_dir / f".shard-{len(written):05d}.safetensors"
-            save_file(shards[-1], str(f), metadata={"format": "pt"})
-            written.append((f, list(shards[-1])))
-        shards[-1] = {}
-        size = 0
-
+    names = {v: k for k, v in DTYPES.items()}
+    # plan: (unit, key, dtype, shape, nbytes) in file order
+    plan: list[tuple[str, str, torch.dtype, list[int], int]] = []
     done: set[str] = set()
     for unit in stream.units():
-        slots = {k: s for k, s in _slots(model.get_submodule(unit), unit).items() if k not in tied and k not in done}
-        if not slots:
-            continue
-        values = stream._read(unit, slots)
-        for k in slots:
-            t = values[k].contiguous()
-            if size and size + t.nbytes > max_shard_bytes:
-                flush()
-            shards[-1][k] = t
-            size += t.nbytes
-            total += t.nbytes
+        spill = read_header(stream.spills[unit]) if unit in stream.spills else {}
+        for k, slot in _slots(model.get_submodule(unit), unit).items():
+            if k in tied or k in done:
+                continue
             done.add(k)
-        del values
-    flush()
-    n = len(written)
+            if k in spill:
+                dtype, shape = DTYPES[spill[k]["dtype"]], spill[k]["shape"]
+            else:
+                src = stream._source_key(k)
+                entry = stream.source.headers[stream.source.where[src]][src]
+                dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
+                want = slot.get()
+                if want is not None and want.is_floating_point() and dtype.is_floating_point:
+                    dtype = want.dtype
+            n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+            plan.append((unit, k, dtype, list(shape), n))
+    shards: list[list[tuple[str, str, torch.dtype, list[int], int]]] = [[]]
+    size = 0
+    for item in plan:
+        if size and size + item[4] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += item[4]
+    n_shards = len(shards)
     weight_map = {}
-    for j, (f, keys) in enumerate(written, 1):
-        name = "model.safetensors" if n == 1 else f"model-{j:05d}-of-{n:05d}.safetensors"
-        os.replace(f, out_dir / name)
-        weight_map.update(dict.fromkeys(keys, name))
-    if n > 1:
+    for j, shard in enumerate(shards, 1):
+        name = "model.safetensors" if n_shards == 1 else f"model-{j:05d}-of-{n_shards:05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for _, k, dtype, shape, n in shard:
+            header[k] = {"dtype": names[dtype], "shape": shape, "data_offsets": [offset, offset + n]}
+            offset += n
+            weight_map[k] = name
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        with (out_dir / name).open("wb") as f:
+            f.write(len(raw).to_bytes(8, "little"))
+            f.write(raw)
+            for unit in dict.fromkeys(u for u, *_ in shard):
+                mine = [item for item in shard if item[0] == unit]
+                slots = _slots(model.get_submodule(unit), unit)
+                values = stream._read(unit, {k: slots[k] for _, k, *_ in mine})
+                for _, k, dtype, _, n in mine:
+                    t = values.pop(k).to(dtype).contiguous().view(-1).view(torch.uint8)
+                    assert t.numel() == n, k
+                    f.write(memoryview(t.numpy()))
+    if n_shards > 1:
+        total = sum(item[4] for item in plan)
         (out_dir / INDEX_FILE).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
         )
     return module_formats(model, stream.described)
+
+
+def _libc() -> Any:
+    """glibc, where it is the C library (None elsewhere)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (glibc only)
+            _LIBC.mallopt  # noqa: B018
+        except (OSError, AttributeError):
+            _LIBC = False
+    return _LIBC or None
+
+
+def _trim() -> None:
+    """Hand freed heap memory back to the system."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def tune_malloc() -> None:
+    """Tensors of 1 MiB and more get their own pages, returned to the system when freed: glibc
+    otherwise raises that threshold to the largest freed block (up to 32 MiB), serves each next
+    block's tensors from a heap the previous blocks fragmented, and the process grows block after
+    block (measured: 16 blocks, +50% peak). Same speed on the streaming benchmarks."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(-3, 2**20)  # M_MMAP_THRESHOLD
+
+
+_LIBC: Any = None

@@ -248,27 +248,29 @@ def units_of(model: nn.Module, names: Iterable[str]) -> list[str]:
 
 def quantize_each_block(
     model: nn.Module,
-    layers: dict[str, nn.Module],
+    layers: Iterable[str],
     config: WeightQuantConfig,
     fn: QuantizeFn,
     float_zeros: bool = False,
 ) -> dict[str, int]:
-    """`quantize_layers` one decoder block at a time (`lmpress.streaming.each_block`: a streamed
-    model holds one block in memory), then the targeted layers outside the blocks."""
+    """`quantize_layers` on the layers named ``layers``, one decoder block at a time
+    (`lmpress.streaming.each_block`: a streamed model holds one block in memory), then the layers
+    outside the blocks. Names, not modules: each replaced layer's weights are freed as it goes."""
     from lmpress.models.adapters import Adapter
     from lmpress.streaming import each_block, resident
 
     adapter = Adapter(model)
+    layers = set(layers)
     counts: dict[str, int] = {}
     in_blocks: set[str] = set()
     for i, _ in each_block(model):
         mine = {n: m for n, m in adapter.block_linears(i).items() if n in layers}
         in_blocks.update(adapter.block_linears(i))
         _add(counts, quantize_layers(model, mine, config, fn, float_zeros))
-    rest = {n: m for n, m in layers.items() if n not in in_blocks}
+    rest = sorted(layers - in_blocks)
     if rest:
         with resident(model, units_of(model, rest), changed=True):
-            _add(counts, quantize_layers(model, rest, config, fn, float_zeros))
+            _add(counts, quantize_layers(model, {n: model.get_submodule(n) for n in rest}, config, fn, float_zeros))
     return counts
 
 
@@ -359,7 +361,7 @@ def quantize_calibrated(
 
     t0 = time.perf_counter()
     config = with_mix(model, config)
-    targets = targeted_layers(model, config)
+    targets = list(targeted_layers(model, config))  # names: a replaced layer's old weights must not stay alive
     adapter = Adapter(model)
     calib = ctx.calib_data()
     done: dict[str, int] = {}
@@ -385,7 +387,7 @@ def quantize_calibrated(
         count(quantize_layers(model, layers, config, per_block(i, layers, stats)))
         handled.update(layers)
     in_blocks = {n for i in range(adapter.num_blocks) for n in adapter.block_linears(i)}
-    outside = {n: m for n, m in targets.items() if n not in handled and n not in in_blocks}
+    outside = {n: model.get_submodule(n) for n in targets if n not in handled and n not in in_blocks}
     if outside and calibrate_outside:  # the head: calibrated on what the quantized blocks hand it
         from lmpress.calib import outside_stats
 
@@ -393,7 +395,7 @@ def quantize_calibrated(
         with resident(model, units_of(model, outside), changed=True):
             count(quantize_layers(model, outside, config, per_block(-1, outside, stats)))
         handled.update(outside)
-    rest = {n: m for n, m in targets.items() if n not in handled}
+    rest = [n for n in targets if n not in handled]
     if rest:  # no block inputs (lm_head) or no calibration tokens (uncalibrated: rtn): round to nearest
 
         def rtn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:

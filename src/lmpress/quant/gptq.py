@@ -52,19 +52,21 @@ def gptq_quantize(
     block_size: int = 128,
     mse_clip: bool = False,
     grid: tuple[Tensor, Tensor] | None = None,
+    consume: bool = False,
 ) -> Quantized:
     """Quantize (out, in) ``weight`` given its input Hessian ``H`` (in, in).
+
+    ``consume``: ``H`` is not needed afterwards; its memory is freed once the working copy exists,
+    so the solve of a wide layer (an 8B model's MLP down projection: 0.8 GB per copy) holds one
+    Hessian-sized matrix, two for a moment.
 
     ``grid``: a fixed (scale, zero) per group, (out, G) each, to round on instead of one found
     from the weights (a GGUF type's grid, whose stored parts are chosen before the codes).
     Returns codes and grids in the original column order. Pure tensor math; float32 throughout.
     """
-    W = weight.detach().float().clone()  # (out, in)
-    H = H.detach().float().clone()  # (in, in)
+    W = weight.detach().float()  # (out, in)
     out_f, in_f = W.shape
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
     qmax = 2**bits - 1
 
     static = act_order or group_size is None or grid is not None
@@ -72,18 +74,26 @@ def gptq_quantize(
         scales, zeros = (t.float() for t in grid)
         scales = torch.where(scales == 0, torch.full_like(scales, 1e-30), scales)
     elif static:  # one grid per group from the unquantized weights
-        scales, zeros = find_grid(W, bits, group_size, symmetric, mse_clip)  # (out, G)
+        scales, zeros = find_grid(W.masked_fill(dead[None, :], 0), bits, group_size, symmetric, mse_clip)  # (out, G)
     else:
         G = -(-in_f // group_size)  # type: ignore[operator]
         scales = torch.zeros(out_f, G, device=W.device)
         zeros = torch.zeros(out_f, G, device=W.device)
 
+    # the permuted copies are the working ones (the caller's weight and H are left as they are);
+    # each (in, in) step frees the one before, so at most two Hessian-sized matrices live at once
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=H.device)
-    try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # (in, in) upper
+    W = W[:, perm].masked_fill(dead[perm][None, :], 0)  # (out, in)
+    Hp = H.detach().float()[perm[:, None], perm[None, :]]  # (in, in)
+    if consume:
+        H.set_()  # every reference to the caller's H now sees an empty tensor; its storage is freed
+    d = Hp.diagonal()
+    d.masked_fill_(dead[perm], 1)
+    d.add_(damp * torch.mean(d))
+    try:  # in place: the factor, its inverse and that inverse's upper factor reuse Hp's memory
+        Hinv = torch.linalg.cholesky(Hp, out=Hp)
+        torch.cholesky_inverse(Hinv, out=Hinv)
+        torch.linalg.cholesky(Hinv, upper=True, out=Hinv)  # (in, in) upper
     except RuntimeError:
         raise QuantError(
             "GPTQ: the Hessian is not positive definite; raise damp or give more calibration text"
@@ -120,6 +130,9 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
         return InputStats.empty(linear_weight(m).shape[1], linear_weight(m).device)
 
     def per_block(i: int, layers: dict[str, nn.Module], stats: dict[str, InputStats]) -> QuantizeFn:
+        users: dict[int, int] = {}  # layers still to quantize per statistics object (q/k/v share one)
+        for st in stats.values():
+            users[id(st)] = users.get(id(st), 0) + 1
         for name, st in stats.items():
             in_f = linear_weight(layers[name]).shape[1]
             if st.n_tokens < in_f:
@@ -130,6 +143,7 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
 
         def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
             W, H = linear_weight(module), stats[name].H
+            users[id(stats[name])] -= 1
             # a GGUF type's stored scales come first (Hessian-weighted fit), then GPTQ chooses the codes on them
             b = ggml.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H)) if s.grid else None
             q = gptq_quantize(
@@ -143,6 +157,7 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
                 config.block_size,
                 config.mse_clip,
                 grid=ggml.grid_of(b) if b is not None else None,
+                consume=users[id(stats[name])] == 0,  # the last layer reading these statistics
             )
             if b is None:
                 return q

@@ -115,7 +115,7 @@ def hqq_gguf(weight: Tensor, t: ggml.GGMLType, config: HQQConfig) -> ggml.GGMLBl
 def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     config = with_mix(model, config)
-    layers = targeted_layers(model, config)
+    layers = list(targeted_layers(model, config))  # names only: replaced layers are freed
 
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
         if s.grid is not None:

@@ -36,7 +36,7 @@ class RTNConfig(WeightQuantConfig):
 def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     config = with_mix(model, config)
-    layers = targeted_layers(model, config)
+    layers = list(targeted_layers(model, config))  # names only: replaced layers are freed
 
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
         if s.grid is not None:

@@ -44,7 +44,7 @@ def smooth_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float)
 
 def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
-    targets = targeted_layers(model, config)
+    targets = list(targeted_layers(model, config))  # names only: replaced layers are freed
     smoothed: list[str] = []
     if config.smooth_alpha is not None:
         adapter = Adapter(model)
@@ -68,7 +68,7 @@ def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
 
     def store(names: list[str]) -> None:
         for name in names:
-            module = targets[name]
+            module = model.get_submodule(name)
             w = linear_weight(module).detach()
             if not torch.isfinite(w).all():
                 raise QuantError(f"layer {name}: weight has non-finite values after smoothing; lower smooth_alpha")
