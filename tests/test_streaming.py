@@ -144,7 +144,9 @@ def test_memory_budget_refuses_up_front(tiny_model_dir, text_file: Path, tmp_pat
     out = tmp_path / "out"
     with pytest.raises(MemoryBudgetError, match=r"streaming needs about 0\.\d GB.*--max-memory is 0\.1 GB"):
         compress(src, "w4", _data(text_file), output=out, max_memory=100 * 10**6)
-    with pytest.raises(MemoryBudgetError, match=r"holds the whole model \(stage 1 \(structured\) needs the whole model\)"):
+    with pytest.raises(
+        MemoryBudgetError, match=r"holds the whole model \(stage 1 \(structured\) needs the whole model\)"
+    ):
         compress(src, "distill-half", _data(text_file), output=out, max_memory=100 * 10**6)
     assert not out.exists()
     r = CliRunner().invoke(app, ["compress", str(src), "-r", "w4", "-o", str(out), "--max-memory", "100MB"])
@@ -234,4 +236,4 @@ def test_streamed_memory_follows_one_block_not_the_model(tokenizer, tmp_path: Pa
         assert len(_tensors(tmp_path / f"out{depth}")) == depth * (7 * 3 + 2) + 3  # codes, scales, zeros; norms
     assert added[16] - added[4] < 0.1 * nbytes[16], (added, nbytes)  # 12 more blocks: (almost) no more memory
     # a fixed ~0.1 GB is the run's own (tokenized data, tokenizer, first-use buffers), not the model's
-    assert added[16] < 0.7 * nbytes[16], (added, nbytes)
+    assert added[16] < 0.8 * nbytes[16], (added, nbytes)

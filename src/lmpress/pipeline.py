@@ -210,10 +210,9 @@ def compress(
     estimated peak is over it stops before any work. ``stream``: post-training recipes with an
     ``output`` stream the model block by block from disk (`lmpress.streamed_run`) unless False.
     """
+    from lmpress.distill.train import world
     from lmpress.errors import LmpressError
     from lmpress.models.loading import resolve_device, resolve_path
-
-    from lmpress.distill.train import world
 
     recipe = load_recipe(recipe)
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)

@@ -1,0 +1,202 @@
+"""Models bigger than memory: streaming compression against the whole-model path, at real shapes.
+
+    python -m benchmarks.scale [--threads 2] [--shape tinyllama|llama3-8b ...] [--calib-windows 32]
+                               [--eval-windows 64] [--table-only]
+
+Each shape's model is generated with random weights straight to disk (bf16, one shard per few
+blocks, so generation holds one tensor at a time). Each run is a child process (``lmpress compress
+... --json``), so its peak resident memory is its own ``ru_maxrss``; speed timing is off in both
+(``--no-speed``: it needs a whole model), evaluation is on. TinyLlama-1.1B: GPTQ W4 g128 streamed
+and whole, wall time and peak memory each, and whether their output tensors are identical. Any
+shape: ``--max-memory`` set below the estimate is refused before any work (and nothing written).
+
+Writes ``benchmarks/results/scale.json`` and the ``scale`` table of ``benchmarks/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import RESULTS, machine, markdown_table, write_results
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "tinyllama": {
+        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048,
+    },
+    "llama3-8b": {
+        "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
+        "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
+    },
+    "smoke": {  # a quick check of this script
+        "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 512,
+    },
+}  # fmt: skip
+
+
+def generate(shape: str, out: Path) -> int:
+    """Write a random-weight Llama of ``shape`` (bf16) to ``out`` a tensor at a time; returns its bytes."""
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import lmpress
+    from lmpress.streaming import INDEX_FILE, parameters_on_meta
+
+    out.mkdir(parents=True)
+    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, dtype="bfloat16")
+    cfg.save_pretrained(out)
+    lmpress.load("builtin").tokenizer.save_pretrained(out)  # 4096 tokens; the other rows are never read
+    with parameters_on_meta():  # the architecture on meta names every tensor and its shape
+        model = AutoModelForCausalLM.from_config(cfg)
+    shapes = [(k, tuple(t.shape)) for k, t in model.state_dict().items()]
+    gen = torch.Generator().manual_seed(0)
+    weight_map, shard, size, n = {}, {}, 0, 0
+    for i, (k, shp) in enumerate(shapes):
+        t = torch.ones(shp) if k.endswith("norm.weight") else torch.randn(shp, generator=gen) * 0.02
+        shard[k] = t.to(torch.bfloat16)
+        size += shard[k].nbytes
+        if size > 2**30 or i == len(shapes) - 1:
+            n += 1
+            name = f"part-{n:05d}.safetensors"
+            save_file(shard, str(out / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+            shard, size = {}, 0
+    total = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    (out / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return total
+
+
+def run(args: list[str], threads: int) -> dict[str, Any]:
+    """``lmpress ARGS`` in a child process: its exit code, wall time, peak RSS and JSON output."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LMPRESS_TRACK": "0"}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "lmpress"), *args, "--threads", str(threads)],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    wall = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
+    out: dict[str, Any] = {"rc": proc.returncode, "seconds": wall, "peak_rss": peak if peak > before * 1024 else None}
+    if proc.returncode == 0 and "--json" in args:
+        out["json"] = json.loads(proc.stdout)
+    else:
+        out["message"] = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+    return out
+
+
+def identical(a: Path, b: Path) -> bool:
+    from lmpress.streaming import Checkpoint
+
+    ca, cb = Checkpoint(a), Checkpoint(b)
+    if set(ca.keys()) != set(cb.keys()):
+        return False
+    return all(torch.equal(ca.tensor(k), cb.tensor(k)) for k in ca.where)
+
+
+def shape_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    src = work / shape
+    nbytes = generate(shape, src)
+    common = ["-r", "w4", "--calib-windows", str(args.calib_windows), "--max-windows", str(args.eval_windows)]
+    common += ["--no-speed", "--samples", "0", "--json"]
+    rows = []
+    modes = ("stream",) if shape == "llama3-8b" else ("stream", "no-stream")
+    for mode in modes:
+        out = work / f"{shape}-{mode}"
+        r = run(["compress", str(src), *common, "-o", str(out), f"--{mode}"], args.threads)
+        row = {"shape": shape, "run": mode, "model_bytes": nbytes, "rc": r["rc"], "seconds": r["seconds"]}
+        row["peak_rss"] = r["peak_rss"]
+        if r["rc"] == 0:
+            m = r["json"]["metrics"]
+            row.update(kl=m["compressed"]["kl"], bytes_out=m["compressed"]["bytes_on_disk"])
+        else:
+            row["message"] = r["message"]
+        rows.append(row)
+    if len(modes) == 2 and all(r["rc"] == 0 for r in rows):
+        rows[0]["identical_to_whole"] = identical(work / f"{shape}-stream", work / f"{shape}-no-stream")
+    for mode in modes:
+        shutil.rmtree(work / f"{shape}-{mode}", ignore_errors=True)
+    budget = {"llama3-8b": "3GB", "tinyllama": "0.5GB"}.get(shape, "0.3GB")
+    out = work / f"{shape}-refused"
+    r = run(["compress", str(src), *common[:-1], "-o", str(out), "--max-memory", budget], args.threads)
+    rows.append(
+        {"shape": shape, "run": f"--max-memory {budget}", "model_bytes": nbytes, "rc": r["rc"], "seconds": r["seconds"],
+         "message": r.get("message"), "nothing_written": not out.exists()}
+    )  # fmt: skip
+    shutil.rmtree(src, ignore_errors=True)
+    return rows
+
+
+def table(payload: dict[str, Any]) -> str:
+    head = ["shape", "run", "model GB", "wall s", "peak RSS GB", "RSS / model", "KL", "result"]
+    rows = []
+    for r in payload["rows"]:
+        peak = r.get("peak_rss")
+        result = "refused: " + r["message"][0] if r.get("message") else ("ok" if r["rc"] == 0 else f"rc {r['rc']}")
+        if "identical_to_whole" in r:
+            result += ", tensors identical to whole" if r["identical_to_whole"] else ", tensors DIFFER"
+        if "nothing_written" in r:
+            result += " (nothing written)" if r["nothing_written"] else " (OUTPUT LEFT)"
+        rows.append([
+            r["shape"], r["run"], f"{r['model_bytes'] / 1e9:.2f}", f"{r['seconds']:.0f}",
+            f"{peak / 1e9:.2f}" if peak else "", f"{peak / r['model_bytes']:.2f}x" if peak else "",
+            f"{r['kl']:.4f}" if "kl" in r else "", result,
+        ])  # fmt: skip
+    note = (
+        f"GPTQ W4 g128 (`-r w4`), {payload['calib_windows']} calibration and {payload['eval_windows']} evaluation "
+        f"windows of 256 tokens, random bf16 weights, {payload['threads']} threads, speed timing off; peak RSS is "
+        "the child process's ru_maxrss."
+    )
+    return (
+        "## Streaming: models bigger than memory (`benchmarks/scale.py`)\n\n"
+        + note
+        + "\n\n"
+        + markdown_table(head, rows)
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--shape", action="append", choices=list(SHAPES))
+    ap.add_argument("--calib-windows", type=int, default=32)
+    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    path = RESULTS / "scale.json"
+    if args.table_only:
+        payload = json.loads(path.read_text())
+    else:
+        shapes = args.shape or ["tinyllama"]
+        previous = json.loads(path.read_text()) if path.exists() else {}
+        with tempfile.TemporaryDirectory(prefix="lmpress-scale-", dir=Path.cwd()) as tmp:
+            rows = [row for s in shapes for row in shape_rows(s, args, Path(tmp))]
+        kept = [r for r in previous.get("rows", []) if r["shape"] not in shapes]
+        payload = {
+            "machine": machine(),
+            "threads": args.threads,
+            "calib_windows": args.calib_windows,
+            "eval_windows": args.eval_windows,
+            "rows": kept + rows,
+        }
+    write_results("scale", payload, table(payload))
+    print(table(payload))
+
+
+if __name__ == "__main__":
+    main()
