@@ -16,4 +16,5 @@ if __name__ == "__main__":
     r = compress("builtin", recipe, DataOptions(calib_windows=16, eval_windows=4), output=out, measure_speed=False)
     import torch.distributed as dist
 
-    print(f"rank {dist.get_rank()} world {dist.get_world_size()} calib_tokens {r.stages[0]['calib_tokens']}")
+    ppl = r.metrics["compressed"]["perplexity"] if r.metrics else 0.0
+    print(f"rank {dist.get_rank()} world {dist.get_world_size()} calib_tokens {r.stages[0]['calib_tokens']} ppl {ppl}")
