@@ -121,7 +121,7 @@ def read_tensor(file: Path, header: dict[str, Any], key: str) -> Tensor:
     buf = torch.empty(entry["end"] - entry["start"], dtype=torch.uint8)
     with file.open("rb", buffering=0) as f:
         f.seek(entry["start"])
-        view = memoryview(buf.numpy())
+        view = memoryview(buf.numpy())  # type: ignore[arg-type]
         got = 0
         while got < len(view):
             n = f.readinto(view[got:])
@@ -469,7 +469,7 @@ def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2*
                 for _, k, dtype, _, n in mine:
                     t = values.pop(k).to(dtype).contiguous().view(-1).view(torch.uint8)
                     assert t.numel() == n, k
-                    f.write(memoryview(t.numpy()))
+                    f.write(memoryview(t.numpy()))  # type: ignore[arg-type]
     if n_shards > 1:
         total = sum(item[4] for item in plan)
         (out_dir / INDEX_FILE).write_text(
