@@ -86,7 +86,7 @@ def gptq_quantize(
     W = W[:, perm].masked_fill(dead[perm][None, :], 0)  # (out, in)
     Hp = H.detach().float()[perm[:, None], perm[None, :]]  # (in, in)
     if consume:
-        H.set_()  # every reference to the caller's H now sees an empty tensor; its storage is freed  # type: ignore[call-overload]
+        H.set_()  # type: ignore[call-overload]  # the caller's H is empty from here on: its storage is freed
     d = Hp.diagonal()
     d.masked_fill_(dead[perm], 1)
     d.add_(damp * torch.mean(d))
