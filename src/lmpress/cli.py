@@ -83,7 +83,10 @@ SamplesOpt = Annotated[
 
 
 def _fail(message: str, code: int) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape
+
+    # escaped: messages name extras like 'lmpress[onnx]', which rich would read as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -275,7 +278,12 @@ def compress(
     samples: SamplesOpt = 3,
     quiet: QuietOpt = False,
     export_to: Annotated[
-        str | None, typer.Option("--export", help="also write the result for a runtime: gguf (OUT.gguf beside -o)")
+        str | None,
+        typer.Option(
+            "--export",
+            help="also write the result for a runtime: gguf (OUT.gguf beside -o), compressed-tensors "
+            "(OUT-compressed-tensors/), onnx (OUT-onnx/)",
+        ),
     ] = None,
     max_memory: Annotated[
         str | None,
@@ -326,7 +334,7 @@ def compress(
         from lmpress.export import ExportError, export
 
         try:
-            exported = export(result.output, "gguf", export_path, overwrite=overwrite).to_dict()
+            exported = export(result.output, export_to or "gguf", export_path, overwrite=overwrite).to_dict()
         except ExportError as e:
             raise ExportError(
                 f"{e} (the compressed model is saved in {result.output}; export it with lmpress export)"
@@ -355,21 +363,22 @@ def _export_path(to: str | None, output: Path | None, overwrite: bool) -> Path |
     """Where ``compress --export`` writes, checked before any work."""
     if to is None:
         return None
-    from lmpress.export import FORMATS, ExportError, check_output_file
+    from lmpress.export import FORMATS, ExportError, check_export_output, default_output
 
     if to not in FORMATS:
         raise ExportError(f"--export {to}: unknown format; choose one of {', '.join(FORMATS)}")
     if output is None:
-        raise ExportError("--export needs -o OUT: the file is written beside the saved directory, as OUT.gguf")
-    path = output.with_name(output.name + ".gguf")
-    check_output_file(path, overwrite)
+        beside = default_output(to, Path("OUT"))
+        raise ExportError(f"--export needs -o OUT: the export is written beside the saved directory, as {beside}")
+    path = default_output(to, output)
+    check_export_output(to, path, overwrite)
     return path
 
 
 def _export_line(report: dict[str, Any]) -> str:
     types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
-    line = f"exported {report['path']} ({report['bytes'] / 1e6:.2f} MB; tensors: {types})"
-    if report["requantized"]:
+    line = f"exported {report['path']} ({report['bytes'] / 1e6:.2f} MB; {report.get('unit', 'tensors')}: {types})"
+    if report.get("requantized"):
         kl = report.get("requantize_kl")
         line += f"; requantized {len(report['requantized'])} layers" + (f" (+{kl:.4f} KL nats/token)" if kl else "")
     return line
@@ -379,8 +388,17 @@ def _export_line(report: dict[str, Any]) -> str:
 @handles_errors
 def export_cmd(
     model: ModelArg = "builtin",
-    to: Annotated[str, typer.Option("--to", help="format: gguf (llama.cpp, Ollama, LM Studio)")] = "gguf",
-    output: Annotated[Path, typer.Option("--output", "-o", help="file to write, e.g. model.gguf")] = ...,  # type: ignore[assignment]
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="format: gguf (llama.cpp, Ollama, LM Studio), compressed-tensors (transformers, vLLM), "
+            "onnx (ONNX Runtime)",
+        ),
+    ] = "gguf",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="file (model.gguf) or directory (compressed-tensors, onnx) to write")
+    ] = ...,  # type: ignore[assignment]
     requantize: Annotated[
         str | None,
         typer.Option("--requantize", help="round layers with no exact GGUF type to this type (q4_k, q8_0 ...)"),
@@ -397,17 +415,17 @@ def export_cmd(
 ) -> None:
     """Write a model (lmpress or Hugging Face directory, or builtin) in a runtime's format."""
     from lmpress.api import load
-    from lmpress.export import check_output_file, export
+    from lmpress.export import check_export_output, export
 
     _setup(threads, quiet or as_json)
-    check_output_file(output, overwrite)  # before loading anything
+    check_export_output(to, output, overwrite)  # before loading anything
     loaded = load(model, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     report = export(loaded, to, output, requantize=requantize, densify=densify, overwrite=overwrite).to_dict()
     if as_json:
         _print_json(report)
         return
     console.print(_export_line(report), soft_wrap=True)
-    for module, why in report["requantized"].items():
+    for module, why in report.get("requantized", {}).items():
         console.print(f"  requantized {module}: {why}", soft_wrap=True)
 
 

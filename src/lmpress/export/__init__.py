@@ -1,8 +1,11 @@
 """Export an lmpress model to the file format of the runtime it will be deployed with.
 
-``lmpress.export(model, "gguf", path)`` writes a GGUF file for llama.cpp (`lmpress.export.gguf`).
-Each format is one small module over the shared walk of the model's modules (`lmpress.export.walk`),
-and writes lmpress's own codes and scales without a second rounding.
+``lmpress.export(model, "gguf", path)`` writes a GGUF file for llama.cpp (`lmpress.export.gguf`);
+``"compressed-tensors"`` a Hugging Face directory that transformers (with the compressed-tensors
+package) and vLLM load (`lmpress.export.compressed_tensors`); ``"onnx"`` a decoder graph with its KV
+cache for ONNX Runtime (`lmpress.export.onnx`). Each format is one small module over the shared
+walk of the model's modules (`lmpress.export.walk`), and writes lmpress's own codes and scales
+without a second rounding.
 """
 
 from __future__ import annotations
@@ -14,9 +17,37 @@ from lmpress.errors import OutputError
 from lmpress.export.walk import ExportError
 from lmpress.models.loading import LoadedModel
 
-FORMATS = ("gguf",)
+FORMATS = ("gguf", "compressed-tensors", "onnx")
+# the optional package each format needs to be written, and the extra that installs it
+PACKAGES = {"compressed-tensors": ("compressed_tensors", "compressed-tensors"), "onnx": ("onnx", "onnx")}
 
-__all__ = ["FORMATS", "ExportError", "check_output_file", "export"]
+__all__ = ["FORMATS", "ExportError", "check_export_output", "check_output_file", "default_output", "export"]
+
+
+def check_export_output(to: str, path: Path, overwrite: bool = False) -> None:
+    """Fail before any work: an unknown format, a missing optional package, an output that cannot be
+    written (GGUF is one file, the other formats a directory)."""
+    if to not in FORMATS:
+        raise ExportError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
+    if to in PACKAGES:
+        import importlib.util
+
+        module, extra = PACKAGES[to]
+        if importlib.util.find_spec(module) is None:
+            raise ExportError(f"{to} export needs the {module} package: pip install 'lmpress[{extra}]'")
+    if to == "gguf":
+        check_output_file(path, overwrite)
+    else:
+        from lmpress.io import check_output_dir
+
+        if path.suffix.lower() in (".gguf", ".onnx", ".json", ".safetensors"):
+            raise OutputError(f"{to} export writes a directory; give -o a directory name, not {path.name}")
+        check_output_dir(path, overwrite)
+
+
+def default_output(to: str, output: Path) -> Path:
+    """Where ``compress --export`` writes beside the saved directory ``output``."""
+    return output.with_name(output.name + ".gguf") if to == "gguf" else output.with_name(f"{output.name}-{to}")
 
 
 def check_output_file(path: Path, overwrite: bool = False, suffix: str = ".gguf") -> None:
@@ -49,14 +80,24 @@ def export(
 ) -> Any:
     """Write ``model`` (an lmpress or Hugging Face directory, ``builtin``, or a loaded model) in
     format ``to`` at ``path``; returns the format's report (for GGUF a `GGUFReport`). With
-    ``requantize``, the KL that rounding cost is measured on ``kl_windows`` windows of the built-in
-    corpus's evaluation split (0: not measured)."""
+    ``requantize`` (GGUF), the KL that rounding cost is measured on ``kl_windows`` windows of the
+    built-in corpus's evaluation split (0: not measured). ``densify`` writes layers the format has no
+    type for (sparse, low-rank, codebook) as the exact dense weights they compute with."""
     from lmpress.api import load
 
-    if to not in FORMATS:
-        raise ExportError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
     path = Path(path)
-    check_output_file(path, overwrite)
+    check_export_output(to, path, overwrite)
+    if requantize is not None and to != "gguf":
+        raise ExportError(f"--requantize rounds to GGUF types; {to} export writes lmpress's own codes only")
+    if to != "gguf":
+        loaded = model if isinstance(model, LoadedModel) else load(model, device="cpu")
+        if to == "compressed-tensors":
+            from lmpress.export.compressed_tensors import export_compressed_tensors
+
+            return export_compressed_tensors(loaded.model, loaded.tokenizer, path, densify=densify, overwrite=overwrite)
+        from lmpress.export.onnx import export_onnx
+
+        return export_onnx(loaded.model, loaded.tokenizer, path, densify=densify, overwrite=overwrite)
     if requantize is not None:
         from lmpress.quant.ggml import ggml_type
 

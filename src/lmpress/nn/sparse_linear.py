@@ -148,6 +148,22 @@ class SparseLinear(nn.Module):
         w = dequantize(codes, self.scales, zeros, self.group_size, dtype)
         return w.masked_fill_(~mask, 0)
 
+    def dense_codes(self) -> tuple[Tensor, Tensor | None]:
+        """A quantized sparse layer as a dense quantized one: (out, in) unsigned codes, each pruned
+        weight the code of its group's zero point (which decodes to an exact 0), and the (out,
+        groups) integer zero points (None when symmetric: the zero code is ``2**(bits-1)``)."""
+        assert self.qvalues is not None and self.scales is not None and self.bits is not None
+        mask = self.keep_mask()
+        if self.symmetric:
+            zeros = None
+            codes = torch.full(mask.shape, 2 ** (self.bits - 1), dtype=torch.uint8, device=mask.device)
+        else:
+            zeros = decode_zeros(self.qzeros, None, self.bits, tuple(self.scales.shape), self.mask.device)  # type: ignore[arg-type]
+            g = self.group_size or self.in_features
+            codes = zeros.round().to(torch.uint8).repeat_interleave(g, dim=1)[:, : self.in_features].contiguous()
+        codes[mask] = unpack(self.qvalues, self.bits, self.nnz)[0]
+        return codes, zeros
+
     def num_logical_params(self) -> int:
         """The weights kept (and the bias): what the pruned layer still computes with."""
         return self.nnz + (self.out_features if self.bias is not None else 0)
