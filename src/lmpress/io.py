@@ -337,7 +337,8 @@ def _tied_keys(model: nn.Module) -> list[str]:
 
 
 def weight_bytes(path: Path) -> int:
-    """Bytes on disk of a directory's weight files (or of one weight file, such as a GGUF)."""
+    """Bytes on disk of a directory's weight files (or of one weight file, such as a GGUF); an ONNX
+    directory's graph and its external data."""
     if path.is_file():
         return path.stat().st_size
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    return sum(f.stat().st_size for pattern in ("*.safetensors", "model.onnx*") for f in path.glob(pattern))

@@ -122,6 +122,15 @@ def run_stages(model: nn.Module, recipe: Recipe, ctx: Context) -> list[dict[str,
     return reports
 
 
+def exported_runtime(model: str | Path) -> str | None:
+    """The runtime an exported model runs in (a GGUF file, an ONNX directory), or None."""
+    from lmpress.export.onnx_runtime import is_onnx_dir
+
+    if str(model).lower().endswith(".gguf"):
+        return "llama.cpp"
+    return "ONNX Runtime" if is_onnx_dir(model) else None
+
+
 def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | None) -> str | None:
     """Why this run cannot stream (`lmpress.streamed_run`), or None when it can."""
     from lmpress.models.adapters import ARCHS
@@ -131,8 +140,6 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
         return "the result stays in memory (no output directory)"
     if isinstance(model, LoadedModel):
         return "the model is already loaded"
-    if str(model).lower().endswith(".gguf"):
-        return "a GGUF file runs in llama.cpp"
     path = resolve_path(model)
     if (path / META_FILE).is_file():
         return "the model is an lmpress directory (its compressed layers load whole)"
@@ -162,7 +169,7 @@ def check_memory(
     from lmpress.models.loading import read_config, resolve_path
 
     budget = max_memory if max_memory is not None else available_memory()
-    if isinstance(model, LoadedModel) or str(model).lower().endswith(".gguf"):
+    if isinstance(model, LoadedModel):
         return budget
     path = resolve_path(model)
     registry = methods()
@@ -214,6 +221,11 @@ def compress(
     from lmpress.errors import LmpressError
     from lmpress.models.loading import resolve_device, resolve_path
 
+    if not isinstance(model, LoadedModel) and (runtime := exported_runtime(model)):
+        raise LmpressError(
+            f"{model} runs in {runtime}, not in PyTorch; compress the Hugging Face or lmpress directory it was "
+            "exported from, then export the result"
+        )
     recipe = load_recipe(recipe)
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     if output is not None:

@@ -155,7 +155,8 @@ def load_model(
 
     ``dtype`` "auto" keeps the checkpoint's dtype. A directory written by lmpress (with
     ``lmpress.json``) is restored with its compressed layers by `lmpress.io.load`. A ``.gguf`` file
-    runs in llama.cpp (`lmpress.export.llama_runtime`), with llama.cpp's own tokenizer.
+    runs in llama.cpp (`lmpress.export.llama_runtime`), with llama.cpp's own tokenizer; a directory
+    with ``model.onnx`` in ONNX Runtime (`lmpress.export.onnx_runtime`).
     """
     if str(source).lower().endswith(".gguf"):
         from lmpress.export.llama_runtime import load_gguf
@@ -163,6 +164,14 @@ def load_model(
         gpath = Path(source).expanduser()
         model, tok = load_gguf(gpath)
         return LoadedModel(model.eval(), tok, str(source), gpath)
+    from lmpress.export.onnx_runtime import is_onnx_dir
+
+    if is_onnx_dir(source):  # a graph written by lmpress export --to onnx, run by ONNX Runtime
+        from lmpress.export.onnx_runtime import load_onnx
+
+        opath = Path(source).expanduser()
+        tok_path = resolve_path(tokenizer) if tokenizer is not None else opath
+        return LoadedModel(load_onnx(opath).eval(), load_tokenizer(tok_path), str(source), opath)
     path = resolve_path(source)
     config = read_config(path)
     model_type = config.get("model_type")

@@ -1,0 +1,530 @@
+"""ONNX export: an lmpress model as a decoder graph with its KV cache, for ONNX Runtime.
+
+The graph is built node by node (no tracing), in float32, with the inputs and outputs optimum's and
+ONNX Runtime GenAI's decoder classes use: ``input_ids``, ``attention_mask`` (batch, past + new),
+``position_ids`` and ``past_key_values.{i}.key|value`` (batch, kv heads, past, head dim) in;
+``logits`` and ``present.{i}.key|value`` out. The tokenizer files and ``config.json`` lie beside
+``model.onnx``.
+
+Every layer is written as lmpress computes with it:
+
+- `QuantLinear` of 4 or 8 bits in groups of a power of two from 16 up (or per channel) becomes ONNX
+  Runtime's ``MatMulNBits`` (com.microsoft) holding lmpress's own codes, scales and zero points: the
+  codes are already in its layout (two 4-bit codes per byte, low nibble first; one row per output);
+  a per-channel layer repeats its one scale over blocks of 128 (or fewer), which is exact; a width
+  that is not a multiple of the block is padded with codes the activations never meet;
+- W8A8 layers quantize each token's activations to int8 on lmpress's grid (max/127, round half to
+  even) and multiply in int32 with ``MatMulInteger``, then rescale: the same arithmetic as lmpress;
+- dense layers as ``MatMul`` on float32 weights (exact upcasts of bf16/fp16);
+- with ``densify``, sparse, low-rank and codebook layers as the dense weights they compute with (a
+  quantized sparse layer stays ``MatMulNBits``, its pruned weights codes that decode to 0).
+
+Llama-family models (Llama, Mistral, Qwen2/3) and GPT-2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lmpress.export.walk import ExportError
+from lmpress.models.adapters import Adapter
+from lmpress.nn.packing import pack
+from lmpress.nn.quant_linear import QuantLinear
+
+INSTALL_HINT = "pip install 'lmpress[onnx]'"
+OPSET = 17
+EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB limit: larger graphs keep their weights beside
+NEG = -3.0e38
+
+
+@dataclass
+class OnnxReport:
+    """What an export wrote: the directory, its bytes, the op each linear layer became."""
+
+    path: Path
+    bytes: int
+    formats: dict[str, str] = field(default_factory=dict)  # module -> "MatMulNBits w4 g128", "MatMul" ...
+    densified: list[str] = field(default_factory=list)
+
+    def type_counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for f in self.formats.values():
+            out[f] = out.get(f, 0) + 1
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": "onnx",
+            "path": str(self.path),
+            "bytes": self.bytes,
+            "unit": "linear layers",
+            "types": self.type_counts(),
+            "modules": self.formats,
+            "densified": self.densified,
+        }
+
+
+def _onnx() -> Any:
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError(f"onnx export needs the onnx package: {INSTALL_HINT}") from None
+    return onnx
+
+
+def _np(t: Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+class _Graph:
+    """Nodes and initializers, with unique names."""
+
+    def __init__(self) -> None:
+        self.onnx = _onnx()
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self.n = 0
+        self.consts: dict[tuple[Any, ...], str] = {}
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, domain: str = "", **attrs: Any) -> str:
+        out = self.name(hint or op_type.lower())
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, [out], domain=domain, **attrs))
+        return out
+
+    def ops(self, op_type: str, inputs: list[str], n_out: int, **attrs: Any) -> list[str]:
+        outs = [self.name(op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(self.onnx.helper.make_node(op_type, inputs, outs, **attrs))
+        return outs
+
+    def init(self, hint: str, array: np.ndarray) -> str:
+        name = self.name(hint)
+        self.inits.append(self.onnx.numpy_helper.from_array(array, name))
+        return name
+
+    def const(self, values: list[int] | list[float] | float | int, dtype: Any = np.int64) -> str:
+        key = (json.dumps(values), np.dtype(dtype).str)
+        if key not in self.consts:
+            self.consts[key] = self.init("const", np.array(values, dtype=dtype))
+        return self.consts[key]
+
+
+# ---- layers ---------------------------------------------------------------------------------------
+
+
+def _pow2_block(n: int) -> int:
+    """The largest power of two from 16 to 128 that divides ``n`` (exact per-channel blocks), else 128."""
+    for b in (128, 64, 32, 16):
+        if n % b == 0:
+            return b
+    return 128
+
+
+def _nbits_tensors(codes: Tensor, scales: Tensor, zeros: Tensor | None, bits: int, block: int) -> tuple[Any, ...]:
+    """MatMulNBits' B (N, blocks, blob), scales (N*blocks) and zero points of unsigned ``codes``
+    (N, K) with per-block ``scales`` / ``zeros`` (N, blocks)."""
+    N, K = codes.shape
+    n_blocks = -(-K // block)
+    if n_blocks * block != K:  # padded codes multiply activations that do not exist
+        codes = torch.nn.functional.pad(codes, (0, n_blocks * block - K))
+    B = pack(codes, bits).view(N, n_blocks, block * bits // 8)
+    s = scales.float().reshape(N * n_blocks)
+    z = None
+    if zeros is not None:
+        zq = zeros.round().to(torch.uint8)
+        # 4-bit zero points two per byte, each row's ceil(blocks / 2) bytes (lmpress pads runs of 8)
+        z = pack(zq, 4)[:, : -(-n_blocks // 2)].reshape(-1) if bits == 4 else zq.reshape(-1)
+    return _np(B), _np(s), None if z is None else _np(z)
+
+
+def _quant_view(m: nn.Module) -> tuple[Tensor, Tensor, Tensor | None, int, int | None, bool] | None:
+    if isinstance(m, QuantLinear):
+        return m.codes(), m.scales, None if m.symmetric else m.zeros(), m.bits, m.group_size, m.symmetric
+    if type(m).__name__ == "SparseLinear" and getattr(m, "bits", None) is not None:
+        codes, zeros = m.dense_codes()  # type: ignore[operator]
+        return codes, m.scales, zeros, m.bits, m.group_size, m.symmetric  # type: ignore[return-value]
+    return None
+
+
+def check_linear(name: str, m: nn.Module, densify: bool) -> None:
+    """Refuse a layer with no exact ONNX form, naming what would export."""
+    kind = type(m).__name__
+    if isinstance(m, QuantLinear):
+        if m.float_zeros:
+            raise ExportError(
+                f"{name}: fractional zero points (hqq) have no MatMulNBits form; quantize with rtn, gptq or awq"
+            )
+        if m.act_bits:
+            return
+        if m.bits not in (4, 8):
+            raise ExportError(
+                f"{name}: {m.bits}-bit codes have no MatMulNBits form here (4 and 8 bits); quantize with bits: 4 "
+                "or export to gguf"
+            )
+        g = m.group_size
+        if g is not None and (g < 16 or g & (g - 1)):
+            raise ExportError(
+                f"{name}: MatMulNBits blocks are powers of two from 16; groups of {g} are not; "
+                "quantize with group_size: 32, 64 or 128"
+            )
+        return
+    if kind == "SparseLinear":
+        if densify:
+            return
+        raise ExportError(
+            f"{name}: ONNX Runtime has no sparse MatMul for this layout; pass --densify to write the kept weights "
+            "densely (quantized sparse layers stay MatMulNBits, pruned weights as exact zero codes)"
+        )
+    if kind in ("LowRankLinear", "CodebookLinear"):
+        if densify:
+            return
+        what = {"LowRankLinear": "low-rank", "CodebookLinear": "codebook"}[kind]
+        raise ExportError(f"{name}: {what} layers have no ONNX form here; pass --densify to write them dense")
+    if kind == "GGUFLinear":
+        raise ExportError(f"{name}: GGUF block types (grid: ...) have no ONNX form; export to gguf")
+    if kind == "LoRALinear":
+        raise ExportError(f"{name}: LoRA adapters have no ONNX form; train with codes: train instead of lora_rank")
+    if not (isinstance(m, nn.Linear) or hasattr(m, "nf")):  # nn.Linear or GPT-2's Conv1D
+        raise ExportError(f"{name}: {kind} layers cannot be exported to onnx")
+
+
+class _Builder:
+    def __init__(self, model: Any, densify: bool) -> None:
+        self.g = _Graph()
+        self.model: Any = model
+        self.head_norms = False  # Qwen3: an RMSNorm over each query and key head
+        self.densify = densify
+        self.formats: dict[str, str] = {}
+        self.densified: list[str] = []
+        self.seen: dict[int, str] = {}
+
+    def linear(self, x: str, name: str) -> str:
+        m = self.model.get_submodule(name)
+        if id(m) in self.seen:
+            raise ExportError(f"{name} is shared with {self.seen[id(m)]} (share); choose a recipe without share")
+        self.seen[id(m)] = name
+        check_linear(name, m, self.densify)
+        g = self.g
+        q = _quant_view(m)
+        bias = getattr(m, "bias", None)
+        if isinstance(m, QuantLinear) and m.act_bits:
+            y = self._w8a8(x, m, name)
+        elif q is not None:
+            codes, scales, zeros, bits, group, _ = q
+            N, K = codes.shape
+            block = group or _pow2_block(K)
+            if group is None:  # one scale per row, repeated over its blocks
+                n_blocks = -(-K // block)
+                scales = scales.reshape(N, 1).expand(N, n_blocks)
+                zeros = None if zeros is None else zeros.reshape(N, 1).expand(N, n_blocks)
+            B, s, z = _nbits_tensors(codes, scales, zeros, bits, block)
+            inputs = [x, g.init(f"{name}.qweight", B), g.init(f"{name}.scales", s)]
+            if z is not None:
+                inputs.append(g.init(f"{name}.zeros", z))
+            y = g.op(
+                "MatMulNBits", inputs, domain="com.microsoft", K=K, N=N, bits=bits, block_size=block, accuracy_level=0
+            )
+            self.formats[name] = f"MatMulNBits w{bits} " + (f"g{group}" if group else "channel")
+            if type(m).__name__ == "SparseLinear":
+                self.densified.append(name)
+        else:
+            w = self._dense_weight(m, name)  # (out, in)
+            y = g.op("MatMul", [x, g.init(f"{name}.weight_t", _np(w.float().T))])
+            self.formats[name] = "MatMul"
+        if isinstance(bias, Tensor):
+            y = g.op("Add", [y, g.init(f"{name}.bias", _np(bias.float()))])
+        return y
+
+    def _dense_weight(self, m: nn.Module, name: str) -> Tensor:
+        fn = getattr(m, "dense_weight", None)
+        if callable(fn):
+            self.densified.append(name)
+            return fn()  # type: ignore[no-any-return]
+        w = m.weight
+        assert isinstance(w, Tensor)
+        return w.T if hasattr(m, "nf") else w  # Conv1D stores (in, out)
+
+    def _w8a8(self, x: str, m: QuantLinear, name: str) -> str:
+        """lmpress's int8 x int8: per-token max/127 scales, round half to even, int32 products."""
+        g = self.g
+        amax = g.op("ReduceMax", [g.op("Abs", [x])], axes=[-1], keepdims=1)
+        s_x = g.op("Max", [g.op("Div", [amax, g.const(127.0, np.float32)]), g.const(1e-8, np.float32)])
+        xq = g.op("Round", [g.op("Div", [x, s_x])])
+        xq = g.op("Clip", [xq, g.const(-127.0, np.float32), g.const(127.0, np.float32)])
+        xq = g.op("Cast", [xq], to=self.g.onnx.TensorProto.INT8)
+        wT = g.init(f"{name}.qweight_t", _np(m.qweight.view(torch.int8).T))
+        acc = g.op("Cast", [g.op("MatMulInteger", [xq, wT])], to=self.g.onnx.TensorProto.FLOAT)
+        s_w = g.init(f"{name}.scales", _np(m.scales.float().view(-1)))
+        self.formats[name] = "MatMulInteger w8a8"
+        return g.op("Mul", [g.op("Mul", [acc, s_x]), s_w])
+
+    def rms_norm(self, x: str, norm: Any, name: str) -> str:
+        g = self.g
+        eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        var = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
+        inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, np.float32)])])])
+        return g.op("Mul", [g.op("Mul", [x, inv]), g.init(f"{name}.weight", _np(norm.weight.float()))])
+
+    def layer_norm(self, x: str, norm: Any, name: str) -> str:
+        g = self.g
+        w, b = g.init(f"{name}.weight", _np(norm.weight.float())), g.init(f"{name}.bias", _np(norm.bias.float()))
+        return g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=float(norm.eps))
+
+
+# ---- the decoder ----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dims:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+
+
+def _dims(model: Any) -> _Dims:
+    c = model.config
+    heads = c.num_attention_heads
+    hidden = c.hidden_size
+    return _Dims(
+        c.num_hidden_layers,
+        heads,
+        getattr(c, "num_key_value_heads", None) or heads,
+        getattr(c, "head_dim", None) or hidden // heads,
+        hidden,
+        int(model.get_input_embeddings().weight.shape[0]),
+    )
+
+
+def _attention(
+    b: _Builder, q: str, k: str, v: str, i: int, d: _Dims, mask: str, rope: tuple[str, str] | None
+) -> tuple[str, str, str]:
+    """Heads, rotary, the cache and masked softmax attention. q, k, v: (B, S, heads*dim) -> (B, S, heads*dim)."""
+    g = b.g
+
+    def heads(t: str, n: int) -> str:  # (B, S, n*D) -> (B, n, S, D)
+        return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, d.head_dim])])], perm=[0, 2, 1, 3])
+
+    qh, kh, vh = heads(q, d.heads), heads(k, d.kv_heads), heads(v, d.kv_heads)
+    if b.head_norms:
+        p = f"{Adapter(b.model).block_name(i)}.self_attn"
+        qh = b.rms_norm(qh, b.model.get_submodule(f"{p}.q_norm"), f"{p}.q_norm")
+        kh = b.rms_norm(kh, b.model.get_submodule(f"{p}.k_norm"), f"{p}.k_norm")
+    if rope is not None:
+        qh, kh = _rotate(g, qh, rope, d.head_dim), _rotate(g, kh, rope, d.head_dim)
+    past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
+    present_k = g.op("Concat", [past_k, kh], axis=2)
+    present_v = g.op("Concat", [past_v, vh], axis=2)
+    # grouped-query attention without copying the cache: the query heads of one kv head side by side
+    rep = d.heads // d.kv_heads
+    qg = g.op("Reshape", [qh, g.const([0, d.kv_heads, -1, d.head_dim])])  # (B, KV, rep*S, D)
+    kT = g.op("Transpose", [present_k], perm=[0, 1, 3, 2])
+    scores = g.op("MatMul", [qg, kT])  # (B, KV, rep*S, T)
+    scores = g.op("Mul", [scores, g.const(1.0 / math.sqrt(d.head_dim), np.float32)])
+    scores = g.op("Reshape", [scores, g.const([0, d.heads, -1, 0])])  # (B, H, S, T)
+    probs = g.op("Softmax", [g.op("Add", [scores, mask])], axis=-1)
+    probs = g.op("Reshape", [probs, g.const([0, d.kv_heads, -1, 0])]) if rep > 1 else probs
+    out = g.op("MatMul", [probs, present_v])  # (B, KV, rep*S, D)
+    out = g.op("Reshape", [out, g.const([0, d.heads, -1, d.head_dim])]) if rep > 1 else out
+    out = g.op("Reshape", [g.op("Transpose", [out], perm=[0, 2, 1, 3]), g.const([0, 0, d.heads * d.head_dim])])
+    return out, present_k, present_v
+
+
+def _rotate(g: _Graph, x: str, rope: tuple[str, str], dim: int) -> str:
+    """x * cos + rotate_half(x) * sin, as transformers' Llama."""
+    cos, sin = rope
+    x1, x2 = g.ops("Split", [x, g.const([dim // 2, dim // 2])], 2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def _mask(g: _Graph) -> str:
+    """(B, 1, S, T) additive mask: causal over the cache and the new tokens, and attention_mask's padding."""
+    T = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(1)], axis=0)
+    S = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)
+    past = g.op("Sub", [T, S])
+    keys = g.op("Range", [g.const(0), T, g.const(1)])  # (T,)
+    queries = g.op("Unsqueeze", [g.op("Range", [past, T, g.const(1)]), g.const([1])])  # (S, 1)
+    causal = g.op("LessOrEqual", [keys, queries])  # (S, T)
+    keep = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2])])], to=g.onnx.TensorProto.BOOL)
+    allowed = g.op("And", [g.op("Unsqueeze", [causal, g.const([0, 1])]), keep])  # (B, 1, S, T)
+    return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(NEG, np.float32)])
+
+
+def _rope_tables(model: Any, g: _Graph) -> tuple[str, str]:
+    """cos and sin of every position (the model's own rotary module, so scaled ropes come out
+    right), gathered by ``position_ids``: (B, 1, S, D) each."""
+    rotary = model.model.rotary_emb
+    n = int(model.config.max_position_embeddings)
+    probe = torch.zeros(1, 1, dtype=torch.float32)
+    with torch.no_grad():
+        cos, sin = rotary(probe, torch.arange(n)[None])
+    tables = []
+    for hint, t in (("rope_cos", cos[0]), ("rope_sin", sin[0])):
+        gathered = g.op("Gather", [g.init(hint, _np(t.float())), "position_ids"], axis=0)  # (B, S, D)
+        tables.append(g.op("Unsqueeze", [gathered, g.const([1])]))
+    return tables[0], tables[1]
+
+
+def _llama(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
+    model, g = b.model, b.g
+    adapter = Adapter(model)
+    embed_name, embed = next(iter(adapter.embeddings().items()))
+    if not isinstance(embed, nn.Embedding):
+        raise ExportError(
+            f"{embed_name}: {type(embed).__name__} embeddings have no ONNX form here; keep the embeddings"
+        )
+    table = g.init(f"{embed_name}.weight", _np(embed.weight.float()))
+    x = g.op("Gather", [table, "input_ids"], axis=0)
+    rope = _rope_tables(model, g)
+    mask = _mask(g)
+    presents = []
+    for i in range(d.layers):
+        p = adapter.block_name(i)
+        block = model.get_submodule(p)
+        h = b.rms_norm(x, block.input_layernorm, f"{p}.input_layernorm")
+        q, k, v = (b.linear(h, f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj"))
+        attn, pk, pv = _attention(b, q, k, v, i, d, mask, rope)
+        presents += [pk, pv]
+        x = g.op("Add", [x, b.linear(attn, f"{p}.self_attn.o_proj")])
+        h = b.rms_norm(x, block.post_attention_layernorm, f"{p}.post_attention_layernorm")
+        gate, up = b.linear(h, f"{p}.mlp.gate_proj"), b.linear(h, f"{p}.mlp.up_proj")
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
+        x = g.op("Add", [x, b.linear(g.op("Mul", [act, up]), f"{p}.mlp.down_proj")])
+    norm_name, norm = adapter.final_norm()
+    x = b.rms_norm(x, norm, norm_name)
+    head_name, head = adapter.head()
+    tied = getattr(head, "weight", None) is embed.weight
+    return (_tied_head(g, x, table, d) if tied else b.linear(x, head_name)), presents
+
+
+def _tied_head(g: _Graph, x: str, table: str, d: _Dims) -> str:
+    """logits against the embedding table itself (no second copy): Gemm with the table transposed."""
+    flat = g.op("Reshape", [x, g.const([-1, d.hidden])])
+    logits = g.op("Gemm", [flat, table], transB=1)
+    lead = g.op("Slice", [g.op("Shape", [x]), g.const([0]), g.const([2])])
+    return g.op("Reshape", [logits, g.op("Concat", [lead, g.const([d.vocab])], axis=0)])
+
+
+def _gpt2(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
+    model, g = b.model, b.g
+    t = model.transformer
+    if not isinstance(t.wte, nn.Embedding) or not isinstance(t.wpe, nn.Embedding):
+        raise ExportError("transformer.wte: quantized embeddings have no ONNX form here; keep the embeddings")
+    table = g.init("transformer.wte.weight", _np(t.wte.weight.float()))
+    x = g.op("Gather", [table, "input_ids"], axis=0)
+    x = g.op("Add", [x, g.op("Gather", [g.init("transformer.wpe.weight", _np(t.wpe.weight.float())), "position_ids"])])
+    mask = _mask(g)
+    presents = []
+    for i in range(d.layers):
+        p = f"transformer.h.{i}"
+        block = t.h[i]
+        h = b.layer_norm(x, block.ln_1, f"{p}.ln_1")
+        qkv = b.linear(h, f"{p}.attn.c_attn")
+        q, k, v = g.ops("Split", [qkv, g.const([d.hidden] * 3)], 3, axis=-1)
+        attn, pk, pv = _attention(b, q, k, v, i, d, mask, None)
+        presents += [pk, pv]
+        x = g.op("Add", [x, b.linear(attn, f"{p}.attn.c_proj")])
+        h = b.linear(b.layer_norm(x, block.ln_2, f"{p}.ln_2"), f"{p}.mlp.c_fc")
+        x = g.op("Add", [x, b.linear(_gelu_tanh(g, h), f"{p}.mlp.c_proj")])
+    x = b.layer_norm(x, t.ln_f, "transformer.ln_f")
+    tied = model.lm_head.weight is t.wte.weight
+    return (_tied_head(g, x, table, d) if tied else b.linear(x, "lm_head")), presents
+
+
+def _gelu_tanh(g: _Graph, x: str) -> str:
+    """GPT-2's gelu_new: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Mul", [g.op("Add", [x, g.op("Mul", [cube, g.const(0.044715, np.float32)])]),
+                         g.const(math.sqrt(2.0 / math.pi), np.float32)])  # fmt: skip
+    return g.op(
+        "Mul",
+        [g.op("Mul", [x, g.const(0.5, np.float32)]), g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, np.float32)])],
+    )
+
+
+def build_graph(model: nn.Module, densify: bool = False) -> tuple[Any, _Builder]:
+    """The decoder as an ONNX ModelProto (weights inside), and the builder's record of each layer."""
+    onnx = _onnx()
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in ("llama", "mistral", "qwen2", "qwen3", "gpt2"):
+        raise ExportError(
+            f"{model_type} models are not exported to onnx yet; lmpress exports llama, mistral, qwen2, qwen3, gpt2"
+        )
+    if model_type == "gpt2" and not getattr(model.config, "scale_attn_weights", True):
+        raise ExportError("GPT-2 without scale_attn_weights is not exported to onnx")
+    d = _dims(model)
+    b = _Builder(model, densify)
+    first = model.get_submodule(Adapter(model).block_name(0))
+    b.head_norms = model_type != "gpt2" and hasattr(first.self_attn, "q_norm")
+    logits, presents = (_gpt2 if model_type == "gpt2" else _llama)(b, d)
+    h = onnx.helper
+    F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    inputs = [
+        h.make_tensor_value_info("input_ids", I64, ["batch", "sequence"]),
+        h.make_tensor_value_info("attention_mask", I64, ["batch", "total_sequence"]),
+        h.make_tensor_value_info("position_ids", I64, ["batch", "sequence"]),
+    ]
+    outputs = [h.make_tensor_value_info("logits", F, ["batch", "sequence", d.vocab])]
+    g = b.g
+    for i in range(d.layers):
+        for kind, present in (("key", presents[2 * i]), ("value", presents[2 * i + 1])):
+            shape = ["batch", d.kv_heads, "past_sequence", d.head_dim]
+            inputs.append(h.make_tensor_value_info(f"past_key_values.{i}.{kind}", F, shape))
+            g.nodes.append(h.make_node("Identity", [present], [f"present.{i}.{kind}"]))
+            total = ["batch", d.kv_heads, "total_sequence", d.head_dim]
+            outputs.append(h.make_tensor_value_info(f"present.{i}.{kind}", F, total))
+    g.nodes.append(h.make_node("Identity", [logits], ["logits"]))
+    graph = h.make_graph(g.nodes, "lmpress_decoder", inputs, outputs, g.inits)
+    proto = h.make_model(
+        graph,
+        opset_imports=[h.make_opsetid("", OPSET), h.make_opsetid("com.microsoft", 1)],
+        producer_name="lmpress",
+        ir_version=9,
+    )
+    return proto, b
+
+
+def export_onnx(
+    model: nn.Module, tokenizer: Any, out: Path, *, densify: bool = False, overwrite: bool = False
+) -> OnnxReport:
+    """Write ``model`` as ``out/model.onnx`` (weights beside it in ``model.onnx.data`` when large),
+    with its tokenizer and config (atomically)."""
+    onnx = _onnx()
+    from lmpress.evaluation import count_parameters
+    from lmpress.export.onnx_runtime import PARAMETERS_KEY
+    from lmpress.io import atomic_dir
+
+    with torch.no_grad():
+        proto, b = build_graph(model, densify)
+    onnx.helper.set_model_props(proto, {PARAMETERS_KEY: str(count_parameters(model))})
+    with atomic_dir(out, overwrite) as tmp:
+        large = proto.ByteSize() > EXTERNAL_DATA_BYTES
+        onnx.save_model(
+            proto,
+            str(tmp / "model.onnx"),
+            save_as_external_data=large,
+            location="model.onnx.data",
+            all_tensors_to_one_file=True,
+        )
+        model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
+        generation = getattr(model, "generation_config", None)
+        if generation is not None:
+            generation.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        size = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
+    return OnnxReport(out, size, b.formats, b.densified)
