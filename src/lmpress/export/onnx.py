@@ -15,7 +15,9 @@ Every layer is written as lmpress computes with it:
   that is not a multiple of the block is padded with codes the activations never meet;
 - W8A8 layers quantize each token's activations to int8 on lmpress's grid (max/127, round half to
   even) and multiply in int32 with ``MatMulInteger``, then rescale: the same arithmetic as lmpress;
-- dense layers as ``MatMul`` on float32 weights (exact upcasts of bf16/fp16);
+- dense layers as ``MatMul``, and the embeddings, with their weights stored in the model's own
+  dtype (bf16/fp16/fp32: the file is no larger than lmpress's) behind a ``Cast`` to float32 that
+  ONNX Runtime folds once at load (an exact upcast);
 - with ``densify``, sparse, low-rank and codebook layers as the dense weights they compute with (a
   quantized sparse layer stays ``MatMulNBits``, its pruned weights codes that decode to 0).
 
@@ -112,6 +114,27 @@ class _Graph:
         name = self.name(hint)
         self.inits.append(self.onnx.numpy_helper.from_array(array, name))
         return name
+
+    def stored(self, hint: str, t: Tensor) -> str:
+        """An initializer in ``t``'s own dtype (float32, bfloat16 or float16): no bytes added on disk."""
+        t = t.detach().cpu().contiguous()
+        if t.dtype == torch.float32:
+            return self.init(hint, _np(t))
+        kinds = {torch.bfloat16: self.onnx.TensorProto.BFLOAT16, torch.float16: self.onnx.TensorProto.FLOAT16}
+        if t.dtype not in kinds:
+            return self.init(hint, _np(t.float()))
+        name = self.name(hint)
+        raw = t.view(torch.int16).numpy().tobytes()
+        self.inits.append(self.onnx.helper.make_tensor(name, kinds[t.dtype], list(t.shape), raw, raw=True))
+        return name
+
+    def to_float(self, name: str, t: Tensor) -> str:
+        """``name`` (stored from ``t``) as float32: a Cast that ONNX Runtime folds once at load."""
+        return name if t.dtype == torch.float32 else self.op("Cast", [name], to=self.onnx.TensorProto.FLOAT)
+
+    def weight(self, hint: str, t: Tensor) -> str:
+        """A float32 weight kept on disk in its own 16-bit dtype when it has one (exact upcast)."""
+        return self.to_float(self.stored(hint, t), t)
 
     def const(self, values: list[int] | list[float] | float | int, dtype: Any = np.int64) -> str:
         key = (json.dumps(values), np.dtype(dtype).str)
@@ -240,7 +263,7 @@ class _Builder:
                 self.densified.append(name)
         else:
             w = self._dense_weight(m, name)  # (out, in)
-            y = g.op("MatMul", [x, g.init(f"{name}.weight_t", _np(w.float().T))])
+            y = g.op("MatMul", [x, g.weight(f"{name}.weight_t", w.T)])
             self.formats[name] = "MatMul"
         if isinstance(bias, Tensor):
             y = g.op("Add", [y, g.init(f"{name}.bias", _np(bias.float()))])
@@ -365,9 +388,24 @@ def _mask(g: _Graph) -> str:
 
 
 def _rope_tables(model: Any, g: _Graph) -> tuple[str, str]:
-    """cos and sin of every position (the model's own rotary module, so scaled ropes come out
-    right), gathered by ``position_ids``: (B, 1, S, D) each."""
+    """cos and sin at ``position_ids``: (B, 1, S, D) each. Rope types whose frequencies do not
+    depend on the length (default, linear, llama3, yarn) are computed in the graph as transformers
+    does (positions x the model's own ``inv_freq``, times its ``attention_scaling``): no table
+    grows with the context. Others (dynamic, longrope) gather from tables the model's rotary
+    module computed over ``max_position_embeddings``."""
     rotary = model.model.rotary_emb
+    F = g.onnx.TensorProto.FLOAT
+    if getattr(rotary, "rope_type", "default") in ("default", "linear", "llama3", "yarn"):
+        pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=F), g.const([-1])])  # (B, S, 1)
+        freqs = g.op("Mul", [pos, g.init("rope_inv_freq", _np(rotary.inv_freq.float()))])  # (B, S, D/2)
+        emb = g.op("Concat", [freqs, freqs], axis=-1)
+        out = []
+        for fn in ("Cos", "Sin"):
+            t = g.op(fn, [emb])
+            scale = float(rotary.attention_scaling)
+            t = t if scale == 1.0 else g.op("Mul", [t, g.const(scale, np.float32)])
+            out.append(g.op("Unsqueeze", [t, g.const([1])]))
+        return out[0], out[1]
     n = int(model.config.max_position_embeddings)
     probe = torch.zeros(1, 1, dtype=torch.float32)
     with torch.no_grad():
@@ -387,8 +425,8 @@ def _llama(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
         raise ExportError(
             f"{embed_name}: {type(embed).__name__} embeddings have no ONNX form here; keep the embeddings"
         )
-    table = g.init(f"{embed_name}.weight", _np(embed.weight.float()))
-    x = g.op("Gather", [table, "input_ids"], axis=0)
+    table = g.stored(f"{embed_name}.weight", embed.weight)
+    x = g.to_float(g.op("Gather", [table, "input_ids"], axis=0), embed.weight)
     rope = _rope_tables(model, g)
     mask = _mask(g)
     presents = []
@@ -408,7 +446,7 @@ def _llama(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
     x = b.rms_norm(x, norm, norm_name)
     head_name, head = adapter.head()
     tied = getattr(head, "weight", None) is embed.weight
-    return (_tied_head(g, x, table, d) if tied else b.linear(x, head_name)), presents
+    return (_tied_head(g, x, g.to_float(table, embed.weight), d) if tied else b.linear(x, head_name)), presents
 
 
 def _tied_head(g: _Graph, x: str, table: str, d: _Dims) -> str:
@@ -424,9 +462,17 @@ def _gpt2(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
     t = model.transformer
     if not isinstance(t.wte, nn.Embedding) or not isinstance(t.wpe, nn.Embedding):
         raise ExportError("transformer.wte: quantized embeddings have no ONNX form here; keep the embeddings")
-    table = g.init("transformer.wte.weight", _np(t.wte.weight.float()))
-    x = g.op("Gather", [table, "input_ids"], axis=0)
-    x = g.op("Add", [x, g.op("Gather", [g.init("transformer.wpe.weight", _np(t.wpe.weight.float())), "position_ids"])])
+    table = g.stored("transformer.wte.weight", t.wte.weight)
+    x = g.to_float(g.op("Gather", [table, "input_ids"], axis=0), t.wte.weight)
+    x = g.op(
+        "Add",
+        [
+            x,
+            g.to_float(
+                g.op("Gather", [g.stored("transformer.wpe.weight", t.wpe.weight), "position_ids"]), t.wpe.weight
+            ),
+        ],
+    )
     mask = _mask(g)
     presents = []
     for i in range(d.layers):
@@ -442,7 +488,7 @@ def _gpt2(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
         x = g.op("Add", [x, b.linear(_gelu_tanh(g, h), f"{p}.mlp.c_proj")])
     x = b.layer_norm(x, t.ln_f, "transformer.ln_f")
     tied = model.lm_head.weight is t.wte.weight
-    return (_tied_head(g, x, table, d) if tied else b.linear(x, "lm_head")), presents
+    return (_tied_head(g, x, g.to_float(table, t.wte.weight), d) if tied else b.linear(x, "lm_head")), presents
 
 
 def _gelu_tanh(g: _Graph, x: str) -> str:
