@@ -415,10 +415,11 @@ def export_cmd(
 ) -> None:
     """Write a model (lmpress or Hugging Face directory, or builtin) in a runtime's format."""
     from lmpress.api import load
-    from lmpress.export import check_export_output, export
+    from lmpress.export import check_export_output, check_export_source, export
 
     _setup(threads, quiet or as_json)
     check_export_output(to, output, overwrite)  # before loading anything
+    check_export_source(model)
     loaded = load(model, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     report = export(loaded, to, output, requantize=requantize, densify=densify, overwrite=overwrite).to_dict()
     if as_json:

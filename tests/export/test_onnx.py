@@ -115,6 +115,20 @@ def test_the_cache_decodes_like_the_whole_sequence_and_generation_matches(
     assert theirs.shape == (1, 56) and torch.equal(theirs, ours)
 
 
+def test_large_models_keep_their_weights_beside_the_graph(
+    held_out: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past protobuf's 2 GB the weights must live in model.onnx.data: forced here on the built-in model."""
+    import lmpress.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    loaded = _compress([{"method": "rtn", "bits": 4, "group_size": 64}])
+    report = export(loaded, "onnx", tmp_path / "onnx")
+    graph, data = tmp_path / "onnx" / "model.onnx", tmp_path / "onnx" / "model.onnx.data"
+    assert graph.stat().st_size < 200_000 and data.stat().st_size > 0.95 * report.bytes
+    assert _kl_in_ort(loaded, tmp_path / "onnx", held_out) < KL_MAX
+
+
 def test_bytes_follow_the_bits(tmp_path: Path) -> None:
     dense = export("builtin", "onnx", tmp_path / "dense")
     w4 = export(_compress([{"method": "rtn", "bits": 4, "group_size": 128}]), "onnx", tmp_path / "w4")
@@ -227,6 +241,7 @@ def test_cli_export_eval_and_bad_input(tmp_path: Path, monkeypatch: pytest.Monke
     before = sorted(p.name for p in tmp_path.iterdir())
     for args, msg in (
         (["export", str(src), "--to", "onnx", "-o", str(out)], "exists and is not empty"),
+        (["export", str(out), "--to", "gguf", "-o", str(tmp_path / "x.gguf")], "is already an export"),
         (["export", str(src), "--to", "onnx", "-o", str(tmp_path / "m.gguf")], "writes a directory"),
         (["export", str(src), "--to", "onnx", "-o", str(tmp_path / "n"), "--requantize", "q4_k"], "GGUF"),
     ):

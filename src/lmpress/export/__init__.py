@@ -21,7 +21,15 @@ FORMATS = ("gguf", "compressed-tensors", "onnx")
 # the optional package each format needs to be written, and the extra that installs it
 PACKAGES = {"compressed-tensors": ("compressed_tensors", "compressed-tensors"), "onnx": ("onnx", "onnx")}
 
-__all__ = ["FORMATS", "ExportError", "check_export_output", "check_output_file", "default_output", "export"]
+__all__ = [
+    "FORMATS",
+    "ExportError",
+    "check_export_output",
+    "check_export_source",
+    "check_output_file",
+    "default_output",
+    "export",
+]
 
 
 def check_export_output(to: str, path: Path, overwrite: bool = False) -> None:
@@ -43,6 +51,19 @@ def check_export_output(to: str, path: Path, overwrite: bool = False) -> None:
         if path.suffix.lower() in (".gguf", ".onnx", ".json", ".safetensors"):
             raise OutputError(f"{to} export writes a directory; give -o a directory name, not {path.name}")
         check_output_dir(path, overwrite)
+
+
+def check_export_source(model: str | Path | LoadedModel) -> None:
+    """Refuse a model that is itself an export (a GGUF file, an ONNX directory)."""
+    if isinstance(model, LoadedModel):
+        return
+    from lmpress.pipeline import exported_runtime
+
+    if runtime := exported_runtime(model):
+        raise ExportError(
+            f"{model} is already an export (it runs in {runtime}); export the lmpress or Hugging Face "
+            "directory it came from"
+        )
 
 
 def default_output(to: str, output: Path) -> Path:
@@ -87,6 +108,7 @@ def export(
 
     path = Path(path)
     check_export_output(to, path, overwrite)
+    check_export_source(model)
     if requantize is not None and to != "gguf":
         raise ExportError(f"--requantize rounds to GGUF types; {to} export writes lmpress's own codes only")
     if to != "gguf":

@@ -26,6 +26,7 @@ Llama-family models (Llama, Mistral, Qwen2/3) and GPT-2.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -43,7 +44,11 @@ from lmpress.nn.quant_linear import QuantLinear
 
 INSTALL_HINT = "pip install 'lmpress[onnx]'"
 OPSET = 17
-EXTERNAL_DATA_BYTES = 1_500_000_000  # protobuf's 2 GB limit: larger graphs keep their weights beside
+# protobuf's 2 GB limit: a model that could pass 1.5 GB keeps its weights beside the graph, written
+# there as the graph is built (the graph never holds them in memory)
+EXTERNAL_DATA_BYTES = 1_500_000_000
+DATA_FILE = "model.onnx.data"
+INLINE_BYTES = 1024  # smaller tensors (constants, norms) stay in the graph
 NEG = -3.0e38
 
 
@@ -89,8 +94,9 @@ def _np(t: Tensor) -> np.ndarray:
 class _Graph:
     """Nodes and initializers, with unique names."""
 
-    def __init__(self) -> None:
+    def __init__(self, data: Any = None) -> None:
         self.onnx = _onnx()
+        self.data = data  # an open DATA_FILE, or None: every tensor inside the graph
         self.nodes: list[Any] = []
         self.inits: list[Any] = []
         self.n = 0
@@ -112,8 +118,19 @@ class _Graph:
 
     def init(self, hint: str, array: np.ndarray) -> str:
         name = self.name(hint)
-        self.inits.append(self.onnx.numpy_helper.from_array(array, name))
+        self._add(self.onnx.numpy_helper.from_array(array, name))
         return name
+
+    def _add(self, tensor: Any) -> None:
+        """Keep ``tensor``; a large one's bytes go to the external data file (64-byte aligned)."""
+        if self.data is not None and len(tensor.raw_data) > INLINE_BYTES:
+            self.data.write(b"\0" * (-self.data.tell() % 64))
+            offset = self.data.tell()
+            self.data.write(tensor.raw_data)
+            self.onnx.external_data_helper.set_external_data(tensor, DATA_FILE, offset, self.data.tell() - offset)
+            tensor.data_location = self.onnx.TensorProto.EXTERNAL
+            tensor.ClearField("raw_data")
+        self.inits.append(tensor)
 
     def stored(self, hint: str, t: Tensor) -> str:
         """An initializer in ``t``'s own dtype (float32, bfloat16 or float16): no bytes added on disk."""
@@ -125,7 +142,7 @@ class _Graph:
             return self.init(hint, _np(t.float()))
         name = self.name(hint)
         raw = t.view(torch.int16).numpy().tobytes()
-        self.inits.append(self.onnx.helper.make_tensor(name, kinds[t.dtype], list(t.shape), raw, raw=True))
+        self._add(self.onnx.helper.make_tensor(name, kinds[t.dtype], list(t.shape), raw, raw=True))
         return name
 
     def to_float(self, name: str, t: Tensor) -> str:
@@ -223,8 +240,8 @@ def check_linear(name: str, m: nn.Module, densify: bool) -> None:
 
 
 class _Builder:
-    def __init__(self, model: Any, densify: bool) -> None:
-        self.g = _Graph()
+    def __init__(self, model: Any, densify: bool, data: Any = None) -> None:
+        self.g = _Graph(data)
         self.model: Any = model
         self.head_norms = False  # Qwen3: an RMSNorm over each query and key head
         self.densify = densify
@@ -502,8 +519,9 @@ def _gelu_tanh(g: _Graph, x: str) -> str:
     )
 
 
-def build_graph(model: nn.Module, densify: bool = False) -> tuple[Any, _Builder]:
-    """The decoder as an ONNX ModelProto (weights inside), and the builder's record of each layer."""
+def build_graph(model: nn.Module, densify: bool = False, data: Any = None) -> tuple[Any, _Builder]:
+    """The decoder as an ONNX ModelProto, and the builder's record of each layer; the weights
+    inside it, or written to ``data`` (an open file named DATA_FILE) as they are met."""
     onnx = _onnx()
     model_type = getattr(model.config, "model_type", None)
     if model_type not in ("llama", "mistral", "qwen2", "qwen3", "gpt2"):
@@ -513,7 +531,7 @@ def build_graph(model: nn.Module, densify: bool = False) -> tuple[Any, _Builder]
     if model_type == "gpt2" and not getattr(model.config, "scale_attn_weights", True):
         raise ExportError("GPT-2 without scale_attn_weights is not exported to onnx")
     d = _dims(model)
-    b = _Builder(model, densify)
+    b = _Builder(model, densify, data)
     first = model.get_submodule(Adapter(model).block_name(0))
     b.head_norms = model_type != "gpt2" and hasattr(first.self_attn, "q_norm")
     logits, presents = (_gpt2 if model_type == "gpt2" else _llama)(b, d)
@@ -554,18 +572,13 @@ def export_onnx(
     from lmpress.export.onnx_runtime import PARAMETERS_KEY
     from lmpress.io import atomic_dir
 
-    with torch.no_grad():
-        proto, b = build_graph(model, densify)
-    onnx.helper.set_model_props(proto, {PARAMETERS_KEY: str(count_parameters(model))})
+    params = count_parameters(model)
+    external = 4 * params > EXTERNAL_DATA_BYTES  # float32 bounds every tensor written
     with atomic_dir(out, overwrite) as tmp:
-        large = proto.ByteSize() > EXTERNAL_DATA_BYTES
-        onnx.save_model(
-            proto,
-            str(tmp / "model.onnx"),
-            save_as_external_data=large,
-            location="model.onnx.data",
-            all_tensors_to_one_file=True,
-        )
+        with torch.no_grad(), open(tmp / DATA_FILE, "wb") if external else contextlib.nullcontext() as data:
+            proto, b = build_graph(model, densify, data)
+        onnx.helper.set_model_props(proto, {PARAMETERS_KEY: str(params)})
+        onnx.save_model(proto, str(tmp / "model.onnx"))
         model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
         generation = getattr(model, "generation_config", None)
         if generation is not None:
