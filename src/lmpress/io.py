@@ -205,6 +205,16 @@ def save(
     return out
 
 
+def save_companions(model: nn.Module, tokenizer: Any, out: Path) -> None:
+    """What goes beside any model's weights: its config, generation config and tokenizer."""
+    model.config.save_pretrained(out)  # type: ignore[union-attr,operator]
+    generation = getattr(model, "generation_config", None)
+    if generation is not None:
+        generation.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
 def save_streamed_dir(
     model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
@@ -214,12 +224,7 @@ def save_streamed_dir(
 
     with atomic_dir(out, overwrite) as tmp:
         formats = save_streamed(model, tmp)
-        model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_companions(model, tokenizer, tmp)
         record = {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),

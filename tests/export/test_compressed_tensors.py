@@ -12,12 +12,11 @@ import torch
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-import lmpress
 from lmpress.cli import app
-from lmpress.data import load_documents, select_split, tokenize_documents
 from lmpress.export import ExportError, export
 from lmpress.models.loading import LoadedModel
 from lmpress.nn.quant_linear import QuantLinear
+from tests.export.helpers import compress, exact_fp32, held_out_windows, kl
 
 pytest.importorskip("compressed_tensors")
 
@@ -26,30 +25,7 @@ KL_MAX = 1e-5  # per token, against lmpress's own float32 forward of the same mo
 
 @pytest.fixture(scope="module")
 def held_out() -> torch.Tensor:
-    """Two 128-token windows of evaluation-split text."""
-    tok = lmpress.load("builtin", device="cpu").tokenizer
-    docs = select_split(load_documents("stdlib"), "eval")[:3]
-    return tokenize_documents(docs, tok)[1000:1256].view(2, 128)
-
-
-def _compress(stages: list[dict[str, object]], model: str | Path = "builtin") -> LoadedModel:
-    r = lmpress.compress(model, {"stages": stages}, lmpress.DataOptions(calib_windows=8, seq_len=128), run_eval=False)
-    return LoadedModel(r.model, r.tokenizer, str(model), Path("."))
-
-
-def _kl(a: torch.Tensor, b: torch.Tensor) -> float:
-    la, lb = a.float().log_softmax(-1), b.float().log_softmax(-1)
-    return float((la.exp() * (la - lb)).sum(-1).mean())
-
-
-def _exact_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    """lmpress's forward in float32 through its dequantizing path (the CPU int4/int8 kernels compute
-    in bfloat16): what the layers' codes, scales and zeros mean, with no rounding of the runtime's."""
-    model = model.float()
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and m.act_bits is None:
-            m._kernel = ("dequant", None)
-    return model
+    return held_out_windows()
 
 
 def _check_in_transformers(loaded: LoadedModel, out: Path, ids: torch.Tensor) -> float:
@@ -59,7 +35,7 @@ def _check_in_transformers(loaded: LoadedModel, out: Path, ids: torch.Tensor) ->
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ours_model = _exact_fp32(loaded.model)
+    ours_model = exact_fp32(loaded.model)
     with torch.no_grad():
         ours = ours_model(input_ids=ids).logits
         theirs = model(input_ids=ids).logits
@@ -67,7 +43,7 @@ def _check_in_transformers(loaded: LoadedModel, out: Path, ids: torch.Tensor) ->
         if isinstance(m, QuantLinear):
             theirs_w, ours_w = model.get_submodule(name).weight, m.dequantize_weight(torch.float32)
             assert torch.allclose(theirs_w, ours_w, rtol=2**-11, atol=0), name
-    return _kl(ours, theirs)
+    return kl(ours, theirs)
 
 
 @pytest.mark.parametrize(
@@ -83,7 +59,7 @@ def _check_in_transformers(loaded: LoadedModel, out: Path, ids: torch.Tensor) ->
 def test_transformers_loads_the_same_model(
     stages: list[dict[str, object]], layout: str, held_out: torch.Tensor, tmp_path: Path
 ) -> None:
-    loaded = _compress(stages)
+    loaded = compress(stages)
     out = tmp_path / "ct"
     report = export(loaded, "compressed-tensors", out)
     assert report.type_counts() == {layout: 28}  # every block linear; the head stays dense
@@ -114,7 +90,7 @@ def test_transformers_loads_the_same_model(
 
 def test_bytes_follow_the_bits(tmp_path: Path) -> None:
     dense = export("builtin", "compressed-tensors", tmp_path / "dense")
-    w4 = export(_compress([{"method": "rtn", "bits": 4, "group_size": 128}]), "compressed-tensors", tmp_path / "w4")
+    w4 = export(compress([{"method": "rtn", "bits": 4, "group_size": 128}]), "compressed-tensors", tmp_path / "w4")
     assert dense.quantization_format == "dense" and w4.quantization_format == "pack-quantized"
     # the blocks' linears go from 16 bits to 4 + a float16 scale and a 4-bit zero per 128; the
     # embeddings and the head stay bfloat16
@@ -125,20 +101,20 @@ def test_bytes_follow_the_bits(tmp_path: Path) -> None:
 def test_families(trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """Qwen2 quantized; GPT-2 dense (bf16) loads, and its quantized Conv1D layers are refused."""
     ids = torch.arange(64)[None] % 500
-    qwen = _compress([{"method": "rtn", "bits": 4, "group_size": 32}], trained_dir("qwen2"))
+    qwen = compress([{"method": "rtn", "bits": 4, "group_size": 32}], trained_dir("qwen2"))
     export(qwen, "compressed-tensors", tmp_path / "qwen")
     assert _check_in_transformers(qwen, tmp_path / "qwen", ids) < KL_MAX
-    gpt2 = _compress([{"method": "cast", "dtype": "bfloat16"}], trained_dir("gpt2"))
+    gpt2 = compress([{"method": "cast", "dtype": "bfloat16"}], trained_dir("gpt2"))
     export(gpt2, "compressed-tensors", tmp_path / "gpt2")
     assert _check_in_transformers(gpt2, tmp_path / "gpt2", ids) < KL_MAX
-    w4 = _compress([{"method": "rtn", "bits": 4, "group_size": 32}], trained_dir("gpt2"))
+    w4 = compress([{"method": "rtn", "bits": 4, "group_size": 32}], trained_dir("gpt2"))
     with pytest.raises(ExportError, match=r"transformer\.h\.0\.attn\.c_attn: GPT-2's Conv1D .* gguf or onnx"):
         export(w4, "compressed-tensors", tmp_path / "gpt2-w4")
     assert not (tmp_path / "gpt2-w4").exists()
 
 
 def test_quantized_sparse_layers_densify_to_exact_zeros(held_out: torch.Tensor, tmp_path: Path) -> None:
-    loaded = _compress([{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "bits": 4, "group_size": 128}])
+    loaded = compress([{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "bits": 4, "group_size": 128}])
     with pytest.raises(ExportError, match="no sparse layout.*--densify"):
         export(loaded, "compressed-tensors", tmp_path / "s")
     report = export(loaded, "compressed-tensors", tmp_path / "s", densify=True)
@@ -159,7 +135,7 @@ def test_quantized_sparse_layers_densify_to_exact_zeros(held_out: torch.Tensor, 
 def test_layouts_the_format_cannot_hold_are_refused(
     stages: list[dict[str, object]], match: str, tmp_path: Path
 ) -> None:
-    loaded = _compress(stages)
+    loaded = compress(stages)
     with pytest.raises(ExportError, match=match):
         export(loaded, "compressed-tensors", tmp_path / "x")
     assert not list(tmp_path.iterdir())

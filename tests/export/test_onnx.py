@@ -13,12 +13,11 @@ from typer.testing import CliRunner
 
 import lmpress
 from lmpress.cli import app
-from lmpress.data import load_documents, select_split, tokenize_documents
 from lmpress.evaluation import count_parameters
 from lmpress.export import ExportError, export
 from lmpress.io import weight_bytes
 from lmpress.models.loading import LoadedModel
-from lmpress.nn.quant_linear import QuantLinear
+from tests.export.helpers import compress, exact_fp32, held_out_windows, kl
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -34,39 +33,16 @@ KL_W8A8 = 1e-3
 
 @pytest.fixture(scope="module")
 def held_out() -> torch.Tensor:
-    """Two 128-token windows of evaluation-split text."""
-    tok = lmpress.load("builtin", device="cpu").tokenizer
-    docs = select_split(load_documents("stdlib"), "eval")[:3]
-    return tokenize_documents(docs, tok)[1000:1256].view(2, 128)
-
-
-def _compress(stages: list[dict[str, object]], model: str | Path = "builtin") -> LoadedModel:
-    r = lmpress.compress(model, {"stages": stages}, lmpress.DataOptions(calib_windows=8, seq_len=128), run_eval=False)
-    return LoadedModel(r.model, r.tokenizer, str(model), Path("."))
-
-
-def _kl(a: torch.Tensor, b: torch.Tensor) -> float:
-    la, lb = a.float().log_softmax(-1), b.float().log_softmax(-1)
-    return float((la.exp() * (la - lb)).sum(-1).mean())
-
-
-def _exact_fp32(model: torch.nn.Module) -> torch.nn.Module:
-    """lmpress's forward in float32 through its dequantizing path (its CPU int4 kernel computes in
-    bfloat16): what the codes, scales and zeros mean, with no rounding of the runtime's."""
-    model = model.float()
-    for m in model.modules():
-        if isinstance(m, QuantLinear) and m.act_bits is None:
-            m._kernel = ("dequant", None)
-    return model
+    return held_out_windows()
 
 
 def _kl_in_ort(loaded: LoadedModel, out: Path, ids: torch.Tensor) -> float:
     """KL per token between lmpress's float32 logits and ONNX Runtime's of the exported graph."""
-    ours_model = _exact_fp32(loaded.model)
+    ours_model = exact_fp32(loaded.model)
     with torch.no_grad():
         ours = ours_model(input_ids=ids).logits
     theirs = OnnxModel(out)(input_ids=ids).logits
-    return _kl(ours, theirs)
+    return kl(ours, theirs)
 
 
 @pytest.mark.parametrize(
@@ -84,7 +60,7 @@ def _kl_in_ort(loaded: LoadedModel, out: Path, ids: torch.Tensor) -> float:
 def test_onnx_runtime_computes_what_lmpress_computes(
     stages: list[dict[str, object]], layout: str, held_out: torch.Tensor, tmp_path: Path
 ) -> None:
-    loaded = _compress(stages)
+    loaded = compress(stages)
     report = export(loaded, "onnx", tmp_path / "onnx")
     assert report.type_counts() == {layout: 28, "MatMul": 1}  # every block linear; the head stays dense
     assert _kl_in_ort(loaded, tmp_path / "onnx", held_out) < (KL_W8A8 if "w8a8" in layout else KL_MAX)
@@ -94,7 +70,7 @@ def test_onnx_runtime_computes_what_lmpress_computes(
 def test_the_cache_decodes_like_the_whole_sequence_and_generation_matches(
     held_out: torch.Tensor, tmp_path: Path
 ) -> None:
-    loaded = _compress([{"method": "gptq", "bits": 4, "group_size": 128}])
+    loaded = compress([{"method": "gptq", "bits": 4, "group_size": 128}])
     export(loaded, "onnx", tmp_path / "onnx")
     ort_model = OnnxModel(tmp_path / "onnx")
     ids = held_out[:, :40]
@@ -109,7 +85,7 @@ def test_the_cache_decodes_like_the_whole_sequence_and_generation_matches(
 
     prompt = held_out[:1, :24]
     theirs = ort_model.generate(prompt, max_new_tokens=32)
-    ours = _exact_fp32(loaded.model).generate(  # type: ignore[operator]
+    ours = exact_fp32(loaded.model).generate(  # type: ignore[operator]
         prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=32, do_sample=False, pad_token_id=0
     )
     assert theirs.shape == (1, 56) and torch.equal(theirs, ours)
@@ -122,7 +98,7 @@ def test_large_models_keep_their_weights_beside_the_graph(
     import lmpress.export.onnx as onnx_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
-    loaded = _compress([{"method": "rtn", "bits": 4, "group_size": 64}])
+    loaded = compress([{"method": "rtn", "bits": 4, "group_size": 64}])
     report = export(loaded, "onnx", tmp_path / "onnx")
     graph, data = tmp_path / "onnx" / "model.onnx", tmp_path / "onnx" / "model.onnx.data"
     assert graph.stat().st_size < 200_000 and data.stat().st_size > 0.95 * report.bytes
@@ -131,7 +107,7 @@ def test_large_models_keep_their_weights_beside_the_graph(
 
 def test_bytes_follow_the_bits(tmp_path: Path) -> None:
     dense = export("builtin", "onnx", tmp_path / "dense")
-    w4 = export(_compress([{"method": "rtn", "bits": 4, "group_size": 128}]), "onnx", tmp_path / "w4")
+    w4 = export(compress([{"method": "rtn", "bits": 4, "group_size": 128}]), "onnx", tmp_path / "w4")
     # the blocks' linears go from bfloat16 (stored as the model holds them) to 4 bits + a float32
     # scale and a 4-bit zero per 128; the embeddings and the head stay bfloat16
     weights = 4 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512)  # q, o; k, v; gate, up, down
@@ -179,7 +155,7 @@ def test_families(trained_dir: Callable[[str], Path], tokenizer: object, tmp_pat
         (_tiny("llama", tmp_path, tokenizer, "-dyn", rope_parameters=dynamic), {"bits": 4, "group_size": 64}),
     ]
     for i, (src, quant) in enumerate(cases):
-        loaded = _compress([{"method": "rtn", **quant}], src)
+        loaded = compress([{"method": "rtn", **quant}], src)
         out = tmp_path / f"onnx-{i}"
         report = export(loaded, "onnx", out)
         assert sum(n for f, n in report.type_counts().items() if f.startswith("MatMulNBits")) >= 8, report.formats
@@ -193,7 +169,7 @@ def test_families(trained_dir: Callable[[str], Path], tokenizer: object, tmp_pat
 
 
 def test_quantized_sparse_layers_densify_to_exact_zeros(held_out: torch.Tensor, tmp_path: Path) -> None:
-    loaded = _compress([{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "bits": 4, "group_size": 128}])
+    loaded = compress([{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "bits": 4, "group_size": 128}])
     with pytest.raises(ExportError, match="no sparse MatMul.*--densify"):
         export(loaded, "onnx", tmp_path / "s")
     report = export(loaded, "onnx", tmp_path / "s", densify=True)
@@ -213,7 +189,7 @@ def test_quantized_sparse_layers_densify_to_exact_zeros(held_out: torch.Tensor, 
     ],
 )
 def test_layouts_onnx_cannot_hold_are_refused(stages: list[dict[str, object]], match: str, tmp_path: Path) -> None:
-    loaded = _compress(stages)
+    loaded = compress(stages)
     with pytest.raises(ExportError, match=match):
         export(loaded, "onnx", tmp_path / "x")
     assert not list(tmp_path.iterdir())

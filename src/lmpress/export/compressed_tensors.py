@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.export.walk import ExportError
+from lmpress.export.walk import ExportError, count_types
 from lmpress.models.adapters import is_conv1d
 from lmpress.nn.quant_linear import QuantLinear
 
@@ -52,10 +52,7 @@ class CTReport:
     quantization_format: str = "dense"
 
     def type_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for f in self.formats.values():
-            out[f] = out.get(f, 0) + 1
-        return out
+        return count_types(self.formats)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -368,7 +365,7 @@ def export_compressed_tensors(
     require_package()
     from compressed_tensors.compressors import ModelCompressor
 
-    from lmpress.io import atomic_dir, weight_bytes
+    from lmpress.io import atomic_dir, save_companions, weight_bytes
 
     schemes, densified = plan(model, densify)
     tensors = state_dict(model, schemes, densified)
@@ -376,16 +373,10 @@ def export_compressed_tensors(
     qconfig = quantization_config(model, schemes)
     with atomic_dir(out, overwrite) as tmp:
         write_shards(tensors, tmp)
-        config = model.config
         dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and not k.endswith("weight_scale")}
-        config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
+        save_companions(model, tokenizer, tmp)
         if len(dtypes) == 1:  # the dtype transformers loads in: that of the dense tensors
             _set_dtype(tmp / "config.json", dtypes.pop())
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
         if qconfig is not None:
             ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
             if any(not sc.symmetric and not sc.act_bits for sc in schemes.values()):

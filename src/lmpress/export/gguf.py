@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lmpress.export.gguf_file import BF16, F16, F32, U32, TensorSpec, write_gguf
 from lmpress.export.vocab import tokenizer_metadata
-from lmpress.export.walk import ExportError, Part, model_parts
+from lmpress.export.walk import ExportError, Part, count_types, model_parts
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
@@ -77,10 +77,7 @@ class GGUFReport:
     requantize_kl: float | None = None  # KL(model || requantized model) per token, measured
 
     def type_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for t in self.types.values():
-            out[t] = out.get(t, 0) + 1
-        return out
+        return count_types(self.types)
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmpress.export.walk import ExportError
+from lmpress.export.walk import ExportError, count_types
 from lmpress.models.adapters import Adapter
 from lmpress.nn.packing import pack
 from lmpress.nn.quant_linear import QuantLinear
@@ -62,10 +62,7 @@ class OnnxReport:
     densified: list[str] = field(default_factory=list)
 
     def type_counts(self) -> dict[str, int]:
-        out: dict[str, int] = {}
-        for f in self.formats.values():
-            out[f] = out.get(f, 0) + 1
-        return out
+        return count_types(self.formats)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -117,33 +114,35 @@ class _Graph:
         return outs
 
     def init(self, hint: str, array: np.ndarray) -> str:
-        name = self.name(hint)
-        self._add(self.onnx.numpy_helper.from_array(array, name))
-        return name
+        array = np.ascontiguousarray(array)
+        return self._add(hint, self.onnx.helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape), array)
 
-    def _add(self, tensor: Any) -> None:
-        """Keep ``tensor``; a large one's bytes go to the external data file (64-byte aligned)."""
-        if self.data is not None and len(tensor.raw_data) > INLINE_BYTES:
+    def _add(self, hint: str, data_type: int, dims: list[int], array: np.ndarray) -> str:
+        """An initializer of ``array``'s bytes (little-endian, as ONNX stores them). A large one goes
+        straight from the array to the external data file (64-byte aligned), never through the
+        graph: protobuf frees a message's bytes only with the whole graph."""
+        name = self.name(hint)
+        tensor = self.onnx.TensorProto(name=name, data_type=data_type, dims=dims)
+        if self.data is not None and array.nbytes > INLINE_BYTES:
             self.data.write(b"\0" * (-self.data.tell() % 64))
             offset = self.data.tell()
-            self.data.write(tensor.raw_data)
-            self.onnx.external_data_helper.set_external_data(tensor, DATA_FILE, offset, self.data.tell() - offset)
+            self.data.write(array.reshape(-1).view(np.uint8).data)
             tensor.data_location = self.onnx.TensorProto.EXTERNAL
-            tensor.ClearField("raw_data")
+            for key, value in (("location", DATA_FILE), ("offset", offset), ("length", array.nbytes)):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, str(value)
+        else:
+            tensor.raw_data = array.tobytes()
         self.inits.append(tensor)
+        return name
 
     def stored(self, hint: str, t: Tensor) -> str:
         """An initializer in ``t``'s own dtype (float32, bfloat16 or float16): no bytes added on disk."""
         t = t.detach().cpu().contiguous()
-        if t.dtype == torch.float32:
-            return self.init(hint, _np(t))
         kinds = {torch.bfloat16: self.onnx.TensorProto.BFLOAT16, torch.float16: self.onnx.TensorProto.FLOAT16}
         if t.dtype not in kinds:
             return self.init(hint, _np(t.float()))
-        name = self.name(hint)
-        raw = t.view(torch.int16).numpy().tobytes()
-        self._add(self.onnx.helper.make_tensor(name, kinds[t.dtype], list(t.shape), raw, raw=True))
-        return name
+        return self._add(hint, kinds[t.dtype], list(t.shape), t.view(torch.int16).numpy())
 
     def to_float(self, name: str, t: Tensor) -> str:
         """``name`` (stored from ``t``) as float32: a Cast that ONNX Runtime folds once at load."""
@@ -570,7 +569,7 @@ def export_onnx(
     onnx = _onnx()
     from lmpress.evaluation import count_parameters
     from lmpress.export.onnx_runtime import PARAMETERS_KEY
-    from lmpress.io import atomic_dir
+    from lmpress.io import atomic_dir, save_companions
 
     params = count_parameters(model)
     external = 4 * params > EXTERNAL_DATA_BYTES  # float32 bounds every tensor written
@@ -579,11 +578,6 @@ def export_onnx(
             proto, b = build_graph(model, densify, data)
         onnx.helper.set_model_props(proto, {PARAMETERS_KEY: str(params)})
         onnx.save_model(proto, str(tmp / "model.onnx"))
-        model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]
-        generation = getattr(model, "generation_config", None)
-        if generation is not None:
-            generation.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        save_companions(model, tokenizer, tmp)
         size = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
     return OnnxReport(out, size, b.formats, b.densified)

@@ -9,6 +9,7 @@ have no export form unless asked to write them dense.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from torch import Tensor, nn
@@ -193,3 +194,8 @@ def model_parts(model: nn.Module, densify: bool = False) -> list[Part]:
     raise ExportError(
         f"{adapter.model_type} models are not exported yet; lmpress exports llama, mistral, qwen2, qwen3, gpt2"
     )
+
+
+def count_types(types: dict[str, str]) -> dict[str, int]:
+    """How many modules (or tensors) an export wrote as each type: {type: count}."""
+    return dict(Counter(types.values()))
