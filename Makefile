@@ -2,7 +2,7 @@
 #   make demo   create .venv, install everything, compress and evaluate the built-in model
 #   make test   create .venv, install everything, run the test suite
 #   make lint   ruff check, ruff format --check, mypy
-#   EXTRAS=dev,gguf,compressed-tensors,onnx make test   also install the export runtimes (llama.cpp, compressed-tensors, ONNX Runtime)
+#   EXTRAS=dev,gguf,compressed-tensors,onnx,federated make test   also the export runtimes and Flower
 PYTHON ?= python3
 EXTRAS ?= dev
 VENV ?= .venv

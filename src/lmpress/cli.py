@@ -293,6 +293,14 @@ def compress(
         bool,
         typer.Option("--stream/--no-stream", help="post-training recipes read and write one block at a time"),
     ] = True,
+    clients: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--clients",
+            help="federated stages: each client's data directory (repeat --clients, or a,b,c); "
+            "the data stays with its client process",
+        ),
+    ] = None,
 ) -> None:
     """Compress a model with a recipe, measure it against the original, and save it.
 
@@ -328,6 +336,7 @@ def compress(
         samples=samples if run_eval else 0,
         max_memory=budget,
         stream=None if stream else False,
+        clients=[Path(c) for arg in clients or [] for c in arg.split(",") if c] or None,
     )
     exported = None
     if export_path is not None and result.output is not None:

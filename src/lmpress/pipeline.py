@@ -206,6 +206,7 @@ def compress(
     work_dir: Path | None = None,
     max_memory: int | None = None,
     stream: bool | None = None,
+    clients: list[Path] | None = None,
 ) -> Result:
     """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given.
 
@@ -216,6 +217,7 @@ def compress(
     ``max_memory``: the budget in bytes (default: what the machine has available); a run whose
     estimated peak is over it stops before any work. ``stream``: post-training recipes with an
     ``output`` stream the model block by block from disk (`lmpress.streamed_run`) unless False.
+    ``clients``: each client's data directory, for a ``federated`` stage (`lmpress.federated`).
     """
     from lmpress.distill.train import world
     from lmpress.errors import LmpressError
@@ -227,6 +229,12 @@ def compress(
             "exported from, then export the result"
         )
     recipe = load_recipe(recipe)
+    if clients:
+        from lmpress.federated.stage import check_clients
+
+        for stage in recipe.stages:
+            if stage.method == "federated":
+                check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     if output is not None:
         check_output_dir(output, overwrite)
@@ -281,6 +289,7 @@ def compress(
         progress=progress,
         work_dir=work_dir or work_dir_for(output),
         corpus=lambda: [d.text for d in load_documents(data.source, pattern=data.pattern, text_field=data.text_field)],
+        clients=[Path(c) for c in clients] if clients else None,
     )
     # read the tokenizer when the data is needed: a vocabulary stage may have replaced it
     ctx.calibration = lambda: data.load(ctx.tokenizer, "calib", data.calib_windows)

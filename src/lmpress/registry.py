@@ -41,6 +41,7 @@ class Context:
     work_dir: Path | None = None  # where training stages keep checkpoints (resume) and curves
     corpus: Callable[[], list[str]] | None = None  # every text of the run's data source (all splits)
     token_map: Tensor | None = None  # original id -> current id (-1: dropped), once a stage pruned the vocabulary
+    clients: list[Path] | None = None  # federated stages: each client's data directory
     _calib: TokenData | None = field(default=None, repr=False)
     _train: TokenData | None = field(default=None, repr=False)
 
@@ -96,11 +97,12 @@ def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
     from lmpress import cluster, lowrank, share, vocab
     from lmpress.distill import kd, qat
+    from lmpress.federated import stage as federated
     from lmpress.prune import hidden, layers, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD, layers.METHOD]
     found += [hidden.METHOD, lowrank.METHOD, cluster.METHOD, share.METHOD, vocab.METHOD]
-    found += [kd.METHOD, qat.METHOD]
+    found += [kd.METHOD, qat.METHOD, federated.METHOD]
     return {m.name: m for m in found}

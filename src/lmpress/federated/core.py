@@ -1,0 +1,222 @@
+"""Federated recovery without the transport: what a client does in a round, and how the server
+combines what the clients send back.
+
+A client holds the compressed student (the same directory as the server's), the teacher and its
+own text. Each round it receives the trainable parameters of the global model (LoRA adapters,
+quantization scales, or the float weights a recipe keeps trainable, never frozen codes), evaluates
+them on its held-out split, trains ``local_steps`` on its training split against the teacher
+(distillation, with FedProx's proximal term when asked), and returns the new parameters with the
+number of tokens it trained on. The server averages them weighted by tokens (FedAvg, also the
+aggregation of FedProx) or moves the global model with Adam along the average change (FedAdam,
+Reddi et al. 2021, arXiv:2003.00295). `lmpress.federated.apps` carries these over Flower.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from lmpress.distill.kd import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
+from lmpress.distill.train import TrainConfig, TrainError, lr_at, train
+from lmpress.distill.trainable import make_trainable, restore_compressed
+from lmpress.registry import Context, MethodConfig
+
+
+class FederatedConfig(MethodConfig):
+    """Run a distillation stage as federated rounds over clients that keep their data."""
+
+    method: Literal["federated"] = "federated"
+    train: DistillConfig = Field(default_factory=lambda: DistillConfig.model_validate({"lora_rank": 8}))  # per client
+    rounds: int = Field(5, ge=1)
+    local_steps: int = Field(20, ge=1)  # optimizer steps per client per round
+    aggregation: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    prox_mu: float = Field(0.01, ge=0)  # FedProx: weight of ||w - w_global||^2 / 2 in each client's loss
+    server_lr: float = Field(1e-2, gt=0)  # FedAdam's step
+    min_clients: int = Field(2, ge=1)  # a round needs this many replies
+    secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum
+    dp_clip: float | None = Field(None, gt=0)  # client-side DP: clip each update's L2 norm to this
+    dp_noise: float | None = Field(None, ge=0)  # ... and add Gaussian noise of this multiplier x clip
+    seq_len: int = Field(256, ge=8)
+    eval_windows: int = Field(16, ge=1)  # each client's held-out windows per evaluation
+
+
+# ---- the client's side ----------------------------------------------------------------------------
+
+
+@dataclass
+class ClientData:
+    """One client's token windows: training and held-out, with what they were cut from."""
+
+    train: Tensor  # (N, T)
+    held_out: Tensor  # (M, T)
+    tokens: int
+    sha256: str
+
+
+def client_data(tokenizer: Any, source: Path, seq_len: int, eval_windows: int) -> ClientData:
+    """The client's text split as lmpress splits any source (by document); a client whose few
+    documents all fall in the training split holds out its last windows instead (a tenth, at
+    least one, at most ``eval_windows``)."""
+    from lmpress.data import load_documents, select_split, tokenize_documents, windows
+
+    docs = load_documents(source)
+    if not any(d.text.strip() for d in docs):
+        raise TrainError(f"client data {source} has no text; give each client a directory of text files")
+    train_docs, held_docs = select_split(docs, "train"), select_split(docs, "eval")
+    train_w = windows(tokenize_documents(train_docs or docs, tokenizer), seq_len)
+    if held_docs:
+        held = windows(tokenize_documents(held_docs, tokenizer), seq_len, eval_windows)
+    else:
+        n = min(eval_windows, max(1, train_w.shape[0] // 10))
+        train_w, held = train_w[:-n], train_w[-n:]
+    if train_w.shape[0] < 1 or held.shape[0] < 1:
+        raise TrainError(f"client data {source} has fewer than two windows of {seq_len} tokens; give it more text")
+    from lmpress.data import content_hash
+
+    return ClientData(train_w, held, int(train_w.numel()), content_hash(docs))
+
+
+class Student:
+    """The compressed model made trainable once, with its teacher, for many rounds."""
+
+    def __init__(self, model: nn.Module, config: DistillConfig, ctx: Context) -> None:
+        self.model = model
+        self.config = config
+        teacher = load_teacher(config, model, ctx)
+        self.dtype = next(model.parameters()).dtype
+        self.swapped = make_trainable(model, config.codes, config.lora_rank)
+        model.float()
+        self.distiller = Distiller(
+            model, teacher, config.temperature, config.kl_weight, config.ce_weight, config.hidden_weight
+        ).to(ctx.device)
+        self.named = _trainable_parameters(self.distiller, lora=config.lora_rank > 0)
+        self.device = ctx.device
+
+    def state(self) -> dict[str, Tensor]:
+        """The trainable parameters, detached copies on CPU (what travels)."""
+        return {n: p.detach().float().cpu().clone() for n, p in self.named.items()}
+
+    def load(self, state: dict[str, Tensor]) -> None:
+        if set(state) != set(self.named):
+            missing, extra = sorted(set(self.named) - set(state)), sorted(set(state) - set(self.named))
+            raise TrainError(
+                f"the parameters sent do not fit this model (missing {missing[:3]}, unknown {extra[:3]}); "
+                "server and clients must start from the same compressed model and recipe"
+            )
+        with torch.no_grad():
+            for n, p in self.named.items():
+                p.copy_(state[n].to(p.device, p.dtype))
+
+    def loss(self, windows: Tensor) -> float:
+        """Mean distillation loss on held-out ``windows`` (what the stage minimizes)."""
+        self.model.eval()
+        total, n = 0.0, 0
+        with torch.no_grad():
+            for i in range(0, windows.shape[0], 8):
+                batch = windows[i : i + 8].to(self.device)
+                value, _ = self.distiller.loss(batch)
+                total += float(value) * batch.shape[0]
+                n += batch.shape[0]
+        return total / max(n, 1)
+
+    def fit(self, windows: Tensor, steps: int, lr: float, seed: int, prox_mu: float = 0.0) -> tuple[float, int]:
+        """``steps`` local optimizer steps from the current parameters: (last loss, tokens trained on)."""
+        anchor = {n: p.detach().clone() for n, p in self.named.items()} if prox_mu else {}
+
+        def loss_fn(ids: Tensor) -> tuple[Tensor, dict[str, float]]:
+            value, parts = self.distiller.loss(ids)
+            if prox_mu:
+                prox = sum(((p - anchor[n]) ** 2).sum() for n, p in self.named.items())
+                value = value + prox_mu / 2 * prox
+            return value, parts
+
+        cfg = TrainConfig(
+            **{
+                **train_config(self.config).model_dump(),
+                "steps": steps,
+                "lr": lr,
+                "warmup": 0.0,
+                "min_lr_ratio": 1.0,
+                "eval_every": steps + 1,
+                "keep_best": False,
+                "seed": seed,
+                "batch_size": min(self.config.batch_size, windows.shape[0]),
+            }
+        )
+        self.model.train()
+        result = train(self.named, loss_fn, windows, cfg, resume=False)
+        self.model.eval()
+        return (float(result.history[-1]["loss"]) if result.history else float("nan")), result.tokens
+
+    def finish(self) -> None:
+        """Back to the compressed formats (LoRA kept beside the codes, or merged), in the model's dtype."""
+        self.model.eval()
+        restore_compressed(self.model, self.swapped, merge_quantized=self.config.lora_merge == "requantize")
+        self.model.to(self.dtype)
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+
+def round_lr(config: FederatedConfig, server_round: int) -> float:
+    """The learning rate of a round: the wrapped stage's warm-up and cosine schedule over all rounds."""
+    total = config.rounds * config.local_steps
+    step = (server_round - 1) * config.local_steps
+    warmup = int(config.train.warmup * total)
+    return lr_at(step, total, config.train.lr, warmup, config.train.min_lr_ratio)
+
+
+def fingerprint_model(model: nn.Module, tokenizer: Any) -> str:
+    """What server and clients must share: the model's tensors' shapes and sums, and the vocabulary."""
+    with torch.no_grad():
+        parts = [(n, list(t.shape), round(float(t.double().sum()), 3)) for n, t in model.state_dict().items()]
+    vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
+    return hashlib.sha256(json.dumps([parts, vocab]).encode()).hexdigest()[:16]
+
+
+# ---- the server's side ----------------------------------------------------------------------------
+
+
+def nbytes(state: dict[str, Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in state.values())
+
+
+def weighted_mean(states: list[dict[str, Tensor]], weights: list[float]) -> dict[str, Tensor]:
+    """FedAvg: the parameters averaged with ``weights`` (tokens trained on)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise TrainError("no client trained on any tokens this round")
+    return {n: sum(w / total * s[n] for s, w in zip(states, weights, strict=True)) for n in states[0]}  # type: ignore[misc]
+
+
+@dataclass
+class Aggregator:
+    """The server's update rule over rounds (FedAdam keeps its moments here)."""
+
+    kind: str = "fedavg"
+    lr: float = 1e-2
+    betas: tuple[float, float] = (0.9, 0.99)
+    tau: float = 1e-3
+    m: dict[str, Tensor] = field(default_factory=dict)
+    v: dict[str, Tensor] = field(default_factory=dict)
+
+    def __call__(
+        self, global_state: dict[str, Tensor], states: list[dict[str, Tensor]], weights: list[float]
+    ) -> dict[str, Tensor]:
+        mean = weighted_mean(states, weights)
+        if self.kind != "fedadam":
+            return mean
+        b1, b2 = self.betas
+        out = {}
+        for n, g in global_state.items():
+            delta = mean[n] - g
+            self.m[n] = b1 * self.m.get(n, torch.zeros_like(g)) + (1 - b1) * delta
+            self.v[n] = b2 * self.v.get(n, torch.zeros_like(g)) + (1 - b2) * delta**2
+            out[n] = g + self.lr * self.m[n] / (self.v[n].sqrt() + self.tau)
+        return out
