@@ -38,7 +38,7 @@ def test_presets_load() -> None:
         (
             "stages:\n  - method: prune_everything\n",
             "stage 1: unknown method 'prune_everything'; known methods: awq, cast, cluster, distill, "
-            "drop_blocks, gptq, hidden, hqq, lowrank, magnitude, qat, rtn, share, sparsegpt, structured, vocab, "
+            "drop_blocks, federated, gptq, hidden, hqq, lowrank, magnitude, qat, rtn, share, sparsegpt, structured, vocab, "
             "w8a8, wanda",
         ),
         (

@@ -33,17 +33,15 @@ class FederatedConfig(MethodConfig):
     """Run a distillation stage as federated rounds over clients that keep their data."""
 
     method: Literal["federated"] = "federated"
-    train: DistillConfig = Field(default_factory=lambda: DistillConfig.model_validate({"lora_rank": 8}))  # per client
-    rounds: int = Field(5, ge=1)
+    # the distillation each client runs (distill's keys; default LoRA rank 8 on frozen codes)
+    train: DistillConfig = Field(default_factory=lambda: DistillConfig.model_validate({"lora_rank": 8}))
+    rounds: int = Field(5, ge=1)  # server rounds: send, train locally, aggregate
     local_steps: int = Field(20, ge=1)  # optimizer steps per client per round
     aggregation: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
     prox_mu: float = Field(0.01, ge=0)  # FedProx: weight of ||w - w_global||^2 / 2 in each client's loss
     server_lr: float = Field(1e-2, gt=0)  # FedAdam's step
     min_clients: int = Field(2, ge=1)  # a round needs this many replies
-    secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the sum
-    dp_clip: float | None = Field(None, gt=0)  # client-side DP: clip each update's L2 norm to this
-    dp_noise: float | None = Field(None, ge=0)  # ... and add Gaussian noise of this multiplier x clip
-    seq_len: int = Field(256, ge=8)
+    seq_len: int = Field(256, ge=8)  # tokens per window of each client's text
     eval_windows: int = Field(16, ge=1)  # each client's held-out windows per evaluation
 
 
