@@ -38,8 +38,8 @@ def test_presets_load() -> None:
         (
             "stages:\n  - method: prune_everything\n",
             "stage 1: unknown method 'prune_everything'; known methods: awq, cast, cluster, distill, "
-            "drop_blocks, federated, gptq, hidden, hqq, lowrank, magnitude, qat, rtn, share, sparsegpt, structured, vocab, "
-            "w8a8, wanda",
+            "drop_blocks, federated, gptq, hidden, hqq, lowrank, magnitude, qat, rtn, share, sparsegpt, structured, "
+            "vocab, w8a8, wanda",
         ),
         (
             "stages:\n  - method: cast\n    colour: red\n",

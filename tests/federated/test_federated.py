@@ -134,3 +134,39 @@ def test_cli_bad_client_input(clients: list[Path], tmp_path: Path) -> None:
         r = runner.invoke(app, ["compress", "-r", str(recipe), "-o", str(tmp_path / "out"), "--no-eval", *extra])
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "out").exists()
+
+
+def _federation_run(work: Path, clients: list[Path], models: list[Path], teacher: Path, config: FederatedConfig) -> str:
+    from lmpress.federated.apps import encode_config
+    from lmpress.federated.local import LocalFederation
+
+    run_config = {"lmpress-config": encode_config(config), "model-dir": str(models[0]), "teacher-dir": str(teacher),
+                  "out-dir": str(work / "server"), "round-timeout": 300.0}  # fmt: skip
+    with LocalFederation(work, clients, models[0], teacher, client_models=models) as fed:
+        return fed.run(run_config, timeout=600)
+
+
+def test_a_client_with_another_model_is_left_out_or_stops_the_round(clients: list[Path], tmp_path: Path) -> None:
+    from lmpress.federated.local import serverapp_error
+    from lmpress.io import save
+
+    original = lmpress.load("builtin", device="cpu")
+    models = []
+    for name, bits in (("w4", 4), ("w8", 8)):
+        r = lmpress.compress("builtin", {"stages": [{"method": "rtn", "bits": bits}]}, run_eval=False)
+        models.append(save(r.model, r.tokenizer, tmp_path / name))
+    teacher = save(original.model, original.tokenizer, tmp_path / "teacher")
+    stage = {k: v for k, v in RECIPE["stages"][1].items() if k != "method"}
+    config = FederatedConfig.model_validate({**stage, "rounds": 1, "local_steps": 2, "min_clients": 2})
+    # client c holds a different model: the round goes on with a and b, and says why c is missing
+    work = tmp_path / "tolerant"
+    status = _federation_run(work, clients, [models[0], models[0], models[1]], teacher, config)
+    record = json.loads((work / "server" / "rounds.json").read_text())
+    assert status == "finished:completed" and record["status"] == "completed"
+    assert record["rounds"][0]["failed"] == 1 and [c["name"] for c in record["rounds"][0]["clients"]] == ["a", "b"]
+    assert "differs from the server's" in (work / "logs" / "serverapp.log").read_text()
+    # with min_clients 3 the federation stops, naming the reason
+    work = tmp_path / "strict"
+    strict = FederatedConfig.model_validate({**config.model_dump(), "min_clients": 3})
+    status = _federation_run(work, clients, [models[0], models[0], models[1]], teacher, strict)
+    assert status != "finished:completed" and "differs from the server's" in serverapp_error(work)

@@ -71,6 +71,7 @@ class LocalFederation:
     model_dir: Path
     teacher_dir: Path
     threads: int = 1
+    client_models: list[Path] | None = None  # each client's own copy of the model (default: model_dir)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
@@ -101,8 +102,9 @@ class LocalFederation:
             )  # fmt: skip
             for i, data in enumerate(self.clients):
                 port = _free_port()
+                model = self.client_models[i] if self.client_models else self.model_dir
                 node = (
-                    f'data-dir="{data.resolve()}" model-dir="{self.model_dir.resolve()}" '
+                    f'data-dir="{data.resolve()}" model-dir="{model.resolve()}" '
                     f'teacher-dir="{self.teacher_dir.resolve()}" name="{data.name or i}" threads={self.threads}'
                 )
                 self._start(
