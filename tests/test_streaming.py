@@ -235,5 +235,7 @@ def test_streamed_memory_follows_one_block_not_the_model(tokenizer, tmp_path: Pa
         added[depth] = r["peak"] - r["base"]
         assert len(_tensors(tmp_path / f"out{depth}")) == depth * (7 * 3 + 2) + 3  # codes, scales, zeros; norms
     assert added[16] - added[4] < 0.1 * nbytes[16], (added, nbytes)  # 12 more blocks: (almost) no more memory
-    # a fixed ~0.1 GB is the run's own (tokenized data, tokenizer, first-use buffers), not the model's
-    assert added[16] < 0.8 * nbytes[16], (added, nbytes)
+    # a fixed 0.1-0.15 GB is the run's own (tokenized data, tokenizer, first-use buffers), not the
+    # model's: under one copy of the model where the whole-model path holds over two (0.8x flaked at
+    # 0.81x in a clean-clone CI run: the fixed part varies by ~10 MB between runs)
+    assert added[16] < nbytes[16], (added, nbytes)
