@@ -31,21 +31,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    from datasets import Dataset
-    from llmcompressor import oneshot
-    from llmcompressor.modifiers.quantization import GPTQModifier
+    from benchmarks.quant_peers import llmcompressor_run  # the same oneshot call quant_peers.py measures
 
     calib = load_file(args.data)["calib"]
     model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.bfloat16)
-    ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
-    recipe = GPTQModifier(targets=["Linear"], scheme="W4A16", ignore=["lm_head"])
-    oneshot(
-        model=model,
-        dataset=ds,
-        recipe=recipe,
-        max_seq_length=calib.shape[1],
-        num_calibration_samples=calib.shape[0],
-    )
+    llmcompressor_run("W4A16", "gptq", calib)(model)
     model.save_pretrained(args.out, save_compressed=True)
     AutoTokenizer.from_pretrained(MODEL).save_pretrained(args.out)
     print(f"wrote {args.out}")
