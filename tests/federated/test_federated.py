@@ -39,7 +39,7 @@ def test_fedavg_weights_by_tokens_and_fedadam_steps_along_the_mean() -> None:
     assert torch.allclose(weighted_mean([a, b], [1.0, 2.0])["w"], torch.tensor([3.0, 1.0]))
     g = {"w": torch.zeros(2)}
     adam = Aggregator("fedadam", lr=0.1, tau=1e-3)
-    out = adam(g, [a, b], [1.0, 2.0])["w"]
+    out = adam(g, weighted_mean([a, b], [1.0, 2.0]))["w"]
     # first step: m = 0.1 delta, v = 0.01 delta^2 -> lr * 0.1 delta / (0.1 |delta| + tau)
     delta = torch.tensor([3.0, 1.0])
     assert torch.allclose(out, 0.1 * 0.1 * delta / (0.1 * delta.abs() + 1e-3))
@@ -98,10 +98,9 @@ def test_a_loopback_federation_recovers_with_lora(clients: list[Path], tmp_path:
             if isinstance(m, torch.nn.Linear)
         )
     )
-    for x in rounds:
-        assert {c["bytes_up"] for c in x["clients"]} == {lora_bytes} and {c["bytes_down"] for c in x["clients"]} == {
-            lora_bytes
-        }
+    for x in rounds:  # the adapters each way, for 3 clients; array headers and settings add about 1.2 %
+        for way in ("bytes_up", "bytes_down"):
+            assert 3 * lora_bytes < x[way] < 3.05 * lora_bytes
     for c0, c1 in zip(rounds[0]["clients"], rounds[1]["clients"], strict=True):
         assert c1["global_held_out_loss"] < c0["global_held_out_loss"]  # the global model improved on every client
         assert report["final_held_out_loss"][c0["name"]] < 0.9 * c0["global_held_out_loss"]
@@ -146,21 +145,33 @@ def _federation_run(work: Path, clients: list[Path], models: list[Path], teacher
         return fed.run(run_config, timeout=600)
 
 
-def test_a_client_with_another_model_is_left_out_or_stops_the_round(clients: list[Path], tmp_path: Path) -> None:
-    from lmpress.federated.local import serverapp_error
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The built-in model at 4 and 8 bits (two different students) and its original (the teacher)."""
     from lmpress.io import save
 
+    root = tmp_path_factory.mktemp("models")
     original = lmpress.load("builtin", device="cpu")
-    models = []
+    out = {"teacher": save(original.model, original.tokenizer, root / "teacher")}
     for name, bits in (("w4", 4), ("w8", 8)):
         r = lmpress.compress("builtin", {"stages": [{"method": "rtn", "bits": bits}]}, run_eval=False)
-        models.append(save(r.model, r.tokenizer, tmp_path / name))
-    teacher = save(original.model, original.tokenizer, tmp_path / "teacher")
-    stage = {k: v for k, v in RECIPE["stages"][1].items() if k != "method"}
-    config = FederatedConfig.model_validate({**stage, "rounds": 1, "local_steps": 2, "min_clients": 2})
+        out[name] = save(r.model, r.tokenizer, root / name)
+    return out
+
+
+SHORT = {**{k: v for k, v in RECIPE["stages"][1].items() if k != "method"}, "rounds": 1, "local_steps": 2}
+
+
+def test_a_client_with_another_model_is_left_out_or_stops_the_round(
+    clients: list[Path], saved: dict[str, Path], tmp_path: Path
+) -> None:
+    from lmpress.federated.local import serverapp_error
+
+    models, teacher = [saved["w4"], saved["w4"], saved["w8"]], saved["teacher"]
+    config = FederatedConfig.model_validate({**SHORT, "min_clients": 2})
     # client c holds a different model: the round goes on with a and b, and says why c is missing
     work = tmp_path / "tolerant"
-    status = _federation_run(work, clients, [models[0], models[0], models[1]], teacher, config)
+    status = _federation_run(work, clients, models, teacher, config)
     record = json.loads((work / "server" / "rounds.json").read_text())
     assert status == "finished:completed" and record["status"] == "completed"
     assert record["rounds"][0]["failed"] == 1 and [c["name"] for c in record["rounds"][0]["clients"]] == ["a", "b"]
@@ -168,5 +179,47 @@ def test_a_client_with_another_model_is_left_out_or_stops_the_round(clients: lis
     # with min_clients 3 the federation stops, naming the reason
     work = tmp_path / "strict"
     strict = FederatedConfig.model_validate({**config.model_dump(), "min_clients": 3})
-    status = _federation_run(work, clients, [models[0], models[0], models[1]], teacher, strict)
+    status = _federation_run(work, clients, models, teacher, strict)
     assert status != "finished:completed" and "differs from the server's" in serverapp_error(work)
+
+
+def test_secure_aggregation_and_local_dp_change_only_what_they_should(
+    clients: list[Path], saved: dict[str, Path], tmp_path: Path
+) -> None:
+    """SecAgg+ hides each client's parameters and yields the same mean (to its quantization);
+    local DP clips every update to its norm bound and adds noise of the stated deviation."""
+    from safetensors.torch import load_file
+
+    from lmpress.federated.core import Student
+    from lmpress.registry import Context
+
+    models, teacher = [saved["w4"]] * 3, saved["teacher"]
+    result = {}
+    dp = {"clip": 0.25, "epsilon": 12_000.0}  # noise std 2.0e-4 (a test of the arithmetic, not a privacy level)
+    for name, extra in (("plain", {}), ("secagg", {"secure_aggregation": True}), ("dp", {"dp": dp})):
+        config = FederatedConfig.model_validate({**SHORT, **extra})
+        assert _federation_run(tmp_path / name, clients, models, teacher, config) == "finished:completed"
+        result[name] = (
+            load_file(str(tmp_path / name / "server" / "global.safetensors")),
+            json.loads((tmp_path / name / "server" / "rounds.json").read_text())["rounds"][0],
+        )
+    (plain, p_round), (secagg, s_round), (noised, d_round) = result["plain"], result["secagg"], result["dp"]
+    assert max(float((plain[k] - secagg[k]).abs().max()) for k in plain) < 2e-5
+    # SecAgg+ costs more bytes up (masked integers, key shares); the plain round sends the adapters
+    assert s_round["bytes_up"] > 1.5 * p_round["bytes_up"]
+    assert [c["held_out_loss"] for c in s_round["clients"]] == [c["held_out_loss"] for c in p_round["clients"]]
+    # DP: the update (global minus start) is the clipped mean plus noise averaged over 3 clients
+    config = FederatedConfig.model_validate({**SHORT, "dp": dp})
+    loaded = lmpress.load(saved["w4"], device="cpu")
+    ctx = Context(tokenizer=loaded.tokenizer, device=torch.device("cpu"), teacher=lmpress.load(teacher).model)
+    start = Student(loaded.model, config.train, ctx).state()
+    u_plain = torch.cat([(plain[k] - start[k]).flatten() for k in start])
+    u_dp = torch.cat([(noised[k] - start[k]).flatten() for k in start])
+    norms = [c["update_norm"] for c in p_round["clients"]]
+    assert min(norms) > dp["clip"]  # every client's update is clipped
+    scale = sum(dp["clip"] / n for n in norms) / 3  # equal token counts: the mean of the clipped updates
+    assert abs(float(u_dp @ u_plain / (u_plain @ u_plain)) - scale) < 0.01
+    residual = u_dp - scale * u_plain
+    sigma = config.dp.noise_std() / 3**0.5  # type: ignore[union-attr]
+    assert abs(float(residual.std()) / sigma - 1) < 0.05
+    assert all(c["update_norm"] != c["update_norm"] for c in d_round["clients"])  # not reported under DP (nan)

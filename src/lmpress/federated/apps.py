@@ -19,6 +19,9 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
@@ -26,6 +29,8 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import FitIns, FitRes, Parameters
+from flwr.server.strategy import Strategy
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
 
@@ -35,12 +40,11 @@ from lmpress.federated.core import (
     Student,
     client_data,
     fingerprint_model,
-    nbytes,
     round_lr,
+    weighted_mean,
 )
 
 server = ServerApp()
-client = ClientApp()
 
 
 def load_student(model_dir: str, teacher_dir: str, config: FederatedConfig) -> tuple[Student, str, Any]:
@@ -113,6 +117,141 @@ def _numbers(record: MetricRecord) -> dict[str, float]:
     return {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
 
 
+@dataclass
+class _Round:
+    """What the server learned from one round: the clients' token-weighted mean, their metrics, failures."""
+
+    mean: dict[str, torch.Tensor] | None
+    replies: list[tuple[str, dict[str, float]]] = field(default_factory=list)  # (client, its metrics)
+    errors: list[str] = field(default_factory=list)
+
+
+class _Metered:
+    """The grid, counting the payload bytes sent to and received from every node."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.grid = grid
+        self.down: Counter[int] = Counter()
+        self.up: Counter[int] = Counter()
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        messages = list(messages)
+        for m in messages:
+            self.down[m.metadata.dst_node_id] += _payload(m.content)
+        replies = list(self.grid.send_and_receive(messages, timeout=timeout))
+        for r in replies:
+            if not r.has_error():
+                self.up[r.metadata.src_node_id] += _payload(r.content)
+        return replies
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.grid, name)
+
+
+def _payload(content: RecordDict) -> int:
+    """Bytes of a message's records: arrays as serialized, 8 per number, strings and bytes by length."""
+    n = sum(len(a.data) for rec in content.array_records.values() for a in rec.values())
+    records: list[Any] = [*content.config_records.values(), *content.metric_records.values()]
+    for rec in records:
+        for v in rec.values():
+            n += sum(len(x) if isinstance(x, bytes | str) else 8 for x in (v if isinstance(v, list) else [v]))
+    return n
+
+
+def _plain_round(grid: _Metered, nodes: list[int], state: dict[str, torch.Tensor], settings: ConfigRecord,
+                 timeout: float) -> _Round:  # fmt: skip
+    """Every client's parameters reach the server, which averages them."""
+    messages = [
+        Message(RecordDict({"arrays": ArrayRecord(state), "config": settings}), dst_node_id=n, message_type="train")
+        for n in nodes
+    ]
+    replies = grid.send_and_receive(messages, timeout=timeout)
+    good = [r for r in replies if not r.has_error()]
+    out = _Round(None, errors=[_last_line(r.error.reason) for r in replies if r.has_error()])
+    if good:
+        states = [dict(r.content.array_records["arrays"].to_torch_state_dict()) for r in good]
+        out.replies = [(_name(r), _numbers(r.content.metric_records["metrics"])) for r in good]
+        out.mean = weighted_mean(states, [m["tokens"] for _, m in out.replies])
+    return out
+
+
+class _Node:  # what Flower's legacy workflows need of a client proxy
+    def __init__(self, node_id: int) -> None:
+        self.node_id = node_id
+
+
+class _OneRound(Strategy):
+    """The legacy strategy SecAgg+'s workflow drives: it offers the round's instructions to the
+    given nodes and keeps the aggregate (the only parameters the server ever sees)."""
+
+    def __init__(self, nodes: list[int], fitins: FitIns) -> None:
+        self.nodes, self.fitins = nodes, fitins
+        self.parameters: Parameters | None = None
+        self.results: list[tuple[Any, FitRes]] = []
+        self.failures: list[Any] = []
+
+    def initialize_parameters(self, client_manager: Any) -> None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
+        return [(_Node(n), self.fitins) for n in self.nodes]
+
+    def aggregate_fit(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[Any, dict[str, Any]]:
+        self.results, self.failures = results, failures
+        self.parameters = results[0][1].parameters if results else None  # every result carries the aggregate
+        return self.parameters, {}
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: Any) -> list[Any]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list[Any], failures: list[Any]) -> tuple[None, dict]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+def _secure_round(grid: _Metered, context: Context, config: FederatedConfig, rnd: int, nodes: list[int],
+                  state: dict[str, torch.Tensor], settings: ConfigRecord, timeout: float) -> _Round:  # fmt: skip
+    """Flower's SecAgg+ (Bell et al. 2020): the clients' parameters arrive masked, and only their
+    token-weighted mean can be unmasked, from the shares of at least ``secagg_threshold`` of them."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common import recorddict_compat as compat
+    from flwr.server import ServerConfig
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    names = list(state)
+    parameters = ndarrays_to_parameters([state[n].numpy() for n in names])
+    strategy = _OneRound(nodes, FitIns(parameters, dict(settings)))  # type: ignore[arg-type]
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=config.rounds), strategy=strategy)
+    legacy.state.config_records[MAIN_CONFIGS_RECORD] = ConfigRecord({Key.CURRENT_ROUND: rnd, Key.START_TIME: 0.0})
+    legacy.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(parameters, keep_input=True)
+    # every value a client sends must lie in the clipping range; noise widens it
+    bound = max(float(t.abs().max()) for t in state.values()) * 4 + 1.0
+    if config.dp is not None:
+        bound += 6 * config.dp.noise_std()
+    tokens = config.local_steps * config.train.batch_size * config.seq_len  # at most, per client and round
+    workflow = SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=config.secagg_threshold, max_weight=float(tokens),
+        clipping_range=max(8.0, bound), timeout=timeout,
+    )  # fmt: skip
+    workflow(grid, legacy)  # type: ignore[arg-type]
+    errors = [_last_line(getattr(e.args[0], "reason", str(e)) if e.args else str(e)) for e in strategy.failures
+              if isinstance(e, BaseException)]  # fmt: skip
+    out = _Round(None, errors=errors)
+    for _, res in strategy.results:
+        metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float)}
+        out.replies.append((str(res.metrics.get("name", "")), {**metrics, "tokens": float(res.num_examples)}))
+    if strategy.parameters is not None:
+        arrays = parameters_to_ndarrays(strategy.parameters)
+        out.mean = {n: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(state[n].shape)
+                    for n, a in zip(names, arrays, strict=True)}  # fmt: skip
+    return out
+
+
 @server.main()
 def server_main(grid: Grid, context: Context) -> None:
     rc = context.run_config
@@ -131,42 +270,44 @@ def server_main(grid: Grid, context: Context) -> None:
         t0 = time.monotonic()
         nodes = _wait_for_clients(grid, config.min_clients, timeout)
         settings = ConfigRecord({"server-round": rnd, "lr": round_lr(config, rnd), "fingerprint": fp})
-        down = nbytes(state)
-        messages = [
-            Message(RecordDict({"arrays": ArrayRecord(state), "config": settings}), dst_node_id=n, message_type="train")
-            for n in nodes
-        ]
-        replies = list(grid.send_and_receive(messages, timeout=timeout))
-        good = [r for r in replies if not r.has_error()]
-        for r in replies:
-            if r.has_error():
-                log(WARNING, "round %d: client %s failed: %s", rnd, r.metadata.src_node_id, r.error.reason)
-        if len(good) < config.min_clients:
-            reasons = "; ".join(_last_line(r.error.reason) for r in replies if r.has_error())
+        metered = _Metered(grid)
+        if config.secure_aggregation:
+            result = _secure_round(metered, context, config, rnd, nodes, state, settings, timeout)
+        else:
+            result = _plain_round(metered, nodes, state, settings, timeout)
+        for reason in result.errors:
+            log(WARNING, "round %d: a client failed: %s", rnd, reason)
+        if result.mean is None or len(result.replies) < config.min_clients:
+            reasons = "; ".join(result.errors)
             raise RuntimeError(
-                f"round {rnd}: {len(good)} of {len(nodes)} clients replied, fewer than min_clients "
+                f"round {rnd}: {len(result.replies)} of {len(nodes)} clients replied, fewer than min_clients "
                 f"{config.min_clients}" + (f" ({reasons})" if reasons else "")
             )
-        states = [dict(r.content.array_records["arrays"].to_torch_state_dict()) for r in good]
-        metrics = [_numbers(r.content.metric_records["metrics"]) for r in good]
-        state = aggregate(state, states, [float(m["tokens"]) for m in metrics])
+        state = aggregate(state, result.mean)
         clients = [
             {
-                "name": _name(r),
+                "name": name,
                 "tokens": int(m["tokens"]),
                 "global_held_out_loss": float(m["held-out-before"]),  # the global model of the previous round
                 "held_out_loss": float(m["held-out-after"]),  # after its local steps, on its own text
                 "train_loss": float(m["train-loss"]),
-                "bytes_down": down,
-                "bytes_up": nbytes(states[i]),
+                "update_norm": float(m.get("update-norm", "nan")),  # not sent under DP
             }
-            for i, (r, m) in enumerate(zip(good, metrics, strict=True))
+            for name, m in result.replies
         ]
         clients.sort(key=lambda c: str(c["name"]))
-        failed = len(nodes) - len(good)  # errors and clients that did not answer in time
-        record["rounds"].append({"round": rnd, "clients": clients, "failed": failed, "seconds": time.monotonic() - t0})
+        record["rounds"].append(
+            {
+                "round": rnd,
+                "clients": clients,
+                "failed": len(nodes) - len(result.replies),  # errors and clients that did not answer in time
+                "bytes_down": sum(metered.down.values()),  # all clients together, every stage of the round
+                "bytes_up": sum(metered.up.values()),
+                "seconds": time.monotonic() - t0,
+            }
+        )
         _save(out, state, record)
-        log(INFO, "round %d: %d clients, held-out loss %s", rnd, len(good),
+        log(INFO, "round %d: %d clients, held-out loss %s", rnd, len(clients),
             " ".join(f"{c['name']} {c['held_out_loss']:.4f}" for c in clients))  # fmt: skip
     # the final global model on every client's held-out text
     nodes = _wait_for_clients(grid, config.min_clients, timeout)
@@ -188,45 +329,96 @@ def server_main(grid: Grid, context: Context) -> None:
 # ---- a client -------------------------------------------------------------------------------------
 
 
-def _client_setup(msg: Message, context: Context) -> tuple[FederatedConfig, Student, Any]:
+LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"  # SecAgg+'s (legacy) message layout
+
+
+def _client_setup(msg: Message, context: Context) -> tuple[FederatedConfig, Student, Any, ConfigRecord]:
     torch.set_num_threads(int(context.node_config.get("threads", 1)))
     nc = context.node_config
     config = _config(context)
     student, fp, tokenizer = load_student(str(nc["model-dir"]), str(nc["teacher-dir"]), config)
-    server_fp = str(msg.content.config_records["config"]["fingerprint"])
+    legacy = LEGACY_PARAMS in msg.content.array_records
+    settings = msg.content.config_records[LEGACY_CONFIG if legacy else "config"]
+    server_fp = str(settings["fingerprint"])
     if fp != server_fp:
         raise ValueError(
             f"client {nc.get('name', '')}: its model or tokenizer differs from the server's (fingerprint {fp}, "
             f"server {server_fp}); give every client the same compressed model"
         )
-    student.load(msg.content.array_records["arrays"].to_torch_state_dict())
-    return config, student, tokenizer
+    if legacy:  # unnamed arrays in the order of the trainable parameters (the same model on both sides)
+        from flwr.common import parameters_to_ndarrays
+        from flwr.compat.common import recorddict_compat as compat
+
+        record = msg.content.array_records[LEGACY_PARAMS]
+        arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
+        if len(arrays) != len(student.named):
+            raise ValueError(f"the server sent {len(arrays)} arrays for {len(student.named)} trainable parameters")
+        named = student.named.items()
+        student.load({n: torch.from_numpy(a.copy()).reshape(p.shape) for (n, p), a in zip(named, arrays, strict=True)})
+    else:
+        student.load(msg.content.array_records["arrays"].to_torch_state_dict())
+    return config, student, tokenizer, settings
 
 
 def _info(context: Context) -> ConfigRecord:
     return ConfigRecord({"name": str(context.node_config.get("name", ""))})
 
 
-@client.train()
 def client_train(msg: Message, context: Context) -> Message:
-    config, student, tokenizer = _client_setup(msg, context)
+    config, student, tokenizer, settings = _client_setup(msg, context)
     data = client_data(tokenizer, Path(str(context.node_config["data-dir"])), config.seq_len, config.eval_windows)
-    settings = msg.content.config_records["config"]
+    start = student.state()
     before = student.loss(data.held_out)
     mu = config.prox_mu if config.aggregation == "fedprox" else 0.0
     lr, server_round = float(settings["lr"]), int(settings["server-round"])  # type: ignore[arg-type]
     train_loss, tokens = student.fit(data.train, config.local_steps, lr, seed=server_round, prox_mu=mu)
     after = student.loss(data.held_out)
-    metrics = MetricRecord(
-        {"tokens": tokens, "held-out-before": before, "held-out-after": after, "train-loss": train_loss}
-    )
-    content = RecordDict({"arrays": ArrayRecord(student.state()), "metrics": metrics, "info": _info(context)})
+    state = student.state()
+    metrics: dict[str, Any] = {
+        "tokens": tokens, "held-out-before": before, "held-out-after": after, "train-loss": train_loss
+    }  # fmt: skip
+    if config.dp is None:  # the clear update norm would escape the noise
+        metrics["update-norm"] = float(sum(((state[n] - start[n]) ** 2).sum() for n in state)) ** 0.5
+    if LEGACY_PARAMS in msg.content.array_records:  # SecAgg+ masks the parameters of a FitRes
+        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+        from flwr.compat.common import recorddict_compat as compat
+
+        name = str(context.node_config.get("name", ""))
+        params = ndarrays_to_parameters([t.numpy() for t in state.values()])
+        res = FitRes(Status(Code.OK, ""), params, tokens, {**metrics, "name": name})
+        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
+    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(dict(metrics)), "info": _info(context)})
     return Message(content, reply_to=msg)
 
 
-@client.evaluate()
 def client_evaluate(msg: Message, context: Context) -> Message:
-    config, student, tokenizer = _client_setup(msg, context)
+    config, student, tokenizer, _ = _client_setup(msg, context)
     data = client_data(tokenizer, Path(str(context.node_config["data-dir"])), config.seq_len, config.eval_windows)
     metrics = MetricRecord({"held-out-loss": student.loss(data.held_out), "tokens": int(data.held_out.numel())})
     return Message(RecordDict({"metrics": metrics, "info": _info(context)}), reply_to=msg)
+
+
+def _secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's SecAgg+ client side, for the messages of a secure round."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)  # type: ignore[no-any-return]
+    return call_next(msg, context)  # type: ignore[no-any-return]
+
+
+def _dp_mod(msg: Message, context: Context, call_next: Any) -> Message:
+    """Flower's LocalDpMod on every training reply when the stage asks for differential privacy."""
+    from flwr.app import MessageType
+    from flwr.clientapp.mod import LocalDpMod
+
+    dp = _config(context).dp
+    if dp is None or msg.metadata.message_type != MessageType.TRAIN:
+        return call_next(msg, context)  # type: ignore[no-any-return]
+    return LocalDpMod(dp.clip, 2 * dp.clip, dp.epsilon, dp.delta)(msg, context, call_next)
+
+
+client = ClientApp(mods=[_secure_aggregation_mod, _dp_mod])  # SecAgg+ outside: it masks the noised update
+client.train()(client_train)
+client.evaluate()(client_evaluate)

@@ -20,13 +20,33 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from lmpress.distill.kd import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
 from lmpress.distill.train import TrainConfig, TrainError, lr_at, train
 from lmpress.distill.trainable import make_trainable, restore_compressed
 from lmpress.registry import Context, MethodConfig
+
+
+class LocalDP(BaseModel):
+    """Local differential privacy of each client's update, by Flower's ``LocalDpMod``: the update
+    (new parameters minus the ones received) is clipped to L2 norm ``clip`` and Gaussian noise of
+    standard deviation ``2 clip sqrt(2 ln(1.25 / delta)) / epsilon`` is added before it leaves the
+    client (the Gaussian mechanism, Dwork and Roth 2014, Thm. A.1; two clipped updates differ by at
+    most ``2 clip``). Each round is (epsilon, delta)-DP for the client's data; over R rounds the
+    basic composition gives (R epsilon, R delta)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    clip: float = Field(1.0, gt=0)  # L2 norm bound of a client's update in a round
+    epsilon: float = Field(gt=0)  # per round
+    delta: float = Field(1e-5, gt=0, lt=1)  # per round
+
+    def noise_std(self) -> float:
+        import math
+
+        return 2 * self.clip * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon
 
 
 class FederatedConfig(MethodConfig):
@@ -37,12 +57,15 @@ class FederatedConfig(MethodConfig):
     train: DistillConfig = Field(default_factory=lambda: DistillConfig.model_validate({"lora_rank": 8}))
     rounds: int = Field(5, ge=1)  # server rounds: send, train locally, aggregate
     local_steps: int = Field(20, ge=1)  # optimizer steps per client per round
-    aggregation: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"
+    aggregation: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"  # the server's update rule
     prox_mu: float = Field(0.01, ge=0)  # FedProx: weight of ||w - w_global||^2 / 2 in each client's loss
     server_lr: float = Field(1e-2, gt=0)  # FedAdam's step
     min_clients: int = Field(2, ge=1)  # a round needs this many replies
     seq_len: int = Field(256, ge=8)  # tokens per window of each client's text
     eval_windows: int = Field(16, ge=1)  # each client's held-out windows per evaluation
+    secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the clients' weighted mean
+    secagg_threshold: float = Field(0.5, gt=0, le=1)  # SecAgg+ unmasks while this share of the clients remains
+    dp: LocalDP | None = None  # local differential privacy of every update (Flower's LocalDpMod)
 
 
 # ---- the client's side ----------------------------------------------------------------------------
@@ -89,7 +112,9 @@ class Student:
         self.config = config
         teacher = load_teacher(config, model, ctx)
         self.dtype = next(model.parameters()).dtype
-        self.swapped = make_trainable(model, config.codes, config.lora_rank)
+        with torch.random.fork_rng():  # the same initial adapters in every process and every run
+            torch.manual_seed(0)
+            self.swapped = make_trainable(model, config.codes, config.lora_rank)
         model.float()
         self.distiller = Distiller(
             model, teacher, config.temperature, config.kl_weight, config.ce_weight, config.hidden_weight
@@ -204,10 +229,8 @@ class Aggregator:
     m: dict[str, Tensor] = field(default_factory=dict)
     v: dict[str, Tensor] = field(default_factory=dict)
 
-    def __call__(
-        self, global_state: dict[str, Tensor], states: list[dict[str, Tensor]], weights: list[float]
-    ) -> dict[str, Tensor]:
-        mean = weighted_mean(states, weights)
+    def __call__(self, global_state: dict[str, Tensor], mean: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The next global parameters from this round's (token-weighted) mean of the clients'."""
         if self.kind != "fedadam":
             return mean
         b1, b2 = self.betas

@@ -37,6 +37,22 @@ def check_clients(clients: list[Path], config: FederatedConfig) -> None:
             raise TrainError(f"client data {c} has no text; give each client a directory of text files")
 
 
+def privacy(config: FederatedConfig) -> dict[str, Any]:
+    """What the server can see and the differential privacy each client's data has (stated, not measured)."""
+    out: dict[str, Any] = {"secure_aggregation": config.secure_aggregation}
+    if config.dp is not None:
+        out["dp"] = {
+            "clip": config.dp.clip,
+            "noise_std": config.dp.noise_std(),
+            "epsilon_per_round": config.dp.epsilon,
+            "delta_per_round": config.dp.delta,
+            # basic composition over the rounds each client takes part in (an upper bound)
+            "epsilon": config.dp.epsilon * config.rounds,
+            "delta": config.dp.delta * config.rounds,
+        }
+    return out
+
+
 def apply(model: nn.Module, config: FederatedConfig, ctx: Context) -> StageReport:
     from safetensors.torch import load_file
 
@@ -88,10 +104,8 @@ def apply(model: nn.Module, config: FederatedConfig, ctx: Context) -> StageRepor
         "clients": [c.name for c in clients],
         "rounds": record["rounds"],
         "final_held_out_loss": record["final_held_out_loss"],
-        "bytes_per_round": {
-            "down": sum(c["bytes_down"] for c in record["rounds"][-1]["clients"]),
-            "up": sum(c["bytes_up"] for c in record["rounds"][-1]["clients"]),
-        },
+        "bytes_per_round": {"down": record["rounds"][-1]["bytes_down"], "up": record["rounds"][-1]["bytes_up"]},
+        "privacy": privacy(config),
         "seconds": seconds,
     }
 
