@@ -141,7 +141,7 @@ def _federation_run(work: Path, clients: list[Path], models: list[Path], teacher
 
     run_config = {"lmpress-config": encode_config(config), "model-dir": str(models[0]), "teacher-dir": str(teacher),
                   "out-dir": str(work / "server"), "round-timeout": 300.0}  # fmt: skip
-    with LocalFederation(work, clients, models[0], teacher, client_models=models) as fed:
+    with LocalFederation(work, clients=clients, model_dir=models[0], teacher_dir=teacher, client_models=models) as fed:
         return fed.run(run_config, timeout=600)
 
 

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,59 +63,67 @@ def _bin(name: str) -> str:
     return found
 
 
+def flower_env(home: Path, threads: int) -> dict[str, str]:
+    """The environment of every Flower process: a private FLWR_HOME, no telemetry, no installs."""
+    return {
+        **os.environ,
+        "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""),  # SuperExec by name
+        "FLWR_HOME": str(home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "OMP_NUM_THREADS": str(threads),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
 @dataclass
-class LocalFederation:
-    """The processes of a loopback federation; a context manager that always stops them."""
+class Certificates:
+    """TLS for a federation across machines: the CA every side trusts, and the server's own pair."""
+
+    ca: Path  # ca.crt
+    cert: Path | None = None  # server.pem (the server only)
+    key: Path | None = None  # server.key (the server only)
+
+    @classmethod
+    def from_dir(cls, d: Path, server: bool) -> Certificates:
+        names = ("ca.crt", "server.pem", "server.key") if server else ("ca.crt",)
+        missing = [n for n in names if not (d / n).is_file()]
+        if missing:
+            raise TrainError(f"certificate directory {d} lacks {', '.join(missing)}; it needs {', '.join(names)}")
+        return cls(d / "ca.crt", d / "server.pem", d / "server.key") if server else cls(d / "ca.crt")
+
+
+def tls_args(certs: Certificates | None, server: bool) -> list[str]:
+    if certs is None:
+        return ["--insecure"]
+    if server:
+        return ["--ssl-ca-certfile", str(certs.ca), "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key)]
+    return ["--root-certificates", str(certs.ca)]
+
+
+@dataclass
+class Federation:
+    """A SuperLink this process started (and SuperNodes, for a local run), driven by ``flwr run``;
+    a context manager that always stops its processes."""
 
     work: Path
-    clients: list[Path]
-    model_dir: Path
-    teacher_dir: Path
     threads: int = 1
-    client_models: list[Path] | None = None  # each client's own copy of the model (default: model_dir)
     procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
 
-    def __enter__(self) -> LocalFederation:
-        home = self.work / "flwr-home"
-        logs = self.work / "logs"
+    def _link(self, host: str, port: int, certs: Certificates | None) -> None:
+        """Start the SuperLink on ``host:port``, with the CLI configured to reach it from here."""
+        home, logs = self.work / "flwr-home", self.work / "logs"
         home.mkdir(parents=True, exist_ok=True)
         logs.mkdir(parents=True, exist_ok=True)
-        link = _free_port()
+        tls = f'root-certificates = "{certs.ca.resolve()}"\n' if certs else "insecure = true\n"
         (home / "config.toml").write_text(
-            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "127.0.0.1:{link}"\ninsecure = true\n'
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "127.0.0.1:{port}"\n{tls}'
         )
-        bin_dir = str(Path(sys.executable).parent)
-        self.env = {
-            **os.environ,
-            "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),  # SuperExec is started by name
-            "FLWR_HOME": str(home),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-            "OMP_NUM_THREADS": str(self.threads),
-            "PYTHONUNBUFFERED": "1",
-        }
-        try:
-            self._start(
-                [_bin("flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(link),
-                 "--disable-runtime-dependency-installation"], logs / "superlink.log", link,
-            )  # fmt: skip
-            for i, data in enumerate(self.clients):
-                port = _free_port()
-                model = self.client_models[i] if self.client_models else self.model_dir
-                node = (
-                    f'data-dir="{data.resolve()}" model-dir="{model.resolve()}" '
-                    f'teacher-dir="{self.teacher_dir.resolve()}" name="{data.name or i}" threads={self.threads}'
-                )
-                self._start(
-                    [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--host",
-                     "127.0.0.1", "--port", str(port), "--node-config", node], logs / f"supernode-{i}.log", port,
-                )  # fmt: skip
-        except BaseException:
-            self.__exit__()
-            raise
-        return self
+        self.env = flower_env(home, self.threads)
+        cmd = [_bin("flower-superlink"), *tls_args(certs, server=True), "--host", host, "--port", str(port),
+               "--disable-runtime-dependency-installation"]  # fmt: skip
+        self._start(cmd, logs / "superlink.log", port)
 
     def _start(self, cmd: list[str], log: Path, port: int) -> None:
         with open(log, "wb") as out:
@@ -122,8 +131,9 @@ class LocalFederation:
         self.procs.append(proc)
         _wait_port(port, proc, log)
 
-    def run(self, run_config: dict[str, Any], timeout: float) -> str:
-        """Submit the app with ``run_config``, wait until it ends; returns Flower's final status."""
+    def run(self, run_config: dict[str, Any], timeout: float, echo: bool = False) -> str:
+        """Submit the app with ``run_config``, wait until it ends; returns Flower's final status.
+        ``echo``: also print the ServerApp's log as it comes."""
         flwr = _bin("flwr")
         overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in run_config.items())
         submitted = subprocess.run(
@@ -135,10 +145,23 @@ class LocalFederation:
         except (ValueError, KeyError):
             raise TrainError(f"flwr run failed: {(submitted.stdout + submitted.stderr).strip()[-300:]}") from None
         with open(self.work / "logs" / "serverapp.log", "wb") as out:
-            subprocess.run(
-                [flwr, "log", run_id, CONNECTION, "--stream"], env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                cwd=self.work, timeout=timeout,
+            streamed = subprocess.Popen(
+                [flwr, "log", run_id, CONNECTION, "--stream"], env=self.env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, cwd=self.work,
             )  # fmt: skip
+            watchdog = threading.Timer(timeout, streamed.kill)  # a federation that never ends
+            watchdog.start()
+            assert streamed.stdout is not None
+            try:
+                for line in streamed.stdout:
+                    out.write(line)
+                    out.flush()
+                    if echo:
+                        sys.stderr.write(line.decode(errors="replace"))
+            finally:
+                watchdog.cancel()
+                streamed.kill()
+                streamed.wait()
         listed = subprocess.run(
             [flwr, "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
             env=self.env, capture_output=True, text=True, cwd=self.work, timeout=60,
@@ -147,6 +170,9 @@ class LocalFederation:
             return str(json.loads(listed.stdout)["runs"][0]["status"])
         except (ValueError, KeyError, IndexError):
             return "unknown"
+
+    def __enter__(self) -> Federation:
+        return self
 
     def __exit__(self, *exc: object) -> None:
         for proc in reversed(self.procs):  # the SuperNodes, then the SuperLink
@@ -158,6 +184,60 @@ class LocalFederation:
             with contextlib.suppress(ProcessLookupError):  # the app processes each started in the group
                 os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
+
+
+def node_config(data: Path, model: Path, teacher: Path, name: str, threads: int) -> str:
+    """A SuperNode's ``--node-config``: where its text and its copies of the models are."""
+    for p in (data, model, teacher):
+        if '"' in str(p.resolve()):
+            raise TrainError(f"{p}: a path with a double quote cannot be passed to Flower; rename it")
+    return (
+        f'data-dir="{data.resolve()}" model-dir="{model.resolve()}" teacher-dir="{teacher.resolve()}" '
+        f'name="{name}" threads={threads}'
+    )
+
+
+@dataclass
+class LocalFederation(Federation):
+    """A SuperLink and one SuperNode per client directory, all on loopback."""
+
+    clients: list[Path] = field(default_factory=list)
+    model_dir: Path = Path()
+    teacher_dir: Path = Path()
+    client_models: list[Path] | None = None  # each client's own copy of the model (default: model_dir)
+
+    def __enter__(self) -> LocalFederation:
+        link = _free_port()
+        try:
+            self._link("127.0.0.1", link, None)
+            for i, data in enumerate(self.clients):
+                port = _free_port()
+                model = self.client_models[i] if self.client_models else self.model_dir
+                node = node_config(data, model, self.teacher_dir, data.name or str(i), self.threads)
+                cmd = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--host",
+                       "127.0.0.1", "--port", str(port), "--node-config", node]  # fmt: skip
+                self._start(cmd, self.work / "logs" / f"supernode-{i}.log", port)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+
+@dataclass
+class ServedFederation(Federation):
+    """A SuperLink listening for SuperNodes on other machines (``lmpress federated join``)."""
+
+    host: str = "0.0.0.0"
+    port: int = 9092
+    certificates: Certificates | None = None
+
+    def __enter__(self) -> ServedFederation:
+        try:
+            self._link(self.host, self.port, self.certificates)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
 
 
 def serverapp_error(work: Path) -> str:

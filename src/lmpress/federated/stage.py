@@ -82,7 +82,7 @@ def apply(model: nn.Module, config: FederatedConfig, ctx: Context) -> StageRepor
             "round-timeout": 600.0,
         }
         t0 = time.perf_counter()
-        with LocalFederation(work, clients, work / "student", work / "teacher") as fed:
+        with LocalFederation(work, clients=clients, model_dir=work / "student", teacher_dir=work / "teacher") as fed:
             status = fed.run(run_config, timeout=config.rounds * 900.0)
         seconds = time.perf_counter() - t0
         rounds_file = work / "server" / "rounds.json"
