@@ -297,7 +297,7 @@ def compress(
         list[str] | None,
         typer.Option(
             "--clients",
-            help="federated stages: each client's data directory (repeat --clients, or a,b,c); "
+            help="federated stages: each client's data directory (--clients a/ b/ c/, or a,b,c); "
             "the data stays with its client process",
         ),
     ] = None,
@@ -348,6 +348,11 @@ def compress(
             raise ExportError(
                 f"{e} (the compressed model is saved in {result.output}; export it with lmpress export)"
             ) from None
+    print_compressed(result, run_dir, exported, as_json)
+
+
+def print_compressed(result: Any, run_dir: Path | None, exported: dict[str, Any] | None, as_json: bool) -> None:
+    """What ``compress`` (and ``federated serve``) print: the stages, the table, where things went."""
     if as_json:
         _print_json({**result.summary(), "run_dir": str(run_dir) if run_dir else None, "export": exported})
         return
@@ -787,5 +792,28 @@ def search_cmd(
         console.print(f"search run: {search_dir}", soft_wrap=True)
 
 
+from lmpress.cli_federated import federated_app  # noqa: E402  (its commands use the helpers above)
+
+app.add_typer(federated_app, name="federated")
+
+
+def expand_list_options(argv: list[str], options: tuple[str, ...] = ("--clients",)) -> list[str]:
+    """``--clients a/ b/ c/`` -> ``--clients a/ --clients b/ --clients c/`` (Typer options take one
+    value each): the values run up to the next argument that starts with ``-``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        out.append(arg)
+        i += 1
+        if arg in options:
+            n = 0
+            while i < len(argv) and not argv[i].startswith("-"):
+                out += [arg, argv[i]] if n else [argv[i]]
+                n += 1
+                i += 1
+    return out
+
+
 def main() -> None:
-    app()
+    app(args=expand_list_options(sys.argv[1:]))

@@ -207,6 +207,7 @@ def compress(
     max_memory: int | None = None,
     stream: bool | None = None,
     clients: list[Path] | None = None,
+    serve: Any = None,
 ) -> Result:
     """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given.
 
@@ -218,6 +219,8 @@ def compress(
     estimated peak is over it stops before any work. ``stream``: post-training recipes with an
     ``output`` stream the model block by block from disk (`lmpress.streamed_run`) unless False.
     ``clients``: each client's data directory, for a ``federated`` stage (`lmpress.federated`).
+    ``serve``: a `lmpress.federated.stage.Serve`: the federated stage waits for clients on other
+    machines (``lmpress federated join``) instead.
     """
     from lmpress.distill.train import world
     from lmpress.errors import LmpressError
@@ -229,12 +232,16 @@ def compress(
             "exported from, then export the result"
         )
     recipe = load_recipe(recipe)
-    if clients:
-        from lmpress.federated.stage import check_clients
+    for stage in recipe.stages:
+        if stage.method == "federated" and serve is None:  # before any work: the clients' data
+            from lmpress.federated.stage import check_clients
 
-        for stage in recipe.stages:
-            if stage.method == "federated":
-                check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
+            if not clients:
+                raise LmpressError(
+                    "the federated stage needs client data: pass --clients DIR [DIR ...] (one per client), "
+                    "or serve clients on other machines with lmpress federated serve"
+                )
+            check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     if output is not None:
         check_output_dir(output, overwrite)
@@ -290,6 +297,7 @@ def compress(
         work_dir=work_dir or work_dir_for(output),
         corpus=lambda: [d.text for d in load_documents(data.source, pattern=data.pattern, text_field=data.text_field)],
         clients=[Path(c) for c in clients] if clients else None,
+        federation=serve,
     )
     # read the tokenizer when the data is needed: a vocabulary stage may have replaced it
     ctx.calibration = lambda: data.load(ctx.tokenizer, "calib", data.calib_windows)

@@ -42,6 +42,7 @@ class Context:
     corpus: Callable[[], list[str]] | None = None  # every text of the run's data source (all splits)
     token_map: Tensor | None = None  # original id -> current id (-1: dropped), once a stage pruned the vocabulary
     clients: list[Path] | None = None  # federated stages: each client's data directory
+    federation: Any = None  # federated stages: `lmpress.federated.stage.Serve` to serve other machines instead
     _calib: TokenData | None = field(default=None, repr=False)
     _train: TokenData | None = field(default=None, repr=False)
 

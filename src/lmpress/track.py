@@ -159,7 +159,7 @@ def log_mlflow(opts: TrackOptions, command: str, name: str, record: dict[str, An
         metrics = [Metric(k, v, now, 0) for k, v in flat_metrics(record.get("metrics") or {}).items()]
         for step, loss in _curve(record):
             metrics.append(Metric("train.loss", loss, now, step))
-        for key, points in (record.get("series") or {}).items():  # e.g. a search's trials, by trial number
+        for key, points in {**(record.get("series") or {}), **round_series(record)}.items():  # trials, rounds
             metrics += [Metric(key, float(v), now, int(step)) for step, v in points]
         client.log_batch(rid, metrics=metrics, params=params)
         client.log_artifacts(rid, str(run_dir))
@@ -178,6 +178,26 @@ def _curve(record: dict[str, Any]) -> list[tuple[int, float]]:
         if history:
             return [(int(h["step"]), float(h["loss"])) for h in history if "loss" in h and "step" in h]
     return []
+
+
+def round_series(record: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
+    """A federated stage's rounds as MLflow series: each client's held-out loss of the global model
+    (step r: after r rounds), bytes each way and seconds per round."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for stage in record.get("stages") or []:
+        rounds = stage.get("rounds") if isinstance(stage, dict) else None
+        if not rounds:
+            continue
+        for r in rounds:
+            for c in r["clients"]:
+                series.setdefault(f"federated.{c['name']}.held_out_loss", []).append(
+                    (r["round"] - 1, c["global_held_out_loss"])
+                )
+            for key in ("bytes_up", "bytes_down", "seconds"):
+                series.setdefault(f"federated.{key}", []).append((r["round"], float(r[key])))
+        for name, loss in (stage.get("final_held_out_loss") or {}).items():
+            series.setdefault(f"federated.{name}.held_out_loss", []).append((len(rounds), float(loss)))
+    return series
 
 
 def load_run(path: Path) -> dict[str, Any]:

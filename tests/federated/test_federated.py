@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
 import lmpress
-from lmpress.cli import app
+from lmpress.cli import app, expand_list_options
 from lmpress.data import load_documents
 from lmpress.distill.train import TrainError
 from lmpress.federated.core import Aggregator, FederatedConfig, client_data, weighted_mean
@@ -129,8 +130,10 @@ def test_cli_bad_client_input(clients: list[Path], tmp_path: Path) -> None:
         ([], "needs client data: pass --clients"),
         (["--clients", f"{clients[0]},{clients[1]}"], "fewer than min_clients 3"),
         (["--clients", f"{clients[0]},{clients[1]},{empty}"], "nothing has no text"),
+        (["--clients", str(clients[0]), str(clients[1]), str(empty)], "nothing has no text"),  # space-separated
     ):
-        r = runner.invoke(app, ["compress", "-r", str(recipe), "-o", str(tmp_path / "out"), "--no-eval", *extra])
+        args = ["compress", "-r", str(recipe), "-o", str(tmp_path / "out"), "--no-eval", *extra]
+        r = runner.invoke(app, expand_list_options(args))  # what `lmpress` does with its arguments
         assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "out").exists()
 
@@ -223,3 +226,145 @@ def test_secure_aggregation_and_local_dp_change_only_what_they_should(
     sigma = config.dp.noise_std() / 3**0.5  # type: ignore[union-attr]
     assert abs(float(residual.std()) / sigma - 1) < 0.05
     assert all(c["update_norm"] != c["update_norm"] for c in d_round["clients"])  # not reported under DP (nan)
+
+
+def test_cli_serve_and_join_bad_input(clients: list[Path], saved: dict[str, Path], tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    base = ["federated", "join", f"127.0.0.1:{port}", "--data", str(clients[0]), "--model", str(saved["w4"]),
+            "--teacher", str(saved["teacher"])]  # fmt: skip
+    for args, msg in (
+        ([*base, "--insecure"], f"cannot reach the federation server at 127.0.0.1:{port}"),
+        (base, "choose --insecure"),
+        ([*base[:2], "nowhere", *base[3:], "--insecure"], "'nowhere' is not an address"),
+        ([*base[:4], str(tmp_path), *base[5:], "--insecure"], "has no text"),
+        (["federated", "serve", "-r", "w4", "-o", str(tmp_path / "o"), "--insecure"], "has no federated stage"),
+        (["federated", "serve", "-r", "w4", "-o", str(tmp_path / "o")], "choose --insecure"),
+    ):
+        r = runner.invoke(app, args)
+        assert r.exit_code == 2 and msg in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: Path) -> None:
+    """``lmpress federated serve`` and two ``lmpress federated join`` processes, as on three machines."""
+    import os
+    import shutil
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from lmpress.track import round_series
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    recipe = tmp_path / "fed.yaml"
+    fed = {**RECIPE["stages"][1], "rounds": 2, "local_steps": 2, "min_clients": 2}
+    recipe.write_text(yaml.safe_dump({"stages": [RECIPE["stages"][0], fed]}))
+    out = tmp_path / "out"
+    cli = [str(Path(sys.executable).parent / "lmpress")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    serve = subprocess.Popen(
+        [*cli, "federated", "serve", "builtin", "-r", str(recipe), "-o", str(out), "--address", f"127.0.0.1:{port}",
+         "--insecure", "--no-eval", "--no-track", "--wait", "300", "--json"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    joins: list[subprocess.Popen[str]] = []
+    try:
+        shared = out.with_name("out.work") / "federated"
+        t0 = time.monotonic()
+        while not (shared / "teacher" / "lmpress.json").exists() and serve.poll() is None:
+            assert time.monotonic() - t0 < 300, "the server did not write the models for its clients"
+            time.sleep(0.5)
+        copies = []
+        for c in clients[:2]:  # each client's own copy, as on its own machine
+            mine = tmp_path / f"copy-{c.name}"
+            shutil.copytree(shared / "student", mine / "student")
+            shutil.copytree(shared / "teacher", mine / "teacher")
+            copies.append(mine)
+        for c, mine in zip(clients[:2], copies, strict=True):
+            cmd = [*cli, "federated", "join", f"127.0.0.1:{port}", "--data", str(c), "--model", str(mine / "student"),
+                   "--teacher", str(mine / "teacher"), "--insecure"]  # fmt: skip
+            with open(tmp_path / f"join-{c.name}.log", "w") as log:
+                joins.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+        stdout, stderr = serve.communicate(timeout=600)
+        assert serve.returncode == 0, stderr[-2000:]
+    finally:
+        for p in [serve, *joins]:
+            if p.poll() is None:
+                p.send_signal(signal.SIGINT)
+        for p in joins:
+            p.wait(timeout=60)
+    assert [p.returncode for p in joins] == [0, 0]
+    summary = json.loads(stdout)
+    stage = summary["stages"][1]
+    assert stage["method"] == "federated" and stage["clients"] == ["a", "b"] and len(stage["rounds"]) == 2
+    assert "lmpress federated join" in stderr and f"127.0.0.1:{port}" in stderr  # the join instructions
+    saved = json.loads((out / "lmpress.json").read_text())
+    assert "lora" in {m["format"] for m in saved["modules"].values()}
+    # the rounds as series (MLflow) and curves (TensorBoard)
+    series = round_series(summary)
+    assert [s for s, _ in series["federated.a.held_out_loss"]] == [0, 1, 2] and len(series["federated.bytes_up"]) == 2
+    assert list((shared / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_client_drops_out_and_rejoins_and_a_restarted_server_resumes(
+    clients: list[Path], saved: dict[str, Path], tmp_path: Path
+) -> None:
+    import threading
+    import time
+
+    from lmpress.federated.apps import encode_config
+    from lmpress.federated.local import LocalFederation
+
+    config = FederatedConfig.model_validate({**SHORT, "rounds": 3, "min_clients": 2})
+    work = tmp_path / "fed"
+    run_config = {
+        "lmpress-config": encode_config(config),
+        "model-dir": str(saved["w4"]),
+        "teacher-dir": str(saved["teacher"]),
+        "out-dir": str(work / "server"),
+        "round-timeout": 40.0,  # a client that vanished is given up after this
+    }
+    rounds_file = work / "server" / "rounds.json"
+
+    def rounds() -> list[dict]:
+        return json.loads(rounds_file.read_text())["rounds"] if rounds_file.exists() else []
+
+    def wait_until(ready: Any, what: str, timeout: float = 300) -> None:
+        t0 = time.monotonic()
+        while not ready():
+            assert time.monotonic() - t0 < timeout, what
+            time.sleep(0.2)
+
+    def federation() -> LocalFederation:
+        return LocalFederation(work, clients=clients, model_dir=saved["w4"], teacher_dir=saved["teacher"])
+
+    with federation() as fed:
+        runner_ = threading.Thread(target=fed.run, args=(run_config, 600), daemon=True)
+        runner_.start()
+        log_c = work / "logs" / "supernode-2.log"
+        wait_until(lambda: "flwr-clientapp" in log_c.read_text(), "client c never started training")
+        fed.stop_node(2)  # c drops out in the middle of round 1
+        wait_until(lambda: len(rounds()) >= 1, "round 1 did not finish without c")
+        fed.start_node(2)  # c comes back
+        wait_until(lambda: len(rounds()) >= 2, "round 2 did not finish")
+    runner_.join(timeout=60)  # the whole server side went down during round 3
+    first = rounds()
+    assert len(first) == 2
+    assert [c["name"] for c in first[0]["clients"]] == ["a", "b"] and first[0]["failed"] >= 1
+    assert "c" in [c["name"] for c in first[1]["clients"]]  # the client that reconnected trained again
+    with federation() as fed:  # a new server on the same state
+        status = fed.run(run_config, timeout=600)
+    record = json.loads(rounds_file.read_text())
+    assert status == "finished:completed" and record["status"] == "completed"
+    assert record["rounds"][:2] == first and record["rounds"][2]["round"] == 3
+    assert "resuming after round 2" in (work / "logs" / "serverapp.log").read_text()

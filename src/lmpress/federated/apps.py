@@ -266,6 +266,7 @@ def server_main(grid: Grid, context: Context) -> None:
         state, record = resumed
         log(INFO, "resuming after round %d", len(record["rounds"]))
     aggregate = Aggregator(config.aggregation, config.server_lr)
+    _wait_for_clients(grid, config.min_clients, float(rc.get("join-timeout", timeout)))
     for rnd in range(len(record["rounds"]) + 1, config.rounds + 1):
         t0 = time.monotonic()
         nodes = _wait_for_clients(grid, config.min_clients, timeout)

@@ -126,7 +126,7 @@ class Federation:
         self._start(cmd, logs / "superlink.log", port)
 
     def _start(self, cmd: list[str], log: Path, port: int) -> None:
-        with open(log, "wb") as out:
+        with open(log, "ab") as out:  # a restarted process goes on with its log
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self.procs.append(proc)
         _wait_port(port, proc, log)
@@ -205,22 +205,35 @@ class LocalFederation(Federation):
     model_dir: Path = Path()
     teacher_dir: Path = Path()
     client_models: list[Path] | None = None  # each client's own copy of the model (default: model_dir)
+    nodes: dict[int, subprocess.Popen[bytes]] = field(default_factory=dict)
+    link: int = 0
 
     def __enter__(self) -> LocalFederation:
-        link = _free_port()
+        self.link = _free_port()
         try:
-            self._link("127.0.0.1", link, None)
-            for i, data in enumerate(self.clients):
-                port = _free_port()
-                model = self.client_models[i] if self.client_models else self.model_dir
-                node = node_config(data, model, self.teacher_dir, data.name or str(i), self.threads)
-                cmd = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{link}", "--host",
-                       "127.0.0.1", "--port", str(port), "--node-config", node]  # fmt: skip
-                self._start(cmd, self.work / "logs" / f"supernode-{i}.log", port)
+            self._link("127.0.0.1", self.link, None)
+            for i in range(len(self.clients)):
+                self.start_node(i)
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def start_node(self, i: int) -> None:
+        """Start (or restart: a client that reconnects) the SuperNode of client ``i``."""
+        data, port = self.clients[i], _free_port()
+        model = self.client_models[i] if self.client_models else self.model_dir
+        node = node_config(data, model, self.teacher_dir, data.name or str(i), self.threads)
+        cmd = [_bin("flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.link}", "--host",
+               "127.0.0.1", "--port", str(port), "--node-config", node]  # fmt: skip
+        self._start(cmd, self.work / "logs" / f"supernode-{i}.log", port)
+        self.nodes[i] = self.procs[-1]
+
+    def stop_node(self, i: int) -> None:
+        """Kill client ``i``'s SuperNode and its running ClientApp (a client that drops out)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.nodes[i].pid, signal.SIGKILL)
+        self.nodes[i].wait()
 
 
 @dataclass
@@ -246,3 +259,60 @@ def serverapp_error(work: Path) -> str:
     lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.exists() else []
     errors = [ln for ln in lines if "Error" in ln or "error" in ln]
     return (errors or lines or ["no log"])[-1].strip()
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 in brackets) -> (host, port); a clear error otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise TrainError(f"{address!r} is not an address; give HOST:PORT, e.g. 10.0.0.5:9092")
+    return host.strip("[]"), int(port)
+
+
+def join(address: str, data: Path, model: Path, teacher: Path, name: str, certificates: Path | None,
+         threads: int = 1) -> int:  # fmt: skip
+    """Run a SuperNode for the federation served at ``address`` with this machine's text in ``data``
+    (which never leaves it) until it is interrupted; returns its exit code."""
+    import logging
+    import tempfile
+
+    import lmpress
+    from lmpress.federated.core import FederatedConfig, fingerprint_model
+    from lmpress.federated.stage import check_clients
+
+    log = logging.getLogger("lmpress.federated")
+    host, port = parse_address(address)
+    check_clients([data], FederatedConfig(min_clients=1))  # type: ignore[call-arg]
+    certs = Certificates.from_dir(certificates, server=False) if certificates else None
+    loaded = lmpress.load(model, device="cpu")
+    lmpress.load(teacher, device="cpu")
+    fp = fingerprint_model(loaded.model, loaded.tokenizer)
+    del loaded
+    try:
+        socket.create_connection((host, port), timeout=10).close()
+    except OSError as e:
+        raise TrainError(
+            f"cannot reach the federation server at {address} ({e.strerror or e}); start it there with "
+            "lmpress federated serve, or check the address and the firewall"
+        ) from None
+    home = Path(tempfile.mkdtemp(prefix="lmpress-join-"))
+    try:
+        env = flower_env(home, threads)
+        cmd = [_bin("flower-supernode"), *tls_args(certs, server=False), "--superlink", f"{host}:{port}",
+               "--host", "127.0.0.1", "--port", str(_free_port()),
+               "--node-config", node_config(data, model, teacher, name, threads)]  # fmt: skip
+        log.info("joining %s as %s (model fingerprint %s); Ctrl-C to leave", address, name, fp)
+        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=10)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
