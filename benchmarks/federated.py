@@ -17,7 +17,8 @@ KL to the teacher and perplexity on every client's held-out text and on the stdl
 - centralized: ``distill`` on the pooled training text of the three clients, as many optimizer
   steps (of the same batch size) as the three clients take together in the federation;
 - federated (FedAvg over a real loopback Flower federation: SuperLink, three SuperNodes, one
-  process per client message), ``rounds`` x ``local_steps``;
+  process per client message), ``rounds`` x ``local_steps``; and the same with a server step of 3
+  (the global model moves 3x the clients' mean change: server SGD, Reddi et al. 2021);
 - local only: each client distilling alone on its own text, as many steps as it takes in the federation;
 - federated with SecAgg+, and with local DP (one noise level): their cost in quality and time;
 - bytes per round: LoRA adapters against every float parameter trainable (``lora_rank: 0``: the
@@ -159,6 +160,10 @@ def run(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work: Path
     model, report, seconds = federated(fed_stage)
     rounds = report["rounds"]
     rows.append(row("federated FedAvg", model, seconds, steps=3 * steps, bytes_per_round=report["bytes_per_round"]))
+    model, report, seconds = federated({**fed_stage, "server_step": 3.0})
+    rows.append(row("federated FedAvg, server step 3", model, seconds, steps=3 * steps,
+                    bytes_per_round=report["bytes_per_round"]))  # fmt: skip
+    rounds_step3 = report["rounds"]
     for name in data:
         model, seconds = distill(data[name].train, steps, name)
         rows.append(row(f"local only: {name}", model, seconds, steps=steps, client=name))
@@ -182,6 +187,7 @@ def run(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work: Path
         "clients": held,
         "rows": rows,
         "fedavg_rounds": rounds,
+        "server_step3_rounds": rounds_step3,
         "full_trainable_bytes_per_round": full["bytes_per_round"],
         "lora_bytes_per_round": rows[2]["bytes_per_round"],
     }
@@ -220,7 +226,7 @@ def _table(p: dict[str, Any]) -> str:
         "",
     ]
     local = [r for r in rows if r.get("client")]
-    fed = rows[2]
+    feds = [r for r in rows if r["setting"].startswith("federated FedAvg") and "+" not in r["setting"]]
     others = [["model", *[f"KL {n}" for n in names]]]
     lines.append("Each client's own model against the federated one, on the clients' held-out text (the other "
                  "clients' text is what local training never sees):")  # fmt: skip
@@ -229,7 +235,7 @@ def _table(p: dict[str, Any]) -> str:
         markdown_table(
             others[0],
             [[r["setting"], *[f"{r['eval'][n]['kl']:.4f}" + (" (own)" if n == r.get("client") else "") for n in names]]
-             for r in [*local, fed]],
+             for r in [*local, *feds]],
         )
     )  # fmt: skip
     lora, full = p["lora_bytes_per_round"], p["full_trainable_bytes_per_round"]

@@ -44,6 +44,8 @@ def test_fedavg_weights_by_tokens_and_fedadam_steps_along_the_mean() -> None:
     # first step: m = 0.1 delta, v = 0.01 delta^2 -> lr * 0.1 delta / (0.1 |delta| + tau)
     delta = torch.tensor([3.0, 1.0])
     assert torch.allclose(out, 0.1 * 0.1 * delta / (0.1 * delta.abs() + 1e-3))
+    step = Aggregator("fedavg", step=3.0)(g, weighted_mean([a, b], [1.0, 2.0]))["w"]  # server SGD: 3x the mean change
+    assert torch.allclose(step, torch.tensor([9.0, 3.0]))
     with pytest.raises(TrainError, match="no client trained"):
         weighted_mean([a], [0.0])
 
@@ -354,8 +356,8 @@ def test_a_client_drops_out_and_rejoins_and_a_restarted_server_resumes(
         log_c = work / "logs" / "supernode-2.log"
         wait_until(lambda: "flwr-clientapp" in log_c.read_text(), "client c never started training")
         fed.stop_node(2)  # c drops out in the middle of round 1
+        fed.start_node(2)  # and comes back (a new SuperNode) while the round still waits for its old self
         wait_until(lambda: len(rounds()) >= 1, "round 1 did not finish without c")
-        fed.start_node(2)  # c comes back
         wait_until(lambda: len(rounds()) >= 2, "round 2 did not finish")
     runner_.join(timeout=60)  # the whole server side went down during round 3
     first = rounds()
@@ -368,3 +370,29 @@ def test_a_client_drops_out_and_rejoins_and_a_restarted_server_resumes(
     assert status == "finished:completed" and record["status"] == "completed"
     assert record["rounds"][:2] == first and record["rounds"][2]["round"] == 3
     assert "resuming after round 2" in (work / "logs" / "serverapp.log").read_text()
+
+
+def test_a_sparse_model_federates_its_kept_weights_and_keeps_its_mask(clients: list[Path], tmp_path: Path) -> None:
+    """Without LoRA the clients train (and send) every float parameter; a 2:4 layer's pruned weights stay zero."""
+    from lmpress.nn import SparseLinear
+
+    fed = {**RECIPE["stages"][1], "train": {"lora_rank": 0, "lr": 1e-4, "batch_size": 8}, "rounds": 1,
+           "local_steps": 1}  # fmt: skip
+    sparse = {"method": "magnitude", "pattern": "2:4"}
+    before = lmpress.compress("builtin", {"stages": [sparse]}, run_eval=False).model
+    r = lmpress.compress("builtin", {"stages": [sparse, fed]}, clients=clients, run_eval=False)
+    layers = [(n, m) for n, m in r.model.named_modules() if isinstance(m, SparseLinear)]
+    assert layers
+    old = dict(before.named_modules())
+    changed = 0
+    for name, m in layers:
+        w, w0 = m.dense_weight().float(), old[name].dense_weight().float()  # type: ignore[operator]
+        assert torch.equal(w == 0, w0 == 0)  # the same mask
+        changed += int(not torch.equal(w, w0))
+    assert changed == len(layers)  # every kept weight trained
+    (round1,) = r.stages[1]["rounds"]
+    # on the wire, in float32: every float parameter, and of each 2:4 layer only its kept half
+    floats = sum(p.numel() * 4 for p in before.parameters() if p.is_floating_point())
+    kept = sum(m.nnz * 4 for _, m in layers)
+    assert kept == sum(m.in_features * m.out_features * 2 for _, m in layers)
+    assert 3 * (floats + kept) < round1["bytes_up"] < 3.02 * (floats + kept)

@@ -245,7 +245,10 @@ def _secure_round(grid: _Metered, context: Context, config: FederatedConfig, rnd
     for _, res in strategy.results:
         metrics = {k: float(v) for k, v in res.metrics.items() if isinstance(v, int | float)}
         out.replies.append((str(res.metrics.get("name", "")), {**metrics, "tokens": float(res.num_examples)}))
-    if strategy.parameters is not None:
+    if strategy.parameters is None:
+        out.replies = []
+        out.errors.append("SecAgg+ stopped: fewer than secagg_threshold of the clients completed its four stages")
+    else:
         arrays = parameters_to_ndarrays(strategy.parameters)
         out.mean = {n: torch.from_numpy(np.asarray(a, dtype=np.float32)).reshape(state[n].shape)
                     for n, a in zip(names, arrays, strict=True)}  # fmt: skip
@@ -265,7 +268,7 @@ def server_main(grid: Grid, context: Context) -> None:
     if resumed is not None:
         state, record = resumed
         log(INFO, "resuming after round %d", len(record["rounds"]))
-    aggregate = Aggregator(config.aggregation, config.server_lr)
+    aggregate = Aggregator(config.aggregation, config.server_lr, step=config.server_step)
     _wait_for_clients(grid, config.min_clients, float(rc.get("join-timeout", timeout)))
     for rnd in range(len(record["rounds"]) + 1, config.rounds + 1):
         t0 = time.monotonic()
@@ -354,8 +357,10 @@ def _client_setup(msg: Message, context: Context) -> tuple[FederatedConfig, Stud
         arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
         if len(arrays) != len(student.named):
             raise ValueError(f"the server sent {len(arrays)} arrays for {len(student.named)} trainable parameters")
-        named = student.named.items()
-        student.load({n: torch.from_numpy(a.copy()).reshape(p.shape) for (n, p), a in zip(named, arrays, strict=True)})
+        names = list(student.named)
+        student.load(
+            {n: torch.from_numpy(a.copy()).reshape(student.wire_shape(n)) for n, a in zip(names, arrays, strict=True)}
+        )
     else:
         student.load(msg.content.array_records["arrays"].to_torch_state_dict())
     return config, student, tokenizer, settings

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from lmpress.distill.kd import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
 from lmpress.distill.train import TrainConfig, TrainError, lr_at, train
-from lmpress.distill.trainable import make_trainable, restore_compressed
+from lmpress.distill.trainable import TrainableLinear, make_trainable, restore_compressed
 from lmpress.registry import Context, MethodConfig
 
 
@@ -60,6 +60,10 @@ class FederatedConfig(MethodConfig):
     aggregation: Literal["fedavg", "fedprox", "fedadam"] = "fedavg"  # the server's update rule
     prox_mu: float = Field(0.01, ge=0)  # FedProx: weight of ||w - w_global||^2 / 2 in each client's loss
     server_lr: float = Field(1e-2, gt=0)  # FedAdam's step
+    # FedAvg/FedProx: the global model moves this many times the clients' mean change (server SGD,
+    # FedOpt; 1: plain FedAvg). Clients' changes average out partly, so about the number of clients
+    # recovers the progress of as many sequential steps
+    server_step: float = Field(1.0, gt=0)
     min_clients: int = Field(2, ge=1)  # a round needs this many replies
     seq_len: int = Field(256, ge=8)  # tokens per window of each client's text
     eval_windows: int = Field(16, ge=1)  # each client's held-out windows per evaluation
@@ -120,22 +124,39 @@ class Student:
             model, teacher, config.temperature, config.kl_weight, config.ce_weight, config.hidden_weight
         ).to(ctx.device)
         self.named = _trainable_parameters(self.distiller, lora=config.lora_rank > 0)
+        # a sparse layer's latent weight is dense with its mask fixed: only the kept weights travel
+        self.masks = {
+            f"{name}.weight": m.mask
+            for name, m in self.distiller.named_modules()
+            if isinstance(m, TrainableLinear) and m.mask is not None and f"{name}.weight" in self.named
+        }
         self.device = ctx.device
 
     def state(self) -> dict[str, Tensor]:
-        """The trainable parameters, detached copies on CPU (what travels)."""
-        return {n: p.detach().float().cpu().clone() for n, p in self.named.items()}
+        """The trainable parameters, detached copies on CPU (what travels; a sparse layer's kept
+        weights as one vector in the mask's order)."""
+        return {
+            n: (p[self.masks[n]] if n in self.masks else p).detach().float().cpu().clone()
+            for n, p in self.named.items()
+        }
+
+    def wire_shape(self, name: str) -> tuple[int, ...]:
+        p = self.named[name]
+        return (int(self.masks[name].sum()),) if name in self.masks else tuple(p.shape)
 
     def load(self, state: dict[str, Tensor]) -> None:
-        if set(state) != set(self.named):
+        if set(state) != set(self.named) or any(tuple(state[n].shape) != self.wire_shape(n) for n in self.named):
             missing, extra = sorted(set(self.named) - set(state)), sorted(set(state) - set(self.named))
             raise TrainError(
-                f"the parameters sent do not fit this model (missing {missing[:3]}, unknown {extra[:3]}); "
-                "server and clients must start from the same compressed model and recipe"
+                f"the parameters sent do not fit this model (missing {missing[:3]}, unknown {extra[:3]}, or "
+                "other shapes); server and clients must start from the same compressed model and recipe"
             )
         with torch.no_grad():
             for n, p in self.named.items():
-                p.copy_(state[n].to(p.device, p.dtype))
+                if n in self.masks:
+                    p.zero_().masked_scatter_(self.masks[n], state[n].to(p.device, p.dtype))
+                else:
+                    p.copy_(state[n].to(p.device, p.dtype))
 
     def loss(self, windows: Tensor) -> float:
         """Mean distillation loss on held-out ``windows`` (what the stage minimizes)."""
@@ -224,6 +245,7 @@ class Aggregator:
 
     kind: str = "fedavg"
     lr: float = 1e-2
+    step: float = 1.0  # FedAvg's server step
     betas: tuple[float, float] = (0.9, 0.99)
     tau: float = 1e-3
     m: dict[str, Tensor] = field(default_factory=dict)
@@ -232,7 +254,9 @@ class Aggregator:
     def __call__(self, global_state: dict[str, Tensor], mean: dict[str, Tensor]) -> dict[str, Tensor]:
         """The next global parameters from this round's (token-weighted) mean of the clients'."""
         if self.kind != "fedadam":
-            return mean
+            if self.step == 1.0:
+                return mean
+            return {n: g + self.step * (mean[n] - g) for n, g in global_state.items()}
         b1, b2 = self.betas
         out = {}
         for n, g in global_state.items():
