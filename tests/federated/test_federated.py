@@ -251,8 +251,30 @@ def test_cli_serve_and_join_bad_input(clients: list[Path], saved: dict[str, Path
     assert not (tmp_path / "o").exists()
 
 
+def _certificates(d: Path) -> Path:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with openssl."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    d.mkdir()
+
+    def ssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2",
+        "-subj", "/CN=lmpress-test-ca")  # fmt: skip
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-out",
+        "server.pem", "-days", "2", "-extfile", "ext.cnf")  # fmt: skip
+    return d
+
+
 def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: Path) -> None:
-    """``lmpress federated serve`` and two ``lmpress federated join`` processes, as on three machines."""
+    """``lmpress federated serve`` and two ``lmpress federated join`` processes, as on three machines,
+    over TLS with a certificate authority of the test's own."""
     import os
     import shutil
     import signal
@@ -273,10 +295,11 @@ def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: 
     recipe.write_text(yaml.safe_dump({"stages": [RECIPE["stages"][0], fed]}))
     out = tmp_path / "out"
     cli = [str(Path(sys.executable).parent / "lmpress")]
+    tls = _certificates(tmp_path / "tls")  # server: ca.crt, server.pem, server.key; a client: ca.crt
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     serve = subprocess.Popen(
         [*cli, "federated", "serve", "builtin", "-r", str(recipe), "-o", str(out), "--address", f"127.0.0.1:{port}",
-         "--insecure", "--no-eval", "--no-track", "--wait", "300", "--json"],
+         "--certificates", str(tls), "--no-eval", "--no-track", "--wait", "300", "--json"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     joins: list[subprocess.Popen[str]] = []
@@ -286,6 +309,9 @@ def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: 
         while not (shared / "teacher" / "lmpress.json").exists() and serve.poll() is None:
             assert time.monotonic() - t0 < 300, "the server did not write the models for its clients"
             time.sleep(0.5)
+        client_tls = tmp_path / "client-tls"  # a client holds only the CA's certificate
+        client_tls.mkdir()
+        shutil.copy(tls / "ca.crt", client_tls / "ca.crt")
         copies = []
         for c in clients[:2]:  # each client's own copy, as on its own machine
             mine = tmp_path / f"copy-{c.name}"
@@ -294,7 +320,7 @@ def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: 
             copies.append(mine)
         for c, mine in zip(clients[:2], copies, strict=True):
             cmd = [*cli, "federated", "join", f"127.0.0.1:{port}", "--data", str(c), "--model", str(mine / "student"),
-                   "--teacher", str(mine / "teacher"), "--insecure"]  # fmt: skip
+                   "--teacher", str(mine / "teacher"), "--certificates", str(client_tls)]  # fmt: skip
             with open(tmp_path / f"join-{c.name}.log", "w") as log:
                 joins.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
         stdout, stderr = serve.communicate(timeout=600)
@@ -309,7 +335,7 @@ def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: 
     summary = json.loads(stdout)
     stage = summary["stages"][1]
     assert stage["method"] == "federated" and stage["clients"] == ["a", "b"] and len(stage["rounds"]) == 2
-    assert "lmpress federated join" in stderr and f"127.0.0.1:{port}" in stderr  # the join instructions
+    assert "lmpress federated join" in stderr and f"127.0.0.1:{port} --data" in stderr  # the join instructions
     saved = json.loads((out / "lmpress.json").read_text())
     assert "lora" in {m["format"] for m in saved["modules"].values()}
     # the rounds as series (MLflow) and curves (TensorBoard)
@@ -396,3 +422,22 @@ def test_a_sparse_model_federates_its_kept_weights_and_keeps_its_mask(clients: l
     kept = sum(m.nnz * 4 for _, m in layers)
     assert kept == sum(m.in_features * m.out_features * 2 for _, m in layers)
     assert 3 * (floats + kept) < round1["bytes_up"] < 3.02 * (floats + kept)
+
+
+def test_federated_quantization_aware_training_keeps_the_4_bit_format(clients: list[Path]) -> None:
+    """``codes: train`` (QAT on the grid: latent weights rounded in the forward pass) over the
+    federation: the clients move latent weights and scales, and the result is 4-bit again."""
+    from lmpress.nn import QuantLinear
+
+    fed = {**RECIPE["stages"][1], "train": {"lora_rank": 0, "codes": "train", "lr": 1e-3, "batch_size": 8},
+           "rounds": 1, "local_steps": 2}  # fmt: skip
+    base = lmpress.compress("builtin", {"stages": [RECIPE["stages"][0]]}, run_eval=False).model
+    r = lmpress.compress("builtin", {"stages": [RECIPE["stages"][0], fed]}, clients=clients, run_eval=False)
+    old = dict(base.named_modules())
+    layers = [(n, m) for n, m in r.model.named_modules() if isinstance(m, QuantLinear)]
+    assert layers and all(m.bits == 4 for _, m in layers)
+    flipped = sum(int((m.qweight != old[n].qweight).sum()) for n, m in layers)  # type: ignore[operator]
+    assert flipped > 0  # some codes moved to a neighbouring grid point
+    (round1,) = r.stages[1]["rounds"]
+    latent = sum(m.in_features * m.out_features * 4 for _, m in layers)  # float32 latent weights travel
+    assert round1["bytes_up"] > 3 * latent

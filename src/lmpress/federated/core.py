@@ -61,8 +61,7 @@ class FederatedConfig(MethodConfig):
     prox_mu: float = Field(0.01, ge=0)  # FedProx: weight of ||w - w_global||^2 / 2 in each client's loss
     server_lr: float = Field(1e-2, gt=0)  # FedAdam's step
     # FedAvg/FedProx: the global model moves this many times the clients' mean change (server SGD,
-    # FedOpt; 1: plain FedAvg). Clients' changes average out partly, so about the number of clients
-    # recovers the progress of as many sequential steps
+    # FedOpt; 1: plain FedAvg)
     server_step: float = Field(1.0, gt=0)
     min_clients: int = Field(2, ge=1)  # a round needs this many replies
     seq_len: int = Field(256, ge=8)  # tokens per window of each client's text
