@@ -322,7 +322,11 @@ def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: 
             cmd = [*cli, "federated", "join", f"127.0.0.1:{port}", "--data", str(c), "--model", str(mine / "student"),
                    "--teacher", str(mine / "teacher"), "--certificates", str(client_tls)]  # fmt: skip
             with open(tmp_path / f"join-{c.name}.log", "w") as log:
-                joins.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True))
+                joins.append(
+                    subprocess.Popen(
+                        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True
+                    )
+                )
         stdout, stderr = serve.communicate(timeout=600)
         assert serve.returncode == 0, stderr[-2000:]
     finally:
@@ -333,7 +337,7 @@ def test_serve_and_join_run_as_separate_commands(clients: list[Path], tmp_path: 
             try:
                 p.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)  # with its SuperNode
                 p.wait()
     summary = json.loads(stdout)
     stage = summary["stages"][1]

@@ -302,17 +302,16 @@ def join(address: str, data: Path, model: Path, teacher: Path, name: str, certif
                "--host", "127.0.0.1", "--port", str(_free_port()),
                "--node-config", node_config(data, model, teacher, name, threads)]  # fmt: skip
         log.info("joining %s as %s (model fingerprint %s); Ctrl-C to leave", address, name, fp)
-        proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        proc = subprocess.Popen(cmd, env=env)  # in this process group: Ctrl-C or a group kill reaches both
         try:
             return proc.wait()
         except KeyboardInterrupt:
             return 0
         finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
+            proc.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()
     finally:
         shutil.rmtree(home, ignore_errors=True)
