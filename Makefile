@@ -2,7 +2,7 @@
 #   make demo   create .venv, install everything, compress and evaluate the built-in model
 #   make test   create .venv, install everything, run the test suite
 #   make lint   ruff check, ruff format --check, mypy
-#   EXTRAS=dev,gguf,compressed-tensors,onnx,federated make test   also the export runtimes and Flower
+#   EXTRAS=dev,gguf,compressed-tensors,onnx,federated,lm-eval make test   also the runtimes, Flower, lm-eval
 PYTHON ?= python3
 EXTRAS ?= dev
 VENV ?= .venv

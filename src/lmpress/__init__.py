@@ -7,7 +7,19 @@ lmpress.evaluate("out/bf16", reference="builtin").metrics
 
 __version__ = "0.1.0"
 
-from lmpress.api import DataOptions, EvalResult, Result, compress, evaluate, load, save
+from lmpress.api import DataOptions, EvalResult, Result, TaskResult, compress, evaluate, evaluate_tasks, load, save
 from lmpress.errors import LmpressError
 
-__all__ = ["DataOptions", "EvalResult", "LmpressError", "Result", "__version__", "compress", "evaluate", "load", "save"]
+__all__ = [
+    "DataOptions",
+    "EvalResult",
+    "LmpressError",
+    "Result",
+    "TaskResult",
+    "__version__",
+    "compress",
+    "evaluate",
+    "evaluate_tasks",
+    "load",
+    "save",
+]

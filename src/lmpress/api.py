@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmpress import evaluation
 from lmpress.data import STDLIB, Manifest, Split
@@ -13,7 +13,20 @@ from lmpress.io import save
 from lmpress.models.loading import LoadedModel, load_model
 from lmpress.pipeline import DataOptions, Result, compress
 
-__all__ = ["DataOptions", "EvalResult", "Result", "compress", "evaluate", "load", "save"]
+if TYPE_CHECKING:
+    from lmpress.tasks import TaskScores
+
+__all__ = [
+    "DataOptions",
+    "EvalResult",
+    "Result",
+    "TaskResult",
+    "compress",
+    "evaluate",
+    "evaluate_tasks",
+    "load",
+    "save",
+]
 
 
 def load(
@@ -113,3 +126,52 @@ def evaluate(
             ref.model, w, saved_dir=ref.path, measure_speed=measure_speed, progress=progress
         )
     return EvalResult(metrics, windows.manifest, ref_metrics)
+
+
+@dataclass
+class TaskResult:
+    """lm-evaluation-harness scores of one model (and of its reference, if one was given)."""
+
+    tasks: list[str]
+    scores: TaskScores
+    reference_scores: TaskScores | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        ref = self.reference_scores.to_dict() if self.reference_scores else None
+        return {"tasks": self.tasks, **self.scores.to_dict(), "reference": ref}
+
+
+def evaluate_tasks(
+    model: str | Path | LoadedModel,
+    tasks: list[str],
+    *,
+    reference: str | Path | LoadedModel | None = None,
+    task_path: list[Path] | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str = "auto",
+    dtype: str = "auto",
+    tokenizer: str | Path | None = None,
+    progress: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+) -> TaskResult:
+    """Standard task scores (``tasks``: lm-eval task names, for example hellaswag, arc_easy) of
+    ``model``, in whatever format lmpress loaded it, and of ``reference``; ``task_path`` adds
+    directories of lm-eval task YAML files; ``limit`` documents per task (all when None)."""
+    from lmpress.tasks import check_tasks, run_tasks
+
+    manager = check_tasks(tasks, task_path)  # before any model is loaded
+    kw = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    runs = [(_as_loaded(model, tokenizer=tokenizer, **kw), "model")]
+    if reference is not None:
+        runs.append((_as_loaded(reference, **kw), "reference"))
+    results = []
+    for loaded, label in runs:
+        if loaded.tokenizer is None:
+            raise ModelLoadError(f"{loaded.source} has no tokenizer files; pass --tokenizer MODEL_DIR to use another's")
+        opts = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "manager": manager}
+        bar = f"{label}: {', '.join(tasks)}" if progress else None
+        results.append(run_tasks(loaded.model, loaded.tokenizer, tasks, progress=bar, **opts))  # type: ignore[arg-type]
+    return TaskResult(list(tasks), results[0], results[1] if len(results) > 1 else None)
