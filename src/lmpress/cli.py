@@ -107,13 +107,27 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+class _LogFormat(logging.Formatter):
+    """lmpress's progress lines as plain sentences; warnings and errors say so, and name the
+    library they come from when it is not lmpress."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno < logging.WARNING:
+            return message
+        origin = "" if record.name.split(".")[0] == "lmpress" else f" ({record.name})"
+        return f"{record.levelname.lower()}{origin}: {message}"
+
+
 def _setup(threads: int, quiet: bool = False) -> None:
     import torch
     import transformers
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
     logging.getLogger("lmpress").setLevel(logging.WARNING if quiet else logging.INFO)
     if threads:
         torch.set_num_threads(threads)
@@ -151,6 +165,7 @@ _ROWS = [
     ("parameters", "parameters"),
     ("bytes_on_disk", "bytes on disk"),
     ("bits_per_weight", "bits per weight"),
+    ("bits_per_kept_weight", "bits per kept weight (sparse)"),
     ("weights_memory_mb", "weights in memory (MiB)"),
     ("prefill_tokens_per_s", "prefill tokens/s (batch 1)"),
     ("batched_prefill_tokens_per_s", "prefill tokens/s (batch 8)"),
@@ -559,6 +574,105 @@ def export_cmd(
         console.print(f"  requantized {module}: {why}", soft_wrap=True)
 
 
+def _architecture_line(arch: dict[str, Any]) -> str:
+    parts = [f"{arch.get('model_type')}" + (f" ({arch['class']})" if arch.get("class") else "")]
+    if "layers" in arch:
+        parts.append(f"{arch['layers']} layers")
+    if "hidden" in arch:
+        parts.append(f"hidden {arch['hidden']:,}")
+    if "heads" in arch:
+        kv = arch.get("kv_heads")
+        parts.append(f"{arch['heads']} heads" + (f" ({kv} kv)" if kv and kv != arch["heads"] else ""))
+    if arch.get("intermediate"):
+        parts.append(f"MLP {arch['intermediate']:,}")
+    if "vocab" in arch:
+        parts.append(f"vocab {arch['vocab']:,}")
+    if "context" in arch:
+        parts.append(f"context {arch['context']:,}")
+    if arch.get("per_block_widths"):
+        parts.append("per-block widths")
+    return ", ".join(parts)
+
+
+def _scalar_items(report: dict[str, Any], skip: tuple[str, ...] = ("stage", "method")) -> str:
+    items = []
+    for k, v in report.items():
+        if k in skip or isinstance(v, dict | list) or v is None:
+            continue
+        items.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return " ".join(items)
+
+
+def print_inspection(found: Any) -> None:
+    """`lmpress.inspection.Inspection` as a person reads it: what the model is, how it is stored,
+    how it was made, what it cost."""
+    from rich import box
+    from rich.markup import escape
+
+    kinds = {"lmpress": "lmpress directory", "huggingface": "Hugging Face directory", "gguf": "GGUF file"}
+    kinds["onnx"] = "ONNX directory"
+    console.print(f"[bold]{escape(found.source)}[/] ({kinds.get(found.kind, found.kind + ' directory')})")
+    if found.architecture:
+        console.print(escape(_architecture_line(found.architecture)))
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
+    for name, justify in (("storage", "left"), ("modules", "right"), ("weights", "right")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_column("MB", justify="right")
+    table.add_column("bits/w", justify="right")
+    for g in found.formats:
+        weights = f"{g.weights:,}" + (f" ({100 * g.kept / g.weights:.0f}% kept)" if g.kept != g.weights else "")
+        bits = f"{g.bits_per_weight:.2f}" if g.weights else "-"
+        table.add_row(g.format, str(g.modules), weights, f"{g.bytes / 1e6:.2f}", bits)
+    console.print(table)
+    kept = ""
+    if found.kept_parameters != found.parameters:
+        kept = f" ({found.kept_parameters:,} kept: {found.bits_per_kept_weight:.2f} bits each)"
+    console.print(
+        f"{found.parameters:,} weights{kept}, {found.bytes_on_disk / 1e6:.2f} MB on disk, "
+        f"{found.bits_per_weight:.2f} bits per weight"
+    )
+    meta = found.meta
+    recipe = meta.get("recipe")
+    if recipe:
+        console.print(
+            f"recipe: {escape(str(recipe.get('name') or '(unnamed)'))}: {escape(recipe.get('description') or '')}"
+        )
+    for report in meta.get("stages") or []:
+        line = f"  stage {report.get('stage')} {report.get('method')}: {_scalar_items(report)}"
+        console.print(escape(line), soft_wrap=False)
+    metrics = meta.get("metrics") or {}
+    if metrics.get("compressed"):  # the size as the files measure it
+        mine = {**metrics["compressed"], "bytes_on_disk": found.bytes_on_disk, "bits_per_weight": found.bits_per_weight}
+        if found.kept_parameters != found.parameters:
+            mine["bits_per_kept_weight"] = found.bits_per_kept_weight
+        console.print(metrics_table("against the original", {"original": metrics.get("original"), "this model": mine}))
+    for key, label in (("calibration", "calibrated on"), ("data", "evaluated on")):
+        m = meta.get(key)
+        if m:
+            console.print(
+                f"{label}: {escape(str(m.get('source')))} {m.get('split')} split, {m.get('windows')} windows x "
+                f"{m.get('seq_len')} tokens, sha256 {str(m.get('sha256'))[:16]}"
+            )
+    versions = meta.get("versions")
+    if versions:
+        made = ", ".join(f"{k} {v}" for k, v in versions.items() if k != "python")
+        console.print(f"made {meta.get('created', '')} with {made}".replace("made  with", "made with"))
+
+
+@app.command("inspect")
+@handles_errors
+def inspect_cmd(model: ModelArg = "builtin", as_json: JsonOpt = False) -> None:
+    """What a model directory, GGUF file or ONNX directory holds: architecture, bytes and bits per
+    storage format, the recipe and its stage reports, metrics against the original, the data."""
+    from lmpress.inspection import inspect_model
+
+    found = inspect_model(model)
+    if as_json:
+        _print_json(found.to_dict())
+        return
+    print_inspection(found)
+
+
 @app.command("train-reference")
 @handles_errors
 def train_reference_cmd(
@@ -573,6 +687,8 @@ def train_reference_cmd(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
     device: DeviceOpt = "auto",
     threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
 ) -> None:
     """Train the built-in reference model (tokenizer + Llama) on the stdlib corpus, with its card."""
     from lmpress.io import atomic_dir
@@ -580,11 +696,14 @@ def train_reference_cmd(
     from lmpress.models.loading import resolve_device
     from lmpress.models.reference import ReferenceSpec, train_reference
 
-    _setup(threads)
+    _setup(threads, quiet or as_json)
     dev = str(resolve_device(device))
     with atomic_dir(output, overwrite) as tmp:
-        info = train_reference(ReferenceSpec(minutes=minutes, tokens=tokens), tmp, device=dev)
-        write_card(tmp, info, card_windows)
+        info = train_reference(ReferenceSpec(minutes=minutes, tokens=tokens), tmp, device=dev, progress=not as_json)
+        card = write_card(tmp, info, card_windows)
+    if as_json:
+        _print_json({"output": str(output), **info, "card": card})
+        return
     console.print(f"saved to {output} ({info['parameters']:,} parameters, {info['train_minutes']:.1f} min)")
 
 
@@ -618,10 +737,32 @@ DEMO_COLUMNS = [
     ("perplexity", "ppl", lambda v: f"{v:.3f}"),
     ("kl", "KL", lambda v: f"{v:.4f}"),
     ("top1_agreement", "top-1", lambda v: f"{100 * v:.1f}%"),
-    ("prefill_tokens_per_s", "prefill/s", lambda v: f"{v:,.0f}"),
-    ("decode_tokens_per_s", "decode/s", lambda v: f"{v:,.0f}"),
+    ("prefill_tokens_per_s", "prefill", lambda v: f"{v:,.0f}"),
+    ("decode_tokens_per_s", "decode", lambda v: f"{v:,.0f}"),
     ("seconds", "secs", lambda v: f"{v:.1f}"),
 ]
+
+
+def demo_table(rows: list[dict[str, Any]]) -> Table:
+    """The demo's comparison: one row per preset, narrow enough for an 80-column terminal."""
+    from rich import box
+
+    table = Table(
+        title="built-in model: presets vs the original (same held-out windows)",
+        title_justify="left",
+        caption="bits/w counts pruned weights too; prefill, decode: tokens/s at batch 1",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    table.add_column("preset", no_wrap=True)
+    for _, label, _fmt_fn in DEMO_COLUMNS:
+        table.add_column(label, justify="right", no_wrap=True)
+    for row in rows:
+        cells = [fn(row[k]) if isinstance(row.get(k), int | float) else "-" for k, _, fn in DEMO_COLUMNS]
+        table.add_row(row["name"], *cells)
+    return table
 
 
 @app.command("demo")
@@ -652,14 +793,7 @@ def demo_cmd(
     if as_json:
         _print_json({"rows": result.rows, "runs": [str(p) for p in result.run_dirs], "report": str(result.report)})
         return
-    table = Table(title="built-in model: presets vs the original (same held-out windows)", title_justify="left")
-    table.add_column("preset", no_wrap=True)
-    for _, label, _fmt_fn in DEMO_COLUMNS:
-        table.add_column(label, justify="right")
-    for row in result.rows:
-        cells = [fn(row[k]) if isinstance(row.get(k), int | float) else "-" for k, _, fn in DEMO_COLUMNS]
-        table.add_row(row["name"], *cells)
-    console.print(table)
+    console.print(demo_table(result.rows))
     console.print(f"report: {result.report}", soft_wrap=True)
 
 

@@ -26,10 +26,10 @@ from pydantic import Field, field_validator
 from torch import Tensor, nn
 
 from lmpress.calib import InputStats, blockwise, collect
+from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.models.adapters import Adapter, linear_weight
 from lmpress.nn.codebook_linear import CodebookLinear
 from lmpress.quant.base import QuantError, check_finite, replace_module, targeted_layers
-from lmpress.registry import Context, Method, MethodConfig, StageReport
 from lmpress.select import Patterns
 
 

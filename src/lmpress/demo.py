@@ -57,8 +57,8 @@ def run_demo(
         from lmpress.evaluation import speed
 
         speed(base.model, len(base.tokenizer), prompt_len=64, decode_tokens=16, repeats=1)
-    for recipe in recipes:
-        log.info("demo: %s", recipe.name)
+    for i, recipe in enumerate(recipes, 1):
+        log.info("%s (%d/%d): %s", recipe.name, i, len(recipes), recipe.description)
         loaded = LoadedModel(copy.deepcopy(base.model), base.tokenizer, base.source, base.path, base.meta)
         r, run_dir = tracked_compress(
             runs,

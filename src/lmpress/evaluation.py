@@ -152,15 +152,17 @@ def streamed_quality(
     return stats[0].metrics(reference is not None), stats[1].metrics(False) if reference is not None else None
 
 
-def count_parameters(model: nn.Module) -> int:
+def count_parameters(model: nn.Module, dense: bool = False) -> int:
     """Logical weights: compressed layers report what they represent, dense tensors their size.
 
-    Shared tensors (tied embeddings) count once.
+    A sparse layer counts the weights it kept, or with ``dense`` the whole matrix it stands for
+    (so that bits per weight compare with a dense layer's). Shared tensors (tied embeddings) count
+    once.
     """
     seen: set[int] = set()
     n = 0
     for m in model.modules():
-        logical = getattr(m, "num_logical_params", None)
+        logical = (dense and getattr(m, "num_dense_params", None)) or getattr(m, "num_logical_params", None)
         if callable(logical):
             n += int(logical())
             seen.update(id(t) for t in m.parameters())
@@ -234,6 +236,15 @@ class PeakRSS:
 
 
 @torch.no_grad()
+def cache_name(model: nn.Module) -> str:
+    """The forward's name for the KV cache, in and out: ``cache`` from transformers 5.25 (which
+    warns on the older name), ``past_key_values`` before it and in lmpress's runtime models."""
+    import inspect
+
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def speed(
     model: nn.Module,
     vocab_size: int,
@@ -261,14 +272,16 @@ def speed(
         _sync(device)
         return time.perf_counter() - t
 
+    name = cache_name(model)
+
     def decode() -> float:
         out = model(input_ids=prompt, use_cache=True)
-        past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)  # tok: (1, 1)
+        past, tok = getattr(out, name), out.logits[:, -1:].argmax(-1)  # tok: (1, 1)
         _sync(device)
         t = time.perf_counter()
         for _ in range(decode_tokens):
-            out = model(input_ids=tok, past_key_values=past, use_cache=True)
-            past, tok = out.past_key_values, out.logits[:, -1:].argmax(-1)
+            out = model(input_ids=tok, use_cache=True, **{name: past})
+            past, tok = getattr(out, name), out.logits[:, -1:].argmax(-1)
         _sync(device)
         return time.perf_counter() - t
 
@@ -291,17 +304,24 @@ def size(model: nn.Module, saved_dir: Path | None = None) -> dict[str, float]:
     """Parameters, bytes (on disk when saved, else of the tensors in memory) and bits per weight."""
     from lmpress.io import weight_bytes
 
-    params = count_parameters(model)
     in_memory = tensor_bytes(model)
     on_disk = weight_bytes(saved_dir) if saved_dir is not None else None
     nbytes = on_disk if on_disk else in_memory
     return {
-        "parameters": float(params),
+        **bits_per_weight(count_parameters(model), count_parameters(model, dense=True), nbytes),
         "bytes": float(nbytes),
         "bytes_on_disk": float(on_disk) if on_disk else float("nan"),
         "weights_memory_mb": in_memory / 2**20,
-        "bits_per_weight": 8 * nbytes / params,
     }
+
+
+def bits_per_weight(params: int, dense_params: int, nbytes: int) -> dict[str, float]:
+    """``bits_per_weight`` over every weight the matrices stand for (pruned ones included: the
+    figure compares with a dense model's); a sparse model also gets ``bits_per_kept_weight``."""
+    out = {"parameters": float(params), "bits_per_weight": 8 * nbytes / dense_params}
+    if dense_params != params:
+        out["bits_per_kept_weight"] = 8 * nbytes / params
+    return out
 
 
 def _speed_lengths(model: nn.Module, prompt_len: int = 128, decode_tokens: int = 64) -> dict[str, int]:

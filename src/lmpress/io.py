@@ -25,7 +25,7 @@ from torch import nn
 
 from lmpress.errors import ModelLoadError, OutputError
 from lmpress.models.adapters import ARCHS, Adapter
-from lmpress.models.loading import META_FILE, LoadedModel, _from_pretrained
+from lmpress.models.loading import META_FILE, LoadedModel, _from_pretrained, no_transformers_bars
 from lmpress.nn import LAYER_FORMATS
 
 FORMAT_VERSION = 1
@@ -197,12 +197,22 @@ def save(
         record["shared"] = aliases
         state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(a + ".") for a in aliases)}
     with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state)  # type: ignore[operator]
+        with no_transformers_bars():
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         record["bytes_on_disk"] = weight_bytes(tmp)
         write_json_atomic(tmp / META_FILE, record)
     return out
+
+
+def update_meta(out: Path, **fields: Any) -> None:
+    """Put what was measured after saving (the metrics on the saved bytes) into ``out``'s
+    ``lmpress.json``, atomically."""
+    f = out / META_FILE
+    record = json.loads(f.read_text(encoding="utf-8"))
+    record.update(fields)
+    write_json_atomic(f, record)
 
 
 def save_companions(model: nn.Module, tokenizer: Any, out: Path) -> None:

@@ -21,10 +21,11 @@ from torch import nn
 from lmpress.data import STDLIB, Manifest, Split, TokenData, load_documents, load_windows, select_split
 from lmpress.errors import ModelLoadError
 from lmpress.evaluation import evaluate, size
-from lmpress.io import check_output_dir, save
+from lmpress.io import check_output_dir, save, update_meta
+from lmpress.method import Context
 from lmpress.models.loading import LoadedModel, load_model
 from lmpress.recipe import Recipe, load_recipe
-from lmpress.registry import Context, methods
+from lmpress.registry import methods
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,10 @@ def compress(
             budget=budget,
             work_dir=work_dir or work_dir_for(output),
         )
-    log.info("not streaming: %s", why)
+    # worth a line only where streaming could have happened: a model named by path, not turned off
+    log.log(
+        logging.DEBUG if isinstance(model, LoadedModel) or stream is False else logging.INFO, "not streaming: %s", why
+    )
     loaded = (
         model
         if isinstance(model, LoadedModel)
@@ -351,6 +355,7 @@ def compress(
         }
         save(loaded.model, ctx.tokenizer, output, meta, overwrite=overwrite)
         result.output = output
-        if "compressed" in result.metrics:
+        if "compressed" in result.metrics:  # the size of the saved files, in the record too
             result.metrics["compressed"].update(size(loaded.model, output))
+            update_meta(output, metrics=result.metrics)
     return result

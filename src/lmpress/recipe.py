@@ -23,7 +23,8 @@ import yaml
 from pydantic import ValidationError
 
 from lmpress.errors import RecipeError
-from lmpress.registry import MethodConfig, methods
+from lmpress.method import MethodConfig
+from lmpress.registry import methods
 
 PRESET_DIR = Path(__file__).parent / "recipes"
 _TOP_KEYS = {"name", "description", "stages"}

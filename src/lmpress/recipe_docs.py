@@ -14,8 +14,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from lmpress.method import MethodConfig
 from lmpress.recipe import load_recipe, presets
-from lmpress.registry import MethodConfig, methods
+from lmpress.registry import methods
 
 # keys many methods share, described once (a comment beside the field in the source wins)
 COMMON = {

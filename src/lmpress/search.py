@@ -42,10 +42,10 @@ from torch import Tensor, nn
 from lmpress.errors import LmpressError
 from lmpress.evaluation import quality, tensor_bytes
 from lmpress.io import write_json_atomic
+from lmpress.method import Context
 from lmpress.models.adapters import Adapter
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 
 log = logging.getLogger(__name__)
 QUANTIZERS = ("gptq", "rtn", "awq", "hqq")

@@ -32,9 +32,9 @@ from torch import Tensor, nn
 
 from lmpress.calib import InputStats, blockwise, collect
 from lmpress.errors import LmpressError
+from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.models.adapters import Adapter, is_conv1d, linear_weight
 from lmpress.quant.base import replace_module
-from lmpress.registry import Context, Method, MethodConfig, StageReport
 
 Part = Literal["attention", "mlp"]
 

@@ -18,14 +18,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from lmpress.errors import ModelLoadError
+from lmpress.method import Context
 from lmpress.models.loading import load_tokenizer, resolve_dtype
 from lmpress.recipe import Recipe
-from lmpress.registry import Context
 
 if TYPE_CHECKING:
     from lmpress.pipeline import DataOptions, Result
@@ -95,7 +95,7 @@ def compress_streamed(
     budget: int,
     work_dir: Path | None,
 ) -> Result:
-    from lmpress.evaluation import count_parameters, streamed_quality
+    from lmpress.evaluation import streamed_quality
     from lmpress.io import save_streamed_dir
     from lmpress.pipeline import Result, run_stages
     from lmpress.streaming import close, open_streamed
@@ -140,8 +140,8 @@ def compress_streamed(
         save_streamed_dir(model, tokenizer, output, meta, overwrite=overwrite)
         result.output = output
         if eval_data is not None:
-            metrics["compressed"].update(streamed_size(count_parameters(model), output))
-            metrics["original"].update(streamed_size(count_parameters(model_params_of(path, dtype)), path))
+            metrics["compressed"].update(streamed_size(model, output))
+            metrics["original"].update(streamed_size(model_params_of(path, dtype), path))
     finally:
         for m in (model, original):
             if m is not None:
@@ -150,21 +150,23 @@ def compress_streamed(
     if eval_data is not None:
         _measure_whole(result, path, output, metrics, original_key, budget, measure_speed, samples, data, device)
         result.metrics = metrics
-        _update_meta(output, metrics, result.samples)
+        from lmpress.io import update_meta
+
+        update_meta(output, metrics=metrics)
     return result
 
 
-def streamed_size(params: int, where: Path) -> dict[str, float]:
+def streamed_size(model: torch.nn.Module, where: Path) -> dict[str, float]:
     """`lmpress.evaluation.size` from the files: a streamed model is never whole in memory."""
+    from lmpress.evaluation import bits_per_weight, count_parameters
     from lmpress.io import weight_bytes
 
     nbytes = weight_bytes(where)
     return {
-        "parameters": float(params),
+        **bits_per_weight(count_parameters(model), count_parameters(model, dense=True), nbytes),
         "bytes": float(nbytes),
         "bytes_on_disk": float(nbytes),
         "weights_memory_mb": nbytes / 2**20,
-        "bits_per_weight": 8 * nbytes / params,
     }
 
 
@@ -217,14 +219,3 @@ def _measure_whole(
         del loaded
     if len(texts) == 2:
         result.samples = {"prompts": prompts, **texts}
-
-
-def _update_meta(output: Path, metrics: dict[str, dict[str, float]], samples: Any) -> None:
-    """Put the metrics measured after saving into the saved ``lmpress.json`` (atomically)."""
-    from lmpress.io import write_json_atomic
-    from lmpress.models.loading import META_FILE
-
-    f = output / META_FILE
-    record = json.loads(f.read_text(encoding="utf-8"))
-    record["metrics"] = metrics
-    write_json_atomic(f, record)

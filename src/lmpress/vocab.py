@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from lmpress.data import load_documents
 from lmpress.errors import LmpressError
-from lmpress.registry import Context, Method, MethodConfig, StageReport
+from lmpress.method import Context, Method, MethodConfig, StageReport
 
 log = logging.getLogger(__name__)
 BYTE_FALLBACK = [f"<0x{i:02X}>" for i in range(256)]

@@ -34,7 +34,7 @@ from lmpress.distill.train import TrainConfig, TrainResult, train
 from lmpress.distill.trainable import Codes, make_trainable, restore_compressed
 from lmpress.errors import TrainError
 from lmpress.evaluation import quality
-from lmpress.registry import Context, Method, MethodConfig, StageReport
+from lmpress.method import Context, Method, MethodConfig, StageReport
 
 log = logging.getLogger(__name__)
 

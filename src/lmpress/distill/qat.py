@@ -17,8 +17,8 @@ from pydantic import Field
 from torch import nn
 
 from lmpress.distill.kd import DistillConfig, distill_model
+from lmpress.method import Context, Method, StageReport
 from lmpress.quant.base import WeightQuantConfig
-from lmpress.registry import Context, Method, StageReport
 
 
 class QATConfig(WeightQuantConfig, DistillConfig):  # type: ignore[misc]

@@ -50,7 +50,7 @@ server = ServerApp()
 def load_student(model_dir: str, teacher_dir: str, config: FederatedConfig) -> tuple[Student, str, Any]:
     """The compressed model made trainable, its fingerprint (taken before) and its tokenizer."""
     import lmpress
-    from lmpress.registry import Context as StageContext
+    from lmpress.method import Context as StageContext
 
     loaded = lmpress.load(model_dir, device="cpu")
     fp = fingerprint_model(loaded.model, loaded.tokenizer)

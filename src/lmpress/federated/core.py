@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from lmpress.distill.kd import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
 from lmpress.distill.train import TrainConfig, TrainError, lr_at, train
 from lmpress.distill.trainable import TrainableLinear, make_trainable, restore_compressed
-from lmpress.registry import Context, MethodConfig
+from lmpress.method import Context, MethodConfig
 
 
 class LocalDP(BaseModel):

@@ -25,7 +25,7 @@ from torch import nn
 
 from lmpress.distill.train import TrainError
 from lmpress.federated.core import FederatedConfig, Student
-from lmpress.registry import Context, Method, StageReport
+from lmpress.method import Context, Method, StageReport
 
 log = logging.getLogger(__name__)
 

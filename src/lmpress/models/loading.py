@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -193,13 +195,29 @@ def load_model(
     return loaded
 
 
+@contextmanager
+def no_transformers_bars() -> Iterator[None]:
+    """transformers' own "Loading weights" / "Writing model shards" bars stay off while lmpress
+    loads or saves (its bars and log lines are the ones that count the work)."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
+
+
 def _from_pretrained(path: Path, dtype: torch.dtype | str, trust_remote_code: bool) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
-            path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None, low_cpu_mem_usage=True
-        )
+        with no_transformers_bars():
+            return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
+                path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None, low_cpu_mem_usage=True
+            )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
         raise ModelLoadError(
             f"cannot load the model in {path}: {(str(e) or type(e).__name__).splitlines()[0]}"

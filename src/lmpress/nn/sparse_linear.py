@@ -168,6 +168,11 @@ class SparseLinear(nn.Module):
         """The weights kept (and the bias): what the pruned layer still computes with."""
         return self.nnz + (self.out_features if self.bias is not None else 0)
 
+    def num_dense_params(self) -> int:
+        """The weights of the matrix the layer represents, pruned ones included (for bits per
+        weight that compare with a dense layer's)."""
+        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+
     @property
     def density(self) -> float:
         return self.nnz / (self.in_features * self.out_features)

@@ -25,10 +25,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.models.adapters import Adapter
 from lmpress.prune.masks import PruneError
 from lmpress.prune.shapes import HEAD_DIM_IN_CONFIG, head_dim, slice_linear
-from lmpress.registry import Context, Method, MethodConfig, StageReport
 
 
 class HiddenConfig(MethodConfig):

@@ -17,9 +17,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.calib import blockwise, run_block
+from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.models.adapters import Adapter
 from lmpress.prune.masks import PruneError
-from lmpress.registry import Context, Method, MethodConfig, StageReport
 
 
 class DropBlocksConfig(MethodConfig):

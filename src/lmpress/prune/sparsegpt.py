@@ -17,11 +17,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.calib import InputStats
+from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import PruneError, mask_from_scores, parse_pattern
 from lmpress.quant.grid import Quantized, find_grid
-from lmpress.registry import Context, Method, StageReport
 
 
 class SparseGPTConfig(PruneConfig):

@@ -28,6 +28,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.calib import SquareNorm, blockwise, collect
+from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.models.adapters import Adapter, linear_weight
 from lmpress.prune.masks import PruneError
 from lmpress.prune.shapes import (
@@ -39,7 +40,6 @@ from lmpress.prune.shapes import (
     uniform_config_update,
     unit_heads,
 )
-from lmpress.registry import Context, Method, MethodConfig, StageReport
 
 
 class StructuredConfig(MethodConfig):

@@ -13,10 +13,10 @@ from typing import Literal
 from torch import nn
 
 from lmpress.calib import SquareNorm
+from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import mask_from_scores, parse_pattern
-from lmpress.registry import Context, Method, StageReport
 
 
 class WandaConfig(PruneConfig):

@@ -19,11 +19,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import Adapter, linear_weight
 from lmpress.quant import ggml
 from lmpress.quant.base import LayerSettings, QuantizeFn, WeightQuantConfig, quantize_calibrated, settings_for
 from lmpress.quant.grid import Quantized, clip_search, quantize, quantize_with
-from lmpress.registry import Context, Method, StageReport
 
 
 class AWQConfig(WeightQuantConfig):

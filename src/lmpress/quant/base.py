@@ -17,12 +17,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from lmpress.errors import LmpressError
+from lmpress.method import Context, MethodConfig, StageReport
 from lmpress.models.adapters import is_conv1d, linear_weight
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml
 from lmpress.quant.grid import Quantized
-from lmpress.registry import Context, MethodConfig, StageReport
 from lmpress.select import Patterns, matches, select
 
 

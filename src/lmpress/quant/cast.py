@@ -13,7 +13,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from lmpress.registry import Context, Method, MethodConfig, StageReport
+from lmpress.method import Context, Method, MethodConfig, StageReport
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 

@@ -19,11 +19,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.calib import InputStats
+from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
 from lmpress.quant import ggml
 from lmpress.quant.base import LayerSettings, QuantError, QuantizeFn, WeightQuantConfig, quantize_calibrated
 from lmpress.quant.grid import Quantized, find_grid
-from lmpress.registry import Context, Method, StageReport
 
 
 class GPTQConfig(WeightQuantConfig):

@@ -23,6 +23,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
 from lmpress.quant import ggml
 from lmpress.quant.base import (
@@ -34,7 +35,6 @@ from lmpress.quant.base import (
     with_mix,
 )
 from lmpress.quant.grid import Quantized, clip_search, n_groups, quantize_with
-from lmpress.registry import Context, Method, StageReport
 
 
 class HQQConfig(WeightQuantConfig):

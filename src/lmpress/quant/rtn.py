@@ -12,6 +12,7 @@ from typing import Literal
 
 from torch import nn
 
+from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
 from lmpress.quant import ggml
 from lmpress.quant.base import (
@@ -23,7 +24,6 @@ from lmpress.quant.base import (
     with_mix,
 )
 from lmpress.quant.grid import Quantized, quantize
-from lmpress.registry import Context, Method, StageReport
 
 
 class RTNConfig(WeightQuantConfig):

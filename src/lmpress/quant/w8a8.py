@@ -18,11 +18,11 @@ from pydantic import Field
 from torch import nn
 
 from lmpress.calib import SquareNorm, blockwise, collect
+from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.models.adapters import Adapter, linear_weight
 from lmpress.quant.awq import fold_scales
 from lmpress.quant.base import QuantError, replace_module, targeted_layers, to_quant_linear, units_of
 from lmpress.quant.grid import quantize
-from lmpress.registry import Context, Method, MethodConfig, StageReport
 from lmpress.select import Patterns
 from lmpress.streaming import each_block, resident
 

@@ -1,0 +1,334 @@
+"""``lmpress inspect``: what a model directory or an exported file holds, read without running it.
+
+For a directory written by lmpress: the architecture, bytes and weights per storage format (from
+``lmpress.json``'s per-module formats and the safetensors headers), bits per weight stored and
+dense-equivalent, the recipe, each stage's report, the metrics against the original and the data
+it was calibrated and evaluated on. A plain Hugging Face directory shows its architecture and
+tensors; a GGUF file its metadata and tensor types (llama.cpp's names); an ONNX directory its
+initializers by the operator that uses them (``MatMulNBits``, ``MatMulInteger``, dense).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lmpress.errors import ModelLoadError
+
+__all__ = ["FormatGroup", "Inspection", "inspect_model"]
+
+# safetensors dtype -> bytes per element (for counting elements from byte ranges)
+_ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ONNX_FLOATS = {"float": "float32", "float16": "float16", "bfloat16": "bfloat16", "double": "float64"}
+_ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+@dataclass
+class FormatGroup:
+    """Modules stored one way: how many, the weights they stand for, the weights kept, the bytes."""
+
+    format: str
+    modules: int = 0
+    weights: int = 0  # dense-equivalent: every weight of the matrices, pruned ones included
+    kept: int = 0  # weights actually stored (a sparse layer's non-zeros)
+    bytes: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8 * self.bytes / self.weights if self.weights else float("nan")
+
+
+@dataclass
+class Inspection:
+    """What `inspect_model` found; ``meta`` is ``lmpress.json`` without its module list."""
+
+    source: str
+    kind: str  # "lmpress", "huggingface", "gguf" or "onnx"
+    architecture: dict[str, Any]
+    formats: list[FormatGroup]
+    bytes_on_disk: int
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def parameters(self) -> int:
+        return sum(g.weights for g in self.formats)
+
+    @property
+    def kept_parameters(self) -> int:
+        return sum(g.kept for g in self.formats)
+
+    @property
+    def bits_per_weight(self) -> float:
+        """File bits over every weight the model stands for (pruned ones included)."""
+        return 8 * self.bytes_on_disk / self.parameters if self.parameters else float("nan")
+
+    @property
+    def bits_per_kept_weight(self) -> float:
+        return 8 * self.bytes_on_disk / self.kept_parameters if self.kept_parameters else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "parameters": self.parameters,
+            "kept_parameters": self.kept_parameters,
+            "bytes_on_disk": self.bytes_on_disk,
+            "bits_per_weight": self.bits_per_weight,
+            "bits_per_kept_weight": self.bits_per_kept_weight,
+            "formats": [{**asdict(g), "bits_per_weight": g.bits_per_weight} for g in self.formats],
+            **self.meta,
+        }
+
+
+def describe_format(fmt: dict[str, Any], dtype: str | None = None) -> str:
+    """One short name for a module's saved format: ``int4 g128 asym``, ``sparse 2:4 + int4 g128``."""
+    kind = fmt.get("format")
+    if kind == "dense":
+        return f"dense {fmt.get('dtype') or dtype or ''}".strip()
+    if kind in ("quant", "quant_embedding"):
+        g = fmt.get("group_size")
+        text = f"int{fmt['bits']} " + (f"g{g}" if g else "per-channel") + (" sym" if fmt.get("symmetric") else " asym")
+        if fmt.get("act_bits"):
+            text = f"W{fmt['bits']}A{fmt['act_bits']}" + (f" g{g}" if g else "")
+        return text + (" embedding" if kind == "quant_embedding" else "")
+    if kind == "sparse":
+        pattern = fmt.get("pattern") or "unstructured"
+        values = (
+            f"int{fmt['bits']}" + (f" g{fmt['group_size']}" if fmt.get("group_size") else "") if fmt.get("bits") else ""
+        )
+        return f"sparse {pattern}" + (f" + {values}" if values else "")
+    if kind == "gguf":
+        return f"GGUF {fmt['type']}"
+    if kind == "gguf_embedding":
+        return f"GGUF {fmt['type']} embedding"
+    if kind == "codebook":
+        return f"codebook {fmt['bits']}-bit" + (" per-channel" if fmt.get("per_channel") else "")
+    if kind == "lowrank":
+        return f"low rank r{fmt['rank']}"
+    if kind == "lora":
+        return f"{describe_format(fmt['base'])} + LoRA r{fmt['rank']}"
+    return str(kind)
+
+
+def _weights_of(fmt: dict[str, Any]) -> tuple[int, int] | None:
+    """(dense-equivalent weights, kept weights) a compressed module stands for, from its format."""
+    kind = fmt.get("format")
+    if kind == "lora":
+        return _weights_of(fmt["base"])
+    if fmt.get("tied_to"):  # a head tied to the embeddings holds no weights of its own
+        return (0, 0)
+    if "num_embeddings" in fmt:
+        n = int(fmt["num_embeddings"]) * int(fmt["embedding_dim"])
+        return n, n
+    if "in_features" in fmt:
+        n = int(fmt["in_features"]) * int(fmt["out_features"]) + (int(fmt["out_features"]) if fmt.get("bias") else 0)
+        kept = int(fmt["nnz"]) + n - int(fmt["in_features"]) * int(fmt["out_features"]) if "nnz" in fmt else n
+        return n, kept
+    return None
+
+
+def _safetensors_header(file: Path) -> dict[str, Any]:
+    from lmpress.models.loading import check_safetensors
+
+    check_safetensors(file)
+    with file.open("rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header: dict[str, Any] = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def _owner(tensor: str, modules: list[str]) -> str | None:
+    """The described module a tensor belongs to (its name is the module's plus one part)."""
+    parent = tensor.rpartition(".")[0]
+    while parent:
+        if parent in modules:
+            return parent
+        parent = parent.rpartition(".")[0]
+    return None
+
+
+def _directory_formats(path: Path, modules: dict[str, dict[str, Any]]) -> list[FormatGroup]:
+    groups: dict[str, FormatGroup] = {}
+    owners: dict[str, set[str]] = {}
+    names = set(modules)
+    for file in sorted(path.glob("*.safetensors")):
+        for tensor, info in _safetensors_header(file).items():
+            start, end = info["data_offsets"]
+            nbytes = int(end) - int(start)
+            owner = _owner(tensor, names)
+            fmt = modules[owner] if owner is not None else {"format": "dense"}
+            name = describe_format(fmt, _ST_NAMES.get(info["dtype"], info["dtype"].lower()))
+            group = groups.setdefault(name, FormatGroup(name))
+            group.bytes += nbytes
+            module = owner or tensor.rpartition(".")[0]
+            weights = None if fmt.get("format") == "dense" else _weights_of(fmt)
+            if weights is None:  # dense: the tensor's own elements
+                n = nbytes // _ST_BYTES.get(info["dtype"], 1)
+                group.weights += n
+                group.kept += n
+            elif module not in owners.get(name, set()):
+                group.weights += weights[0]
+                group.kept += weights[1]
+            owners.setdefault(name, set()).add(module)
+    for name, fmt in modules.items():  # described modules with no tensors of their own (a tied head)
+        label = describe_format(fmt)
+        if fmt.get("format") != "dense" and name not in owners.get(label, set()):
+            groups.setdefault(label, FormatGroup(label))
+            owners.setdefault(label, set()).add(name)
+    for name, group in groups.items():
+        group.modules = len(owners.get(name, ()))
+    return sorted(groups.values(), key=lambda g: -g.bytes)
+
+
+def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    from lmpress.models.loading import read_config
+
+    config = read_config(path)
+    attribute_map = {"n_layer": "layers", "n_embd": "hidden", "n_head": "heads", "n_inner": "intermediate"}
+    keys = {
+        "num_hidden_layers": "layers",
+        "hidden_size": "hidden",
+        "num_attention_heads": "heads",
+        "num_key_value_heads": "kv_heads",
+        "intermediate_size": "intermediate",
+        "vocab_size": "vocab",
+        "max_position_embeddings": "context",
+        "n_positions": "context",
+        **attribute_map,
+    }
+    arch: dict[str, Any] = {"model_type": config.get("model_type"), "class": (config.get("architectures") or [None])[0]}
+    for key, name in keys.items():
+        if key in config and name not in arch:
+            arch[name] = config[key]
+    arch["dtype"] = config.get("torch_dtype") or config.get("dtype")
+    if meta.get("structure"):
+        arch["per_block_widths"] = True
+    return arch
+
+
+def _gguf(path: Path) -> Inspection:
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise ModelLoadError("reading a GGUF file needs the gguf package: pip install 'lmpress[gguf]'") from None
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, OSError) as e:
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({e}); export it again") from None
+
+    def field_value(key: str) -> Any:
+        f = reader.fields.get(key)
+        if f is None:
+            return None
+        if f.types and f.types[0].name == "STRING":
+            return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
+        if f.types and f.types[0].name == "ARRAY":
+            return len(f.data)
+        return f.parts[f.data[0]].tolist()[0]
+
+    arch_name = field_value("general.architecture")
+    arch = {
+        "model_type": arch_name,
+        "name": field_value("general.name"),
+        "layers": field_value(f"{arch_name}.block_count"),
+        "hidden": field_value(f"{arch_name}.embedding_length"),
+        "heads": field_value(f"{arch_name}.attention.head_count"),
+        "kv_heads": field_value(f"{arch_name}.attention.head_count_kv"),
+        "intermediate": field_value(f"{arch_name}.feed_forward_length"),
+        "vocab": field_value("tokenizer.ggml.tokens"),
+        "context": field_value(f"{arch_name}.context_length"),
+    }
+    groups: dict[str, FormatGroup] = {}
+    for t in reader.tensors:
+        name = f"GGUF {t.tensor_type.name}"
+        g = groups.setdefault(name, FormatGroup(name))
+        g.modules += 1
+        g.weights += int(t.n_elements)
+        g.kept += int(t.n_elements)
+        g.bytes += int(t.n_bytes)
+    formats = sorted(groups.values(), key=lambda g: -g.bytes)
+    return Inspection(str(path), "gguf", {k: v for k, v in arch.items() if v is not None}, formats, path.stat().st_size)
+
+
+def _onnx(path: Path) -> Inspection:
+    try:
+        import onnx
+    except ImportError:
+        raise ModelLoadError("reading an ONNX graph needs the onnx package: pip install 'lmpress[onnx]'") from None
+    from lmpress.export.onnx_runtime import GRAPH_FILE
+    from lmpress.io import weight_bytes
+
+    graph = onnx.load(str(path / GRAPH_FILE), load_external_data=False).graph
+    sizes = {}
+    for init in graph.initializer:
+        external = {e.key: e.value for e in init.external_data}
+        nbytes = int(external["length"]) if "length" in external else len(init.raw_data)
+        numel = 1
+        for d in init.dims:
+            numel *= int(d)
+        sizes[init.name] = (nbytes, numel, onnx.TensorProto.DataType.Name(init.data_type).lower())
+    groups: dict[str, FormatGroup] = {}
+    used: set[str] = set()
+    for node in graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.op_type == "MatMulNBits":
+            name = f"MatMulNBits int{attrs.get('bits', 4)} b{attrs.get('block_size')}"
+            weights = int(attrs["K"]) * int(attrs["N"])
+        elif node.op_type == "MatMulInteger":
+            name, weights = "MatMulInteger int8", None
+        else:
+            continue
+        g = groups.setdefault(name, FormatGroup(name))
+        g.modules += 1
+        inputs = [i for i in node.input if i in sizes and i not in used]
+        used.update(inputs)
+        g.bytes += sum(sizes[i][0] for i in inputs)
+        n = weights if weights is not None else max((sizes[i][1] for i in inputs), default=0)
+        g.weights += n
+        g.kept += n
+    for init, (nbytes, numel, dtype) in sizes.items():
+        if init in used:
+            continue
+        weight = dtype in _ONNX_FLOATS and numel > 1  # not a scalar or a shape: a model's weight
+        label = f"dense {_ONNX_FLOATS[dtype]}" if weight else "graph constants"
+        g = groups.setdefault(label, FormatGroup(label))
+        g.modules += 1
+        g.bytes += nbytes
+        g.weights += numel if weight else 0
+        g.kept += numel if weight else 0
+    arch = _architecture(path, {}) if (path / "config.json").is_file() else {}
+    formats = sorted(groups.values(), key=lambda g: -g.bytes)
+    return Inspection(str(path), "onnx", arch, formats, weight_bytes(path))
+
+
+def inspect_model(source: str | Path) -> Inspection:
+    """Read what ``source`` holds (a directory written by lmpress, a Hugging Face directory, a
+    built-in name, a ``.gguf`` file or an ONNX directory) without loading its weights."""
+    from lmpress.export.onnx_runtime import is_onnx_dir
+    from lmpress.io import weight_bytes
+    from lmpress.models.loading import META_FILE, check_weights, resolve_path
+
+    if str(source).lower().endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise ModelLoadError(f"{path} does not exist; give a GGUF file written by lmpress export")
+        return _gguf(path)
+    if is_onnx_dir(source):
+        return _onnx(Path(source).expanduser())
+    path = resolve_path(source)
+    check_weights(path, allow_pickle=False)
+    meta: dict[str, Any] = {}
+    if (path / META_FILE).is_file():
+        try:
+            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ModelLoadError(f"{path / META_FILE} is not valid JSON ({e}); re-run the compression") from None
+    modules = meta.pop("modules", {}) if isinstance(meta, dict) else {}
+    formats = _directory_formats(path, modules)
+    kind = "lmpress" if (path / META_FILE).is_file() else "huggingface"
+    return Inspection(str(source), kind, _architecture(path, meta), formats, weight_bytes(path), meta)
