@@ -65,7 +65,6 @@ def test_demo_table_fits_80_columns_with_the_widest_numbers() -> None:
 def test_sparse_bits_per_weight_count_the_pruned_weights() -> None:
     import lmpress
     from lmpress.evaluation import count_parameters, size
-
     from tests.export.helpers import compress
 
     dense = lmpress.load("builtin", device="cpu").model

@@ -5,10 +5,9 @@ result = lmpress.compress("builtin", "bf16", output=Path("out/bf16"))
 lmpress.evaluate("out/bf16", reference="builtin").metrics
 """
 
-__version__ = "0.1.0"
-
 from lmpress.api import DataOptions, EvalResult, Result, TaskResult, compress, evaluate, evaluate_tasks, load, save
 from lmpress.errors import LmpressError
+from lmpress.version import __version__
 
 __all__ = [
     "DataOptions",

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lmpress import evaluation
 from lmpress.data import STDLIB, Manifest, Split
 from lmpress.errors import DataError, ModelLoadError
-from lmpress.io import save
-from lmpress.models.loading import LoadedModel, load_model
+from lmpress.io import LoadedModel, load_model, save
 from lmpress.pipeline import DataOptions, Result, compress
 
 if TYPE_CHECKING:

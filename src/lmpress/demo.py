@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmpress.errors import LmpressError
-from lmpress.models.loading import LoadedModel, load_model
+from lmpress.io import LoadedModel, load_model
 from lmpress.pipeline import DataOptions
 from lmpress.recipe import load_recipe, presets
 from lmpress.report import write_report

@@ -132,7 +132,7 @@ def _weights_of(fmt: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def _safetensors_header(file: Path) -> dict[str, Any]:
-    from lmpress.models.loading import check_safetensors
+    from lmpress.io import check_safetensors
 
     check_safetensors(file)
     with file.open("rb") as f:
@@ -142,7 +142,7 @@ def _safetensors_header(file: Path) -> dict[str, Any]:
     return header
 
 
-def _owner(tensor: str, modules: list[str]) -> str | None:
+def _owner(tensor: str, modules: set[str]) -> str | None:
     """The described module a tensor belongs to (its name is the module's plus one part)."""
     parent = tensor.rpartition(".")[0]
     while parent:
@@ -186,7 +186,7 @@ def _directory_formats(path: Path, modules: dict[str, dict[str, Any]]) -> list[F
 
 
 def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    from lmpress.models.loading import read_config
+    from lmpress.io import read_config
 
     config = read_config(path)
     attribute_map = {"n_layer": "layers", "n_embd": "hidden", "n_head": "heads", "n_inner": "intermediate"}
@@ -310,8 +310,7 @@ def inspect_model(source: str | Path) -> Inspection:
     """Read what ``source`` holds (a directory written by lmpress, a Hugging Face directory, a
     built-in name, a ``.gguf`` file or an ONNX directory) without loading its weights."""
     from lmpress.export.onnx_runtime import is_onnx_dir
-    from lmpress.io import weight_bytes
-    from lmpress.models.loading import META_FILE, check_weights, resolve_path
+    from lmpress.io import META_FILE, check_weights, resolve_path, weight_bytes
 
     if str(source).lower().endswith(".gguf"):
         path = Path(source).expanduser()

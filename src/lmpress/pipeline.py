@@ -21,9 +21,8 @@ from torch import nn
 from lmpress.data import STDLIB, Manifest, Split, TokenData, load_documents, load_windows, select_split
 from lmpress.errors import ModelLoadError
 from lmpress.evaluation import evaluate, size
-from lmpress.io import check_output_dir, save, update_meta
+from lmpress.io import LoadedModel, check_output_dir, load_model, save, update_meta
 from lmpress.method import Context
-from lmpress.models.loading import LoadedModel, load_model
 from lmpress.recipe import Recipe, load_recipe
 from lmpress.registry import methods
 
@@ -134,8 +133,8 @@ def exported_runtime(model: str | Path) -> str | None:
 
 def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | None) -> str | None:
     """Why this run cannot stream (`lmpress.streamed_run`), or None when it can."""
+    from lmpress.io import META_FILE, read_config, resolve_path
     from lmpress.models.adapters import ARCHS
-    from lmpress.models.loading import META_FILE, read_config, resolve_path
 
     if output is None:
         return "the result stays in memory (no output directory)"
@@ -165,9 +164,8 @@ def check_memory(
     run_eval: bool,
 ) -> int:
     """Stop before any work if the run's estimated peak is over the budget; returns the budget."""
-    from lmpress.io import weight_bytes
+    from lmpress.io import read_config, resolve_path, weight_bytes
     from lmpress.memory import available_memory, check_budget, estimate
-    from lmpress.models.loading import read_config, resolve_path
 
     budget = max_memory if max_memory is not None else available_memory()
     if isinstance(model, LoadedModel):
@@ -225,7 +223,7 @@ def compress(
     """
     from lmpress.distill.train import world
     from lmpress.errors import LmpressError
-    from lmpress.models.loading import resolve_device, resolve_path
+    from lmpress.io import resolve_device, resolve_path
 
     if not isinstance(model, LoadedModel) and (runtime := exported_runtime(model)):
         raise LmpressError(
@@ -254,7 +252,7 @@ def compress(
         why = why or "pickle or remote-code models load whole"
     budget = check_memory(model, recipe, data, why is None, max_memory, why, run_eval)
     if why is None:
-        from lmpress.models.loading import check_weights
+        from lmpress.io import check_weights
         from lmpress.streamed_run import compress_streamed
 
         assert output is not None and not isinstance(model, LoadedModel)

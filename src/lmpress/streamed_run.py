@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmpress.errors import ModelLoadError
+from lmpress.io import load_tokenizer, resolve_dtype
 from lmpress.method import Context
-from lmpress.models.loading import load_tokenizer, resolve_dtype
 from lmpress.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -193,8 +193,7 @@ def _measure_whole(
 ) -> None:
     """Speed and generation samples of each model that fits whole in ``budget``, one at a time."""
     from lmpress.evaluation import _speed_lengths, generate_samples, speed
-    from lmpress.io import weight_bytes
-    from lmpress.models.loading import load_model
+    from lmpress.io import load_model, weight_bytes
 
     prompts = data.prompts(samples) if samples else []
     texts: dict[str, list[str]] = {}

@@ -60,7 +60,7 @@ class Checkpoint:
     """
 
     def __init__(self, path: Path) -> None:
-        from lmpress.models.loading import check_safetensors
+        from lmpress.io.files import check_safetensors
 
         self.path = path
         index = path / INDEX_FILE
@@ -404,16 +404,15 @@ def close(model: nn.Module) -> None:
         stream.spills.clear()
 
 
-def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2**30) -> dict[str, dict[str, Any]]:
+def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2**30) -> None:
     """Write a streamed model's tensors into ``out_dir`` as safetensors shards, one unit's tensors in
     memory at a time: each shard's header is planned from the units' headers (spill or checkpoint)
-    and the model's dtypes, then the tensors are read and written unit by unit. Returns the
-    per-module formats for ``lmpress.json``.
+    and the model's dtypes, then the tensors are read and written unit by unit.
 
     One shard is ``model.safetensors``; more are ``model-0000k-of-0000n.safetensors`` with the index
     transformers reads. A tensor tied to another (the head to the embeddings) is written once.
     """
-    from lmpress.io import _tied_keys, module_formats
+    from lmpress.io.load import _tied_keys
 
     stream = stream_of(model)
     assert stream is not None
@@ -475,7 +474,6 @@ def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2*
         (out_dir / INDEX_FILE).write_text(
             json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
         )
-    return module_formats(model, stream.described)
 
 
 def _libc() -> Any:

@@ -203,7 +203,7 @@ def round_series(record: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
 def load_run(path: Path) -> dict[str, Any]:
     """A run directory's record (or a saved model directory's ``lmpress.json``)."""
     from lmpress.errors import LmpressError
-    from lmpress.models.loading import META_FILE
+    from lmpress.io import META_FILE
 
     for candidate in (path / RUN_FILE, path / META_FILE):
         if candidate.is_file():

@@ -155,7 +155,7 @@ def _same_tokenizer(a: object, b: object) -> bool:
 def load_teacher(config: DistillConfig, student: nn.Module, ctx: Context) -> nn.Module:
     """The frozen teacher in eval mode: the original, or ``config.teacher``; quantized if asked."""
     if config.teacher is not None:
-        from lmpress.models.loading import load_model
+        from lmpress.io import load_model
 
         loaded = load_model(config.teacher, device=str(ctx.device))
         if loaded.tokenizer is None or not _same_tokenizer(loaded.tokenizer, ctx.tokenizer):

@@ -15,7 +15,7 @@ from typing import Any
 
 from lmpress.errors import OutputError
 from lmpress.export.walk import ExportError
-from lmpress.models.loading import LoadedModel
+from lmpress.io import LoadedModel
 
 FORMATS = ("gguf", "compressed-tensors", "onnx")
 # the optional package each format needs to be written, and the extra that installs it

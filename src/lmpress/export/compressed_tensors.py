@@ -290,7 +290,7 @@ def state_dict(model: nn.Module, schemes: dict[str, _Scheme], densified: list[st
 
 
 def _tied_keys(model: nn.Module) -> list[str]:
-    from lmpress.io import _tied_keys as tied
+    from lmpress.io.load import _tied_keys as tied
 
     return tied(model)
 

@@ -75,7 +75,7 @@ class OnnxModel(nn.Module):
         self._params = int(meta.get(PARAMETERS_KEY, 0))
         self._anchor = nn.Parameter(torch.zeros(0), requires_grad=False)  # device and dtype for callers
         self._embed = _VocabStub(self.n_vocab)
-        from lmpress.models.loading import read_config
+        from lmpress.io.files import read_config
 
         config = read_config(path)
         limit = config.get("max_position_embeddings") or config.get("n_positions") or 2048

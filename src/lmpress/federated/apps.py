@@ -49,12 +49,12 @@ server = ServerApp()
 
 def load_student(model_dir: str, teacher_dir: str, config: FederatedConfig) -> tuple[Student, str, Any]:
     """The compressed model made trainable, its fingerprint (taken before) and its tokenizer."""
-    import lmpress
+    from lmpress.io import load_model
     from lmpress.method import Context as StageContext
 
-    loaded = lmpress.load(model_dir, device="cpu")
+    loaded = load_model(model_dir, device="cpu")
     fp = fingerprint_model(loaded.model, loaded.tokenizer)
-    teacher = lmpress.load(teacher_dir, device="cpu").model
+    teacher = load_model(teacher_dir, device="cpu").model
     ctx = StageContext(tokenizer=loaded.tokenizer, device=torch.device("cpu"), teacher=teacher)
     return Student(loaded.model, config.train, ctx), fp, loaded.tokenizer
 

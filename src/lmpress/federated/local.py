@@ -276,16 +276,16 @@ def join(address: str, data: Path, model: Path, teacher: Path, name: str, certif
     import logging
     import tempfile
 
-    import lmpress
     from lmpress.federated.core import FederatedConfig, fingerprint_model
     from lmpress.federated.stage import check_clients
+    from lmpress.io import load_model
 
     log = logging.getLogger("lmpress.federated")
     host, port = parse_address(address)
     check_clients([data], FederatedConfig(min_clients=1))  # type: ignore[call-arg]
     certs = Certificates.from_dir(certificates, server=False) if certificates else None
-    loaded = lmpress.load(model, device="cpu")
-    lmpress.load(teacher, device="cpu")
+    loaded = load_model(model, device="cpu")
+    load_model(teacher, device="cpu")
     fp = fingerprint_model(loaded.model, loaded.tokenizer)
     del loaded
     try:

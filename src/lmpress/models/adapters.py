@@ -237,3 +237,20 @@ class Adapter:
                 seen.add(id(p))
                 n += p.numel()
         return n
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` where ``name`` is, and wherever else the same module object is used (weights
+    shared across blocks by `lmpress.share` stay shared)."""
+    old = model.get_submodule(name)
+    config = getattr(model, "config", None)
+    if getattr(config, "tie_word_embeddings", False) and callable(getattr(model, "get_output_embeddings", None)):
+        ends = (model.get_output_embeddings(), model.get_input_embeddings())  # type: ignore[operator]
+        if any(old is m for m in ends):  # one side of a tied pair gets its own tensors: the reload must not re-tie
+            config.tie_word_embeddings = False  # type: ignore[union-attr]
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+    for m in model.modules():
+        for child_name, sub in list(m._modules.items()):
+            if sub is old:
+                setattr(m, child_name, new)

@@ -60,7 +60,7 @@ def samples(model: torch.nn.Module, tokenizer: Any, n_tokens: int = 96, seed: in
 
 def write_card(out: Path, info: dict[str, Any], max_windows: int | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint in ``out`` and write its README.md; returns the measured numbers."""
-    from lmpress.models.loading import load_model
+    from lmpress.io import load_model
 
     loaded = load_model(out)
     model, tok = loaded.model, loaded.tokenizer

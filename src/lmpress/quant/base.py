@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lmpress.errors import LmpressError
 from lmpress.method import Context, MethodConfig, StageReport
-from lmpress.models.adapters import is_conv1d, linear_weight
+from lmpress.models.adapters import is_conv1d, linear_weight, replace_module
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml
@@ -154,23 +154,6 @@ def settings_for(name: str, config: WeightQuantConfig, in_features: int | None =
         t = ggml.ggml_type(grid)
         return LayerSettings(bits=t.bits, group_size=t.sub, symmetric=not t.affine, grid=t.name)
     return LayerSettings(bits=config.bits, group_size=config.group_size, symmetric=config.symmetric)
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` where ``name`` is, and wherever else the same module object is used (weights
-    shared across blocks by `lmpress.share` stay shared)."""
-    old = model.get_submodule(name)
-    config = getattr(model, "config", None)
-    if getattr(config, "tie_word_embeddings", False) and callable(getattr(model, "get_output_embeddings", None)):
-        ends = (model.get_output_embeddings(), model.get_input_embeddings())  # type: ignore[operator]
-        if any(old is m for m in ends):  # one side of a tied pair gets its own tensors: the reload must not re-tie
-            config.tie_word_embeddings = False  # type: ignore[union-attr]
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, new)
-    for m in model.modules():
-        for child_name, sub in list(m._modules.items()):
-            if sub is old:
-                setattr(m, child_name, new)
 
 
 def to_quant_linear(

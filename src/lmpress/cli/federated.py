@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from lmpress.cli import (
+from lmpress.cli.common import (
     DataOpt,
     JsonOpt,
     ModelArg,
@@ -30,8 +30,8 @@ from lmpress.cli import (
     _setup,
     _track_options,
     handles_errors,
-    print_compressed,
 )
+from lmpress.cli.compress import print_compressed
 from lmpress.errors import LmpressError
 
 federated_app = typer.Typer(

@@ -1,0 +1,32 @@
+"""The ``lmpress`` command line: thin Typer commands over the Python API, one module per verb.
+
+    lmpress eval                                  # the built-in model on the built-in corpus
+    lmpress eval out/bf16 --reference builtin     # + KL and top-1 agreement vs the original
+    lmpress compress -r bf16 -o out/bf16          # a recipe file or preset on the built-in model
+    lmpress train-reference --out runs/reference  # retrain the built-in model
+
+Bad input prints one line and exits with code 2; nothing is written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from lmpress.cli.common import app, expand_list_options, metrics_table
+
+# each module registers its commands; this order is the order `lmpress --help` lists them in
+for _verb in ("evaluate", "compress", "inspection", "catalog", "demo", "search"):
+    importlib.import_module(f"lmpress.cli.{_verb}")
+
+from lmpress.cli.compress import print_compressed  # noqa: E402
+from lmpress.cli.demo import demo_table  # noqa: E402
+from lmpress.cli.federated import federated_app  # noqa: E402
+
+app.add_typer(federated_app, name="federated")
+
+__all__ = ["app", "demo_table", "expand_list_options", "main", "metrics_table", "print_compressed"]
+
+
+def main() -> None:
+    app(args=expand_list_options(sys.argv[1:]))

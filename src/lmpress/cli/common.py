@@ -1,0 +1,213 @@
+"""What every ``lmpress`` command shares: the Typer app, the options, one-line errors with exit
+code 2, logging and thread set-up, and the metrics table."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import sys
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from lmpress.errors import LmpressError
+from lmpress.pipeline import DataOptions
+
+app = typer.Typer(
+    help="Make GPT-style language models smaller and faster, and measure what it cost.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class SplitName(StrEnum):
+    train = "train"
+    calib = "calib"
+    eval = "eval"
+    all = "all"
+
+
+ModelArg = Annotated[str, typer.Argument(help="model directory or built-in name")]
+DataOpt = Annotated[str, typer.Option("--data", help="text file, directory, .jsonl file, or 'stdlib'")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu or cuda")]
+DtypeOpt = Annotated[str, typer.Option(help="auto (as stored), float32, bfloat16 or float16")]
+_D = DataOptions  # the defaults live there; the help shows them
+SeqLenOpt = Annotated[int | None, typer.Option("--seq-len", min=2, help=f"tokens per window [default: {_D.seq_len}]")]
+WindowsOpt = Annotated[
+    int | None, typer.Option("--max-windows", min=1, help=f"evaluation windows [default: {_D.eval_windows}]")
+]
+CalibOpt = Annotated[
+    int | None, typer.Option("--calib-windows", min=1, help=f"calibration windows [default: {_D.calib_windows}]")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+SpeedOpt = Annotated[bool, typer.Option("--speed/--no-speed", help="measure prefill and decode speed")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="load *.bin/*.pt weights (weights_only=True)")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="run the model directory's own code")]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=0, help="CPU threads for PyTorch (0: its default)")]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="JSONL field holding the text")]
+PatternOpt = Annotated[str, typer.Option("--pattern", help="glob for files inside a data directory")]
+TrackOpt = Annotated[
+    bool | None, typer.Option("--track/--no-track", help="write a run directory and log to MLflow [default: on]")
+]
+RunsDirOpt = Annotated[
+    Path | None,
+    typer.Option("--runs-dir", help="where run directories go [default: $LMPRESS_RUNS_DIR or lmpress-runs]"),
+]
+TrackingUriOpt = Annotated[
+    str | None,
+    typer.Option("--tracking-uri", help="MLflow store [default: $MLFLOW_TRACKING_URI or SQLite in --runs-dir]"),
+]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars or log lines; errors still print")]
+SamplesOpt = Annotated[
+    int, typer.Option("--samples", min=0, help="generation samples from both models, for the report")
+]
+
+
+def _fail(message: str, code: int) -> None:
+    from rich.markup import escape
+
+    # escaped: messages name extras like 'lmpress[onnx]', which rich would read as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handles_errors(fn: F) -> F:
+    """Turn lmpress's errors into one line on stderr and exit code 2; Ctrl-C into exit code 130."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except LmpressError as e:
+            _fail(str(e), 2)
+        except OSError as e:  # a file system problem the checks did not foresee: still one line
+            _fail(f"{e.strerror or e} ({e.filename or 'file system'}); nothing was written", 2)
+        except KeyboardInterrupt:
+            _fail("interrupted; nothing was written", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+class _LogFormat(logging.Formatter):
+    """lmpress's progress lines as plain sentences; warnings and errors say so, and name the
+    library they come from when it is not lmpress."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno < logging.WARNING:
+            return message
+        origin = "" if record.name.split(".")[0] == "lmpress" else f" ({record.name})"
+        return f"{record.levelname.lower()}{origin}: {message}"
+
+
+def _setup(threads: int, quiet: bool = False) -> None:
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat())
+    logging.basicConfig(level=logging.WARNING, handlers=[handler])
+    logging.getLogger("lmpress").setLevel(logging.WARNING if quiet else logging.INFO)
+    if threads:
+        torch.set_num_threads(threads)
+
+
+def _track_options(track: bool | None, runs_dir: Path | None, tracking_uri: str | None) -> Any:
+    from lmpress.track import TrackOptions
+
+    given: dict[str, Any] = {}
+    if track is not None:
+        given["enabled"] = track
+    if runs_dir is not None:
+        given["runs_dir"] = runs_dir
+    return TrackOptions(tracking_uri=tracking_uri, **given)
+
+
+def _fmt(key: str, value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if key in ("parameters", "bytes", "bytes_on_disk", "eval_tokens"):
+        return f"{int(value):,}"
+    if key in ("accuracy", "top1_agreement"):
+        return f"{100 * value:.2f}%"
+    if abs(value) >= 100:
+        return f"{value:,.1f}"
+    return f"{value:.4f}"
+
+
+_ROWS = [
+    ("perplexity", "perplexity"),
+    ("nll", "NLL (nats/token)"),
+    ("accuracy", "next-token accuracy"),
+    ("kl", "KL vs reference (nats/token)"),
+    ("top1_agreement", "top-1 agreement vs reference"),
+    ("parameters", "parameters"),
+    ("bytes_on_disk", "bytes on disk"),
+    ("bits_per_weight", "bits per weight"),
+    ("bits_per_kept_weight", "bits per kept weight (sparse)"),
+    ("weights_memory_mb", "weights in memory (MiB)"),
+    ("prefill_tokens_per_s", "prefill tokens/s (batch 1)"),
+    ("batched_prefill_tokens_per_s", "prefill tokens/s (batch 8)"),
+    ("decode_tokens_per_s", "decode tokens/s (batch 1)"),
+    ("peak_memory_mb", "peak memory (MiB)"),
+    ("eval_tokens", "evaluated tokens"),
+]
+
+
+def metrics_table(title: str, columns: dict[str, dict[str, float] | None]) -> Table:
+    """One row per metric, one column per model."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("metric")
+    cols = {k: v for k, v in columns.items() if v is not None}
+    for name in cols:
+        table.add_column(name, justify="right")
+    for key, label in _ROWS:
+        if any(key in m for m in cols.values()):
+            table.add_row(label, *(_fmt(key, m.get(key)) for m in cols.values()))
+    return table
+
+
+def _data_options(data: str, pattern: str, text_field: str, **given: int | None) -> DataOptions:
+    """`DataOptions` from the flags the user gave; the rest keep DataOptions' own defaults."""
+    chosen = {k: v for k, v in given.items() if v is not None}
+    return DataOptions(source=data, pattern=pattern, text_field=text_field, **chosen)
+
+
+def _json_default(o: object) -> object:
+    return None if isinstance(o, float) and math.isnan(o) else str(o)
+
+
+def _print_json(data: object) -> None:
+    text = json.dumps(data, indent=2, default=_json_default)
+    sys.stdout.write(text.replace("NaN", "null") + "\n")
+
+
+def expand_list_options(argv: list[str], options: tuple[str, ...] = ("--clients",)) -> list[str]:
+    """``--clients a/ b/ c/`` -> ``--clients a/ --clients b/ --clients c/`` (Typer options take one
+    value each): the values run up to the next argument that starts with ``-``."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        out.append(arg)
+        i += 1
+        if arg in options:
+            n = 0
+            while i < len(argv) and not argv[i].startswith("-"):
+                out += [arg, argv[i]] if n else [argv[i]]
+                n += 1
+                i += 1
+    return out

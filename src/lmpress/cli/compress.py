@@ -1,0 +1,231 @@
+"""``lmpress compress`` and ``lmpress export``: run a recipe, write the result, export it for a runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from lmpress.cli.common import (
+    CalibOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    ModelArg,
+    PatternOpt,
+    PickleOpt,
+    QuietOpt,
+    RemoteOpt,
+    RunsDirOpt,
+    SamplesOpt,
+    SeqLenOpt,
+    SpeedOpt,
+    TextFieldOpt,
+    ThreadsOpt,
+    TrackingUriOpt,
+    TrackOpt,
+    WindowsOpt,
+    _data_options,
+    _print_json,
+    _setup,
+    _track_options,
+    app,
+    console,
+    handles_errors,
+    metrics_table,
+)
+
+
+@app.command()
+@handles_errors
+def compress(
+    model: ModelArg = "builtin",
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe YAML file or preset name")] = ...,  # type: ignore[assignment]
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="directory to write")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace a non-empty output directory")] = False,
+    data: DataOpt = "stdlib",
+    seq_len: SeqLenOpt = None,
+    max_windows: WindowsOpt = None,
+    calib_windows: CalibOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    run_eval: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original")] = True,
+    speed: SpeedOpt = True,
+    as_json: JsonOpt = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    threads: ThreadsOpt = 0,
+    pattern: PatternOpt = "**/*",
+    text_field: TextFieldOpt = "text",
+    track: TrackOpt = None,
+    runs_dir: RunsDirOpt = None,
+    tracking_uri: TrackingUriOpt = None,
+    samples: SamplesOpt = 3,
+    quiet: QuietOpt = False,
+    export_to: Annotated[
+        str | None,
+        typer.Option(
+            "--export",
+            help="also write the result for a runtime: gguf (OUT.gguf beside -o), compressed-tensors "
+            "(OUT-compressed-tensors/), onnx (OUT-onnx/)",
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option("--max-memory", help="memory budget, e.g. 4GB; refused up front if the run would not fit"),
+    ] = None,
+    stream: Annotated[
+        bool,
+        typer.Option("--stream/--no-stream", help="post-training recipes read and write one block at a time"),
+    ] = True,
+    clients: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--clients",
+            help="federated stages: each client's data directory (--clients a/ b/ c/, or a,b,c); "
+            "the data stays with its client process",
+        ),
+    ] = None,
+) -> None:
+    """Compress a model with a recipe, measure it against the original, and save it.
+
+    Post-training recipes (quantization without training) stream when -o is given: the model is
+    read from its safetensors files one block at a time, so memory follows one block, not the model."""
+    from lmpress.recipe import load_recipe
+
+    _setup(threads, quiet or as_json)
+    export_path = _export_path(export_to, output, overwrite)
+    tracking = _track_options(track, runs_dir, tracking_uri)
+    parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
+    from lmpress.memory import parse_size
+    from lmpress.track import tracked_compress
+
+    budget = parse_size(max_memory) if max_memory is not None else None
+
+    result, run_dir = tracked_compress(
+        tracking,
+        model,
+        parsed,
+        _data_options(
+            data, pattern, text_field, seq_len=seq_len, eval_windows=max_windows, calib_windows=calib_windows
+        ),
+        output=output,
+        overwrite=overwrite,
+        device=device,
+        dtype=dtype,
+        run_eval=run_eval,
+        measure_speed=speed,
+        progress=not (as_json or quiet),
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        samples=samples if run_eval else 0,
+        max_memory=budget,
+        stream=None if stream else False,
+        clients=[Path(c) for arg in clients or [] for c in arg.split(",") if c] or None,
+    )
+    exported = None
+    if export_path is not None and result.output is not None:
+        from lmpress.export import ExportError, export
+
+        try:
+            exported = export(result.output, export_to or "gguf", export_path, overwrite=overwrite).to_dict()
+        except ExportError as e:
+            raise ExportError(
+                f"{e} (the compressed model is saved in {result.output}; export it with lmpress export)"
+            ) from None
+    print_compressed(result, run_dir, exported, as_json)
+
+
+def print_compressed(result: Any, run_dir: Path | None, exported: dict[str, Any] | None, as_json: bool) -> None:
+    """What ``compress`` (and ``federated serve``) print: the stages, the table, where things went."""
+    if as_json:
+        _print_json({**result.summary(), "run_dir": str(run_dir) if run_dir else None, "export": exported})
+        return
+    for s in result.stages:
+        console.print(f"stage {s['stage']} {s['method']}: done in {s['seconds']:.1f} s")
+    if result.metrics:
+        console.print(
+            metrics_table(
+                f"{result.recipe.name} vs original",
+                {"original": result.metrics.get("original"), result.recipe.name: result.metrics.get("compressed")},
+            )
+        )
+    if result.output:
+        console.print(f"saved to {result.output}")
+    if exported:
+        console.print(_export_line(exported), soft_wrap=True)
+    if run_dir:
+        console.print(f"run: {run_dir}", soft_wrap=True)
+
+
+def _export_path(to: str | None, output: Path | None, overwrite: bool) -> Path | None:
+    """Where ``compress --export`` writes, checked before any work."""
+    if to is None:
+        return None
+    from lmpress.export import FORMATS, ExportError, check_export_output, default_output
+
+    if to not in FORMATS:
+        raise ExportError(f"--export {to}: unknown format; choose one of {', '.join(FORMATS)}")
+    if output is None:
+        beside = default_output(to, Path("OUT"))
+        raise ExportError(f"--export needs -o OUT: the export is written beside the saved directory, as {beside}")
+    path = default_output(to, output)
+    check_export_output(to, path, overwrite)
+    return path
+
+
+def _export_line(report: dict[str, Any]) -> str:
+    types = ", ".join(f"{n} {t}" for t, n in sorted(report["types"].items()))
+    line = f"exported {report['path']} ({report['bytes'] / 1e6:.2f} MB; {report.get('unit', 'tensors')}: {types})"
+    if report.get("requantized"):
+        kl = report.get("requantize_kl")
+        line += f"; requantized {len(report['requantized'])} layers" + (f" (+{kl:.4f} KL nats/token)" if kl else "")
+    return line
+
+
+@app.command("export")
+@handles_errors
+def export_cmd(
+    model: ModelArg = "builtin",
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="format: gguf (llama.cpp, Ollama, LM Studio), compressed-tensors (transformers, vLLM), "
+            "onnx (ONNX Runtime)",
+        ),
+    ] = "gguf",
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="file (model.gguf) or directory (compressed-tensors, onnx) to write")
+    ] = ...,  # type: ignore[assignment]
+    requantize: Annotated[
+        str | None,
+        typer.Option("--requantize", help="round layers with no exact GGUF type to this type (q4_k, q8_0 ...)"),
+    ] = None,
+    densify: Annotated[
+        bool, typer.Option("--densify", help="write sparse, low-rank and codebook layers as exact dense weights")
+    ] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="replace an existing file")] = False,
+    allow_pickle: PickleOpt = False,
+    trust_remote_code: RemoteOpt = False,
+    threads: ThreadsOpt = 0,
+    as_json: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write a model (lmpress or Hugging Face directory, or builtin) in a runtime's format."""
+    from lmpress.api import load
+    from lmpress.export import check_export_output, check_export_source, export
+
+    _setup(threads, quiet or as_json)
+    check_export_output(to, output, overwrite)  # before loading anything
+    check_export_source(model)
+    loaded = load(model, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    report = export(loaded, to, output, requantize=requantize, densify=densify, overwrite=overwrite).to_dict()
+    if as_json:
+        _print_json(report)
+        return
+    console.print(_export_line(report), soft_wrap=True)
+    for module, why in report.get("requantized", {}).items():
+        console.print(f"  requantized {module}: {why}", soft_wrap=True)
