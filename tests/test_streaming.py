@@ -239,3 +239,10 @@ def test_streamed_memory_follows_one_block_not_the_model(tokenizer, tmp_path: Pa
     # model's: under one copy of the model where the whole-model path holds over two (0.8x flaked at
     # 0.81x in a clean-clone CI run: the fixed part varies by ~10 MB between runs)
     assert added[16] < nbytes[16], (added, nbytes)
+
+
+def test_a_streamed_output_may_be_in_a_directory_not_made_yet(tiny_model_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "new" / "deeper" / "w8"
+    r = compress(tiny_model_dir("llama"), "w8", _data(text_file), output=out, stream=True, run_eval=False)
+    assert r.output == out and (out / "lmpress.json").is_file()
+    assert not list(out.parent.glob(".w8*"))  # the spills are gone

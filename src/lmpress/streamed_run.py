@@ -104,6 +104,7 @@ def compress_streamed(
     if tokenizer is None:
         raise ModelLoadError(f"{source} has no tokenizer files; add them to the model directory")
     eval_data = data.load(tokenizer, "eval", data.eval_windows) if run_eval else None
+    output.resolve().parent.mkdir(parents=True, exist_ok=True)  # check_output_dir found it creatable
     spill_root = Path(tempfile.mkdtemp(prefix=f".{output.name}.stream-", dir=output.resolve().parent))
     model = original = None
     try:

@@ -3,10 +3,12 @@ the built-in model it ships."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.table import Table
 
 from lmpress.cli.common import (
     DeviceOpt,
@@ -54,6 +56,16 @@ def train_reference_cmd(
     console.print(f"saved to {output} ({info['parameters']:,} parameters, {info['train_minutes']:.1f} min)")
 
 
+def _name_list(rows: Iterable[tuple[str, str]]) -> Table:
+    """Names in bold, each description wrapped in its own column (readable at 80 columns)."""
+    table = Table.grid(padding=(0, 2))
+    table.add_column(no_wrap=True, style="bold")
+    table.add_column()
+    for name, text in rows:
+        table.add_row(name, text)
+    return table
+
+
 @app.command("methods")
 def methods_cmd(as_json: JsonOpt = False) -> None:
     """List the compression methods a recipe can use (keys: docs/recipes.md)."""
@@ -62,8 +74,7 @@ def methods_cmd(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json({n: {"summary": m.summary, "keys": list(m.config.model_fields)} for n, m in methods().items()})
         return
-    for name, m in sorted(methods().items()):
-        console.print(f"[bold]{name}[/]  {m.summary}")
+    console.print(_name_list((name, m.summary) for name, m in sorted(methods().items())))
 
 
 @app.command("presets")
@@ -74,5 +85,4 @@ def presets_cmd(as_json: JsonOpt = False) -> None:
     if as_json:
         _print_json({n: {**load_recipe(n).to_dict(), "file": str(p)} for n, p in presets().items()})
         return
-    for name in presets():
-        console.print(f"[bold]{name}[/]  {load_recipe(name).description}")
+    console.print(_name_list((name, load_recipe(name).description) for name in presets()))
