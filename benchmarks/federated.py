@@ -89,10 +89,15 @@ def main() -> None:
     ap.add_argument("--dp-clip", type=float, default=1.0)
     ap.add_argument("--dp-epsilon", type=float, default=1e4)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="only FedAvg's variants at equal steps: federated_sweep")
+    ap.add_argument("--schedules", default="5x10,10x5", help="--sweep: ROUNDSxLOCAL_STEPS, comma-separated")
     args = ap.parse_args()
     if args.table_only:
         payload = json.loads((RESULTS / "federated.json").read_text())
         write_results("federated", payload, _table(payload))
+        if (RESULTS / "federated_sweep.json").exists():
+            sweep = json.loads((RESULTS / "federated_sweep.json").read_text())
+            write_results("federated_sweep", sweep, _sweep_table(sweep))
         return
     torch.set_num_threads(args.threads)
     loaded = load_model("builtin")
@@ -100,6 +105,10 @@ def main() -> None:
     teacher.eval()
     work = Path(tempfile.mkdtemp(prefix="lmpress-bench-federated-"))
     try:
+        if args.sweep:
+            sweep = run_sweep(args, teacher, tok, work)
+            write_results("federated_sweep", sweep, _sweep_table(sweep))
+            return
         payload = run(args, teacher, tok, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -191,6 +200,88 @@ def run(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work: Path
         "full_trainable_bytes_per_round": full["bytes_per_round"],
         "lora_bytes_per_round": rows[2]["bytes_per_round"],
     }
+
+
+def run_sweep(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work: Path) -> dict[str, Any]:
+    """FedAvg at the same total optimizer steps in other shapes: more rounds of fewer local steps
+    (less client drift, more transport), and LoRA with A frozen (exact aggregation of B A)."""
+    clients = write_clients(work / "clients")
+    data = {c.name: client_data(tok, c, SEQ_LEN, args.client_eval_windows) for c in clients}
+    stdlib_eval = split_windows(tok, "eval", args.eval_windows)
+    pooled = torch.cat([d.train for d in data.values()])
+    schedules = [tuple(int(x) for x in s.split("x")) for s in args.schedules.split(",")]
+    steps = schedules[0][0] * schedules[0][1]
+    if any(r * s != steps for r, s in schedules):
+        raise SystemExit(f"--schedules must all take {steps} local steps per client")
+    calib = split_windows(tok, "calib", 16)
+
+    def ctx(train: torch.Tensor | None = None) -> Context:
+        manifest = Manifest("clients", "pooled", 0, 0, "", int(train.numel()) if train is not None else None)
+        return Context(
+            tokenizer=tok, device=torch.device("cpu"), teacher=teacher, clients=clients, work_dir=work / "runs",
+            training=(lambda: TokenData(train, manifest)) if train is not None else None, calibration=lambda: calib,
+        )  # fmt: skip
+
+    base = copy.deepcopy(teacher)
+    run_stages(base, parse_recipe({"stages": [BASE]}), ctx())
+    rows = []
+
+    def row(setting: str, stage: dict[str, Any] | None, train: torch.Tensor | None = None, **extra: Any) -> None:
+        model = copy.deepcopy(base)
+        shutil.rmtree(work / "runs", ignore_errors=True)
+        t0 = time.perf_counter()
+        report = run_stages(model, parse_recipe({"stages": [stage]}), ctx(train))[0] if stage else {}
+        seconds = time.perf_counter() - t0
+        ev = {"stdlib_eval": quality(model, stdlib_eval.windows, reference=teacher, batch_size=16)}
+        for name, d in data.items():
+            ev[name] = quality(model, d.held_out, reference=teacher, batch_size=16)
+        r = {"setting": setting, "seconds": round(seconds, 1), "eval": ev, **extra}
+        if "bytes_per_round" in report:
+            r["bytes_per_round"] = report["bytes_per_round"]
+        rows.append(r)
+        print(
+            f"{setting:44s} " + " ".join(f"{k} {v['kl']:.4f}" for k, v in ev.items()) + f" {seconds:.0f}s", flush=True
+        )
+
+    row("no recovery (RTN W4 g128)", None)
+    distill = {"method": "distill", **LORA, "steps": 3 * steps, "eval_every": 3 * steps + 1, "keep_best": False}
+    row("centralized distill, pooled text", distill, pooled, steps=3 * steps)
+    fed = {"method": "federated", "train": LORA, "min_clients": 3, "seq_len": SEQ_LEN, "eval_windows": 16}
+    for rounds, local in schedules:
+        row(f"FedAvg {rounds} rounds x {local} steps", {**fed, "rounds": rounds, "local_steps": local},
+            steps=3 * steps, rounds=rounds, local_steps=local)  # fmt: skip
+    rounds, local = schedules[0]
+    row(f"FedAvg {rounds} x {local}, LoRA A frozen", {**fed, "rounds": rounds, "local_steps": local,
+        "freeze_lora_a": True}, steps=3 * steps, rounds=rounds, local_steps=local)  # fmt: skip
+    rounds, local = schedules[-1]
+    if (rounds, local) != schedules[0]:
+        row(f"FedAvg {rounds} x {local}, LoRA A frozen", {**fed, "rounds": rounds, "local_steps": local,
+            "freeze_lora_a": True}, steps=3 * steps, rounds=rounds, local_steps=local)  # fmt: skip
+    return {"machine": machine(), "config": {"base": BASE, "lora": LORA, "clients": CLIENTS, "seq_len": SEQ_LEN,
+            "steps_per_client": steps}, "eval": stdlib_eval.manifest.to_dict(), "rows": rows}  # fmt: skip
+
+
+def _sweep_table(p: dict[str, Any]) -> str:
+    rows = p["rows"]
+    names = [k for k in rows[0]["eval"] if k != "stdlib_eval"]
+    header = ["setting", "KL stdlib eval", *[f"KL {n}" for n in names], "closed (stdlib)", "closed (clients)",
+              "MB up per round", "seconds"]  # fmt: skip
+    body = [
+        [r["setting"], f"{r['eval']['stdlib_eval']['kl']:.4f}", *[f"{r['eval'][n]['kl']:.4f}" for n in names],
+         f"{_closed(rows, r, ['stdlib_eval']):.0%}", f"{_closed(rows, r, names):.0%}",
+         f"{r['bytes_per_round']['up'] / 1e6:.2f}" if "bytes_per_round" in r else "-", f"{r['seconds']:.0f}"]
+        for r in rows
+    ]  # fmt: skip
+    steps = p["config"]["steps_per_client"]
+    return "\n".join([
+        f"FedAvg at {steps} local optimizer steps per client in other shapes (one run: its own no-recovery and "
+        "centralized rows): more rounds of fewer steps, and LoRA with A frozen at its seeded start (FFA-LoRA: the "
+        "mean of the clients' B A is the mean B times A, and half the adapter bytes travel). "
+        "`python -m benchmarks.federated --sweep`.",
+        "",
+        markdown_table(header, body),
+        "",
+    ])  # fmt: skip
 
 
 def _closed(rows: list[dict[str, Any]], r: dict[str, Any], keys: list[str]) -> float:

@@ -448,3 +448,37 @@ def test_federated_quantization_aware_training_keeps_the_4_bit_format(clients: l
     (round1,) = r.stages[1]["rounds"]
     latent = sum(m.in_features * m.out_features * 4 for _, m in layers)  # float32 latent weights travel
     assert round1["bytes_up"] > 3 * latent
+
+
+def test_frozen_lora_a_aggregates_exactly_and_sends_half() -> None:
+    """FFA-LoRA: with every client's A at the same seeded start, the mean of the clients' B A is
+    the mean B times A, so FedAvg of the adapters is FedAvg of the updates; only B travels."""
+    from lmpress.federated.core import Student, nbytes
+    from lmpress.method import Context
+    from tests.export.helpers import compress, held_out_windows
+
+    windows = held_out_windows()
+    teacher = lmpress.load("builtin", device="cpu").model
+    config = FederatedConfig.model_validate({"freeze_lora_a": True})
+
+    def student(freeze: bool) -> Student:
+        loaded = compress([{"method": "rtn", "bits": 4, "group_size": 128}])
+        ctx = Context(tokenizer=loaded.tokenizer, device=torch.device("cpu"), teacher=teacher)
+        return Student(loaded.model, config.train, ctx, freeze)
+
+    full, clients = student(False), [student(True), student(True)]
+    assert all(n.endswith("lora_b") for n in clients[0].named) and 2 * len(clients[0].named) == len(full.named)
+    assert nbytes(clients[0].state()) < 0.6 * nbytes(full.state())
+    a = {n: p.detach().clone() for n, p in clients[0].distiller.named_parameters() if n.endswith("lora_a")}
+    assert all(torch.equal(a[n], p) for n, p in clients[1].distiller.named_parameters() if n.endswith("lora_a"))
+    for i, c in enumerate(clients):
+        c.fit(windows[i : i + 1], steps=2, lr=1e-2, seed=i)
+    states = [c.state() for c in clients]
+    assert all(float(s[n].abs().max()) > 0 for s in states for n in s)  # B moved from zero
+    mean = weighted_mean(states, [1.0, 3.0])
+    for n in list(mean)[:4]:
+        a_n = a[n.removesuffix("lora_b") + "lora_a"]
+        products = [s[n] @ a_n for s in states]
+        torch.testing.assert_close(mean[n] @ a_n, 0.25 * products[0] + 0.75 * products[1])
+    with pytest.raises(ValueError, match="lora_rank > 0"):
+        FederatedConfig.model_validate({"freeze_lora_a": True, "train": {"lora_rank": 0}})

@@ -56,7 +56,7 @@ def load_student(model_dir: str, teacher_dir: str, config: FederatedConfig) -> t
     fp = fingerprint_model(loaded.model, loaded.tokenizer)
     teacher = load_model(teacher_dir, device="cpu").model
     ctx = StageContext(tokenizer=loaded.tokenizer, device=torch.device("cpu"), teacher=teacher)
-    return Student(loaded.model, config.train, ctx), fp, loaded.tokenizer
+    return Student(loaded.model, config.train, ctx, config.freeze_lora_a), fp, loaded.tokenizer
 
 
 def encode_config(config: FederatedConfig) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from lmpress.distill.kd import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
@@ -69,6 +69,16 @@ class FederatedConfig(MethodConfig):
     secure_aggregation: bool = False  # Flower's SecAgg+: the server sees only the clients' weighted mean
     secagg_threshold: float = Field(0.5, gt=0, le=1)  # SecAgg+ unmasks while this share of the clients remains
     dp: LocalDP | None = None  # local differential privacy of every update (Flower's LocalDpMod)
+    # LoRA: keep every client's A at the same seeded random start and train only B (FFA-LoRA, Sun et
+    # al. 2024, arXiv:2403.12313): the mean of the clients' B A is then exactly the mean B times A,
+    # and half the adapter bytes travel
+    freeze_lora_a: bool = False
+
+    @model_validator(mode="after")
+    def _lora_to_freeze(self) -> FederatedConfig:
+        if self.freeze_lora_a and self.train.lora_rank <= 0:
+            raise ValueError("freeze_lora_a trains only LoRA's B: give train.lora_rank > 0")
+        return self
 
 
 # ---- the client's side ----------------------------------------------------------------------------
@@ -110,7 +120,7 @@ def client_data(tokenizer: Any, source: Path, seq_len: int, eval_windows: int) -
 class Student:
     """The compressed model made trainable once, with its teacher, for many rounds."""
 
-    def __init__(self, model: nn.Module, config: DistillConfig, ctx: Context) -> None:
+    def __init__(self, model: nn.Module, config: DistillConfig, ctx: Context, freeze_lora_a: bool = False) -> None:
         self.model = model
         self.config = config
         teacher = load_teacher(config, model, ctx)
@@ -123,6 +133,9 @@ class Student:
             model, teacher, config.temperature, config.kl_weight, config.ce_weight, config.hidden_weight
         ).to(ctx.device)
         self.named = _trainable_parameters(self.distiller, lora=config.lora_rank > 0)
+        if freeze_lora_a:  # A stays at its seeded start, the same in every process: only B trains and travels
+            for name in [n for n in self.named if n.rsplit(".", 1)[-1] == "lora_a"]:
+                self.named.pop(name).requires_grad_(False)
         # a sparse layer's latent weight is dense with its mask fixed: only the kept weights travel
         self.masks = {
             f"{name}.weight": m.mask

@@ -118,7 +118,9 @@ def apply(model: nn.Module, config: FederatedConfig, ctx: Context) -> StageRepor
         record = json.loads(rounds_file.read_text()) if rounds_file.is_file() else {}
         if status != "finished:completed" or record.get("status") != "completed":
             raise TrainError(f"the federation did not complete ({status}): {serverapp_error(work)}")
-        student = Student(model, config.train, ctx)  # the same trainable layers the clients trained
+        student = Student(
+            model, config.train, ctx, config.freeze_lora_a
+        )  # the same trainable layers the clients trained
         student.load(load_file(str(work / "server" / "global.safetensors")))
         student.finish()
         if not own:
