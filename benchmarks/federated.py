@@ -91,6 +91,9 @@ def main() -> None:
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="only FedAvg's variants at equal steps: federated_sweep")
     ap.add_argument("--schedules", default="5x10,10x5", help="--sweep: ROUNDSxLOCAL_STEPS, comma-separated")
+    ap.add_argument("--client-lrs", default="", help="--sweep: also these client learning rates (first schedule)")
+    ap.add_argument("--only-lrs", action="store_true", help="--sweep: only the --client-lrs rows, merged into the "
+                    "previous federated_sweep.json when its baseline rows match this run's")  # fmt: skip
     args = ap.parse_args()
     if args.table_only:
         payload = json.loads((RESULTS / "federated.json").read_text())
@@ -247,6 +250,12 @@ def run_sweep(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work
     distill = {"method": "distill", **LORA, "steps": 3 * steps, "eval_every": 3 * steps + 1, "keep_best": False}
     row("centralized distill, pooled text", distill, pooled, steps=3 * steps)
     fed = {"method": "federated", "train": LORA, "min_clients": 3, "seq_len": SEQ_LEN, "eval_windows": 16}
+    rounds, local = schedules[0]
+    for lr in [float(x) for x in args.client_lrs.split(",") if x]:
+        row(f"FedAvg {rounds} x {local}, client lr {lr:g}", {**fed, "rounds": rounds, "local_steps": local,
+            "train": {**LORA, "lr": lr}}, steps=3 * steps, rounds=rounds, local_steps=local, lr=lr)  # fmt: skip
+    if args.only_lrs:
+        return _merged_sweep(rows, stdlib_eval.manifest.to_dict())
     for rounds, local in schedules:
         row(f"FedAvg {rounds} rounds x {local} steps", {**fed, "rounds": rounds, "local_steps": local},
             steps=3 * steps, rounds=rounds, local_steps=local)  # fmt: skip
@@ -259,6 +268,22 @@ def run_sweep(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work
             "freeze_lora_a": True}, steps=3 * steps, rounds=rounds, local_steps=local)  # fmt: skip
     return {"machine": machine(), "config": {"base": BASE, "lora": LORA, "clients": CLIENTS, "seq_len": SEQ_LEN,
             "steps_per_client": steps}, "eval": stdlib_eval.manifest.to_dict(), "rows": rows}  # fmt: skip
+
+
+def _merged_sweep(rows: list[dict[str, Any]], eval_manifest: dict[str, Any]) -> dict[str, Any]:
+    """This run's rows added to the previous sweep's, which must have measured the same baseline
+    (the same evaluation windows, and the no-recovery and centralized KLs to 1e-6)."""
+    previous = json.loads((RESULTS / "federated_sweep.json").read_text())
+    same = previous["eval"] == eval_manifest and all(
+        abs(a["eval"][k]["kl"] - b["eval"][k]["kl"]) < 1e-6
+        for a, b in zip(previous["rows"][:2], rows[:2], strict=True)
+        for k in a["eval"]
+    )
+    if not same:
+        raise SystemExit("the previous sweep measured another baseline; run the whole sweep again")
+    mine = {r["setting"] for r in rows[2:]}
+    previous["rows"] = [*[r for r in previous["rows"] if r["setting"] not in mine], *rows[2:]]
+    return previous
 
 
 def _sweep_table(p: dict[str, Any]) -> str:
