@@ -92,15 +92,16 @@ def main() -> None:
     ap.add_argument("--sweep", action="store_true", help="only FedAvg's variants at equal steps: federated_sweep")
     ap.add_argument("--schedules", default="5x10,10x5", help="--sweep: ROUNDSxLOCAL_STEPS, comma-separated")
     ap.add_argument("--client-lrs", default="", help="--sweep: also these client learning rates (first schedule)")
-    ap.add_argument("--only-lrs", action="store_true", help="--sweep: only the --client-lrs rows, merged into the "
-                    "previous federated_sweep.json when its baseline rows match this run's")  # fmt: skip
+    ap.add_argument("--only-lrs", action="store_true", help="--sweep: only the --client-lrs rows (and the baseline "
+                    "rows): federated_lr")  # fmt: skip
     args = ap.parse_args()
     if args.table_only:
         payload = json.loads((RESULTS / "federated.json").read_text())
         write_results("federated", payload, _table(payload))
-        if (RESULTS / "federated_sweep.json").exists():
-            sweep = json.loads((RESULTS / "federated_sweep.json").read_text())
-            write_results("federated_sweep", sweep, _sweep_table(sweep))
+        for name in ("federated_sweep", "federated_lr"):
+            if (RESULTS / f"{name}.json").exists():
+                sweep = json.loads((RESULTS / f"{name}.json").read_text())
+                write_results(name, sweep, _sweep_table(sweep))
         return
     torch.set_num_threads(args.threads)
     loaded = load_model("builtin")
@@ -110,7 +111,8 @@ def main() -> None:
     try:
         if args.sweep:
             sweep = run_sweep(args, teacher, tok, work)
-            write_results("federated_sweep", sweep, _sweep_table(sweep))
+            name = "federated_lr" if args.only_lrs else "federated_sweep"
+            write_results(name, sweep, _sweep_table(sweep))
             return
         payload = run(args, teacher, tok, work)
     finally:
@@ -254,8 +256,9 @@ def run_sweep(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work
     for lr in [float(x) for x in args.client_lrs.split(",") if x]:
         row(f"FedAvg {rounds} x {local}, client lr {lr:g}", {**fed, "rounds": rounds, "local_steps": local,
             "train": {**LORA, "lr": lr}}, steps=3 * steps, rounds=rounds, local_steps=local, lr=lr)  # fmt: skip
-    if args.only_lrs:
-        return _merged_sweep(rows, stdlib_eval.manifest.to_dict())
+    if args.only_lrs:  # a table of its own, on this run's baseline rows
+        return {"machine": machine(), "config": {"base": BASE, "lora": LORA, "clients": CLIENTS, "seq_len": SEQ_LEN,
+                "steps_per_client": steps}, "eval": stdlib_eval.manifest.to_dict(), "rows": rows}  # fmt: skip
     for rounds, local in schedules:
         row(f"FedAvg {rounds} rounds x {local} steps", {**fed, "rounds": rounds, "local_steps": local},
             steps=3 * steps, rounds=rounds, local_steps=local)  # fmt: skip
@@ -268,22 +271,6 @@ def run_sweep(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work
             "freeze_lora_a": True}, steps=3 * steps, rounds=rounds, local_steps=local)  # fmt: skip
     return {"machine": machine(), "config": {"base": BASE, "lora": LORA, "clients": CLIENTS, "seq_len": SEQ_LEN,
             "steps_per_client": steps}, "eval": stdlib_eval.manifest.to_dict(), "rows": rows}  # fmt: skip
-
-
-def _merged_sweep(rows: list[dict[str, Any]], eval_manifest: dict[str, Any]) -> dict[str, Any]:
-    """This run's rows added to the previous sweep's, which must have measured the same baseline
-    (the same evaluation windows, and the no-recovery and centralized KLs to 1e-6)."""
-    previous = json.loads((RESULTS / "federated_sweep.json").read_text())
-    same = previous["eval"] == eval_manifest and all(
-        abs(a["eval"][k]["kl"] - b["eval"][k]["kl"]) < 1e-6
-        for a, b in zip(previous["rows"][:2], rows[:2], strict=True)
-        for k in a["eval"]
-    )
-    if not same:
-        raise SystemExit("the previous sweep measured another baseline; run the whole sweep again")
-    mine = {r["setting"] for r in rows[2:]}
-    previous["rows"] = [*[r for r in previous["rows"] if r["setting"] not in mine], *rows[2:]]
-    return previous
 
 
 def _sweep_table(p: dict[str, Any]) -> str:
@@ -301,8 +288,8 @@ def _sweep_table(p: dict[str, Any]) -> str:
     return "\n".join([
         f"FedAvg at {steps} local optimizer steps per client in other shapes (one run: its own no-recovery and "
         "centralized rows): more rounds of fewer steps, and LoRA with A frozen at its seeded start (FFA-LoRA: the "
-        "mean of the clients' B A is the mean B times A, and half the adapter bytes travel). "
-        "`python -m benchmarks.federated --sweep`.",
+        "mean of the clients' B A is the mean B times A, and only B travels), or a larger client learning rate. "
+        "`python -m benchmarks.federated --sweep` (`--only-lrs --client-lrs 2e-3,3e-3`: the learning-rate table).",
         "",
         markdown_table(header, body),
         "",
