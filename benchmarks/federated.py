@@ -254,6 +254,7 @@ def run_sweep(args: argparse.Namespace, teacher: torch.nn.Module, tok: Any, work
     fed = {"method": "federated", "train": LORA, "min_clients": 3, "seq_len": SEQ_LEN, "eval_windows": 16}
     rounds, local = schedules[0]
     for lr in [float(x) for x in args.client_lrs.split(",") if x]:
+        row(f"centralized distill, lr {lr:g}", {**distill, "lr": lr}, pooled, steps=3 * steps, lr=lr, central=True)
         row(f"FedAvg {rounds} x {local}, client lr {lr:g}", {**fed, "rounds": rounds, "local_steps": local,
             "train": {**LORA, "lr": lr}}, steps=3 * steps, rounds=rounds, local_steps=local, lr=lr)  # fmt: skip
     if args.only_lrs:  # a table of its own, on this run's baseline rows
@@ -278,9 +279,16 @@ def _sweep_table(p: dict[str, Any]) -> str:
     names = [k for k in rows[0]["eval"] if k != "stdlib_eval"]
     header = ["setting", "KL stdlib eval", *[f"KL {n}" for n in names], "closed (stdlib)", "closed (clients)",
               "MB up per round", "seconds"]  # fmt: skip
+    centrals = {r["lr"]: r for r in rows if r.get("central")}
+
+    def closed(r: dict[str, Any], keys: list[str]) -> str:
+        text = f"{_closed(rows, r, keys):.0%}"
+        same = centrals.get(r.get("lr")) if not r.get("central") else None
+        return text + (f" ({_closed([rows[0], same], r, keys):.0%} of its lr's)" if same else "")
+
     body = [
         [r["setting"], f"{r['eval']['stdlib_eval']['kl']:.4f}", *[f"{r['eval'][n]['kl']:.4f}" for n in names],
-         f"{_closed(rows, r, ['stdlib_eval']):.0%}", f"{_closed(rows, r, names):.0%}",
+         closed(r, ["stdlib_eval"]), closed(r, names),
          f"{r['bytes_per_round']['up'] / 1e6:.2f}" if "bytes_per_round" in r else "-", f"{r['seconds']:.0f}"]
         for r in rows
     ]  # fmt: skip
