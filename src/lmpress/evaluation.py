@@ -235,7 +235,6 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
-@torch.no_grad()
 def cache_name(model: nn.Module) -> str:
     """The forward's name for the KV cache, in and out: ``cache`` from transformers 5.25 (which
     warns on the older name), ``past_key_values`` before it and in lmpress's runtime models."""
@@ -245,6 +244,7 @@ def cache_name(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+@torch.no_grad()
 def speed(
     model: nn.Module,
     vocab_size: int,
