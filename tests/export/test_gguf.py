@@ -180,7 +180,7 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
 
 
 @needs_llama
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi"])
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """Each family, dense and with 8-bit codes (GPT-2's Conv1D transposed), matches in llama.cpp."""
     src = trained_dir(arch)
@@ -233,7 +233,7 @@ def test_densify_writes_sparse_layers_exactly(tmp_path: Path) -> None:
 
 
 def test_opt_is_refused(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
-    with pytest.raises(ExportError, match="opt models are not exported"):
+    with pytest.raises(ExportError, match="opt models are not exported.*gpt_neox.*phi"):
         export(tiny_model_dir("opt"), "gguf", tmp_path / "o.gguf")
 
 
@@ -300,3 +300,172 @@ def test_requantize_reports_the_kl_it_cost(tmp_path: Path) -> None:
     assert report.requantize_kl is not None and 1e-4 < report.requantize_kl < 0.05
     assert report.type_counts()["q4_0"] == 29  # 28 linears + the embeddings (the head is not quantized)
     assert {n: type(m).__name__ for n, m in loaded.model.named_modules()} == before  # the model is left as it was
+
+
+# ---- more families, rope scaling, byte-fallback tokenizers ------------------------------------------
+
+
+def _family_check(src: Path, tmp_path: Path, tag: str) -> float:
+    loaded = lmpress.load(src, device="cpu")
+    out = tmp_path / f"{tag}.gguf"
+    export(loaded, "gguf", out)
+    docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
+    ids = tokenize_documents(docs, loaded.tokenizer)[:200].tolist()
+    return _llama_check(out, loaded.model, loaded.tokenizer, ids)
+
+
+def _with_config(src: Path, dst: Path, **changes: object) -> Path:
+    """A copy of a saved model with its config.json changed."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg.update(changes)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+@needs_llama
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+            "rope_theta": 10000.0,
+        },
+    ],
+    ids=["linear", "llama3"],
+)
+def test_scaled_rope_in_llama_cpp(rope: dict[str, object], trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """Llama 3.1-style and linear rope scaling: llama.cpp computes what the model computes (and the
+    scaling changes the logits, so the check is not vacuous)."""
+    src = _with_config(trained_dir("llama"), tmp_path / "scaled", rope_parameters=rope, rope_scaling=rope)
+    loaded = lmpress.load(src, device="cpu")
+    plain = lmpress.load(trained_dir("llama"), device="cpu")
+    docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
+    ids = tokenize_documents(docs, loaded.tokenizer)[:200].tolist()
+    assert _kl(_lmpress_logits(plain.model, ids), _lmpress_logits(loaded.model, ids)) > 1e-3  # the scaling matters
+    out = tmp_path / "scaled.gguf"
+    report = export(loaded, "gguf", out)
+    assert ("rope_freqs.weight" in report.types) == (rope["rope_type"] == "llama3")
+    assert _llama_check(out, loaded.model, loaded.tokenizer, ids) < KL_MAX
+
+
+def test_yarn_rope_is_refused(trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    src = _with_config(trained_dir("llama"), tmp_path / "yarn", rope_parameters=rope, rope_scaling=rope)
+    with pytest.raises(ExportError, match="rope scaling 'yarn' is not exported"):
+        export(src, "gguf", tmp_path / "y.gguf")
+    assert not (tmp_path / "y.gguf").exists()
+
+
+def _spm_vocab_and_merges(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """A SentencePiece BPE model's vocabulary and merges, ordered as transformers' converter orders
+    them (every split of a piece into two pieces, by the piece's score), without its protobuf reader."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(path))
+    vocab = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())}
+    score = {p: sp.get_score(i) for p, i in vocab.items()}
+    merges: list[tuple[str, str, float]] = []
+    for piece in vocab:
+        local = [(piece[:k], piece[k:], score[piece]) for k in range(1, len(piece))]
+        local = [m for m in local if m[0] in vocab and m[1] in vocab]
+        merges += sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]]))
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return vocab, [(left, right) for left, right, _ in merges]
+
+
+@pytest.fixture(scope="module")
+def spm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama-2-style model directory: a SentencePiece BPE tokenizer with byte fallback, trained with
+    sentencepiece and built as transformers builds Llama 2's and Mistral's, and a tiny random Llama."""
+    import sentencepiece as spm
+    from transformers import AutoModelForCausalLM, LlamaTokenizer
+
+    from tests.conftest import tiny_config
+
+    root = tmp_path_factory.mktemp("spm")
+    text = root / "train.txt"
+    docs = [d for d in load_documents("stdlib") if d.path in ("json/encoder.py", "abc.py", "csv.py", "base64.py")]
+    text.write_text("\n".join(d.text for d in docs))
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(root / "sp"), vocab_size=600, model_type="bpe", byte_fallback=True,
+        character_coverage=1.0, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, minloglevel=2,
+    )  # fmt: skip
+    tokenizer = LlamaTokenizer(*_spm_vocab_and_merges(root / "sp.model"))
+    torch.manual_seed(0)
+    config = tiny_config("llama", len(tokenizer))
+    config.bos_token_id, config.eos_token_id = 1, 2
+    model = AutoModelForCausalLM.from_config(config)
+    out = root / "model"
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_byte_fallback_split_matches_the_tokenizer(spm_dir: Path) -> None:
+    """lmpress's copy of llama.cpp's SentencePiece merging, on the exported scores, splits held-out text
+    (with characters the vocabulary lacks) exactly as the tokenizer does."""
+    from lmpress.export.vocab import _backend_json, spm_metadata, spm_tokenize
+
+    tokenizer = lmpress.load(spm_dir, device="cpu").tokenizer
+    tok = _backend_json(tokenizer)
+    meta = spm_metadata(tokenizer, tok, len(tokenizer))
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.add_space_prefix"] is True
+    types = meta["tokenizer.ggml.token_type"]
+    assert types[0] == 2 and types[1] == types[2] == 3 and types[3:259] == [6] * 256  # unk, control, 256 bytes
+    ids = {t: i for i, t in enumerate(meta["tokenizer.ggml.tokens"])}
+    byte_ids = [ids[f"<0x{b:02X}>"] for b in range(256)]
+    docs = select_split(load_documents("stdlib"), "eval")[:2]
+    for doc in docs:
+        text = doc.text[:3000] + " — ünïcödé 中文 🙂"
+        want = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert spm_tokenize(text, ids, meta["tokenizer.ggml.scores"], byte_ids, True) == want
+        assert any(i in byte_ids for i in want)  # byte fallback was exercised
+
+
+@needs_llama
+def test_byte_fallback_tokenizer_in_llama_cpp(spm_dir: Path, tmp_path: Path) -> None:
+    loaded = lmpress.load(spm_dir, device="cpu")
+    out = tmp_path / "spm.gguf"
+    export(loaded, "gguf", out)
+    docs = select_split(load_documents("stdlib"), "eval")[:1]
+    text = docs[0].text[:900] + "\n  naïve 中文 🙂 end"
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert _llama_check(out, loaded.model, loaded.tokenizer, ids) < KL_MAX
+    llm = _llama(out)
+    with_bos = llm.tokenize(b"hello world", add_bos=True, special=False)  # type: ignore[attr-defined]
+    assert with_bos == loaded.tokenizer("hello world")["input_ids"]
+    assert llm.detokenize(llm.tokenize(text.encode(), add_bos=False)).decode() == " " + text  # type: ignore[attr-defined]
+
+
+def test_a_tokenizer_llama_cpp_would_split_differently_is_refused(spm_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    from tokenizers import pre_tokenizers
+
+    loaded = lmpress.load(spm_dir, device="cpu")
+    loaded.tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(split=True)  # type: ignore[union-attr]
+    with pytest.raises(ExportError, match="handles spaces in a way llama.cpp"):
+        export(loaded, "gguf", tmp_path / "odd.gguf")
+    # a token no merge makes: llama.cpp's merging (by the concatenation's score) would still produce it
+    tok = json.loads((spm_dir / "tokenizer.json").read_text())
+    merges = [m.split(" ") if isinstance(m, str) else m for m in tok["model"]["merges"]]
+    last = "".join(merges[-1])  # made by the last merge only; renamed, nothing makes it
+    tok["model"]["merges"] = [m for m in merges if "".join(m) != last]
+    tok["model"]["vocab"]["qz"] = tok["model"]["vocab"].pop(last)  # no merge (q, z): the tokenizer never uses it
+    src = tmp_path / "odd"
+    shutil.copytree(spm_dir, src)
+    (src / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(ExportError, match="would split 'qz' differently"):
+        export(src, "gguf", tmp_path / "odd.gguf")
+    assert not (tmp_path / "odd.gguf").exists()

@@ -1,5 +1,9 @@
 """The tokenizer as llama.cpp reads it: the ``tokenizer.ggml.*`` keys of a GGUF file.
 
+Byte-fallback BPE tokenizers (Llama 2, Mistral: SentencePiece converted to tokenizer.json) are written
+as llama.cpp's ``llama`` model, whose merging follows token scores; the scores come from the merge
+ranks and the result is checked against the tokenizer before anything is written.
+
 Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, the built-in one) are written as llama.cpp's
 ``gpt2`` model: the tokens in id order, their types, the merges and a named pre-tokenizer, which
 llama.cpp implements itself. Only pre-tokenizers whose splitting llama.cpp reproduces are written:
@@ -9,8 +13,10 @@ else is refused rather than exported to tokenize differently.
 
 from __future__ import annotations
 
+import heapq
 import json
 import logging
+import re
 from typing import Any
 
 from lmpress.export.gguf_file import U32
@@ -77,9 +83,12 @@ def pre_tokenizer_name(tok: dict[str, Any]) -> str:
 
 
 def tokenizer_metadata(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` keys for a byte-level BPE tokenizer with ``n_vocab`` embedding rows."""
+    """The ``tokenizer.ggml.*`` keys for a BPE tokenizer with ``n_vocab`` embedding rows: byte-level
+    (llama.cpp's ``gpt2`` model) or with byte fallback (its ``llama`` SentencePiece model)."""
     tok = _backend_json(tokenizer)
     model = tok.get("model", {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return spm_metadata(tokenizer, tok, n_vocab)
     if model.get("type") != "BPE" or (tok.get("decoder") or {}).get("type") != "ByteLevel":
         raise ExportError(
             f"only byte-level BPE tokenizers are exported to GGUF so far (this one is {model.get('type')} "
@@ -106,6 +115,12 @@ def tokenizer_metadata(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
         "tokenizer.ggml.token_type": types,
         "tokenizer.ggml.merges": merges,
     }
+    return meta | special_metadata(tokenizer)
+
+
+def special_metadata(tokenizer: Any) -> dict[str, Any]:
+    """Special token ids, whether they are added around text, and the chat template."""
+    meta: dict[str, Any] = {}
     for key, attr in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unknown", "unk_token_id")):
         tid = getattr(tokenizer, attr, None)
         if isinstance(tid, int):
@@ -122,3 +137,163 @@ def tokenizer_metadata(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
     if isinstance(template, str) and template:
         meta["tokenizer.chat_template"] = template
     return meta
+
+
+# ---- byte-fallback BPE (Llama 2, Mistral): llama.cpp's SentencePiece model ----------------------
+
+SPACE = "\u2581"  # SentencePiece's visible space
+BYTE_TOKEN = re.compile(r"^<0x([0-9A-F]{2})>$")
+# text a converted tokenizer must split as llama.cpp does, besides each token's own text
+SPM_SAMPLES = (
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "def main(argv):\n    return {'a': [1, 2, 3], \"b\": None}  # comment\n\n\tif x >= 10_000:\n",
+    "  leading spaces,   runs   of spaces, trailing  ",
+    "Zürich, naïve café, 東京, Москва, 123456789, 3.14159, emoji 🙂 and symbols ©™",
+)
+
+
+def _space_prefix(tok: dict[str, Any]) -> tuple[bool, bool]:
+    """(whether the tokenizer prefixes text with a space: llama.cpp's ``add_space_prefix``, whether it
+    does so also before text that starts with a space); refuses whitespace handling that llama.cpp's
+    SentencePiece tokenizer does not reproduce."""
+    norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer")
+    if norm is not None and pre is None:  # the legacy form: Prepend("▁") then Replace(" ", "▁")
+        steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+        kinds = [s.get("type") for s in steps]
+        replace = [s for s in steps if s.get("type") == "Replace"]
+        if (
+            set(kinds) <= {"Prepend", "Replace"}
+            and len(replace) == 1
+            and (replace[0].get("pattern") or {}).get("String") == " "
+            and replace[0].get("content") == SPACE
+            and all(s.get("prepend") == SPACE for s in steps if s.get("type") == "Prepend")
+        ):
+            return "Prepend" in kinds, True
+    meta = pre if norm is None and pre is not None and pre.get("type") == "Metaspace" else {}
+    if meta.get("replacement") == SPACE and not meta.get("split", False):
+        prefix = meta.get("prepend_scheme", "always") != "never"
+        if prefix:
+            log.warning(
+                "the tokenizer does not prefix a space to text that already starts with one; llama.cpp does "
+                "(as SentencePiece itself does), so such text gets one more leading space token there"
+            )
+        return prefix, not prefix
+    raise ExportError(
+        "the byte-fallback tokenizer handles spaces in a way llama.cpp's SentencePiece tokenizer does not "
+        f"(normalizer {json.dumps(norm)[:60]}, pre-tokenizer {json.dumps(pre)[:60]})"
+    )
+
+
+def spm_scores(model: dict[str, Any], n_vocab: int) -> list[float]:
+    """Scores that make llama.cpp's SentencePiece merging follow the BPE merge order: a token made by
+    a merge scores minus the rank of the first merge that makes it (earlier merges win)."""
+    vocab: dict[str, int] = model["vocab"]
+    scores = [0.0] * n_vocab
+    made = [False] * n_vocab
+    for rank, m in enumerate(model.get("merges", [])):
+        left, right = m.split(" ", 1) if isinstance(m, str) else m
+        i = vocab.get(left + right)
+        if i is not None and i < n_vocab and not made[i]:
+            scores[i], made[i] = -float(rank), True
+    for text, i in vocab.items():  # a multi-character token no merge makes: never preferred
+        if i < n_vocab and not made[i] and len(text) > 1 and not BYTE_TOKEN.match(text):
+            scores[i] = -1e9
+    return scores
+
+
+def spm_tokenize(text: str, ids: dict[str, int], scores: list[float], byte_ids: list[int], prefix: bool) -> list[int]:
+    """llama.cpp's SentencePiece tokenization (``llm_tokenizer_spm_session``) of plain text: start
+    from UTF-8 characters, merge the adjacent pair whose concatenation is the highest-scoring token
+    (leftmost on ties) until none is, and spell what is left over in byte tokens."""
+    text = ((" " if prefix else "") + text).replace(" ", SPACE)
+    syms = list(text)
+    if not syms:
+        return []
+    alive = [True] * len(syms)
+    nxt = [*range(1, len(syms)), -1]
+    prv = list(range(-1, len(syms) - 1))
+    heap: list[tuple[float, int, int, int]] = []
+
+    def push(left: int, right: int) -> None:
+        if left < 0 or right < 0:
+            return
+        tid = ids.get(syms[left] + syms[right])
+        if tid is not None:
+            heapq.heappush(heap, (-scores[tid], left, right, len(syms[left]) + len(syms[right])))
+
+    for i in range(1, len(syms)):
+        push(i - 1, i)
+    while heap:
+        _, left, right, size = heapq.heappop(heap)
+        if not (alive[left] and alive[right]) or len(syms[left]) + len(syms[right]) != size or nxt[left] != right:
+            continue
+        syms[left] += syms[right]
+        alive[right] = False
+        nxt[left] = nxt[right]
+        if nxt[right] >= 0:
+            prv[nxt[right]] = left
+        push(prv[left], left)
+        push(left, nxt[left])
+    out: list[int] = []
+    i = 0
+    while i >= 0:
+        tid = ids.get(syms[i])
+        out += [tid] if tid is not None else [byte_ids[b] for b in syms[i].encode()]
+        i = nxt[i]
+    return out
+
+
+def spm_metadata(tokenizer: Any, tok: dict[str, Any], n_vocab: int) -> dict[str, Any]:
+    """The ``tokenizer.ggml.*`` keys of a byte-fallback BPE tokenizer (Llama 2, Mistral) as llama.cpp's
+    ``llama`` (SentencePiece) model: tokens, scores derived from the merge ranks, and token types; the
+    split of every token's own text and of a few samples is checked against the tokenizer's before
+    anything is written."""
+    model = tok["model"]
+    prefix, leading_space_exact = _space_prefix(tok)
+    vocab: dict[str, int] = dict(model["vocab"])
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    for content, a in added.items():
+        vocab[content] = a["id"]
+    if max(vocab.values()) >= n_vocab:
+        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} embeddings")
+    byte_ids = [-1] * 256
+    for text, i in model["vocab"].items():
+        if (m := BYTE_TOKEN.match(text)) is not None:
+            byte_ids[int(m.group(1), 16)] = i
+    if -1 in byte_ids:
+        raise ExportError(f"the byte-fallback tokenizer lacks the byte token <0x{byte_ids.index(-1):02X}>")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [UNUSED] * n_vocab
+    unk = model.get("unk_token") or getattr(tokenizer, "unk_token", None)
+    for content, i in vocab.items():
+        tokens[i] = content
+        a = added.get(content)
+        if content == unk:
+            types[i] = UNKNOWN
+        elif a is not None:
+            types[i] = CONTROL if a.get("special") else USER_DEFINED
+        else:
+            types[i] = BYTE if BYTE_TOKEN.match(content) else NORMAL
+    scores = spm_scores(model, n_vocab)
+    plain = {t: i for t, i in model["vocab"].items() if i < n_vocab}
+    own = [t.replace(SPACE, " ") for t in plain if not BYTE_TOKEN.match(t) and t not in added]
+    samples = [*SPM_SAMPLES, *own]
+    if not leading_space_exact:  # text that starts with a space is split differently there (warned)
+        samples = [t.lstrip(" ") for t in samples if t.strip(" ")]
+    expected = tokenizer(samples, add_special_tokens=False)["input_ids"]
+    for text, want in zip(samples, expected, strict=True):
+        got = spm_tokenize(text, plain, scores, byte_ids, prefix)
+        if got != want:
+            raise ExportError(
+                f"llama.cpp's SentencePiece tokenizer would split {text[:40]!r} differently "
+                f"({got[:8]} instead of {want[:8]}); this tokenizer cannot be exported to GGUF as it is"
+            )
+    meta: dict[str, Any] = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": scores,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.add_space_prefix": prefix,
+    }
+    return meta | special_metadata(tokenizer)

@@ -38,21 +38,71 @@ class Part:
     conv1d: bool = False  # GPT-2's Conv1D: the weight is stored (in, out)
 
 
-# Llama-family block-relative module -> role
-_LLAMA_ROLES = {
-    "self_attn.q_proj": "attn_q",
-    "self_attn.k_proj": "attn_k",
-    "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output",
-    "mlp.gate_proj": "ffn_gate",
-    "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down",
-}
-_LLAMA_NORMS = {
-    "input_layernorm": "attn_norm",
-    "post_attention_layernorm": "ffn_norm",
-    "self_attn.q_norm": "attn_q_norm",
-    "self_attn.k_norm": "attn_k_norm",
+@dataclass(frozen=True)
+class Family:
+    """Where a family keeps what a runtime file names: block-relative linears and norms -> role,
+    and the embeddings (token first, then learned positions) -> role."""
+
+    linears: dict[str, str]
+    norms: dict[str, str]
+    embeddings: dict[str, str]
+
+
+_LLAMA = Family(
+    linears={
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "mlp.gate_proj": "ffn_gate",
+        "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    },
+    norms={
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+    },
+    embeddings={"model.embed_tokens": "token_embd"},
+)
+FAMILIES = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "gpt2": Family(
+        linears={
+            "attn.c_attn": "attn_qkv",
+            "attn.c_proj": "attn_output",
+            "mlp.c_fc": "ffn_up",
+            "mlp.c_proj": "ffn_down",
+        },
+        norms={"ln_1": "attn_norm", "ln_2": "ffn_norm"},
+        embeddings={"transformer.wte": "token_embd", "transformer.wpe": "position_embd"},
+    ),
+    "gpt_neox": Family(
+        linears={
+            "attention.query_key_value": "attn_qkv",
+            "attention.dense": "attn_output",
+            "mlp.dense_h_to_4h": "ffn_up",
+            "mlp.dense_4h_to_h": "ffn_down",
+        },
+        norms={"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"},
+        embeddings={"gpt_neox.embed_in": "token_embd"},
+    ),
+    "phi": Family(  # one norm feeds attention and MLP in parallel
+        linears={
+            "self_attn.q_proj": "attn_q",
+            "self_attn.k_proj": "attn_k",
+            "self_attn.v_proj": "attn_v",
+            "self_attn.dense": "attn_output",
+            "mlp.fc1": "ffn_up",
+            "mlp.fc2": "ffn_down",
+        },
+        norms={"input_layernorm": "attn_norm"},
+        embeddings={"model.embed_tokens": "token_embd"},
+    ),
 }
 _EXPORTABLE = (nn.Linear, QuantLinear, GGUFLinear)
 _DENSIFIABLE = {"SparseLinear", "LowRankLinear", "CodebookLinear"}
@@ -76,36 +126,37 @@ def check_layer(name: str, module: nn.Module, densify: bool) -> None:
     raise ExportError(f"{name}: {kind} layers cannot be exported")
 
 
-def _llama_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part]:
+def _family_parts(model: nn.Module, adapter: Adapter, family: Family, densify: bool) -> list[Part]:
     parts: list[Part] = []
-    embed_name, embed = next(iter(adapter.embeddings().items()))
-    if not isinstance(embed, nn.Embedding | QuantEmbedding | GGUFEmbedding):
-        raise ExportError(f"{embed_name}: {type(embed).__name__} embeddings cannot be exported")
-    parts.append(Part("token_embd", embed_name, embed, "embedding"))
+    token_embd: nn.Module | None = None
+    for embed_name, role in family.embeddings.items():
+        embed = model.get_submodule(embed_name)
+        if not isinstance(embed, nn.Embedding | QuantEmbedding | GGUFEmbedding):
+            raise ExportError(f"{embed_name}: {type(embed).__name__} embeddings cannot be exported")
+        parts.append(Part(role, embed_name, embed, "embedding"))
+        token_embd = embed if token_embd is None else token_embd
     seen: dict[int, str] = {}
     for i in range(adapter.num_blocks):
         block_name = adapter.block_name(i)
-        for rel, role in _LLAMA_NORMS.items():
+        for rel, role in family.norms.items():
             try:
                 norm = model.get_submodule(f"{block_name}.{rel}")
             except AttributeError:
                 continue
             parts += _norm_parts(role, f"{block_name}.{rel}", norm, i)
-        for rel, role in _LLAMA_ROLES.items():
+        for rel, role in family.linears.items():
             parts += _linear_parts(model, f"{block_name}.{rel}", role, i, densify, seen)
     norm_name, norm = adapter.final_norm()
     parts += _norm_parts("output_norm", norm_name, norm, None)
     head_name, head = adapter.head()
-    tied = _tied(head, embed)
-    if not tied:
+    if not _tied(head, token_embd):
         check_layer(head_name, head, densify)
         parts.append(Part("output", head_name, head, "linear"))
+        bias = getattr(head, "bias", None)
+        if isinstance(bias, Tensor):
+            parts.append(Part("output", head_name, head, "bias", None, bias))
     _check_uniform(parts, model)
     return parts
-
-
-_GPT2_ROLES = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up", "mlp.c_proj": "ffn_down"}
-_GPT2_NORMS = {"ln_1": "attn_norm", "ln_2": "ffn_norm"}
 
 
 def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None) -> list[Part]:
@@ -115,30 +166,6 @@ def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None) -> lis
     if isinstance(bias, Tensor):
         out.append(Part(role, name, norm, "bias", block, bias))
     return out
-
-
-def _gpt2_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part]:
-    embeds = adapter.embeddings()
-    wte, wpe = embeds["transformer.wte"], embeds["transformer.wpe"]
-    parts = [
-        Part("token_embd", "transformer.wte", wte, "embedding"),
-        Part("position_embd", "transformer.wpe", wpe, "embedding"),
-    ]
-    seen: dict[int, str] = {}
-    for i in range(adapter.num_blocks):
-        block_name = adapter.block_name(i)
-        for rel, role in _GPT2_NORMS.items():
-            parts += _norm_parts(role, f"{block_name}.{rel}", model.get_submodule(f"{block_name}.{rel}"), i)
-        for rel, role in _GPT2_ROLES.items():
-            parts += _linear_parts(model, f"{block_name}.{rel}", role, i, densify, seen)
-    norm_name, norm = adapter.final_norm()
-    parts += _norm_parts("output_norm", norm_name, norm, None)
-    head_name, head = adapter.head()
-    if not _tied(head, wte):
-        check_layer(head_name, head, densify)
-        parts.append(Part("output", head_name, head, "linear"))
-    _check_uniform(parts, model)
-    return parts
 
 
 def _linear_parts(
@@ -159,7 +186,7 @@ def _linear_parts(
     return out
 
 
-def _tied(head: nn.Module, embed: nn.Module) -> bool:
+def _tied(head: nn.Module, embed: nn.Module | None) -> bool:
     """The head is the embedding table itself (only a dense table can be; a compressed embedding's
     ``weight`` is a decoded copy, which is never read here)."""
     return isinstance(embed, nn.Embedding) and getattr(head, "weight", None) is embed.weight
@@ -187,13 +214,12 @@ def _check_uniform(parts: list[Part], model: nn.Module) -> None:
 def model_parts(model: nn.Module, densify: bool = False) -> list[Part]:
     """Every tensor-holding part of a supported model, in the order a runtime file lists them."""
     adapter = Adapter(model)
-    if adapter.model_type in ("llama", "mistral", "qwen2", "qwen3"):
-        return _llama_parts(model, adapter, densify)
-    if adapter.model_type == "gpt2":
-        return _gpt2_parts(model, adapter, densify)
-    raise ExportError(
-        f"{adapter.model_type} models are not exported yet; lmpress exports llama, mistral, qwen2, qwen3, gpt2"
-    )
+    family = FAMILIES.get(adapter.model_type)
+    if family is None:
+        raise ExportError(
+            f"{adapter.model_type} models are not exported yet; lmpress exports {', '.join(sorted(FAMILIES))}"
+        )
+    return _family_parts(model, adapter, family, densify)
 
 
 def count_types(types: dict[str, str]) -> dict[str, int]:
