@@ -1,7 +1,7 @@
 """GGUF export measured in llama.cpp: lmpress's GPTQ on GGUF grids against llama.cpp's own quantizer.
 
     python -m benchmarks.gguf [--threads 2] [--windows 200] [--calib-windows 128] [--llama-bin DIR]
-                              [--skip-tinyllama] [--table-only]
+                              [--draws 96,128,160] [--skip-tinyllama] [--table-only]
 
 Built-in model: the bf16 original exported to GGUF, then for Q8_0, Q4_0, Q4_K_M, Q3_K_M and Q2_K
 both llama.cpp's own quantizer (``llama_model_quantize``; with an importance matrix from
@@ -117,7 +117,6 @@ def builtin_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, A
     has_imatrix = bin_dir is not None and build_imatrix(
         bf16, calib_text, imatrix, bin_dir, args.threads, args.calib_windows
     )
-    data = lmpress.DataOptions(calib_windows=args.calib_windows)
     for t in TYPES:
         out = work / f"llama-{t}.gguf"
         _, secs = _timed(lambda t=t, out=out: llama_quantize(bf16, out, t, args.threads, bin_dir, None))
@@ -140,18 +139,35 @@ def builtin_rows(args: argparse.Namespace, work: Path) -> tuple[list[dict[str, A
                 ("lmpress rtn", {"method": "rtn", "mix": t, "embedding_grid": t.split("_")[0] + "_k", "ignore": []})
             )
         for source, recipe in variants:
-            d = work / f"{source.replace(' ', '-')}-{t}"
-            r, secs = _timed(
-                lambda recipe=recipe, d=d: lmpress.compress("builtin", _recipe(recipe), data, output=d, run_eval=False)
-            )
-            out = work / f"{source.replace(' ', '-')}-{t}.gguf"
-            report = export(d, "gguf", out)
-            rows.append({"type": t, "source": source, "seconds": secs, "tensor_types": report.type_counts(),
-                         **measure(out, reference, eval_data.windows, args.threads)})  # fmt: skip
-            del r
+            draws = []
+            for n in args.draws:  # calibration sets of several sizes: the spread is part of the result
+                d = work / f"{source.replace(' ', '-')}-{t}-{n}"
+                draw_data = lmpress.DataOptions(calib_windows=n)
+                r, secs = _timed(
+                    lambda recipe=recipe, d=d, dd=draw_data: lmpress.compress(
+                        "builtin", _recipe(recipe), dd, output=d, run_eval=False
+                    )
+                )
+                out = work / f"{source.replace(' ', '-')}-{t}-{n}.gguf"
+                report = export(d, "gguf", out)
+                draws.append({"calib_windows": n, "seconds": secs, "tensor_types": report.type_counts(),
+                              **measure(out, reference, eval_data.windows, args.threads)})  # fmt: skip
+                del r
+            rows.append({"type": t, "source": source, **_mean_of(draws), "draws": draws})
     del reference
-    info = {"eval": eval_data.manifest.to_dict(), "calib": calib.manifest.to_dict(), "imatrix": has_imatrix}
+    info = {"eval": eval_data.manifest.to_dict(), "calib": calib.manifest.to_dict(), "imatrix": has_imatrix,
+            "draws": args.draws}  # fmt: skip
     return rows, info
+
+
+def _mean_of(draws: list[dict[str, Any]]) -> dict[str, Any]:
+    """One lmpress row from its calibration draws: the mean of each metric, the perplexity's spread."""
+    keys = ("perplexity", "kl", "top1_agreement", "bytes", "seconds")
+    out: dict[str, Any] = {k: sum(d[k] for d in draws) / len(draws) for k in keys if k in draws[0]}
+    ppl = torch.tensor([d["perplexity"] for d in draws], dtype=torch.float64)
+    out["perplexity_sd"] = float(ppl.std()) if len(draws) > 1 else 0.0
+    out["tensor_types"] = draws[0]["tensor_types"]
+    return out
 
 
 def _recipe(r: str | dict[str, Any]) -> Any:
@@ -217,7 +233,10 @@ def table(payload: dict[str, Any]) -> str:
         f"sha256 {payload['info']['eval']['sha256'][:12]}); "
         "every file run by **llama.cpp** (llama-cpp-python), KL and top-1 against the bf16 original in llama.cpp. "
         f"Calibration: {payload['info']['calib']['windows']} windows of the calib split (imatrix: the same text"
-        f"{'' if payload['info']['imatrix'] else ', not built'}). `python -m benchmarks.gguf`.",
+        f"{'' if payload['info']['imatrix'] else ', not built'}). lmpress rows: the mean over "
+        f"{len(payload['info'].get('draws', [1]))} calibration sets of {payload['info'].get('draws', ['?'])} windows, "
+        "± the standard deviation of the perplexity change (llama.cpp's quantizer has no calibration to vary). "
+        "`python -m benchmarks.gguf`.",
         "",
     ]
     body = []
@@ -236,8 +255,11 @@ def table(payload: dict[str, Any]) -> str:
                 by[(r["type"], s)]["kl"] for s in ("llama.cpp", "llama.cpp + imatrix") if (r["type"], s) in by
             )
             kl_ratio = f"{r['kl'] / best_kl:.2f}x"
+        change = f"{100 * (r['perplexity'] / orig - 1):+.2f}%"
+        if r.get("draws"):
+            change += f" ± {100 * r['perplexity_sd'] / orig:.2f}"
         body.append([r["type"], r["source"], f"{int(r['bytes']):,}", size, f"{r['perplexity']:.3f}",
-                     f"{100 * (r['perplexity'] / orig - 1):+.2f}%", ratio, f"{r.get('kl', 0):.4f}", kl_ratio,
+                     change, ratio, f"{r.get('kl', 0):.4f}", kl_ratio,
                      f"{100 * r.get('top1_agreement', 1):.1f}%"])  # fmt: skip
     header = ["type", "quantizer", "bytes", "size vs llama.cpp", "perplexity", "vs original",
               "increase vs best llama.cpp", "KL", "KL vs best llama.cpp", "top-1"]  # fmt: skip
@@ -263,10 +285,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=200)
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--llama-bin", default=None, help="directory with llama-imatrix and llama-quantize")
-    ap.add_argument("--skip-tinyllama", action="store_true")
+    ap.add_argument("--draws", default="96,128,160", help="calibration window counts of the lmpress rows")
+    ap.add_argument("--skip-tinyllama", action="store_true", help="keep the TinyLlama rows of results/gguf.json")
     ap.add_argument("--only-tinyllama", action="store_true", help="keep the built-in rows of results/gguf.json")
     ap.add_argument("--table-only", action="store_true", help="re-render the table from results/gguf.json")
     args = ap.parse_args()
+    args.draws = [int(n) for n in args.draws.split(",")]
     if args.table_only:
         payload = json.loads((RESULTS / "gguf.json").read_text())
         write_results("gguf", payload, table(payload))
@@ -282,6 +306,11 @@ def main() -> None:
             payload = {"machine": machine(), "info": info, "builtin": rows, "eval": info["eval"]}
         if not args.skip_tinyllama:
             payload["tinyllama"] = tinyllama_rows(args, work)
+        elif (RESULTS / "gguf.json").is_file():
+            previous = json.loads((RESULTS / "gguf.json").read_text())
+            for key in ("tinyllama", "machine_tinyllama"):
+                if key in previous:
+                    payload[key] = previous[key]
         write_results("gguf", payload, table(payload))
         print(table(payload))
     finally:
