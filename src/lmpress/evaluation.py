@@ -187,6 +187,8 @@ def tensor_bytes(model: nn.Module) -> int:
         if prepared is not None and isinstance(prepared[1], tuple):
             tensors += [t for t in prepared[1] if isinstance(t, Tensor)]
     for t in tensors:
+        if t.is_meta:  # not in memory (a QuantLinear's codes held only in its kernel layout)
+            continue
         ptr = t.untyped_storage().data_ptr()
         if ptr not in seen:
             seen.add(ptr)

@@ -61,20 +61,53 @@ def test_symmetric_8bit_bytes_are_int8() -> None:
     assert layer.qweight.view(torch.int8).tolist() == [[-127, 0, 64, 127]]
 
 
-def test_memory_counts_the_int4_kernel_layout() -> None:
+def test_the_int4_kernel_layout_replaces_the_stored_codes() -> None:
+    """Once the int4 kernel layout exists it is the only copy of the codes in memory; everything that
+    reads the codes (state_dict, codes, prefill, a move) gets them back exactly from it."""
     from lmpress.evaluation import tensor_bytes
+    from lmpress.nn.quant_linear import INT4_BLOCK_N
 
+    assert INT4_BLOCK_N is not None  # probed on this machine's CPU kernel
     torch.manual_seed(0)
-    w = torch.randn(128, 256)
-    layer = QuantLinear.from_quantized(quantize(w, 4, 128), None, symmetric=False)
-    before = tensor_bytes(layer)
-    layer(torch.randn(1, 256))  # prepares the kernel layout: a second copy of the codes
-    assert layer.kernel_path() == "int4"
-    assert tensor_bytes(layer) >= before + 128 * 256 // 2
+    for out_f, sym in ((128, False), (80, True), (176, False)):  # 80, 176: a last, shorter row block
+        w = torch.randn(out_f, 256)
+        layer = QuantLinear.from_quantized(quantize(w, 4, 128, symmetric=sym), torch.randn(out_f), symmetric=sym)
+        stored, codes = layer.qweight.clone(), layer.codes()
+        x, xs = torch.randn(3, 256), torch.randn(300, 256)  # decode (kernel) and prefill (dequantized) rows
+        before = tensor_bytes(layer)
+        with torch.no_grad():
+            y = layer(x)
+        assert layer.kernel_path() == "int4" and layer.qweight.is_meta
+        assert tensor_bytes(layer) - before < out_f * 2 * 2 * 2 + 64  # only the bf16 scale/zero pairs added
+        assert torch.equal(layer.state_dict()["qweight"], stored) and torch.equal(layer.codes(), codes)
+        with torch.no_grad():
+            assert torch.equal(layer(x), y)
+            ys = layer(xs)
+        fresh = QuantLinear.from_quantized(quantize(w, 4, 128, symmetric=sym), layer.bias, symmetric=sym)
+        with torch.no_grad():
+            assert torch.equal(ys, fresh(xs))  # prefill dequantizes from the layout exactly
+        layer.to(torch.float32)  # a move brings qweight back first
+        assert torch.equal(layer.qweight, stored)
     int8 = QuantLinear.from_quantized(quantize(w, 8, None, True), None, symmetric=True)
     b8 = tensor_bytes(int8)
     int8(torch.randn(1, 256))
-    assert tensor_bytes(int8) - b8 < 128 * 4  # the int8 kernel reads the stored bytes (only bf16 scales added)
+    assert tensor_bytes(int8) - b8 < 176 * 4  # the int8 kernel reads the stored bytes (only bf16 scales added)
+
+
+def test_a_layer_with_its_codes_in_the_kernel_layout_saves_and_reloads(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from safetensors.torch import load_file, save_file
+
+    torch.manual_seed(0)
+    layer = QuantLinear.from_quantized(quantize(torch.randn(64, 128), 4, 32), None, symmetric=False)
+    stored = layer.qweight.clone()
+    with torch.no_grad():
+        y = layer(torch.randn(2, 128))
+    save_file(layer.state_dict(), str(tmp_path / "l.safetensors"))
+    again = QuantLinear.from_format(layer.lmpress_format(), torch.float32)
+    again.load_state_dict(load_file(str(tmp_path / "l.safetensors")))
+    assert torch.equal(again.qweight, stored)
+    layer.load_state_dict(again.state_dict())  # loading into a layer whose codes were dropped
+    assert torch.equal(layer.qweight, stored) and y.shape == (2, 64)
 
 
 def test_float_zeros_dequantize_in_half_precision() -> None:

@@ -238,10 +238,10 @@ def _restore(
     shared: dict[str, str] | None = None,
 ) -> nn.Module:
     """Build the architecture from its config, swap in the saved layer types, load the tensors."""
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lmpress.models.adapters import replace_module
+    from lmpress.streaming import parameters_on_meta, read_header, read_tensor
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if dtype == "auto":
@@ -251,7 +251,7 @@ def _restore(
         from transformers.initialization import no_init_weights
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
-    with no_init_weights():
+    with no_init_weights(), parameters_on_meta():  # parameters come from the files (assigned below)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # so that tied keys are recognized below
     if structure is not None:
@@ -260,15 +260,27 @@ def _restore(
         apply_structure(model, structure)
     for name, fmt in modules.items():
         if fmt.get("format") in LAYER_FORMATS:
-            replace_module(model, name, LAYER_FORMATS[fmt["format"]].from_format(fmt, dtype))  # type: ignore[arg-type]
+            with torch.device("meta"):  # every tensor of a saved layer is in the files
+                layer = LAYER_FORMATS[fmt["format"]].from_format(fmt, dtype)  # type: ignore[arg-type]
+            replace_module(model, name, layer)
     for alias, source in (shared or {}).items():  # modules saved once, used by several blocks
         parent, _, child = alias.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, model.get_submodule(source))
     state: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(_checkpoint_keys_to_model(model, state), strict=False)
-    tied = set(_tied_keys(model))
+    for f in sorted(path.glob("*.safetensors")):  # read into memory, not mapped: a layer that frees its
+        header = read_header(f)  # stored codes (the int4 kernel layout replaces them) then frees the pages
+        state.update((k, read_tensor(f, header, k)) for k in header if k != "__metadata__")
+    state = _checkpoint_keys_to_model(model, state)
+    own = model.state_dict(keep_vars=True)
+    for k, v in state.items():  # the model's dtype where the file's differs, as a copying load would give
+        if k in own and v.dtype != own[k].dtype and v.is_floating_point() and own[k].is_floating_point():
+            state[k] = v.to(own[k].dtype)
+    del own
+    # the file's tensors become the model's (assign): the architecture's own, never-touched storage is
+    # dropped instead of filled, so loading holds one copy of the weights, not two
+    tied = set(_tied_keys(model))  # before the load: assigning breaks the ties until tie_weights
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
     if unexpected or set(missing) - tied:
         bad = sorted(unexpected or set(missing) - tied)[0]
         raise ModelLoadError(f"{path}: weights do not match lmpress.json (first mismatch: {bad}); re-run compression")

@@ -15,7 +15,10 @@ Forward, chosen once per device and dtype:
 
 - 8-bit symmetric per-channel on CPU: ``torch._weight_int8pack_mm`` on the stored int8 bytes.
 - 4-bit with a group size of 32/64/128/256 dividing ``in`` on CPU:
-  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on a kernel layout prepared on first use.
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on a kernel layout prepared on first use. That
+  layout then is the only copy of the codes in memory: ``qweight`` is dropped (a meta tensor) and
+  derived from it again when it is read, saved, or the layer moves (`int4_codes` inverts the
+  layout, whose row blocking is probed once per machine).
 - 8-bit weights with int8 activations (W8A8): each token's activations are quantized to int8 on
   the fly and multiplied in int32 by ``torch._int_mm``.
 - anything else: dequantize to the input's dtype, then matmul.
@@ -31,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmpress.memory import trim_heap
 from lmpress.nn.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width, unpack_float
 from lmpress.quant.grid import Quantized, dequantize, n_groups
 
@@ -85,6 +89,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("fzeros", fzeros)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device)) if bias else None
         self._kernel: tuple[str, Any] | None = None  # (path, prepared tensors); never saved
+        self._dropped = False  # qweight lives only in the int4 kernel layout (see `materialize`)
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -128,7 +133,34 @@ class QuantLinear(nn.Module):
 
     def codes(self) -> Tensor:
         """Unsigned (offset binary) codes.  (out, in) uint8"""
+        if self._dropped:
+            assert self._kernel is not None and INT4_BLOCK_N is not None
+            return int4_codes(self._kernel[1][0], self.out_features, self.in_features, INT4_BLOCK_N)
         return decode_codes(self.qweight, self.bits, self.in_features, self.symmetric)
+
+    def packed_codes(self) -> Tensor:
+        """``qweight`` as stored, derived from the kernel layout if that is the only copy."""
+        if self._dropped:
+            return encode_codes(self.codes(), self.bits, self.symmetric)
+        return self.qweight
+
+    def materialize(self) -> None:
+        """Bring ``qweight`` back into memory beside the kernel layout (before the layer moves)."""
+        if self._dropped:
+            self._buffers["qweight"] = self.packed_codes()
+            self._dropped = False
+
+    def _drop_codes(self) -> None:
+        """The int4 kernel layout now holds the codes: free ``qweight`` (derived again when read)."""
+        if INT4_BLOCK_N is not None and not self._dropped:
+            self._buffers["qweight"] = torch.empty_like(self.qweight, device="meta")
+            self._dropped = True
+            trim_heap()  # the codes and the preparation's temporaries go back to the system
+
+    def _save_to_state_dict(self, destination: Any, prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self._dropped:
+            destination[prefix + "qweight"] = self.packed_codes()
 
     def zeros(self) -> Tensor:
         """Zero points.  (out, groups) float32"""
@@ -145,8 +177,11 @@ class QuantLinear(nn.Module):
         g = self.group_size or self.in_features
         if dtype not in (torch.float16, torch.bfloat16) or self.in_features % g:
             return dequantize(self.codes(), self.scales, self.zeros(), self.group_size, dtype)
-        flip = 2 ** (self.bits - 1) if self.symmetric else 0
-        w = unpack_float(self.qweight, self.bits, self.in_features, dtype, flip).contiguous()
+        if self._dropped:
+            w = self.codes().to(dtype)
+        else:
+            flip = 2 ** (self.bits - 1) if self.symmetric else 0
+            w = unpack_float(self.qweight, self.bits, self.in_features, dtype, flip).contiguous()
         w = w.view(self.out_features, -1, g)
         s = self.scales.to(dtype)[..., None]
         if self.fzeros is not None:  # fractional zeros: w = u*s - z*s
@@ -194,10 +229,13 @@ class QuantLinear(nn.Module):
         return layer
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._kernel = None
+        self._kernel, self._dropped = None, False  # a dropped qweight is a meta tensor: the load replaces it
+        if self.qweight.is_meta:
+            self._buffers["qweight"] = torch.empty_like(self.qweight, device=self.scales.device)
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        self.materialize()
         self._kernel = None  # device or dtype may change: prepare again
         return keep_scale_dtype(self, lambda: super(QuantLinear, self)._apply(fn, recurse))
 
@@ -207,7 +245,7 @@ class QuantLinear(nn.Module):
         """Which forward this layer uses on its current device: w8a8, int8, int4 or dequant."""
         if self.act_bits == 8:
             return "w8a8"
-        if self.qweight.device.type != "cpu":
+        if self.scales.device.type != "cpu":
             return "dequant"
         if self.bits == 8 and self.symmetric and self.group_size is None:
             return "int8"
@@ -234,6 +272,8 @@ class QuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if self._kernel is None:
             self._kernel = self._prepare()
+            if self._kernel[0] == "int4":
+                self._drop_codes()
         path, prepared = self._kernel
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -267,9 +307,54 @@ class QuantLinear(nn.Module):
 def int4_layout(codes: Tensor, scale: Tensor, zf: Tensor) -> tuple[Tensor, Tensor]:
     """PyTorch's int4 CPU kernel layout of unsigned 4-bit ``codes`` (out, in) on the grid
     w = (q - 8) * scale + zf, per group: ``scale``, ``zf`` (out, G).  -> (packed, (G, out, 2) bf16)"""
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    rows = 1024  # row blocks pack independently: convert a slice at a time (int32 is 8x the packed size)
+    if INT4_BLOCK_N is None or codes.shape[0] <= rows:
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+    else:
+        packed = torch.cat(
+            [
+                torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes[i : i + rows].to(torch.int32), 1)
+                for i in range(0, codes.shape[0], rows)
+            ]
+        )
     sz = torch.stack([scale, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
     return packed, sz
+
+
+def int4_codes(packed: Tensor, out_features: int, in_features: int, block_n: int) -> Tensor:
+    """Unsigned 4-bit codes (out, in) uint8 back from PyTorch's int4 CPU layout (`int4_layout`): rows
+    in blocks of ``block_n`` (the CPU's vector width), each stored (in, block_n / 2) with row d and
+    row d + block_n / 2 in one byte's low and high nibble; a last, shorter block pairs neighbouring
+    rows."""
+    flat = packed.reshape(-1)
+    full, tail = divmod(out_features, block_n)
+    n = full * block_n * in_features // 2
+    b = flat[:n].view(full, in_features, block_n // 2)
+    parts = [torch.cat([b & 15, b >> 4], dim=2).permute(0, 2, 1).reshape(full * block_n, in_features)]
+    if tail:
+        t = flat[n:].view(in_features, tail // 2)
+        parts.append(torch.stack([t & 15, t >> 4], dim=2).reshape(in_features, tail).T)
+    return torch.cat(parts).contiguous()
+
+
+def _probe_int4_block() -> int | None:
+    """The row blocking of this machine's int4 CPU layout, or None if `int4_codes` cannot invert it
+    (then ``qweight`` is kept beside the layout)."""
+    try:
+        probe = torch.randint(0, 16, (144, 64), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
+    except (RuntimeError, AttributeError):
+        return None
+    for block_n in (64, 32, 16):
+        try:
+            if torch.equal(int4_codes(packed, 144, 64, block_n).int(), probe):
+                return block_n
+        except RuntimeError:
+            continue
+    return None
+
+
+INT4_BLOCK_N = _probe_int4_block()
 
 
 def int8_matmul(x: Tensor, wT: Tensor, w_scale: Tensor) -> Tensor:
