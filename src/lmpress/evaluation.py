@@ -110,6 +110,9 @@ def quality(
     return stats.metrics(reference is not None)
 
 
+HEAD_POSITIONS = 64  # positions whose logits a streamed evaluation holds at once
+
+
 @torch.no_grad()
 def streamed_quality(
     model: nn.Module,
@@ -135,20 +138,25 @@ def streamed_quality(
                 inputs[k] = BlockInputs(run_block(a.blocks()[i], inputs[k]), inputs[k].args, inputs[k].kwargs)
     stats = [QualityStats() for _ in models]
     ends = [[a.final_norm()[0], a.head()[0]] for a in adapters]
+    predicted = windows.shape[1] - 1
     with resident(model, ends[0]), resident(reference if reference is not None else model, ends[-1]):
         for b in range(len(inputs[0].hidden)):
-            for r in range(inputs[0].hidden[b].shape[0]):  # one window at a time: a 128k vocabulary's logits are big
+            for r in range(inputs[0].hidden[b].shape[0]):
                 w = b * batch_size + r
-                target = windows[w : w + 1, 1:]  # (1, T-1)
-                logits = [
-                    m.get_submodule(e[1])(m.get_submodule(e[0])(inp.hidden[b][r : r + 1]))[:, :-1].float()
-                    for m, e, inp in zip(models, ends, inputs, strict=True)
-                ]  # [(1, T-1, V)]
-                target = target.to(logits[0].device)
-                ref = logits[1].to(logits[0].device) if reference is not None else None
-                stats[0].update(logits[0], target, ref)
-                if reference is not None:
-                    stats[1].update(logits[1], target.to(logits[1].device))
+                # a window's logits a few positions at a time: a 128k vocabulary's are big, and the
+                # statistics are sums over positions, so the pieces add up to the same numbers
+                for t0 in range(0, predicted, HEAD_POSITIONS):
+                    t1 = min(t0 + HEAD_POSITIONS, predicted)
+                    target = windows[w : w + 1, t0 + 1 : t1 + 1]  # (1, t)
+                    logits = [
+                        m.get_submodule(e[1])(m.get_submodule(e[0])(inp.hidden[b][r : r + 1, t0:t1])).float()
+                        for m, e, inp in zip(models, ends, inputs, strict=True)
+                    ]  # [(1, t, V)]
+                    target = target.to(logits[0].device)
+                    ref = logits[1].to(logits[0].device) if reference is not None else None
+                    stats[0].update(logits[0], target, ref)
+                    if reference is not None:
+                        stats[1].update(logits[1], target.to(logits[1].device))
     return stats[0].metrics(reference is not None), stats[1].metrics(False) if reference is not None else None
 
 
