@@ -19,9 +19,11 @@ TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi")
 
 
 @pytest.fixture(autouse=True)
-def _no_tracking(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Commands record runs by default; tests turn it on only where they test it (``--track``)."""
+def _no_tracking(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Commands record runs by default; tests turn it on only where they test it (``--track``). The
+    measurement cache of originals is the session's own, not the user's."""
     monkeypatch.setenv("LMPRESS_TRACK", "0")
+    monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "lmpress-cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
 
 

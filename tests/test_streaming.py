@@ -169,7 +169,7 @@ def test_estimate_of_an_8b_model() -> None:
     assert 2.5e9 < streamed.peak < 4 * 2**30 < 32e9 < whole.peak
 
 
-def test_original_metrics_are_cached(tiny_model_dir, text_file: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_the_original_is_measured_once(tiny_model_dir, text_file: Path, tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     import lmpress.evaluation as evaluation
 
     monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path / "cache"))
@@ -177,10 +177,19 @@ def test_original_metrics_are_cached(tiny_model_dir, text_file: Path, tmp_path: 
     calls = []
     real = evaluation.speed
     monkeypatch.setattr(evaluation, "speed", lambda m, *a, **k: calls.append(1) or real(m, *a, repeats=1, **k))
+    import lmpress.calib as calib
+
+    blocks = []
+    real_block = calib.run_block
+    monkeypatch.setattr(calib, "run_block", lambda *a, **k: blocks.append(1) or real_block(*a, **k))
     first = compress(src, "w8", _data(text_file), output=tmp_path / "a")
     assert len(calls) == 2 and first.metrics["original"]["decode_tokens_per_s"] > 0
+    n_first = len(blocks)
     again = compress(src, "w8", _data(text_file), output=tmp_path / "b")
     assert len(calls) == 3  # only the compressed model was timed again
+    assert first.metrics["original"]["eval_tokens"] == 8 * 31  # 8 windows of 32: one batch
+    assert n_first - (len(blocks) - n_first) == 2  # the original's 2 blocks did not run again...
+    assert again.metrics["compressed"]["kl"] == first.metrics["compressed"]["kl"]  # ...and KL is exactly the same
     assert again.metrics["original"]["decode_tokens_per_s"] == first.metrics["original"]["decode_tokens_per_s"]
     assert again.metrics["original"]["perplexity"] == first.metrics["original"]["perplexity"]
 

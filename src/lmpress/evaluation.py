@@ -120,10 +120,14 @@ def streamed_quality(
     reference: nn.Module | None = None,
     batch_size: int = 8,
     progress: bool = False,
-) -> tuple[dict[str, float], dict[str, float] | None]:
+    reference_hidden: list[Tensor] | None = None,
+) -> tuple[dict[str, float], dict[str, float] | None, list[Tensor] | None]:
     """`quality` of ``model`` and of its ``reference`` in one pass, block by block: both models'
     block i in memory at a time (streamed models, `lmpress.streaming`), the hidden states of both
-    carried. Returns (model's metrics with KL and top-1 agreement, the reference's own metrics)."""
+    carried. ``reference_hidden``: the reference's last hidden states on these windows from an
+    earlier pass (per batch, before the final norm); then only its final norm and head run.
+    Returns (model's metrics with KL and top-1 agreement, the reference's own metrics, the
+    reference's last hidden states)."""
     from lmpress.calib import BlockInputs, first_block_inputs, run_block
     from lmpress.models.adapters import Adapter
     from lmpress.progress import track
@@ -131,17 +135,21 @@ def streamed_quality(
 
     models = [model] if reference is None else [model, reference]
     adapters = [Adapter(m) for m in models]
-    inputs = [first_block_inputs(m, windows, batch_size) for m in models]
+    through = models if reference_hidden is None else [model]  # whose blocks run
+    inputs = [first_block_inputs(m, windows, batch_size) for m in through]
     for i in track(range(adapters[0].num_blocks), "evaluating blocks", enabled=progress):
-        for k, (m, a) in enumerate(zip(models, adapters, strict=True)):
+        for k, (m, a) in enumerate(zip(through, adapters, strict=False)):
             with resident(m, [a.block_name(i)]):
                 inputs[k] = BlockInputs(run_block(a.blocks()[i], inputs[k]), inputs[k].args, inputs[k].kwargs)
+    hidden = [inp.hidden for inp in inputs]
+    if reference is not None and reference_hidden is not None:
+        hidden.append(reference_hidden)
     stats = [QualityStats() for _ in models]
     ends = [[a.final_norm()[0], a.head()[0]] for a in adapters]
     predicted = windows.shape[1] - 1
     with resident(model, ends[0]), resident(reference if reference is not None else model, ends[-1]):
-        for b in range(len(inputs[0].hidden)):
-            for r in range(inputs[0].hidden[b].shape[0]):
+        for b in range(len(hidden[0])):
+            for r in range(hidden[0][b].shape[0]):
                 w = b * batch_size + r
                 # a window's logits a few positions at a time: a 128k vocabulary's are big, and the
                 # statistics are sums over positions, so the pieces add up to the same numbers
@@ -149,15 +157,16 @@ def streamed_quality(
                     t1 = min(t0 + HEAD_POSITIONS, predicted)
                     target = windows[w : w + 1, t0 + 1 : t1 + 1]  # (1, t)
                     logits = [
-                        m.get_submodule(e[1])(m.get_submodule(e[0])(inp.hidden[b][r : r + 1, t0:t1])).float()
-                        for m, e, inp in zip(models, ends, inputs, strict=True)
+                        m.get_submodule(e[1])(m.get_submodule(e[0])(h[b][r : r + 1, t0:t1])).float()
+                        for m, e, h in zip(models, ends, hidden, strict=True)
                     ]  # [(1, t, V)]
                     target = target.to(logits[0].device)
                     ref = logits[1].to(logits[0].device) if reference is not None else None
                     stats[0].update(logits[0], target, ref)
                     if reference is not None:
                         stats[1].update(logits[1], target.to(logits[1].device))
-    return stats[0].metrics(reference is not None), stats[1].metrics(False) if reference is not None else None
+    theirs = stats[1].metrics(False) if reference is not None else None
+    return stats[0].metrics(reference is not None), theirs, hidden[1] if reference is not None else None
 
 
 def count_parameters(model: nn.Module, dense: bool = False) -> int:

@@ -5,8 +5,9 @@ The same steps as `lmpress.pipeline.compress`, with the model streamed from its 
 brings in and writes out; the original is not copied but read again from disk, block by block,
 beside the compressed model during evaluation (`lmpress.evaluation.streamed_quality`); the output's
 shards are written unit by unit. Speed and generation samples need a whole model and are measured
-after saving only when each model alone fits the memory budget. The original's own metrics are
-cached by model and data hash, so compressing the same model again does not measure it again.
+after saving only when each model alone fits the memory budget. The original's own metrics and
+its last hidden states on the evaluation windows are cached by model and data hash, so compressing
+the same model again runs only the original's head (KL stays exact) and does not time it again.
 """
 
 from __future__ import annotations
@@ -71,6 +72,41 @@ def _store(key: str, metrics: dict[str, float]) -> None:
         log.warning("cannot cache the original's metrics (%s)", e)
 
 
+HIDDEN_CACHE_MAX = 2**31  # bytes of an original's last hidden states worth keeping
+
+
+def _cached_hidden(key: str) -> list[torch.Tensor] | None:
+    """The original's last hidden states on an evaluation set, from an earlier run (None if absent)."""
+    from lmpress.streaming import read_header, read_tensor
+
+    f = cache_dir() / "original-hidden" / f"{key}.safetensors"
+    try:
+        if not f.is_file():
+            return None
+        header = read_header(f)
+        return [read_tensor(f, header, str(i)) for i in range(len(header) - ("__metadata__" in header))]
+    except (OSError, ValueError, KeyError, ModelLoadError):
+        return None
+
+
+def _store_hidden(key: str, hidden: list[torch.Tensor]) -> None:
+    """Keep the original's last hidden states (per evaluation batch) so that compressing the same
+    model again on the same text runs only its head: its logits, and so KL, are exactly the same."""
+    from safetensors.torch import save_file
+
+    if sum(h.numel() * h.element_size() for h in hidden) > HIDDEN_CACHE_MAX:
+        return
+    root = cache_dir() / "original-hidden"
+    tmp = root / f".{key}.tmp-{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        save_file({str(i): h.contiguous() for i, h in enumerate(hidden)}, str(tmp))
+        os.replace(tmp, root / f"{key}.safetensors")
+    except OSError as e:  # a read-only home is no reason to fail the run
+        tmp.unlink(missing_ok=True)
+        log.warning("cannot cache the original's hidden states (%s)", e)
+
+
 def fits_whole(nbytes: int, budget: int) -> bool:
     """Whether a model of ``nbytes`` can be held whole (to time it, or to generate) under ``budget``."""
     from lmpress.memory import PROCESS_BYTES
@@ -119,13 +155,20 @@ def compress_streamed(
         metrics: dict[str, dict[str, float]] = {}
         original_key = None
         if eval_data is not None:
+            fingerprint = model_fingerprint(path)
+            hidden_key = hashlib.sha256(f"{fingerprint}:{dtype}:{eval_data.manifest.to_dict()}".encode()).hexdigest()
+            cached_hidden = _cached_hidden(hidden_key[:32])
             original = open_streamed(path, resolve_dtype(dtype), device, spill_root)
-            mine, theirs = streamed_quality(model, eval_data.windows, reference=original, progress=progress)
+            mine, theirs, hidden = streamed_quality(
+                model, eval_data.windows, reference=original, progress=progress, reference_hidden=cached_hidden
+            )
             close(original)
             original = None
-            assert theirs is not None
+            assert theirs is not None and hidden is not None
+            if cached_hidden is None:
+                _store_hidden(hidden_key[:32], hidden)
             original_key = hashlib.sha256(
-                f"{model_fingerprint(path)}:{dtype}:{eval_data.manifest.to_dict()}:{measure_speed}".encode()
+                f"{fingerprint}:{dtype}:{eval_data.manifest.to_dict()}:{measure_speed}".encode()
             ).hexdigest()[:32]
             metrics["original"] = {**(_cached(original_key) or {}), **theirs}
             metrics["compressed"] = mine
