@@ -7,7 +7,9 @@ Each shape's model is generated with random weights straight to disk (bf16, one 
 blocks, so generation holds one tensor at a time). Each run is a child process (``lmpress compress
 ... --json``), so its peak resident memory is its own ``ru_maxrss``; speed timing is off in both
 (``--no-speed``: it needs a whole model), evaluation is on. TinyLlama-1.1B: GPTQ W4 g128 streamed
-and whole, wall time and peak memory each, and whether their output tensors are identical. Any
+and whole, wall time and peak memory each, whether their output tensors are identical, and the
+streamed output reloaded with ``lmpress.load`` and generating (peak memory against its bytes on
+disk). Any
 shape: ``--max-memory`` set below the estimate is refused before any work (and nothing written).
 
 Writes ``benchmarks/results/scale.json`` and the ``scale`` table of ``benchmarks/README.md``.
@@ -100,6 +102,35 @@ def run(args: list[str], threads: int) -> dict[str, Any]:
     return out
 
 
+RELOAD = """
+import json, resource, sys, time
+import torch
+torch.set_num_threads(int(sys.argv[2]))
+import lmpress
+t0 = time.perf_counter()
+m = lmpress.load(sys.argv[1], device="cpu")
+ids = m.tokenizer("def main(argv):", return_tensors="pt").input_ids
+with torch.no_grad():
+    out = m.model.generate(ids, max_new_tokens=8, do_sample=False)
+print(json.dumps({"seconds": time.perf_counter() - t0, "new_tokens": out.shape[1] - ids.shape[1],
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
+
+def reload_row(out: Path, threads: int) -> dict[str, Any]:
+    """Load a compressed directory with ``lmpress.load`` in a child process and generate 8 tokens:
+    its peak resident memory against the directory's bytes on disk."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LMPRESS_TRACK": "0"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RELOAD, str(out), str(threads)], env=env, capture_output=True, text=True
+    )
+    on_disk = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    if proc.returncode != 0:
+        return {"rc": proc.returncode, "message": proc.stderr.strip().splitlines()[-1:], "bytes_on_disk": on_disk}
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"rc": 0, **r, "bytes_on_disk": on_disk}
+
+
 def identical(a: Path, b: Path) -> bool:
     from lmpress.streaming import Checkpoint
 
@@ -129,6 +160,8 @@ def shape_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[st
         rows.append(row)
     if len(modes) == 2 and all(r["rc"] == 0 for r in rows):
         rows[0]["identical_to_whole"] = identical(work / f"{shape}-stream", work / f"{shape}-no-stream")
+    if rows[0]["rc"] == 0:  # the streamed output reloads and generates
+        rows[0]["reload"] = reload_row(work / f"{shape}-stream", args.threads)
     for mode in modes:
         shutil.rmtree(work / f"{shape}-{mode}", ignore_errors=True)
     budget = {"llama3-8b": "3GB", "tinyllama": "0.5GB"}.get(shape, "0.3GB")
@@ -142,6 +175,23 @@ def shape_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[st
     return rows
 
 
+def reload_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[str, Any]]:
+    """Only the reload check: a streamed RTN W4 g128 run (the same int4 format as GPTQ's, in
+    minutes), then its output loaded and generating in a child process."""
+    src, out = work / shape, work / f"{shape}-rtn"
+    nbytes = generate(shape, src)
+    recipe = work / "rtn-w4.yaml"
+    recipe.write_text("stages:\n  - method: rtn\n    bits: 4\n    group_size: 128\n")
+    r = run(["compress", str(src), "-r", str(recipe), "-o", str(out), "--no-eval", "--stream"], args.threads)
+    row: dict[str, Any] = {"shape": shape, "run": "reload (RTN W4 g128 output)", "model_bytes": nbytes, **r}
+    if r["rc"] == 0:
+        row.pop("message", None)
+        row["reload"] = reload_row(out, args.threads)
+    shutil.rmtree(src, ignore_errors=True)
+    shutil.rmtree(out, ignore_errors=True)
+    return [row]
+
+
 def table(payload: dict[str, Any]) -> str:
     head = ["shape", "run", "model GB", "wall s", "peak RSS GB", "RSS / model", "KL", "result"]
     rows = []
@@ -152,6 +202,12 @@ def table(payload: dict[str, Any]) -> str:
             result += ", tensors identical to whole" if r["identical_to_whole"] else ", tensors DIFFER"
         if "nothing_written" in r:
             result += " (nothing written)" if r["nothing_written"] else " (OUTPUT LEFT)"
+        if r.get("reload", {}).get("rc") == 0:
+            re = r["reload"]
+            result += (
+                f"; reloads and generates with a peak of {re['peak_rss'] / 1e9:.2f} GB "
+                f"({re['peak_rss'] / re['bytes_on_disk']:.2f}x its {re['bytes_on_disk'] / 1e9:.2f} GB on disk)"
+            )
         rows.append([
             r["shape"], r["run"], f"{r['model_bytes'] / 1e9:.2f}", f"{r['seconds']:.0f}",
             f"{peak / 1e9:.2f}" if peak else "", f"{peak / r['model_bytes']:.2f}x" if peak else "",
@@ -177,6 +233,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--reload-only", action="store_true", help="only the reload check (an RTN W4 output)")
     args = ap.parse_args()
     path = RESULTS / "scale.json"
     if args.table_only:
@@ -184,10 +241,15 @@ def main() -> None:
     else:
         shapes = args.shape or ["tinyllama"]
         previous = json.loads(path.read_text()) if path.exists() else {}
+        rows_of = reload_rows if args.reload_only else shape_rows
         with tempfile.TemporaryDirectory(prefix="lmpress-scale-", dir=Path.cwd()) as tmp:
-            rows = [row for s in shapes for row in shape_rows(s, args, Path(tmp))]
-        kept = [r for r in previous.get("rows", []) if r["shape"] not in shapes]
+            rows = [row for s in shapes for row in rows_of(s, args, Path(tmp))]
+        if args.reload_only:
+            kept = [r for r in previous.get("rows", []) if not (r["shape"] in shapes and r["run"].startswith("reload"))]
+        else:
+            kept = [r for r in previous.get("rows", []) if r["shape"] not in shapes]
         payload = {
+            **previous,
             "machine": machine(),
             "threads": args.threads,
             "calib_windows": args.calib_windows,
