@@ -340,6 +340,17 @@ def gpt2_metadata(config: Any, n_vocab: int) -> dict[str, Any]:
     }
 
 
+def _shape_keys(config: Any, arch: str) -> dict[str, Any]:
+    """The hyper-parameter keys every llama.cpp architecture but gpt2 spells the same way."""
+    return {
+        f"{arch}.context_length": U32(config.max_position_embeddings),
+        f"{arch}.embedding_length": U32(config.hidden_size),
+        f"{arch}.block_count": U32(config.num_hidden_layers),
+        f"{arch}.feed_forward_length": U32(config.intermediate_size),
+        f"{arch}.attention.head_count": U32(config.num_attention_heads),
+    }
+
+
 def layernorm_metadata(config: Any, arch: str, n_vocab: int) -> dict[str, Any]:
     """llama.cpp's keys for the LayerNorm families with partial rotary embeddings: GPT-NeoX
     (``gptneox``: fused per-head q/k/v, parallel or sequential residual) and Phi-1/2 (``phi2``:
@@ -352,11 +363,7 @@ def layernorm_metadata(config: Any, arch: str, n_vocab: int) -> dict[str, Any]:
     heads = config.num_attention_heads
     head_dim = config.hidden_size // heads
     meta: dict[str, Any] = {
-        f"{arch}.context_length": U32(config.max_position_embeddings),
-        f"{arch}.embedding_length": U32(config.hidden_size),
-        f"{arch}.block_count": U32(config.num_hidden_layers),
-        f"{arch}.feed_forward_length": U32(config.intermediate_size),
-        f"{arch}.attention.head_count": U32(heads),
+        **_shape_keys(config, arch),
         f"{arch}.attention.layer_norm_epsilon": float(config.layer_norm_eps),
         f"{arch}.rope.dimension_count": U32(int(_partial_rotary(config, rope) * head_dim)),
         f"{arch}.rope.freq_base": _rope_theta(config, rope),
@@ -386,11 +393,7 @@ def architecture_metadata(config: Any, arch: str, n_vocab: int) -> dict[str, Any
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     rope_type, rope = _rope(config)
     meta: dict[str, Any] = {
-        f"{arch}.context_length": U32(config.max_position_embeddings),
-        f"{arch}.embedding_length": U32(config.hidden_size),
-        f"{arch}.block_count": U32(config.num_hidden_layers),
-        f"{arch}.feed_forward_length": U32(config.intermediate_size),
-        f"{arch}.attention.head_count": U32(heads),
+        **_shape_keys(config, arch),
         f"{arch}.attention.head_count_kv": U32(getattr(config, "num_key_value_heads", None) or heads),
         f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
         f"{arch}.rope.freq_base": _rope_theta(config, rope),

@@ -82,6 +82,17 @@ def pre_tokenizer_name(tok: dict[str, Any]) -> str:
     )
 
 
+def _vocabulary(tok: dict[str, Any], n_vocab: int) -> tuple[dict[str, int], dict[str, dict[str, Any]]]:
+    """Every token's id (the model's vocabulary and the added tokens), and the added tokens by text."""
+    vocab: dict[str, int] = dict(tok["model"]["vocab"])
+    added = {a["content"]: a for a in tok.get("added_tokens", [])}
+    for content, a in added.items():
+        vocab[content] = a["id"]
+    if max(vocab.values()) >= n_vocab:
+        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} embeddings")
+    return vocab, added
+
+
 def tokenizer_metadata(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` keys for a BPE tokenizer with ``n_vocab`` embedding rows: byte-level
     (llama.cpp's ``gpt2`` model) or with byte fallback (its ``llama`` SentencePiece model)."""
@@ -95,12 +106,7 @@ def tokenizer_metadata(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
             f"with a {(tok.get('decoder') or {}).get('type')} decoder)"
         )
     pre = pre_tokenizer_name(tok)
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {a["content"]: a for a in tok.get("added_tokens", [])}
-    for content, a in added.items():
-        vocab[content] = a["id"]
-    if max(vocab.values()) >= n_vocab:
-        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} embeddings")
+    vocab, added = _vocabulary(tok, n_vocab)
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
     for content, i in vocab.items():
@@ -250,12 +256,7 @@ def spm_metadata(tokenizer: Any, tok: dict[str, Any], n_vocab: int) -> dict[str,
     anything is written."""
     model = tok["model"]
     prefix, leading_space_exact = _space_prefix(tok)
-    vocab: dict[str, int] = dict(model["vocab"])
-    added = {a["content"]: a for a in tok.get("added_tokens", [])}
-    for content, a in added.items():
-        vocab[content] = a["id"]
-    if max(vocab.values()) >= n_vocab:
-        raise ExportError(f"the tokenizer has ids up to {max(vocab.values())} but the model only {n_vocab} embeddings")
+    vocab, added = _vocabulary(tok, n_vocab)
     byte_ids = [-1] * 256
     for text, i in model["vocab"].items():
         if (m := BYTE_TOKEN.match(text)) is not None:
