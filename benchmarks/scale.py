@@ -5,7 +5,8 @@
 
 Each shape's model is generated with random weights straight to disk (bf16, one shard per few
 blocks, so generation holds one tensor at a time). Each run is a child process (``lmpress compress
-... --json``), so its peak resident memory is its own ``ru_maxrss``; speed timing is off in both
+... --json``), whose peak resident memory is read from its own ``VmHWM`` while it runs (not
+``ru_maxrss``, which a child inherits from its parent); speed timing is off in both
 (``--no-speed``: it needs a whole model), evaluation is on. TinyLlama-1.1B: GPTQ W4 g128 streamed
 and whole, wall time and peak memory each, whether their output tensors are identical, and the
 streamed output reloaded with ``lmpress.load`` and generating (peak memory against its bytes on
@@ -20,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -81,29 +81,60 @@ def generate(shape: str, out: Path) -> int:
     return total
 
 
+CALIB_WINDOWS, EVAL_WINDOWS = 32, 64  # the issue's 1.1B run; the 8B run asks for 16/16
+
+
+def vm_hwm(pid: int | str = "self") -> int | None:
+    """A process's own peak resident memory (``VmHWM``, bytes), or None once it has exited.
+
+    Not ``ru_maxrss``: Linux carries the parent's high-water mark over into a child across
+    fork/exec, so a child started by a process that was ever big reports the parent's peak."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 def run(args: list[str], threads: int) -> dict[str, Any]:
-    """``lmpress ARGS`` in a child process: its exit code, wall time, peak RSS and JSON output."""
+    """``lmpress ARGS`` in a child process: its exit code, wall time, peak RSS (its VmHWM, read
+    every 50 ms until it exits) and JSON output."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "LMPRESS_TRACK": "0"}
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t0 = time.perf_counter()
-    proc = subprocess.run(
-        [str(Path(sys.executable).parent / "lmpress"), *args, "--threads", str(threads)],
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # the largest child so far
-    out: dict[str, Any] = {"rc": proc.returncode, "seconds": wall, "peak_rss": peak if peak > before * 1024 else None}
+    with (
+        tempfile.TemporaryFile("w+") as out_f,
+        tempfile.TemporaryFile("w+") as err_f,
+        tempfile.TemporaryDirectory() as cache,
+    ):
+        env["LMPRESS_CACHE"] = cache  # a cold run: no original measured by an earlier one
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "lmpress"), *args, "--threads", str(threads)],
+            env=env,
+            stdout=out_f,
+            stderr=err_f,
+            text=True,
+        )
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, vm_hwm(proc.pid) or 0)
+            time.sleep(0.05)
+        wall = time.perf_counter() - t0
+        out_f.seek(0)
+        err_f.seek(0)
+        stdout, stderr = out_f.read(), err_f.read()
+    out: dict[str, Any] = {"rc": proc.returncode, "seconds": wall, "peak_rss": peak or None}
     if proc.returncode == 0 and "--json" in args:
-        out["json"] = json.loads(proc.stdout)
+        out["json"] = json.loads(stdout)
     else:
-        out["message"] = (proc.stdout + proc.stderr).strip().splitlines()[-1:]
+        out["message"] = (stdout + stderr).strip().splitlines()[-1:]
     return out
 
 
 RELOAD = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 torch.set_num_threads(int(sys.argv[2]))
 import lmpress
@@ -112,8 +143,8 @@ m = lmpress.load(sys.argv[1], device="cpu")
 ids = m.tokenizer("def main(argv):", return_tensors="pt").input_ids
 with torch.no_grad():
     out = m.model.generate(ids, max_new_tokens=8, do_sample=False)
-print(json.dumps({"seconds": time.perf_counter() - t0, "new_tokens": out.shape[1] - ids.shape[1],
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+hwm = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"seconds": time.perf_counter() - t0, "new_tokens": out.shape[1] - ids.shape[1], "peak_rss": hwm}))
 """
 
 
@@ -151,6 +182,7 @@ def shape_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[st
         out = work / f"{shape}-{mode}"
         r = run(["compress", str(src), *common, "-o", str(out), f"--{mode}"], args.threads)
         row = {"shape": shape, "run": mode, "model_bytes": nbytes, "rc": r["rc"], "seconds": r["seconds"]}
+        row.update(calib_windows=args.calib_windows, eval_windows=args.eval_windows)
         row["peak_rss"] = r["peak_rss"]
         if r["rc"] == 0:
             m = r["json"]["metrics"]
@@ -169,7 +201,8 @@ def shape_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[st
     r = run(["compress", str(src), *common[:-1], "-o", str(out), "--max-memory", budget], args.threads)
     rows.append(
         {"shape": shape, "run": f"--max-memory {budget}", "model_bytes": nbytes, "rc": r["rc"], "seconds": r["seconds"],
-         "message": r.get("message"), "nothing_written": not out.exists()}
+         "message": r.get("message"), "nothing_written": not out.exists(),
+         "calib_windows": args.calib_windows, "eval_windows": args.eval_windows}
     )  # fmt: skip
     shutil.rmtree(src, ignore_errors=True)
     return rows
@@ -192,6 +225,12 @@ def reload_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[s
     return [row]
 
 
+def windows_note(row: dict[str, Any]) -> str:
+    """' (16/16 windows)' for a row run on other calibration/evaluation windows than the defaults."""
+    c, e = row.get("calib_windows", CALIB_WINDOWS), row.get("eval_windows", EVAL_WINDOWS)
+    return "" if (c, e) == (CALIB_WINDOWS, EVAL_WINDOWS) else f" ({c}/{e} windows)"
+
+
 def table(payload: dict[str, Any]) -> str:
     head = ["shape", "run", "model GB", "wall s", "peak RSS GB", "RSS / model", "KL", "result"]
     rows = []
@@ -209,14 +248,14 @@ def table(payload: dict[str, Any]) -> str:
                 f"({re['peak_rss'] / re['bytes_on_disk']:.2f}x its {re['bytes_on_disk'] / 1e9:.2f} GB on disk)"
             )
         rows.append([
-            r["shape"], r["run"], f"{r['model_bytes'] / 1e9:.2f}", f"{r['seconds']:.0f}",
+            r["shape"], r["run"] + windows_note(r), f"{r['model_bytes'] / 1e9:.2f}", f"{r['seconds']:.0f}",
             f"{peak / 1e9:.2f}" if peak else "", f"{peak / r['model_bytes']:.2f}x" if peak else "",
             f"{r['kl']:.4f}" if "kl" in r else "", result,
         ])  # fmt: skip
     note = (
         f"GPTQ W4 g128 (`-r w4`), {payload['calib_windows']} calibration and {payload['eval_windows']} evaluation "
-        f"windows of 256 tokens, random bf16 weights, {payload['threads']} threads, speed timing off; peak RSS is "
-        "the child process's ru_maxrss."
+        f"windows of 256 tokens unless a row says otherwise, random bf16 weights, {payload['threads']} threads, speed "
+        "timing off; peak RSS is the child process's own high-water mark (VmHWM)."
     )
     return (
         "## Streaming: models bigger than memory (`benchmarks/scale.py`)\n\n"
@@ -230,8 +269,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--shape", action="append", choices=list(SHAPES))
-    ap.add_argument("--calib-windows", type=int, default=32)
-    ap.add_argument("--eval-windows", type=int, default=64)
+    ap.add_argument("--calib-windows", type=int, default=CALIB_WINDOWS)
+    ap.add_argument("--eval-windows", type=int, default=EVAL_WINDOWS)
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--reload-only", action="store_true", help="only the reload check (an RTN W4 output)")
     args = ap.parse_args()
@@ -252,8 +291,8 @@ def main() -> None:
             **previous,
             "machine": machine(),
             "threads": args.threads,
-            "calib_windows": args.calib_windows,
-            "eval_windows": args.eval_windows,
+            "calib_windows": CALIB_WINDOWS,  # the table's defaults; each row holds its own
+            "eval_windows": EVAL_WINDOWS,
             "rows": kept + rows,
         }
     write_results("scale", payload, table(payload))

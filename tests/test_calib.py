@@ -51,3 +51,17 @@ def test_collect_sees_every_linear_of_a_block() -> None:
         layers = adapter.block_linears(i)
         stats = collect(block, inputs, layers, lambda m: InputStats.empty(m.in_features, torch.device("cpu")))
         assert all(s.n_tokens == 32 for s in stats.values())
+
+
+@pytest.mark.parametrize("width", [96, 1030, 2053])
+def test_the_gram_of_a_wide_layer_in_pieces_is_the_whole_product(width: int) -> None:
+    from lmpress.calib import add_gram
+
+    torch.manual_seed(0)
+    x = torch.randn(300, width)
+    H = torch.randn(width, width)
+    H = H + H.T
+    want = H + 0.5 * x.T @ x
+    add_gram(H, x, 0.5)
+    torch.testing.assert_close(H, want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(H, H.T)

@@ -41,6 +41,9 @@ class GPTQConfig(WeightQuantConfig):
     head: Literal["gptq", "rtn"] = "gptq"
 
 
+SUB_BLOCK = 16  # columns whose errors reach each other at once (within a lazy block of ``block_size``)
+
+
 def gptq_quantize(
     weight: Tensor,
     H: Tensor,
@@ -77,52 +80,81 @@ def gptq_quantize(
         scales, zeros = find_grid(W.masked_fill(dead[None, :], 0), bits, group_size, symmetric, mse_clip)  # (out, G)
     else:
         G = -(-in_f // group_size)  # type: ignore[operator]
-        scales = torch.zeros(out_f, G, device=W.device)
+        scales = torch.zeros(out_f, G, device=W.device)  # found as each group starts
         zeros = torch.zeros(out_f, G, device=W.device)
 
     # the permuted copies are the working ones (the caller's weight and H are left as they are);
     # each (in, in) step frees the one before, so at most two Hessian-sized matrices live at once
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W = W[:, perm].masked_fill(dead[perm][None, :], 0)  # (out, in)
-    Hp = H.detach().float()[perm[:, None], perm[None, :]]  # (in, in)
+    # The solve needs U, the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). With J the reversal of the
+    # columns and J H J = L Lᵀ, U = J L⁻¹ J: one factorization and one triangular inverse, not a
+    # factorization, an inverse and a second factorization. The working copy is H permuted and
+    # reversed at once.
+    rev = perm.flip(0)
+    Hp = H.detach().float()[rev[:, None], rev[None, :]]  # (in, in)
     if consume:
         H.set_()  # type: ignore[call-overload]  # the caller's H is empty from here on: its storage is freed
     d = Hp.diagonal()
-    d.masked_fill_(dead[perm], 1)
+    d.masked_fill_(dead[rev], 1)
     d.add_(damp * torch.mean(d))
-    try:  # in place: the factor, its inverse and that inverse's upper factor reuse Hp's memory
-        Hinv = torch.linalg.cholesky(Hp, out=Hp)
-        torch.cholesky_inverse(Hinv, out=Hinv)
-        torch.linalg.cholesky(Hinv, upper=True, out=Hinv)  # (in, in) upper
-    except RuntimeError:
-        raise QuantError(
-            "GPTQ: the Hessian is not positive definite; raise damp or give more calibration text"
-        ) from None
-    group_of = perm // group_size if group_size is not None else torch.zeros_like(perm)  # (in,) original group
-    codes = torch.zeros(out_f, in_f, dtype=torch.uint8, device=W.device)
+    L, info = torch.linalg.cholesky_ex(Hp, out=(Hp, torch.empty(0, dtype=torch.int32, device=Hp.device)))
+    if int(info) != 0:
+        raise QuantError("GPTQ: the Hessian is not positive definite; raise damp or give more calibration text")
+    Linv = torch.eye(in_f, device=W.device)
+    torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)
+    del L, Hp, d
+    Hinv = Linv.flip((0, 1))  # (in, in) upper
+    del Linv
+    group_of = (perm // group_size if group_size is not None else torch.zeros_like(perm)).tolist()  # original group
+    diag = Hinv.diagonal().tolist()
+    # columns as rows from here on: one column is one contiguous row of Wt, and the error of a
+    # column updates whole contiguous rows of the columns after it
+    Wt = W.T.contiguous()  # (in, out)
+    del W
+    st, zt = scales.T.contiguous(), zeros.T.contiguous()  # (G, out): a group's grid is one row
+    codes = torch.empty(in_f, out_f, dtype=torch.uint8, device=Wt.device)
+    q = torch.empty(out_f, device=Wt.device)
 
+    # Lazy updates on two levels: a column's error goes at once only to the few columns left in its
+    # sub-block of SUB_BLOCK; at the end of a sub-block its errors go to the rest of the block in
+    # one product, and at the end of a block to the rest of the matrix. The arithmetic is the
+    # column-at-a-time GPTQ's, regrouped (so equal up to float summation order), and a column's
+    # Python step is a few vector operations on contiguous rows.
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
-        W1 = W[:, i1:i2].clone()  # (out, b)
-        Err1 = torch.zeros_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = i1 + i
-            g = int(group_of[col])
-            if not static and col % group_size == 0:  # type: ignore[operator]
-                upcoming = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :group_size]
-                scales[:, g], zeros[:, g] = (t[:, 0] for t in find_grid(upcoming, bits, None, symmetric, mse_clip))
-            s, z = scales[:, g], zeros[:, g]  # (out,)
-            w = W1[:, i]
-            q = (w / s + z).round().clamp(0, qmax)
-            codes[:, col] = q.to(torch.uint8)
-            err = (w - (q - z) * s) / Hinv1[i, i]
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        E = torch.empty(i2 - i1, out_f, device=Wt.device)  # the block's scaled errors, one row per column
+        j1 = i1
+        while j1 < i2:
+            j2 = min(j1 + SUB_BLOCK, i2)
+            if not static:  # a group's grid is found when the group starts: sub-blocks break there
+                assert group_size is not None
+                j2 = min(j2, (j1 // group_size + 1) * group_size)
+                if j1 % group_size == 0:
+                    g = j1 // group_size
+                    upcoming = Wt[j1 : j1 + group_size]
+                    if j1 > i1 and j1 + group_size > i2:  # past the block: add this block's errors so far
+                        rest = Hinv[i1:j1, i2 : j1 + group_size].T @ E[: j1 - i1]
+                        upcoming = torch.cat([Wt[j1:i2], Wt[i2 : j1 + group_size] - rest])
+                    found = find_grid(upcoming.T, bits, None, symmetric, mse_clip)
+                    st[g], zt[g] = (t[:, 0] for t in found)
+            for c in range(j1, j2):
+                g = group_of[c]
+                s, z, w, err = st[g], zt[g], Wt[c], E[c - i1]
+                torch.div(w, s, out=q).add_(z).round_().clamp_(0, qmax)
+                codes[c].copy_(q)
+                torch.sub(q, z, out=err).mul_(s)  # the rounded weight
+                torch.sub(w, err, out=err).div_(diag[c])  # its error over Hinv[c, c]
+                if c + 1 < j2:
+                    Wt[c + 1 : j2].addr_(Hinv[c, c + 1 : j2], err, alpha=-1)
+            if j2 < i2:
+                Wt[j2:i2].addmm_(Hinv[j1:j2, j2:i2].T, E[j1 - i1 : j2 - i1], alpha=-1)
+            j1 = j2
+        if i2 < in_f:
+            Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, E, alpha=-1)
 
     inv = torch.argsort(perm)
-    return Quantized(codes[:, inv], scales, zeros, bits, group_size)
+    return Quantized(codes[inv].T.contiguous(), st.T.contiguous(), zt.T.contiguous(), bits, group_size)
 
 
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
