@@ -132,3 +132,16 @@ def test_calibration_manifest_is_recorded(tiny_model_dir: Callable[..., Path], t
     assert meta["calibration"]["split"] == "calib" and meta["calibration"]["windows"] == 8
     assert meta["calibration"]["sha256"] != meta["data"]["sha256"]  # calibrated and evaluated on different text
     assert r.calibration == meta["calibration"]
+
+
+@pytest.mark.parametrize("n", [7, 33, 100])
+def test_the_triangular_inverse_by_halves(n: int) -> None:
+    from lmpress.quant.gptq import lower_triangular_inverse
+
+    torch.manual_seed(n)
+    x = torch.randn(n + 8, n, dtype=torch.float64)
+    L = torch.linalg.cholesky(x.T @ x)
+    out = torch.full((n, n), float("nan"), dtype=torch.float64)
+    lower_triangular_inverse(L, out, leaf=4)
+    torch.testing.assert_close(out @ L, torch.eye(n, dtype=torch.float64))
+    assert torch.equal(out, out.tril())

