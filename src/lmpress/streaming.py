@@ -262,10 +262,9 @@ class Stream:
                 continue
             _assign(tied.get(id(t), [s]), torch.empty_like(t, device="meta"))
         for m in module.modules():  # a compressed layer's prepared kernel layout goes too
-            if getattr(m, "_kernel", None) is not None:
-                m._kernel = None  # type: ignore[assignment]
-            if getattr(m, "_dropped", False):  # its codes were only in that layout: on meta, like the rest
-                m._dropped = False  # type: ignore[assignment]
+            forget = getattr(m, "forget_kernel", None)
+            if callable(forget):
+                forget()
         trim_heap()
 
     def _spill(self, unit: str, module: nn.Module) -> None:

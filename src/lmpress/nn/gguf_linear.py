@@ -88,8 +88,12 @@ class GGUFLinear(nn.Module):
         layer.tied_to = fmt.get("tied_to")
         return layer
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def forget_kernel(self) -> None:
+        """Drop the prepared kernel layout (prepared again on the next forward)."""
         self._kernel = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.forget_kernel()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> GGUFLinear:

@@ -228,8 +228,14 @@ class QuantLinear(nn.Module):
         layer.tied_to = fmt.get("tied_to")
         return layer
 
+    def forget_kernel(self) -> None:
+        """Drop the prepared kernel layout; where it held the only copy of the codes, ``qweight``
+        (a meta tensor then) stays as it is and must be assigned again (a load, a stream's next
+        visit) before the layer runs."""
+        self._kernel, self._dropped = None, False
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._kernel, self._dropped = None, False  # a dropped qweight is a meta tensor: the load replaces it
+        self.forget_kernel()  # a dropped qweight is a meta tensor: the load replaces it
         if self.qweight.is_meta:
             self._buffers["qweight"] = torch.empty_like(self.qweight, device=self.scales.device)
         super()._load_from_state_dict(*args, **kwargs)

@@ -207,8 +207,12 @@ class SparseLinear(nn.Module):
             getattr(torch, fmt.get("scale_dtype") or "float16"),
         )
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+    def forget_kernel(self) -> None:
+        """Drop the prepared kernel layout (prepared again on the next forward)."""
         self._kernel = None
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self.forget_kernel()
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
