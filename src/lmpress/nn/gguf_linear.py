@@ -97,7 +97,7 @@ class GGUFLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> GGUFLinear:
-        self._kernel = None
+        self.forget_kernel()
         return super()._apply(fn, recurse)  # type: ignore[return-value]
 
     def kernel_path(self) -> str:

@@ -218,7 +218,7 @@ class SparseLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
         from lmpress.nn.quant_linear import keep_scale_dtype
 
-        self._kernel = None  # device or dtype may change: prepare again
+        self.forget_kernel()  # device or dtype may change: prepare again
         return keep_scale_dtype(self, lambda: super(SparseLinear, self)._apply(fn, recurse))  # type: ignore[no-any-return]
 
     # ---- forward ------------------------------------------------------------------------------
