@@ -10,6 +10,7 @@ from lmpress import evaluation
 from lmpress.data import STDLIB, Manifest, Split
 from lmpress.errors import DataError, ModelLoadError
 from lmpress.io import LoadedModel, load_model, save
+from lmpress.io.consistency import check_seq_len
 from lmpress.pipeline import DataOptions, Result, compress
 
 if TYPE_CHECKING:
@@ -103,6 +104,9 @@ def evaluate(
     if tok is None:
         raise ModelLoadError(f"{loaded.source} has no tokenizer files; pass --tokenizer MODEL_DIR to use another's")
     check_vocab(loaded, ref)
+    for m in (loaded, ref):  # windows past a model's positions would give a wrong number, not an error
+        if m is not None and hasattr(getattr(m.model, "config", None), "to_dict"):
+            check_seq_len(m.model.config.to_dict(), data.seq_len, m.source)  # type: ignore[union-attr,operator]
     windows = data.load(tok, split, data.eval_windows)
     vocab = _vocab(loaded)
     if int(windows.windows.max()) >= vocab:

@@ -29,3 +29,7 @@ class OutputError(LmpressError):
 
 class TrainError(LmpressError):
     """Training that cannot start or continue: a bad budget, too little data, a foreign checkpoint."""
+
+
+class EvaluationError(LmpressError):
+    """A measurement that would be a wrong number: non-finite logits, windows past the positions."""

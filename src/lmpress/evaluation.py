@@ -64,6 +64,44 @@ def _logits(model: nn.Module, ids: Tensor) -> Tensor:
     return model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
 
 
+def first_nonfinite(model: nn.Module, ids: Tensor) -> str | None:
+    """The first module (in the order they run) whose output holds a NaN or an infinity on ``ids``."""
+    found: list[str] = []
+
+    def hook(name: str) -> Any:
+        def check(_m: nn.Module, _args: object, out: object) -> None:
+            t = out[0] if isinstance(out, tuple) and out else out
+            if not found and isinstance(t, Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                found.append(name)
+
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        model(input_ids=ids, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return found[0] if found else None
+
+
+def check_finite(logits: Tensor, model: nn.Module, ids: Tensor, first_window: int, which: str = "the model") -> None:
+    """Stop on non-finite logits, naming the window and the layer where they first appear: a
+    perplexity of NaN or infinity is not a measurement."""
+    if bool(torch.isfinite(logits).all()):
+        return
+    from lmpress.errors import EvaluationError
+
+    bad = (~torch.isfinite(logits)).flatten(1).any(1).nonzero()[:, 0]
+    window = first_window + int(bad[0])
+    layer = first_nonfinite(model, ids[int(bad[0]) : int(bad[0]) + 1])
+    where = f", first in {layer}" if layer else ""
+    raise EvaluationError(
+        f"{which} produced NaN or infinite logits on evaluation window {window}{where}; its weights or "
+        "activations overflow: evaluate in float32 (--dtype float32) or fix the weights"
+    )
+
+
 @torch.no_grad()
 def quality(
     model: nn.Module,
@@ -94,11 +132,13 @@ def quality(
         ref_ids = windows[i : i + batch_size]
         ids = (token_map[ref_ids] if token_map is not None else ref_ids).to(device)  # (B, T)
         logits = _logits(model, ids)[:, :-1]  # (B, T-1, V)
+        check_finite(logits, model, ids, i)
         target = ids[:, 1:]  # (B, T-1)
         ref_logits = None
         if reference is not None:
             ref_device = next(reference.parameters()).device
             ref_logits = _logits(reference, ref_ids.to(ref_device))[:, :-1].to(device)
+            check_finite(ref_logits, reference, ref_ids.to(ref_device), i, "the reference")
             if kept is not None and token_map is not None:
                 full = F.log_softmax(ref_logits, dim=-1)
                 stats.agree_full += int((token_map.to(device)[ref_logits.argmax(-1)] == logits.argmax(-1)).sum())
@@ -161,6 +201,14 @@ def streamed_quality(
                         for m, e, h in zip(models, ends, hidden, strict=True)
                     ]  # [(1, t, V)]
                     target = target.to(logits[0].device)
+                    for lg, which in zip(logits, ("the compressed model", "the original"), strict=False):
+                        if not bool(torch.isfinite(lg).all()):
+                            from lmpress.errors import EvaluationError
+
+                            raise EvaluationError(
+                                f"{which} produced NaN or infinite logits on evaluation window {w}; its weights "
+                                "or activations overflow: fix the weights or exclude the layer"
+                            )
                     ref = logits[1].to(logits[0].device) if reference is not None else None
                     stats[0].update(logits[0], target, ref)
                     if reference is not None:

@@ -21,7 +21,9 @@ from torch import nn
 from lmpress.data import STDLIB, Manifest, Split, TokenData, load_documents, load_windows, select_split
 from lmpress.errors import ModelLoadError
 from lmpress.evaluation import evaluate, size
-from lmpress.io import LoadedModel, check_output_dir, load_model, save, update_meta
+from lmpress.io import LoadedModel, check_output_dir, load_model, read_config, save, update_meta
+from lmpress.io.consistency import check_model_dir, check_plausible, check_seq_len
+from lmpress.io.files import created_parents
 from lmpress.method import Context
 from lmpress.recipe import Recipe, load_recipe
 from lmpress.registry import methods
@@ -103,6 +105,11 @@ class DataOptions:
             pattern=self.pattern,
             text_field=self.text_field,
         )
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    config = getattr(model, "config", None)
+    return config.to_dict() if hasattr(config, "to_dict") else {}  # type: ignore[union-attr]
 
 
 def work_dir_for(output: Path | None) -> Path | None:
@@ -193,6 +200,25 @@ def compress(
     data: DataOptions | str | Path | None = None,
     *,
     output: Path | None = None,
+    **options: Any,
+) -> Result:
+    """Compress ``model`` with ``recipe``; evaluate against the original; save to ``output`` if given.
+
+    The options are `compress_model`'s. A failed run removes the parent directories of ``output``
+    that it created; the output itself is only ever written whole (`lmpress.io.atomic_dir`).
+    """
+    if output is None:
+        return compress_model(model, recipe, data, **options)
+    with created_parents(output):
+        return compress_model(model, recipe, data, output=output, **options)
+
+
+def compress_model(
+    model: str | Path | LoadedModel,
+    recipe: str | Path | Recipe | dict[str, Any],
+    data: DataOptions | str | Path | None = None,
+    *,
+    output: Path | None = None,
     overwrite: bool = False,
     device: str = "auto",
     dtype: str = "auto",
@@ -242,8 +268,22 @@ def compress(
                 )
             check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
+    source, missing = None, None
+    if not isinstance(model, LoadedModel):
+        try:
+            source = resolve_path(model)
+        except ModelLoadError as e:  # said after the output's check: both are bad input, the output first
+            missing = e
     if output is not None:
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, source)
+    if missing is not None:
+        raise missing
+    if source is not None:  # sizes a config could not hold, windows past its positions: before any work
+        config = read_config(source)
+        check_plausible(config, source / "config.json")
+        check_seq_len(config, data.seq_len, model)
+    else:
+        check_seq_len(_config_dict(model.model), data.seq_len, model.source)  # type: ignore[union-attr]
     world()  # under torchrun: join the process group; calibration statistics are then combined
     why = why_whole(model, recipe, output) if stream is not False else "streaming was turned off"
     if stream and why is not None:
@@ -255,9 +295,10 @@ def compress(
         from lmpress.io import check_weights
         from lmpress.streamed_run import compress_streamed
 
-        assert output is not None and not isinstance(model, LoadedModel)
-        path = resolve_path(model)
+        assert output is not None and source is not None
+        path = source
         check_weights(path, allow_pickle=False)
+        check_model_dir(path, config)  # every tensor against its config, headers only
         return compress_streamed(
             path,
             str(model),
@@ -274,16 +315,17 @@ def compress(
             budget=budget,
             work_dir=work_dir or work_dir_for(output),
         )
-    # worth a line only where streaming could have happened: a model named by path, not turned off
-    log.log(
-        logging.DEBUG if isinstance(model, LoadedModel) or stream is False else logging.INFO, "not streaming: %s", why
-    )
     loaded = (
         model
         if isinstance(model, LoadedModel)
         else load_model(
             model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
         )
+    )
+    # worth a line only where streaming could have happened: a model named by path, not turned off;
+    # after loading, so that a refusal of the model is the only line a bad input prints
+    log.log(
+        logging.DEBUG if isinstance(model, LoadedModel) or stream is False else logging.INFO, "not streaming: %s", why
     )
     if loaded.tokenizer is None:
         raise ModelLoadError(f"{loaded.source} has no tokenizer files; add them to the model directory")

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +24,7 @@ import torch
 
 from lmpress.errors import ModelLoadError
 from lmpress.io import load_tokenizer, resolve_dtype
+from lmpress.io.files import clean_stale, work_place
 from lmpress.method import Context
 from lmpress.recipe import Recipe
 
@@ -141,7 +141,8 @@ def compress_streamed(
         raise ModelLoadError(f"{source} has no tokenizer files; add them to the model directory")
     eval_data = data.load(tokenizer, "eval", data.eval_windows) if run_eval else None
     output.resolve().parent.mkdir(parents=True, exist_ok=True)  # check_output_dir found it creatable
-    spill_root = Path(tempfile.mkdtemp(prefix=f".{output.name}.stream-", dir=output.resolve().parent))
+    clean_stale(output)  # what a killed run of the same output left
+    spill_root = work_place(output, "stream")
     model = original = None
     try:
         model = open_streamed(path, resolve_dtype(dtype), device, spill_root)

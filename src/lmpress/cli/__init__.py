@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from lmpress.cli.common import app, expand_list_options, metrics_table
+from lmpress.cli.common import app, expand_list_options, fail_line, metrics_table
 
 # each module registers its commands; this order is the order `lmpress --help` lists them in
 for _verb in ("evaluate", "compress", "inspection", "catalog", "demo", "search"):
@@ -25,8 +25,31 @@ from lmpress.cli.federated import federated_app  # noqa: E402
 
 app.add_typer(federated_app, name="federated")
 
-__all__ = ["app", "demo_table", "expand_list_options", "main", "metrics_table", "print_compressed"]
+__all__ = ["app", "demo_table", "expand_list_options", "main", "metrics_table", "print_compressed", "run"]
+
+
+def run(argv: list[str]) -> int:
+    """Run ``lmpress ARGV``; returns the exit code. A usage error (an unknown option, a missing
+    value) is one line on stderr with exit code 2, like every other refusal, not click's usage box."""
+    import click
+
+    try:
+        code = app(args=expand_list_options(argv), prog_name="lmpress", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:  # plain `lmpress` or `lmpress federated`
+        click.echo(e.ctx.get_help() if e.ctx is not None else "")
+        return 0
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx is not None else "lmpress"
+        fail_line(f"{e.format_message().rstrip('.')}; see '{command} --help'")
+        return 2
+    except click.ClickException as e:
+        fail_line(e.format_message())
+        return e.exit_code
+    except click.Abort:
+        fail_line("interrupted; nothing was written")
+        return 130
+    return code if isinstance(code, int) else 0
 
 
 def main() -> None:
-    app(args=expand_list_options(sys.argv[1:]))
+    sys.exit(run(sys.argv[1:]))

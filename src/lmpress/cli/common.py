@@ -74,11 +74,25 @@ SamplesOpt = Annotated[
 ]
 
 
-def _fail(message: str, code: int) -> None:
+def one_line(text: str) -> str:
+    """``text`` with every control character (a newline, a tab, an escape sequence, in a path or in a
+    library's message) written as its escape, so that it prints as one line and cannot move the cursor,
+    recolour the terminal or pose as a second message."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def fail_line(message: str) -> None:
+    """Print ``error: MESSAGE`` as one line on stderr."""
     from rich.markup import escape
 
     # escaped: messages name extras like 'lmpress[onnx]', which rich would read as markup
-    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, code: int) -> None:
+    fail_line(message)
     raise typer.Exit(code)
 
 
@@ -123,6 +137,16 @@ def _setup(threads: int, quiet: bool = False) -> None:
     logging.getLogger("lmpress").setLevel(logging.WARNING if quiet else logging.INFO)
     if threads:
         torch.set_num_threads(threads)
+
+
+def model_dir(model: str) -> Path | None:
+    """The directory a model argument names, when it is one: outputs are checked against it."""
+    from lmpress.io import resolve_path
+
+    try:
+        return resolve_path(model)
+    except LmpressError:
+        return None
 
 
 def _track_options(track: bool | None, runs_dir: Path | None, tracking_uri: str | None) -> Any:

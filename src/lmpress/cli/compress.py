@@ -35,6 +35,7 @@ from lmpress.cli.common import (
     console,
     handles_errors,
     metrics_table,
+    model_dir,
 )
 
 
@@ -96,7 +97,7 @@ def compress(
     from lmpress.recipe import load_recipe
 
     _setup(threads, quiet or as_json)
-    export_path = _export_path(export_to, output, overwrite)
+    export_path = _export_path(export_to, output, overwrite, model_dir(model))
     tracking = _track_options(track, runs_dir, tracking_uri)
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
     from lmpress.memory import parse_size
@@ -160,7 +161,7 @@ def print_compressed(result: Any, run_dir: Path | None, exported: dict[str, Any]
         console.print(f"run: {run_dir}", soft_wrap=True)
 
 
-def _export_path(to: str | None, output: Path | None, overwrite: bool) -> Path | None:
+def _export_path(to: str | None, output: Path | None, overwrite: bool, source: Path | None) -> Path | None:
     """Where ``compress --export`` writes, checked before any work."""
     if to is None:
         return None
@@ -172,7 +173,7 @@ def _export_path(to: str | None, output: Path | None, overwrite: bool) -> Path |
         beside = default_output(to, Path("OUT"))
         raise ExportError(f"--export needs -o OUT: the export is written beside the saved directory, as {beside}")
     path = default_output(to, output)
-    check_export_output(to, path, overwrite)
+    check_export_output(to, path, overwrite, source)
     return path
 
 
@@ -219,7 +220,7 @@ def export_cmd(
     from lmpress.export import check_export_output, check_export_source, export
 
     _setup(threads, quiet or as_json)
-    check_export_output(to, output, overwrite)  # before loading anything
+    check_export_output(to, output, overwrite, model_dir(model))  # before loading anything
     check_export_source(model)
     loaded = load(model, device="cpu", allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     report = export(loaded, to, output, requantize=requantize, densify=densify, overwrite=overwrite).to_dict()

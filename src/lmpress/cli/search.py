@@ -28,6 +28,7 @@ from lmpress.cli.common import (
     console,
     handles_errors,
     metrics_table,
+    model_dir,
 )
 from lmpress.errors import LmpressError
 
@@ -146,7 +147,7 @@ def search_cmd(
         where = ".".join(str(p) for p in err["loc"])
         raise SearchError(f"search settings: {where}: {err['msg'].removeprefix('Value error, ')}") from None
     if output is not None:
-        check_output_dir(output, overwrite)
+        check_output_dir(output, overwrite, model_dir(model))
     loaded = load_model(model, device=device)
     # the final compress calibrates on the very windows the trials did
     options = _data_options(

@@ -10,6 +10,7 @@ without a second rounding.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,9 @@ __all__ = [
 ]
 
 
-def check_export_output(to: str, path: Path, overwrite: bool = False) -> None:
+def check_export_output(to: str, path: Path, overwrite: bool = False, source: Path | None = None) -> None:
     """Fail before any work: an unknown format, a missing optional package, an output that cannot be
-    written (GGUF is one file, the other formats a directory)."""
+    written (GGUF is one file, the other formats a directory), one inside the model ``source``."""
     if to not in FORMATS:
         raise ExportError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
     if to in PACKAGES:
@@ -43,6 +44,9 @@ def check_export_output(to: str, path: Path, overwrite: bool = False) -> None:
         module, extra = PACKAGES[to]
         if importlib.util.find_spec(module) is None:
             raise ExportError(f"{to} export needs the {module} package: pip install 'lmpress[{extra}]'")
+    from lmpress.io.files import check_not_input
+
+    check_not_input(path, source)
     if to == "gguf":
         check_output_file(path, overwrite)
     else:
@@ -50,7 +54,7 @@ def check_export_output(to: str, path: Path, overwrite: bool = False) -> None:
 
         if path.suffix.lower() in (".gguf", ".onnx", ".json", ".safetensors"):
             raise OutputError(f"{to} export writes a directory; give -o a directory name, not {path.name}")
-        check_output_dir(path, overwrite)
+        check_output_dir(path, overwrite, source)
 
 
 def check_export_source(model: str | Path | LoadedModel) -> None:
@@ -82,10 +86,13 @@ def check_output_file(path: Path, overwrite: bool = False, suffix: str = ".gguf"
     parent = path.resolve().parent
     if not parent.is_dir():
         raise OutputError(f"cannot write {path}: directory {parent} does not exist; create it first")
-    import os
+    import tempfile
 
-    if not os.access(parent, os.W_OK):
-        raise OutputError(f"cannot write {path}: {parent} is not writable; choose another -o")
+    try:  # a real probe: permissions alone do not tell (read-only mounts, /proc, running as root)
+        os.close((probe := tempfile.mkstemp(prefix=".lmpress-probe-", dir=parent))[0])
+        os.unlink(probe[1])
+    except OSError:
+        raise OutputError(f"cannot write {path}: {parent} is not writable; choose another -o") from None
 
 
 def export(

@@ -7,13 +7,18 @@ a rename. A safetensors file is checked (header, length) before its tensors are 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
+import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +28,25 @@ META_FILE = "lmpress.json"  # what lmpress records beside the weights of a direc
 FORMAT_VERSION = 1  # of that record; a newer one is refused with a hint to upgrade
 
 
-def check_output_dir(out: Path, overwrite: bool) -> None:
-    """Fail before any work if ``out`` cannot be written: a file, a non-empty directory, the current
-    directory or one of its parents, or a place where no directory can be created."""
+def check_not_input(out: Path, source: Path | None) -> None:
+    """Refuse an output that is the input model, holds it, or lies inside it (symlinks resolved):
+    writing there would replace or change the model being read, and ``--overwrite`` would delete it."""
+    if source is None:
+        return
+    o, s = out.resolve(), source.resolve()
+    if o == s:
+        raise OutputError(f"output {out} is the input model {source}; write the result to a new directory")
+    if s in o.parents:
+        raise OutputError(f"output {out} lies inside the input model {source}; write the result outside it")
+    if o in s.parents:
+        raise OutputError(f"output {out} holds the input model {source}; writing it would delete the model")
+
+
+def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> None:
+    """Fail before any work if ``out`` cannot be written: the input model (``source``) or a place
+    inside or around it, a file, a non-empty directory, the current directory or one of its parents,
+    or a place where no directory can be created."""
+    check_not_input(out, source)
     resolved = out.resolve()
     if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
         raise OutputError(f"output {out} is the current directory or above it; choose a new directory")
@@ -35,6 +56,8 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         raise OutputError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
     parent = resolved.parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
+    if not existing.is_dir():
+        raise OutputError(f"cannot create {out}: {existing} is a file, not a directory; choose another --output")
     try:  # a real probe: permissions alone do not tell (read-only mounts, /proc, quotas)
         Path(tempfile.mkdtemp(prefix=".lmpress-probe-", dir=existing)).rmdir()
     except OSError:
@@ -43,34 +66,115 @@ def check_output_dir(out: Path, overwrite: bool) -> None:
         ) from None
 
 
-@contextmanager
-def atomic_dir(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary directory; on success it replaces ``out``, on any failure it is removed."""
-    check_output_dir(out, overwrite)
+# Hidden work places beside an output: `.NAME.tmp-*` (a directory being written), `.NAME.old-*` (the
+# replaced one), `.NAME.stream-*` (a streamed run's spills). Each holds a lock file with its process.
+_WORK_KINDS = ("tmp", "old", "stream")
+LOCK_FILE = ".lmpress-lock"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _stale(place: Path) -> bool:
+    """A work place no live process holds: its lock names a dead process on this host, or it has
+    no lock and is older than a minute (a lock is written the moment a place is made)."""
+    lock = place / LOCK_FILE if place.is_dir() else None
+    try:
+        if lock is not None and lock.is_file():
+            pid_text, _, host = lock.read_text(encoding="utf-8").partition(" ")
+            if host.strip() != socket.gethostname():
+                return False  # another machine's run on a shared disk: not ours to judge
+            return not _alive(int(pid_text))
+        m = re.search(r"-(\d+)$", place.name)  # a file named after its process (a GGUF being written)
+        if place.is_file() and m:
+            return not _alive(int(m.group(1)))
+        return time.time() - place.lstat().st_mtime > 60
+    except (OSError, ValueError):
+        return False
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove the hidden work places an interrupted run of the same output left beside it (a killed
+    process cannot clean up after itself); returns what was removed."""
     out = out.resolve()
+    if not out.parent.is_dir():
+        return []
+    removed = []
+    for kind in _WORK_KINDS:
+        for place in out.parent.glob(f".{glob.escape(out.name)}.{kind}-*"):
+            if _stale(place):
+                if place.is_dir() and not place.is_symlink():
+                    shutil.rmtree(place, ignore_errors=True)
+                else:
+                    place.unlink(missing_ok=True)
+                removed.append(place)
+    return removed
+
+
+def work_place(out: Path, kind: str) -> Path:
+    """A new hidden directory ``.NAME.KIND-*`` beside ``out``, locked by this process."""
+    out = out.resolve()
+    place = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-", dir=out.parent))
+    (place / LOCK_FILE).write_text(f"{os.getpid()} {socket.gethostname()}", encoding="utf-8")
+    return place
+
+
+@contextmanager
+def created_parents(out: Path) -> Iterator[None]:
+    """On failure, remove the parent directories of ``out`` that did not exist when this began
+    (and are empty): a failed run leaves the disk as it found it."""
+    resolved = out.resolve()
+    missing = [p for p in (resolved, *resolved.parents) if not p.exists()]
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-        raise OutputError(f"cannot create {out}: {e.strerror}; choose another --output") from None
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / out.name, out)  # put the previous output back
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        yield
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for p in missing:  # deepest first
+            with suppress(OSError):
+                p.rmdir()
         raise
+
+
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool = False, source: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary directory; on success it replaces ``out``, on any failure it is removed."""
+    check_output_dir(out, overwrite, source)
+    out = out.resolve()
+    with created_parents(out):
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(out)
+            tmp = work_place(out, "tmp")
+        except OSError as e:
+            raise OutputError(f"cannot create {out}: {e.strerror}; choose another --output") from None
+        try:
+            yield tmp
+            (tmp / LOCK_FILE).unlink(missing_ok=True)
+            _fsync_tree(tmp)
+            if out.exists():
+                # the old one moves aside within its own directory (a directory moved to another
+                # parent needs write permission on itself; a rename in place does not)
+                old = out.parent / f".{out.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+                os.replace(out, old)
+                try:
+                    os.replace(tmp, out)
+                except BaseException:
+                    os.replace(old, out)  # put the previous output back
+                    raise
+                finally:
+                    if old.exists():
+                        shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _fsync_tree(root: Path) -> None:
