@@ -10,16 +10,23 @@ The same record goes to MLflow: the recipe as parameters (``stage1.method``, ``s
 ...), the metrics (``compressed.perplexity``, ``original.bytes_on_disk``, ...), and the run
 directory as artifacts. The store is ``--tracking-uri``, else ``MLFLOW_TRACKING_URI``, else a local
 SQLite store beside the run directories (``<runs_dir>/mlflow.db``, artifacts in
-``<runs_dir>/mlartifacts``). A tracking failure after the work is done is a warning, never a lost
-result. ``--no-track`` (or ``LMPRESS_TRACK=0``) turns all of it off.
+``<runs_dir>/mlartifacts``). ``--no-track`` (or ``LMPRESS_TRACK=0``) turns all of it off.
+
+A tracking failure is a warning, never a stopped job or a lost result: a runs directory that cannot
+be created (under a file, on a read-only file system), a record that cannot be written, an MLflow
+store that refuses the run: each prints one ``warning:`` line and the command goes on with tracking
+off, its output and exit code unchanged. A run that fails or is interrupted leaves no run directory
+behind: lmpress removes the one it created (and a runs directory it created that is left empty).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,28 +64,86 @@ class TrackOptions:
         return f"sqlite:///{(self.runs_dir / 'mlflow.db').resolve()}"
 
 
-def new_run_dir(opts: TrackOptions, command: str, name: str) -> Path:
-    """A fresh, unique run directory (created)."""
-    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")[:60] or "run"
+def _reason(e: BaseException) -> str:
+    """An exception as a short phrase for a warning line."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return ((str(e).splitlines() or [""])[0] or type(e).__name__)[:300]
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; returns the directories created, deepest first."""
+    missing = []
+    p = path
+    while not p.exists() and p.parent != p:
+        missing.append(p)
+        p = p.parent
+    for d in reversed(missing):
+        d.mkdir(exist_ok=True)
+    return missing
+
+
+def _open_run_dir(opts: TrackOptions, command: str, name: str) -> tuple[Path, list[Path]] | None:
+    """A fresh run directory and the runs directories created for it (deepest first); None, with one
+    warning, when it cannot be created: the command goes on untracked."""
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name[:200]).strip("-")[:60] or "run"
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    opts.runs_dir.mkdir(parents=True, exist_ok=True)
-    for i in range(1000):
-        path = (
-            opts.runs_dir / f"{stamp}-{command}-{slug}" if i == 0 else opts.runs_dir / f"{stamp}-{command}-{slug}-{i}"
-        )
+    created: list[Path] = []
+    try:
+        created = _make_dirs(opts.runs_dir)
+        for i in range(1000):
+            path = opts.runs_dir / (f"{stamp}-{command}-{slug}" + (f"-{i}" if i else ""))
+            try:
+                path.mkdir()
+                return path, created
+            except FileExistsError:
+                continue
+        reason = "1000 runs of this name this second"
+    except OSError as e:
+        reason = _reason(e)
+    _remove_empty(created)
+    log.warning(
+        "cannot create a run directory in %s (%s); going on without tracking (choose --runs-dir or --no-track)",
+        opts.runs_dir,
+        reason,
+    )
+    return None
+
+
+def new_run_dir(opts: TrackOptions, command: str, name: str) -> Path | None:
+    """A fresh, unique run directory (created), or None (with a warning) when it cannot be created."""
+    opened = _open_run_dir(opts, command, name)
+    return opened[0] if opened is not None else None
+
+
+def _remove_empty(dirs: list[Path]) -> None:
+    """Remove each of ``dirs`` (deepest first) that is empty; stop at the first that is not."""
+    for d in dirs:
         try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"cannot create a run directory in {opts.runs_dir}")
+            d.rmdir()
+        except OSError:
+            return
+
+
+def _discard(run_dir: Path, created: list[Path], everything: bool) -> None:
+    """Remove a run directory that recorded no run: all of it (``everything``: a run that failed), or
+    only what the record wrote (the work of a finished run, e.g. its training curves, stays); then
+    the runs directories created for it that are left empty."""
+    if everything:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for name in (RUN_FILE, "recipe.yaml"):
+            with contextlib.suppress(OSError):
+                (run_dir / name).unlink(missing_ok=True)
+        _remove_empty([run_dir])
+    _remove_empty(created)
 
 
 def flat_params(recipe: dict[str, Any] | None) -> dict[str, str]:
     """Recipe as MLflow parameters: ``recipe.name``, ``stage1.method``, ``stage1.bits``, ..."""
     if not recipe:
         return {}
-    out = {"recipe.name": str(recipe.get("name"))}
+    out = {"recipe.name": str(recipe.get("name"))[:500]}
     for i, stage in enumerate(recipe.get("stages", []), 1):
         for key, value in stage.items():
             text = json.dumps(value) if isinstance(value, list | dict) else str(value)
@@ -106,25 +171,55 @@ def record_run(
 ) -> Path | None:
     """Write ``run.json`` (and ``recipe.yaml``) into a run directory and log it to MLflow.
 
-    Returns the run directory, or None when tracking is off."""
+    Returns the run directory, or None when tracking is off or failed (with one warning)."""
     if not opts.enabled:
         return None
-    run_dir = run_dir or new_run_dir(opts, command, name)
-    record = {
-        "command": command,
-        "name": name,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        **record,
-        "versions": library_versions(),
-    }
-    if recipe_yaml is not None:
-        (run_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
-    write_json_atomic(run_dir / RUN_FILE, record)
+    created: list[Path] = []
+    if run_dir is None:
+        opened = _open_run_dir(opts, command, name)
+        if opened is None:
+            return None
+        run_dir, created = opened
+    return _record(opts, command, name, record, run_dir, created, recipe_yaml)
+
+
+def _record(
+    opts: TrackOptions,
+    command: str,
+    name: str,
+    record: dict[str, Any],
+    run_dir: Path,
+    created: list[Path],
+    recipe_yaml: str | None,
+) -> Path | None:
+    """`record_run` into an existing run directory; a failure to write is one warning and no record."""
+    try:
+        record = {
+            "command": command,
+            "name": name,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **record,
+            "versions": library_versions(),
+        }
+        if recipe_yaml is not None:
+            (run_dir / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        write_json_atomic(run_dir / RUN_FILE, record)
+    except Exception as e:  # the work is done (and saved); tracking must not stop or lose it
+        log.warning("cannot write the run record in %s (%s); the run is not tracked", run_dir, _reason(e))
+        _discard(run_dir, created, everything=False)
+        return None
+    except BaseException:  # interrupted before the record was written: leave no empty run behind
+        if not (run_dir / RUN_FILE).is_file():
+            _discard(run_dir, created, everything=False)
+        raise
     if opts.mlflow:
         run_id = log_mlflow(opts, command, name, record, run_dir)
         if run_id is not None:
             record["mlflow"] = {"tracking_uri": opts.resolved_uri(), "run_id": run_id}
-            write_json_atomic(run_dir / RUN_FILE, record)
+            try:
+                write_json_atomic(run_dir / RUN_FILE, record)
+            except Exception as e:
+                log.warning("cannot add the MLflow run id to %s (%s)", run_dir / RUN_FILE, _reason(e))
     return run_dir
 
 
@@ -136,8 +231,9 @@ def log_mlflow(opts: TrackOptions, command: str, name: str, record: dict[str, An
     except ImportError:
         log.warning("mlflow is not installed; the run is recorded in %s only", run_dir)
         return None
-    uri = opts.resolved_uri()
+    uri = opts.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "the local store"
     try:
+        uri = opts.resolved_uri()
         logging.getLogger("mlflow").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
         client = MlflowClient(uri)
@@ -148,7 +244,7 @@ def log_mlflow(opts: TrackOptions, command: str, name: str, record: dict[str, An
             exp_id = client.create_experiment(opts.experiment, artifact_location=location)
         else:
             exp_id = exp.experiment_id
-        run = client.create_run(exp_id, run_name=f"{command} {name}", tags={"lmpress.command": command})
+        run = client.create_run(exp_id, run_name=f"{command} {name}"[:200], tags={"lmpress.command": command})
         rid = run.info.run_id
         from mlflow.entities import Metric, Param
 
@@ -167,7 +263,7 @@ def log_mlflow(opts: TrackOptions, command: str, name: str, record: dict[str, An
         del mlflow
         return str(rid)
     except Exception as e:  # the work is done and saved; tracking must not lose it
-        log.warning("MLflow logging to %s failed (%s); the run is recorded in %s", uri, str(e).splitlines()[0], run_dir)
+        log.warning("MLflow logging to %s failed (%s); the run is recorded in %s", uri, _reason(e), run_dir)
         return None
 
 
@@ -218,24 +314,27 @@ def load_run(path: Path) -> dict[str, Any]:
 
 
 def tracked_compress(tracking: TrackOptions, model: Any, recipe: Any, data: Any, **kw: Any) -> tuple[Any, Path | None]:
-    """`lmpress.pipeline.compress` inside a run directory (removed again if the compression fails)."""
-    import shutil
-
+    """`lmpress.pipeline.compress` inside a run directory (removed again if the compression fails or
+    is interrupted). A run directory that cannot be created is a warning: the compression goes on
+    untracked and returns None for it."""
     import yaml
 
     from lmpress.pipeline import compress as run
 
-    run_dir = new_run_dir(tracking, "compress", recipe.name) if tracking.enabled else None
+    opened = _open_run_dir(tracking, "compress", recipe.name) if tracking.enabled else None
+    run_dir, created = opened if opened is not None else (None, [])
     try:
         work = run_dir / "work" if run_dir is not None and kw.get("output") is None else None
         result = run(model, recipe, data, work_dir=work, **kw)
     except BaseException:
         if run_dir is not None:
-            shutil.rmtree(run_dir, ignore_errors=True)
+            _discard(run_dir, created, everything=True)
         raise
+    if run_dir is None:
+        return result, None
     record = {
-        "source_model": str(getattr(model, "source", model)),
+        "source_model": str(getattr(model, "source", model))[:1000],
         **result.summary(),
     }
-    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)
-    return result, record_run(tracking, "compress", recipe.name, record, run_dir, recipe_yaml)
+    recipe_yaml = yaml.safe_dump(recipe.to_dict(), sort_keys=False)  # a recipe file is at most 1 MB
+    return result, _record(tracking, "compress", recipe.name, record, run_dir, created, recipe_yaml)

@@ -367,6 +367,8 @@ def record_study(
     if not tracking.enabled or result.best is None:
         return None
     run_dir = new_run_dir(tracking, "search", study_dir.name)
+    if run_dir is None:  # could not be created (warned): the study is in study_dir all the same
+        return None
     for name in ("trials.json", "report.html", "best.yaml"):
         if (study_dir / name).is_file():
             shutil.copy2(study_dir / name, run_dir / name)
