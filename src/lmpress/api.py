@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmpress import evaluation
-from lmpress.data import STDLIB, Manifest, Split
+from lmpress.data import STDLIB, Manifest, Split, check_source
 from lmpress.errors import DataError, ModelLoadError
 from lmpress.io import LoadedModel, load_model, save
 from lmpress.io.consistency import check_seq_len
@@ -98,6 +98,7 @@ def evaluate(
     """Quality, size and speed of ``model`` on held-out text; KL and agreement against ``reference``."""
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
     kw = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
+    check_source(data.source)  # before any model is loaded
     loaded = _as_loaded(model, tokenizer=tokenizer, **kw)
     ref = _as_loaded(reference, **kw) if reference is not None else None
     tok = loaded.tokenizer or (ref.tokenizer if ref else None)

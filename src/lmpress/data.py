@@ -240,6 +240,24 @@ def load_documents(source: str | Path = STDLIB, *, pattern: str = "**/*", text_f
     return _load(source, pattern, text_field)[0]
 
 
+def check_source(source: str | Path) -> None:
+    """The cheap part of reading a source, for the checks before any work: it exists and is a
+    directory or a regular file (never a FIFO or a device), within the size lmpress reads."""
+    if str(source) == STDLIB:
+        return
+    path = Path(source)
+    where = "give a text file, a directory, a .jsonl file or 'stdlib'"
+    try:
+        st = path.stat()
+    except (OSError, ValueError):  # ValueError: a NUL byte in the name
+        raise DataError(f"data source {str(source)!r} does not exist; {where}") from None
+    if stat.S_ISDIR(st.st_mode):
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"data source {str(source)!r} is not a regular file or a directory (a FIFO or device); {where}")
+    _Reader(str(source)).regular_files([path])  # the size cap
+
+
 def _load(source: str | Path, pattern: str, text_field: str) -> tuple[list[Document], str]:
     """`load_documents`, with what it skipped (``skipped 2 files that are ...`` or "").
 

@@ -18,7 +18,16 @@ from typing import Any
 
 from torch import nn
 
-from lmpress.data import STDLIB, Manifest, Split, TokenData, load_documents, load_windows, select_split
+from lmpress.data import (
+    STDLIB,
+    Manifest,
+    Split,
+    TokenData,
+    check_source,
+    load_documents,
+    load_windows,
+    select_split,
+)
 from lmpress.errors import ModelLoadError
 from lmpress.evaluation import evaluate, size
 from lmpress.io import LoadedModel, check_output_dir, load_model, read_config, save, update_meta
@@ -278,6 +287,7 @@ def compress_model(
         check_output_dir(output, overwrite, source)
     if missing is not None:
         raise missing
+    check_source(data.source)
     if source is not None:  # sizes a config could not hold, windows past its positions: before any work
         config = read_config(source)
         check_plausible(config, source / "config.json")

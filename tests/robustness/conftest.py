@@ -9,6 +9,7 @@ Fixtures build every bad file themselves, from one tiny model saved once per ses
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import time
@@ -33,9 +34,18 @@ def lmpress(capsys: pytest.CaptureFixture[str], *args: str | Path) -> Outcome:
     """Run ``lmpress ARGS`` in this process through the script's own entry point."""
     from lmpress.cli import run
 
+    # the command's own log handler, on stderr as in a terminal (pytest's capture handlers would
+    # otherwise keep its progress and warning lines out of ``stderr``)
+    root = logging.getLogger()
+    kept, level = root.handlers[:], root.level
+    root.handlers.clear()
     capsys.readouterr()  # drop what came before
     t0 = time.perf_counter()
-    code = run([str(a) for a in args])
+    try:
+        code = run([str(a) for a in args])
+    finally:
+        root.handlers[:] = kept
+        root.setLevel(level)
     seconds = time.perf_counter() - t0
     out = capsys.readouterr()
     return Outcome(code, out.out, out.err, seconds)
@@ -60,10 +70,16 @@ def assert_refused(
     before: dict[str, str] | None = None,
     root: Path | None = None,
     max_seconds: float | None = None,
+    after_work: bool = False,
 ) -> None:
     """The bad-input promise: exit 2, exactly one line on stderr starting with ``error:`` (holding
-    each of ``contains``), no traceback, and, given ``before``/``root``, the tree unchanged."""
+    each of ``contains``), no traceback, and, given ``before``/``root``, the tree unchanged.
+    ``after_work``: a failure found mid-run (a NaN in a layer a streamed run reaches), where the
+    progress lines of the work done so far may come before the error line."""
     lines = [line for line in outcome.stderr.splitlines() if line.strip()]
+    if after_work:
+        assert not any(line.startswith(("error", "warning")) for line in lines[:-1]), outcome.stderr
+        lines = lines[-1:]
     assert outcome.code == 2, f"exit {outcome.code}; stderr: {outcome.stderr!r}; stdout: {outcome.stdout[-2000:]!r}"
     assert len(lines) == 1, f"not one line: {outcome.stderr!r}"
     assert lines[0].startswith("error: "), lines[0]

@@ -267,7 +267,7 @@ def test_failed_run_removes_the_parents_it_made(capsys: pytest.CaptureFixture[st
     _edit_weights(tiny, poison)
     before = tree(work)
     r = lmpress(capsys, "compress", tiny, "-r", "w8", "-o", "a/b/out", *FAST)
-    assert_refused(r, "model.layers.0.mlp.gate_proj", before=before, root=work)
+    assert_refused(r, "model.layers.0.mlp.gate_proj", before=before, root=work, after_work=True)
 
 
 def test_rerun_cleans_what_a_killed_run_left(capsys: pytest.CaptureFixture[str], tiny: Path, work: Path) -> None:

@@ -7,7 +7,9 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
+import traceback
 from collections.abc import Callable
 from enum import StrEnum
 from pathlib import Path
@@ -109,6 +111,18 @@ def handles_errors(fn: F) -> F:
             _fail(f"{e.strerror or e} ({e.filename or 'file system'}); nothing was written", 2)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
+        except MemoryError:
+            _fail("out of memory; try a smaller --max-windows or --calib-windows, or --max-memory to plan the run", 2)
+        except Exception as e:  # a bug, not bad input: still one line, the traceback on request
+            if os.environ.get("LMPRESS_DEBUG"):
+                raise
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            _fail(
+                f"internal error {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''} "
+                f"(at {Path(where.filename).name}:{where.lineno}); this is a bug in lmpress: please report it, "
+                "with the traceback LMPRESS_DEBUG=1 prints",
+                1,
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -118,7 +132,7 @@ class _LogFormat(logging.Formatter):
     library they come from when it is not lmpress."""
 
     def format(self, record: logging.LogRecord) -> str:
-        message = record.getMessage()
+        message = one_line(record.getMessage())  # a path in a message never breaks the line
         if record.levelno < logging.WARNING:
             return message
         origin = "" if record.name.split(".")[0] == "lmpress" else f" ({record.name})"
