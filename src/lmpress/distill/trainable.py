@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from lmpress.models.adapters import is_conv1d
 from lmpress.nn import CodebookLinear, LoRALinear, QuantLinear, SparseLinear
+from lmpress.nn.lora_linear import tensor_device
 from lmpress.nn.packing import decode_zeros
 from lmpress.quant.base import replace_module
 from lmpress.quant.grid import Quantized, expand_groups, quantize_with
@@ -258,7 +259,7 @@ def make_trainable(model: nn.Module, codes: Codes = "frozen", lora_rank: int = 0
             continue  # GPT-2's Conv1D is dense: it trains as it is
         t = to_trainable(module, codes, lora_rank)
         if t is not None:
-            t.to(next(module.buffers(), torch.empty(0)).device)
+            t.to(tensor_device(module))
             replace_module(model, name, t)
             swapped[name] = t
     return swapped

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -28,6 +29,7 @@ from lmpress.distill.train import TrainError
 
 APP_DIR = Path(__file__).parent / "flower_app"
 CONNECTION = "lmpress-local"
+logger = logging.getLogger(__name__)
 
 
 def _free_port() -> int:
@@ -142,9 +144,10 @@ class Federation:
         )  # fmt: skip
         try:
             run_id = str(json.loads(submitted.stdout)["run-id"])
-        except (ValueError, KeyError):
-            raise TrainError(f"flwr run failed: {(submitted.stdout + submitted.stderr).strip()[-300:]}") from None
-        with open(self.work / "logs" / "serverapp.log", "wb") as out:
+        except (ValueError, KeyError, TypeError):
+            raise TrainError(f"flwr run failed: {flwr_message(submitted.stdout, submitted.stderr)}") from None
+        rounds = RoundWatch(Path(str(run_config["out-dir"])) / "rounds.json")
+        with open(self.work / "logs" / "serverapp.log", "wb") as out, rounds:
             streamed = subprocess.Popen(
                 [flwr, "log", run_id, CONNECTION, "--stream"], env=self.env, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, cwd=self.work,
@@ -184,6 +187,60 @@ class Federation:
             with contextlib.suppress(ProcessLookupError):  # the app processes each started in the group
                 os.killpg(proc.pid, signal.SIGKILL)
         self.procs.clear()
+
+
+def flwr_message(stdout: str, stderr: str) -> str:
+    """What a failed ``flwr`` command said, as one short line: the ``error-message`` of its JSON
+    answer where it gave one, else its last line of output."""
+    try:
+        answer = json.loads(stdout)
+        message = str(answer.get("error-message") or answer.get("error") or "") if isinstance(answer, dict) else ""
+    except ValueError:
+        message = ""
+    if not message:
+        lines = [line for line in (stdout + "\n" + stderr).splitlines() if line.strip(" {}[],")]
+        message = lines[-1] if lines else "no output"
+    return " ".join(message.split())[:300]
+
+
+class RoundWatch:
+    """Log each federated round as the server records it (``rounds.json``): the round, its clients,
+    their held-out loss and the bytes each way, so that minutes of rounds are not silent."""
+
+    def __init__(self, record: Path, every: float = 1.0) -> None:
+        self.record, self.every, self.seen = record, every, 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        with contextlib.suppress(OSError, ValueError):  # a resumed run: its earlier rounds are not news
+            self.seen = len(json.loads(record.read_text())["rounds"])
+
+    def __enter__(self) -> RoundWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        self._report()  # the last round, written just before the run ended
+
+    def _watch(self) -> None:
+        while not self.stop.wait(self.every):
+            self._report()
+
+    def _report(self) -> None:
+        try:
+            rounds = json.loads(self.record.read_text())["rounds"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return
+        for r in rounds[self.seen :]:
+            clients = r["clients"]
+            losses = ", ".join(f"{c['name']} {c['held_out_loss']:.4f}" for c in clients)
+            n = max(len(clients), 1)
+            logger.info(
+                "federated round %d: %d clients, held-out loss %s; %.2f MB down, %.2f MB up per client; %.0f s",
+                r["round"], len(clients), losses, r["bytes_down"] / n / 1e6, r["bytes_up"] / n / 1e6, r["seconds"],
+            )  # fmt: skip
+        self.seen = max(self.seen, len(rounds))
 
 
 def node_config(data: Path, model: Path, teacher: Path, name: str, threads: int) -> str:

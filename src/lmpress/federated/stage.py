@@ -88,7 +88,8 @@ def apply(model: nn.Module, config: FederatedConfig, ctx: Context) -> StageRepor
     if ctx.teacher is None:
         raise TrainError("the federated stage needs the original model as its teacher")
     own = ctx.work_dir is None
-    work = Path(tempfile.mkdtemp(prefix="lmpress-federated-")) if own else ctx.work_dir / "federated"  # type: ignore[operator]
+    # absolute: Flower's processes run in other working directories
+    work = (Path(tempfile.mkdtemp(prefix="lmpress-federated-")) if own else ctx.work_dir / "federated").resolve()  # type: ignore[operator]
     shutil.rmtree(work / "student", ignore_errors=True)
     shutil.rmtree(work / "teacher", ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)

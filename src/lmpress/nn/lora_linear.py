@@ -16,6 +16,13 @@ import torch
 from torch import Tensor, nn
 
 
+def tensor_device(module: nn.Module) -> torch.device:
+    """Where a layer's tensors are: the first one that holds data (a quantized layer whose codes
+    live only in its kernel layout keeps a meta placeholder as its first buffer)."""
+    tensors = (*module.parameters(), *module.buffers())
+    return next((t.device for t in tensors if not t.is_meta), torch.device("cpu"))
+
+
 class LoRALinear(nn.Module):
     """A (compressed) linear layer with a separate low-rank update."""
 
@@ -26,7 +33,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.in_features, self.out_features = int(base.in_features), int(base.out_features)  # type: ignore[arg-type]
-        device = next(base.buffers(), torch.empty(0)).device
+        device = tensor_device(base)
         self.register_buffer("lora_a", torch.zeros(rank, self.in_features, dtype=dtype, device=device))
         self.register_buffer("lora_b", torch.zeros(self.out_features, rank, dtype=dtype, device=device))
 
