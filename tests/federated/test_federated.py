@@ -140,6 +140,45 @@ def test_cli_bad_client_input(clients: list[Path], tmp_path: Path) -> None:
         assert not (tmp_path / "out").exists()
 
 
+def test_cli_federated_as_the_readme_runs_it(
+    clients: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's path: GPTQ then federated, a relative -o and relative --clients, through the
+    ``lmpress`` entry point; each round is a line as it finishes; the saved model reloads."""
+    import logging
+    import shutil
+
+    import yaml
+
+    from lmpress.cli import run
+
+    for c in clients:
+        shutil.copytree(c, tmp_path / c.name)
+    stages = [{"method": "gptq", "bits": 4, "group_size": 128}, {**RECIPE["stages"][1], "local_steps": 2}]
+    (tmp_path / "fed.yaml").write_text(yaml.safe_dump({"stages": stages}))
+    monkeypatch.chdir(tmp_path)
+    root = logging.getLogger()  # the command's own log lines on stderr, as in a terminal
+    kept, root.handlers[:] = root.handlers[:], []
+    try:
+        code = run(["compress", "-r", "fed.yaml", "-o", "out/fed", "--clients", "a/", "b/", "c/", "--no-eval",
+                    "--calib-windows", "16", "--seq-len", "128"])  # fmt: skip
+    finally:
+        root.handlers[:] = kept
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert [line.split(":")[0] for line in err.splitlines() if "federated round" in line] == [
+        "federated round 1",
+        "federated round 2",
+    ]
+    saved = json.loads((tmp_path / "out" / "fed" / "lmpress.json").read_text())
+    assert [s["method"] for s in saved["stages"]] == ["gptq", "federated"]
+    assert {"lora", "quant"} <= {m["format"] for m in saved["modules"].values()}
+    reloaded = lmpress.load(tmp_path / "out" / "fed")
+    with torch.no_grad():
+        assert torch.isfinite(reloaded.model(input_ids=torch.arange(16)[None]).logits).all()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["fed", "fed.work"]
+
+
 def _federation_run(work: Path, clients: list[Path], models: list[Path], teacher: Path, config: FederatedConfig) -> str:
     from lmpress.federated.apps import encode_config
     from lmpress.federated.local import LocalFederation
