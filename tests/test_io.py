@@ -127,3 +127,27 @@ def test_a_compressed_directory_reloads_in_one_copy_of_its_bytes(tokenizer, tmp_
         assert r["tokens"] == 3 + 8
         added[depth] = r["added"]
     assert added[16] - added[4] <= 1.2 * (nbytes[16] - nbytes[4]), (added, nbytes)
+
+
+def test_plain_transformers_refuses_a_packed_directory(tmp_path: Path) -> None:
+    """A packed 4-bit directory must not "load" in plain transformers with random weights in place of
+    its codes: its weight file is named for lmpress, so from_pretrained finds none; lmpress loads it,
+    and a directory of dense layers keeps the name transformers reads."""
+    from transformers import AutoModelForCausalLM
+
+    import lmpress
+
+    packed = lmpress.compress(
+        "builtin", {"stages": [{"method": "rtn", "bits": 4}]}, run_eval=False, output=tmp_path / "w4"
+    )
+    dense = lmpress.compress("builtin", "bf16", run_eval=False, output=tmp_path / "bf16")
+    assert sorted(p.name for p in (tmp_path / "w4").glob("*.safetensors")) == ["lmpress-packed.safetensors"]
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "w4")
+    ids = torch.arange(8)[None]
+    with torch.no_grad():
+        assert torch.equal(
+            lmpress.load(tmp_path / "w4").model(input_ids=ids).logits, packed.model(input_ids=ids).logits
+        )
+        plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16")
+        assert torch.equal(plain(input_ids=ids).logits, dense.model(input_ids=ids).logits)

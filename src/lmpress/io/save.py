@@ -97,9 +97,35 @@ def save(
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state)  # type: ignore[operator]
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        hide_from_plain_loaders(tmp, record["modules"])
         record["bytes_on_disk"] = weight_bytes(tmp)
         write_json_atomic(tmp / META_FILE, record)
     return out
+
+
+PACKED_PREFIX = "lmpress-packed"  # the weight files of a directory only lmpress can run
+
+
+def hide_from_plain_loaders(directory: Path, formats: dict[str, dict[str, Any]]) -> None:
+    """Name the weight files of a directory with packed layers so that plain
+    ``AutoModelForCausalLM.from_pretrained`` (and vLLM) refuse it ("no file named model.safetensors")
+    instead of "loading" it with random weights in place of the packed ones: ``model.safetensors``
+    becomes ``lmpress-packed.safetensors`` (shards and their index alike). lmpress reads every
+    ``*.safetensors`` of the directory; ``lmpress export DIR --to compressed-tensors`` writes the
+    checkpoint transformers and vLLM load. A directory of dense layers keeps its names."""
+    if all(f.get("format") == "dense" for f in formats.values()):
+        return
+    renamed = {}
+    for f in sorted(directory.glob("model*.safetensors")):
+        new = PACKED_PREFIX + f.name.removeprefix("model")
+        f.rename(directory / new)
+        renamed[f.name] = new
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        data = json.loads(index.read_text(encoding="utf-8"))
+        data["weight_map"] = {k: renamed.get(v, v) for k, v in data.get("weight_map", {}).items()}
+        write_json_atomic(directory / f"{PACKED_PREFIX}.safetensors.index.json", data)
+        index.unlink()
 
 
 def update_meta(out: Path, **fields: Any) -> None:
@@ -132,6 +158,7 @@ def save_streamed_dir(
         save_streamed(model, tmp)
         formats = module_formats(model, stream_of(model).described)  # type: ignore[union-attr]
         save_companions(model, tokenizer, tmp)
+        hide_from_plain_loaders(tmp, formats)
         record = {
             "format_version": FORMAT_VERSION,
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
