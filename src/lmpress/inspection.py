@@ -187,6 +187,7 @@ def _directory_formats(path: Path, modules: dict[str, dict[str, Any]]) -> list[F
 
 def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     from lmpress.io import read_config
+    from lmpress.io.meta import show
 
     config = read_config(path)
     attribute_map = {"n_layer": "layers", "n_embd": "hidden", "n_head": "heads", "n_inner": "intermediate"}
@@ -201,10 +202,19 @@ def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "n_positions": "context",
         **attribute_map,
     }
-    arch: dict[str, Any] = {"model_type": config.get("model_type"), "class": (config.get("architectures") or [None])[0]}
+    file = path / "config.json"
+    classes = config.get("architectures")
+    if classes is not None and not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+        raise ModelLoadError(f"{file}: architectures must be a list of class names, got {show(classes)}; fix it")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise ModelLoadError(f"{file}: model_type must be a string, got {show(config['model_type'])}; fix it")
+    arch: dict[str, Any] = {"model_type": config.get("model_type"), "class": (classes or [None])[0]}
     for key, name in keys.items():
         if key in config and name not in arch:
-            arch[name] = config[key]
+            value = config[key]
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ModelLoadError(f"{file}: {key} must be a whole number, got {show(value)}; fix it")
+            arch[name] = value
     arch["dtype"] = config.get("torch_dtype") or config.get("dtype")
     if meta.get("structure"):
         arch["per_block_widths"] = True
@@ -216,10 +226,14 @@ def _gguf(path: Path) -> Inspection:
         from gguf import GGUFReader
     except ImportError:
         raise ModelLoadError("reading a GGUF file needs the gguf package: pip install 'lmpress[gguf]'") from None
+    from lmpress.export.gguf_check import check_gguf
+
+    check_gguf(path)  # bounded: GGUFReader trusts the header's counts and lengths
     try:
         reader = GGUFReader(path)
-    except (ValueError, OSError) as e:
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({e}); export it again") from None
+    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
+        reason = (str(e) or type(e).__name__).splitlines()[0][:200]
+        raise ModelLoadError(f"{path} is not a valid GGUF file ({reason}); re-export or re-download it") from None
 
     def field_value(key: str) -> Any:
         f = reader.fields.get(key)
@@ -243,6 +257,12 @@ def _gguf(path: Path) -> Inspection:
         "vocab": field_value("tokenizer.ggml.tokens"),
         "context": field_value(f"{arch_name}.context_length"),
     }
+    for key in ("layers", "hidden", "heads", "kv_heads", "intermediate", "context"):
+        if arch[key] is not None and not isinstance(arch[key], int | float):
+            raise ModelLoadError(
+                f"{path} is not a valid GGUF file (its {key} is {type(arch[key]).__name__}, not a number); "
+                "re-export or re-download it"
+            )
     groups: dict[str, FormatGroup] = {}
     for t in reader.tensors:
         name = f"GGUF {t.tensor_type.name}"
@@ -255,6 +275,24 @@ def _gguf(path: Path) -> Inspection:
     return Inspection(str(path), "gguf", {k: v for k, v in arch.items() if v is not None}, formats, path.stat().st_size)
 
 
+def _onnx_graph(onnx: Any, file: Path) -> Any:
+    """The graph of ``file`` (its external data left on disk); one line when it is not one."""
+    try:
+        model = onnx.load(str(file), load_external_data=False)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {file} ({e.strerror or type(e).__name__})") from None
+    except Exception as e:  # protobuf's DecodeError, onnx's own errors: the bytes are not a ModelProto
+        reason = (str(e) or type(e).__name__).splitlines()[0][:120]
+        raise ModelLoadError(
+            f"{file} is not a valid ONNX graph ({reason}); re-export it with lmpress export --to onnx"
+        ) from None
+    if not model.graph.node:  # an empty file parses as an empty ModelProto
+        raise ModelLoadError(
+            f"{file} is not a valid ONNX graph (it holds no nodes); re-export it with lmpress export --to onnx"
+        )
+    return model.graph
+
+
 def _onnx(path: Path) -> Inspection:
     try:
         import onnx
@@ -263,7 +301,7 @@ def _onnx(path: Path) -> Inspection:
     from lmpress.export.onnx_runtime import GRAPH_FILE
     from lmpress.io import weight_bytes
 
-    graph = onnx.load(str(path / GRAPH_FILE), load_external_data=False).graph
+    graph = _onnx_graph(onnx, path / GRAPH_FILE)
     sizes = {}
     for init in graph.initializer:
         external = {e.key: e.value for e in init.external_data}
@@ -311,23 +349,24 @@ def inspect_model(source: str | Path) -> Inspection:
     built-in name, a ``.gguf`` file or an ONNX directory) without loading its weights."""
     from lmpress.export.onnx_runtime import is_onnx_dir
     from lmpress.io import META_FILE, check_weights, resolve_path, weight_bytes
+    from lmpress.io.meta import read_meta
 
     if str(source).lower().endswith(".gguf"):
-        path = Path(source).expanduser()
-        if not path.is_file():
-            raise ModelLoadError(f"{path} does not exist; give a GGUF file written by lmpress export")
-        return _gguf(path)
+        return _gguf(Path(source).expanduser())  # _gguf checks it is a regular file first
     if is_onnx_dir(source):
         return _onnx(Path(source).expanduser())
     path = resolve_path(source)
     check_weights(path, allow_pickle=False)
     meta: dict[str, Any] = {}
     if (path / META_FILE).is_file():
-        try:
-            meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ModelLoadError(f"{path / META_FILE} is not valid JSON ({e}); re-run the compression") from None
-    modules = meta.pop("modules", {}) if isinstance(meta, dict) else {}
-    formats = _directory_formats(path, modules)
+        meta = read_meta(path)  # every field's shape checked
+    modules = meta.pop("modules", None) or {}
+    try:
+        formats = _directory_formats(path, modules)
+    except (KeyError, TypeError, ValueError) as e:  # a module's format record lacks a field its format needs
+        raise ModelLoadError(
+            f"{path / META_FILE}: a module's format record is incomplete ({type(e).__name__}: "
+            f"{str(e)[:60]}); re-run the compression"
+        ) from None
     kind = "lmpress" if (path / META_FILE).is_file() else "huggingface"
     return Inspection(str(source), kind, _architecture(path, meta), formats, weight_bytes(path), meta)

@@ -300,8 +300,14 @@ def load_run(path: Path) -> dict[str, Any]:
     """A run directory's record (or a saved model directory's ``lmpress.json``)."""
     from lmpress.errors import LmpressError
     from lmpress.io import META_FILE
+    from lmpress.io.meta import read_meta
 
     for candidate in (path / RUN_FILE, path / META_FILE):
+        if candidate.name == META_FILE and candidate.is_file():  # a saved model: its record checked
+            record = read_meta(path)
+            record.setdefault("name", path.name)
+            record["path"] = str(path)
+            return record
         if candidate.is_file():
             try:
                 data: dict[str, Any] = json.loads(candidate.read_text(encoding="utf-8"))

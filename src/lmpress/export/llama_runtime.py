@@ -120,10 +120,8 @@ class LlamaCppTokenizer:
 
 
 def load_gguf(path: Path) -> tuple[LlamaCppModel, LlamaCppTokenizer]:
-    if not path.is_file():
-        raise ModelLoadError(f"{path} does not exist; give a GGUF file written by lmpress export")
-    with open(path, "rb") as f:
-        if f.read(4) != b"GGUF":
-            raise ModelLoadError(f"{path} is not a GGUF file (no GGUF magic); export one with lmpress export")
+    from lmpress.export.gguf_check import check_gguf
+
+    check_gguf(path)  # a bounded header check: llama.cpp trusts the counts and lengths it reads
     model = LlamaCppModel(path)
     return model, LlamaCppTokenizer(model)

@@ -38,6 +38,18 @@ def is_onnx_dir(source: str | Path) -> bool:
     return Path(source).expanduser().is_dir() and (Path(source).expanduser() / GRAPH_FILE).is_file()
 
 
+def _load_error(file: Path, e: Exception) -> ModelLoadError:
+    """One line for ONNX Runtime's refusal of ``file``: bytes that are no graph (random, empty,
+    truncated) are named as such; anything else keeps ONNX Runtime's reason."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    reason = text.rpartition("failed:")[2].strip() or text  # ORT repeats the path before "failed:"
+    if type(e).__name__ == "InvalidProtobuf" or "INVALID_PROTOBUF" in text or "No graph was found" in text:
+        return ModelLoadError(
+            f"{file} is not a valid ONNX graph ({reason[:120]}); re-export it with lmpress export --to onnx"
+        )
+    return ModelLoadError(f"ONNX Runtime cannot load {file}: {text[:300]}")
+
+
 @dataclass
 class OnnxCache:
     """The graph's ``present.*`` outputs, fed back as ``past_key_values.*``; ``length`` tokens."""
@@ -61,7 +73,7 @@ class OnnxModel(nn.Module):
                 str(path / GRAPH_FILE), sess_options=options, providers=["CPUExecutionProvider"]
             )
         except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-            raise ModelLoadError(f"ONNX Runtime cannot load {path / GRAPH_FILE}: {str(e).splitlines()[0]}") from None
+            raise _load_error(path / GRAPH_FILE, e) from None
         self.path = path
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]

@@ -2,14 +2,14 @@
 their compressed layers), GGUF files (run by llama.cpp) and ONNX exports (run by ONNX Runtime).
 
 Weights load from safetensors only; a pickle checkpoint (``*.bin``, ``*.pt``, ``*.pth``) is
-refused unless ``allow_pickle`` is set, and even then it is read with ``weights_only=True``.
+refused unless ``allow_pickle`` is set, and even then its opcodes are checked first (`lmpress.io.pickles`:
+only tensors, no code) and it is read with ``weights_only=True``.
 ``trust_remote_code`` is off unless asked for. Every check runs before any weights are read, so bad
 input fails fast with one line naming the problem and the fix.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,7 +20,9 @@ import torch
 from torch import nn
 
 from lmpress.errors import ModelLoadError
-from lmpress.io.files import FORMAT_VERSION, META_FILE, check_safetensors, read_config
+from lmpress.io.files import META_FILE, check_safetensors, read_config
+from lmpress.io.meta import read_json_object, read_meta
+from lmpress.io.pickles import check_pickle
 from lmpress.models.adapters import ARCHS, unknown_architecture
 from lmpress.nn import LAYER_FORMATS
 
@@ -34,6 +36,9 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 @dataclass
@@ -94,7 +99,8 @@ def resolve_path(source: str | Path) -> Path:
 
 
 def check_weights(path: Path, allow_pickle: bool) -> None:
-    """Find the weight files; refuse pickles unless allowed; check every safetensors file."""
+    """Find the weight files; refuse pickles unless allowed (and then any that holds code); check
+    every safetensors file."""
     safetensors = sorted(path.glob("*.safetensors"))
     if safetensors:
         for f in safetensors:
@@ -108,6 +114,8 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
         )
     if not pickles:
         raise ModelLoadError(f"{path} has no weights (*.safetensors); give a complete model directory")
+    for name in pickles:  # read as opcodes, never run: a pickle naming anything but tensors is refused
+        check_pickle(path / name)
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
@@ -115,10 +123,20 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False) -> Any:
 
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json")):
         return None
+    for name in TOKENIZER_JSON:  # a garbage file is named here, not deep inside the tokenizers library
+        if (path / name).is_file():
+            read_json_object(path / name, "restore the model's tokenizer files")
     try:
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"cannot load the tokenizer in {path}: {e}".splitlines()[0]) from None
+    except Exception as e:  # tokenizers raises plain Exception subclasses; sentencepiece its own
+        refusal = config_refusal(path, e)  # AutoTokenizer reads config.json too
+        if refusal is not None:
+            raise refusal from None
+        named = next((path / n for n in TOKENIZER_JSON if (path / n).is_file()), path)
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise ModelLoadError(
+            f"cannot load the tokenizer in {named} ({type(e).__name__}: {reason}); restore the model's tokenizer files"
+        ) from None
 
 
 def load_model(
@@ -197,20 +215,25 @@ def _from_pretrained(path: Path, dtype: torch.dtype | str, trust_remote_code: bo
         raise ModelLoadError(
             f"cannot load the model in {path}: {(str(e) or type(e).__name__).splitlines()[0]}"
         ) from None
+    except Exception as e:
+        raise config_refusal(path, e) or e from None
+
+
+def config_refusal(path: Path, e: Exception) -> ModelLoadError | None:
+    """One line naming ``config.json`` when ``e`` is transformers refusing one of its fields (its
+    configs validate their fields' types as they are built), else None."""
+    if not type(e).__name__.startswith("StrictDataclass"):
+        return None
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+    return ModelLoadError(f"{path / 'config.json'}: {lines[-1][:160]}; fix config.json")
 
 
 def load_compressed(
     path: Path, device: torch.device, dtype: torch.dtype | str = "auto", trust_remote_code: bool = False
 ) -> LoadedModel:
     """Restore a directory written by `save`, with its compressed layers."""
-    try:
-        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path / META_FILE} is not valid JSON ({e}); re-run the compression") from None
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise ModelLoadError(f"{path} has lmpress format {version!r}; this lmpress reads up to {FORMAT_VERSION}")
-    modules: dict[str, dict[str, Any]] = meta.get("modules", {})
+    meta = read_meta(path)  # every field's shape checked
+    modules: dict[str, dict[str, Any]] = meta.get("modules") or {}
     unknown = {str(m.get("format")) for m in modules.values()} - {"dense", *LAYER_FORMATS}
     if unknown:
         raise ModelLoadError(f"{path} uses module formats {sorted(unknown)} that this lmpress cannot load; upgrade")
@@ -221,11 +244,13 @@ def load_compressed(
     else:
         try:
             model = _restore(path, modules, dtype, trust_remote_code, structure, shared)
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:
-            msg = (str(e) or type(e).__name__).splitlines()[0]
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError, OverflowError) as e:
+            msg = (str(e) or type(e).__name__).splitlines()[0][:200]
             raise ModelLoadError(
                 f"{path}: lmpress.json and the weights do not fit ({msg}); re-run compression"
             ) from None
+        except Exception as e:
+            raise config_refusal(path, e) or e from None
     return LoadedModel(model, None, str(path), path, meta)
 
 
