@@ -403,7 +403,10 @@ def load_windows(
         raise DataError(
             f"data source {str(source)!r} has no text in its {split!r} split{note}; give a source with text in it"
         )
-    stream = tokenize_documents(docs, tokenizer)
+    from lmpress.progress import phase
+
+    with phase(f"tokenizing the {split} split of {source}"):
+        stream = tokenize_documents(docs, tokenizer)
     w = windows(stream, seq_len, max_windows)
     m = manifest(docs, source, split)
     m = Manifest(**{**asdict(m), "tokens": int(stream.numel()), "seq_len": seq_len, "windows": int(w.shape[0])})

@@ -325,6 +325,15 @@ def speed(
     Each figure is the best of ``repeats`` timed runs after one warm-up run. Peak memory is the
     process's resident set on CPU, or the CUDA allocator's peak on a GPU, during these runs.
     """
+    from lmpress.progress import phase
+
+    with phase("measuring prefill and decode speed"):
+        return _speed(model, vocab_size, prompt_len, decode_tokens, batch, repeats)
+
+
+def _speed(
+    model: nn.Module, vocab_size: int, prompt_len: int, decode_tokens: int, batch: int, repeats: int
+) -> dict[str, float]:
     import time
 
     device = next(model.parameters()).device
@@ -428,9 +437,18 @@ def evaluate(
 @torch.no_grad()
 def generate_samples(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     """Greedy continuations of ``prompts`` (the generated text only), to read beside the metrics."""
+    from lmpress.progress import phase
+
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    with phase(f"generating {len(prompts)} samples"):
+        out = _generate(model, tokenizer, prompts, max_new_tokens, device)
+    model.train(was_training)
+    return out
+
+
+def _generate(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int, device: Any) -> list[str]:
     out = []
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
@@ -442,5 +460,4 @@ def generate_samples(model: nn.Module, tokenizer: Any, prompts: list[str], max_n
             pad_token_id=tokenizer.eos_token_id,
         )
         out.append(tokenizer.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
-    model.train(was_training)
     return out

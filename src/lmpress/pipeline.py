@@ -14,7 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -28,9 +28,19 @@ from lmpress.data import (
     load_windows,
     select_split,
 )
-from lmpress.errors import ModelLoadError
+from lmpress.errors import DataError, ModelLoadError
 from lmpress.evaluation import evaluate, size
-from lmpress.io import LoadedModel, check_output_dir, load_model, read_config, save, update_meta
+from lmpress.io import (
+    META_FILE,
+    LoadedModel,
+    check_output_dir,
+    check_weights,
+    load_model,
+    load_tokenizer,
+    read_config,
+    save,
+    update_meta,
+)
 from lmpress.io.consistency import check_model_dir, check_plausible, check_seq_len
 from lmpress.io.files import created_parents
 from lmpress.method import Context
@@ -77,12 +87,18 @@ class Result:
 
 @dataclass(frozen=True)
 class DataOptions:
-    """Where evaluation and calibration text comes from and how it is windowed."""
+    """Where evaluation and calibration text comes from and how it is windowed.
+
+    The window counts default to ``$LMPRESS_MAX_WINDOWS`` / ``$LMPRESS_CALIB_WINDOWS`` when set (read
+    when the options are made: every command quickly, with rough numbers), else to
+    ``BUILTIN_WINDOWS``."""
+
+    BUILTIN_WINDOWS: ClassVar[dict[str, int]] = {"eval_windows": 64, "calib_windows": 128}
 
     source: str | Path = STDLIB
     seq_len: int = 256
-    eval_windows: int | None = 64
-    calib_windows: int = 128
+    eval_windows: int | None = field(default_factory=lambda: DataOptions.env_windows("eval_windows"))
+    calib_windows: int = field(default_factory=lambda: DataOptions.env_windows("calib_windows"))
     train_windows: int | None = None  # None: every window of the train split (training stages)
     pattern: str = "**/*"
     text_field: str = "text"
@@ -115,6 +131,22 @@ class DataOptions:
             text_field=self.text_field,
         )
 
+    @staticmethod
+    def env_windows(name: str) -> int:
+        """The default of ``eval_windows`` or ``calib_windows``: its environment variable, else built in."""
+        var = {"eval_windows": "LMPRESS_MAX_WINDOWS", "calib_windows": "LMPRESS_CALIB_WINDOWS"}[name]
+        text = os.environ.get(var, "").strip()
+        if not text:
+            return DataOptions.BUILTIN_WINDOWS[name]
+        if not text.isdigit() or int(text) < 1:
+            raise DataError(f"{var} must be a whole number of windows >= 1, got {text[:40]!r}")
+        return int(text)
+
+
+# `lmpress --help` reads the defaults from the class; a default_factory field leaves no class attribute
+DataOptions.eval_windows = DataOptions.BUILTIN_WINDOWS["eval_windows"]
+DataOptions.calib_windows = DataOptions.BUILTIN_WINDOWS["calib_windows"]
+
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
     config = getattr(model, "config", None)
@@ -126,15 +158,18 @@ def work_dir_for(output: Path | None) -> Path | None:
     return output.with_name(output.name + ".work") if output is not None else None
 
 
-def run_stages(model: nn.Module, recipe: Recipe, ctx: Context) -> list[dict[str, Any]]:
-    """Apply each stage in order; returns one report per stage."""
+def run_stages(model: nn.Module, recipe: Recipe, ctx: Context, announce: bool = True) -> list[dict[str, Any]]:
+    """Apply each stage in order; returns one report per stage. ``announce``: a line as each stage
+    starts and ends (off for the many small runs of a search)."""
     registry = methods()
     reports = []
+    say = log.info if announce else log.debug
     for i, stage in enumerate(recipe.stages, 1):
         t0 = time.perf_counter()
-        log.info("stage %d/%d: %s", i, len(recipe.stages), stage.method)
+        say("stage %d/%d: %s", i, len(recipe.stages), stage.method)
         report = registry[stage.method].apply(model, stage, ctx)
         reports.append({"stage": i, "method": stage.method, **report, "seconds": time.perf_counter() - t0})
+        say("stage %d/%d: %s done in %.1f s", i, len(recipe.stages), stage.method, reports[-1]["seconds"])
     return reports
 
 
@@ -288,10 +323,16 @@ def compress_model(
     if missing is not None:
         raise missing
     check_source(data.source)
-    if source is not None:  # sizes a config could not hold, windows past its positions: before any work
-        config = read_config(source)
+    if source is not None:  # sizes a config could not hold, windows past its positions, weights that
+        config = read_config(source)  # disagree with the config: before any work and any line of progress
         check_plausible(config, source / "config.json")
         check_seq_len(config, data.seq_len, model)
+        if not (source / META_FILE).is_file():
+            check_weights(source, allow_pickle)
+            check_model_dir(source, config, trust_remote_code)
+        tokenizer = load_tokenizer(source, trust_remote_code)  # a broken one is refused here, not after work
+        if tokenizer is None:
+            raise ModelLoadError(f"{model} has no tokenizer files; add them to the model directory")
     else:
         check_seq_len(_config_dict(model.model), data.seq_len, model.source)  # type: ignore[union-attr]
     world()  # under torchrun: join the process group; calibration statistics are then combined
@@ -301,14 +342,18 @@ def compress_model(
     if allow_pickle or trust_remote_code:
         why = why or "pickle or remote-code models load whole"
     budget = check_memory(model, recipe, data, why is None, max_memory, why, run_eval)
+    log.info(  # the first line of a run that passed every check
+        "compressing %s with %s (%s)%s",
+        model.source if isinstance(model, LoadedModel) else model,
+        recipe.name,
+        ", ".join(s.method for s in recipe.stages),
+        f" into {output}" if output is not None else "",
+    )
     if why is None:
-        from lmpress.io import check_weights
         from lmpress.streamed_run import compress_streamed
 
         assert output is not None and source is not None
         path = source
-        check_weights(path, allow_pickle=False)
-        check_model_dir(path, config)  # every tensor against its config, headers only
         return compress_streamed(
             path,
             str(model),
@@ -324,6 +369,7 @@ def compress_model(
             samples=samples,
             budget=budget,
             work_dir=work_dir or work_dir_for(output),
+            tokenizer=tokenizer,
         )
     loaded = (
         model

@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -130,13 +130,14 @@ def compress_streamed(
     samples: int,
     budget: int,
     work_dir: Path | None,
+    tokenizer: Any = None,
 ) -> Result:
     from lmpress.evaluation import streamed_quality
     from lmpress.io import save_streamed_dir
     from lmpress.pipeline import Result, run_stages
     from lmpress.streaming import close, open_streamed
 
-    tokenizer = load_tokenizer(path)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
     if tokenizer is None:
         raise ModelLoadError(f"{source} has no tokenizer files; add them to the model directory")
     eval_data = data.load(tokenizer, "eval", data.eval_windows) if run_eval else None

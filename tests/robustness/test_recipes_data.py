@@ -253,7 +253,7 @@ def test_unwritable_runs_dir_compress_goes_on(
     assert outcome.code == 0, outcome.stderr
     (line,) = _warnings(outcome, caplog)
     assert line.startswith("warning: cannot create a run directory in somefile/runs (Not a directory)"), line
-    assert (work / "out" / "lmpress.json").is_file() and (work / "out" / "model.safetensors").is_file()
+    assert (work / "out" / "lmpress.json").is_file() and any((work / "out").glob("*.safetensors"))
     assert (work / "somefile").read_text() == "x"
 
 

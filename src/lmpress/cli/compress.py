@@ -144,8 +144,8 @@ def print_compressed(result: Any, run_dir: Path | None, exported: dict[str, Any]
     if as_json:
         _print_json({**result.summary(), "run_dir": str(run_dir) if run_dir else None, "export": exported})
         return
-    for s in result.stages:
-        console.print(f"stage {s['stage']} {s['method']}: done in {s['seconds']:.1f} s")
+    if result.stages:  # a summary: each stage's own line came as it finished
+        console.print("stages: " + ", ".join(f"{s['method']} {s['seconds']:.1f} s" for s in result.stages))
     if result.metrics:
         console.print(
             metrics_table(

@@ -255,8 +255,8 @@ def _tied_head(model: torch.nn.Module, key: str, found: set[str]) -> bool:
     """A head tied to the embeddings is saved once, as the embeddings: not missing."""
     if not key.startswith("lm_head") and "embed_out" not in key:
         return False
-    out = model.get_output_embeddings()
-    inp = model.get_input_embeddings()
+    out = model.get_output_embeddings()  # type: ignore[operator]
+    inp = model.get_input_embeddings()  # type: ignore[operator]
     if out is None or inp is None:
         return False
     emb = next((n for n, m in model.named_modules() if m is inp), None)

@@ -20,11 +20,13 @@ import torch
 from torch import nn
 
 from lmpress.errors import ModelLoadError
+from lmpress.io.consistency import check_finite_weights, check_model_dir, check_plausible
 from lmpress.io.files import META_FILE, check_safetensors, read_config
 from lmpress.io.meta import read_json_object, read_meta
 from lmpress.io.pickles import check_pickle
 from lmpress.models.adapters import ARCHS, unknown_architecture
 from lmpress.nn import LAYER_FORMATS
+from lmpress.progress import phase
 
 BUILTIN_DIR = Path(__file__).parent.parent / "models" / "builtin"
 
@@ -178,10 +180,15 @@ def load_model(
     torch_dtype = resolve_dtype(dtype)
     check_weights(path, allow_pickle)
     if (path / META_FILE).is_file():
-        loaded = load_compressed(path, device=torch_device, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        check_plausible(config, path / "config.json")
+        with phase(f"loading {source}"):
+            loaded = load_compressed(path, device=torch_device, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     else:
-        loaded = LoadedModel(_from_pretrained(path, torch_dtype, trust_remote_code), None, str(source), path)
+        check_model_dir(path, config, trust_remote_code)  # a config that disagrees with its weights
+        with phase(f"loading {source}"):
+            loaded = LoadedModel(_from_pretrained(path, torch_dtype, trust_remote_code), None, str(source), path)
     loaded.model.to(torch_device).eval()
+    check_finite_weights(loaded.model, source)
     loaded.source = str(source)
     tok_path = resolve_path(tokenizer) if tokenizer is not None else path
     loaded.tokenizer = load_tokenizer(tok_path, trust_remote_code)

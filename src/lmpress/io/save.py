@@ -15,6 +15,7 @@ from torch import nn
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import no_transformers_bars
 from lmpress.models.adapters import ARCHS, Adapter
+from lmpress.progress import phase
 
 
 def library_versions() -> dict[str, str]:
@@ -92,7 +93,7 @@ def save(
     if aliases:  # each shared tensor once
         record["shared"] = aliases
         state = {k: v for k, v in model.state_dict().items() if not any(k.startswith(a + ".") for a in aliases)}
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, phase(f"saving {out}"):
         with no_transformers_bars():
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state)  # type: ignore[operator]
         if tokenizer is not None:
@@ -154,7 +155,7 @@ def save_streamed_dir(
     the checkpoint and the stages' spills, never the whole state dict at once."""
     from lmpress.streaming import save_streamed, stream_of
 
-    with atomic_dir(out, overwrite) as tmp:
+    with atomic_dir(out, overwrite) as tmp, phase(f"saving {out}"):
         save_streamed(model, tmp)
         formats = module_formats(model, stream_of(model).described)  # type: ignore[union-attr]
         save_companions(model, tokenizer, tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ from lmpress.search.space import (
 from lmpress.search.trials import (
     Evaluator,
 )
+
+log = logging.getLogger(__name__)
 
 
 def sensitivity(
@@ -30,26 +33,30 @@ def sensitivity(
     for b in sorted(set(space.bits) | {x for x in space.head_bits + space.embedding_bits if x}):
         for g, blocks in enumerate(groups):
             stage = {"method": "rtn", "bits": b, "group_size": gs, "targets": [blocks_pattern(prefix, blocks)]}
-            out[f"g{g}@{b}"] = _kl_of(ev, stage)
+            out[f"g{g}@{b}"] = _kl_of(ev, stage, f"g{g}@{b}")
         out[f"head@{b}"] = _kl_of(
-            ev, {"method": "rtn", "bits": b, "group_size": gs, "targets": ["lm_head"], "ignore": []}
+            ev, {"method": "rtn", "bits": b, "group_size": gs, "targets": ["lm_head"], "ignore": []}, f"head@{b}"
         )
         out[f"embed@{b}"] = _embed_kl(ev, b, gs)
     for sp in sorted(x for x in space.sparsity if x):  # pruning alone (dense codes' share is the bits' entry)
         for g, blocks in enumerate(groups):
             out[f"g{g}@s{sp:g}"] = _kl_of(
-                ev, {"method": "sparsegpt", "sparsity": sp, "targets": [blocks_pattern(prefix, blocks)]}
+                ev,
+                {"method": "sparsegpt", "sparsity": sp, "targets": [blocks_pattern(prefix, blocks)]},
+                f"g{g}@s{sp:g}",
             )
     for k in sorted(x for x in space.drop_blocks if x):
-        out[f"drop@{k}"] = _kl_of(ev, {"method": "drop_blocks", "blocks": k})
+        out[f"drop@{k}"] = _kl_of(ev, {"method": "drop_blocks", "blocks": k}, f"drop@{k}")
     if cache is not None:
         write_json_atomic(cache, out)
     return out
 
 
-def _kl_of(ev: Evaluator, stage: dict[str, Any]) -> float:
+def _kl_of(ev: Evaluator, stage: dict[str, Any], key: str) -> float:
     model, _ = ev.compress({"stages": [stage]})
-    return float(ev.measure(model, ev.select_windows[: max(4, len(ev.select_windows) // 4)])["kl"])
+    kl = float(ev.measure(model, ev.select_windows[: max(4, len(ev.select_windows) // 4)])["kl"])
+    log.info("sensitivity %s (%s): KL %.4f", key, stage["method"], kl)
+    return kl
 
 
 def _embed_kl(ev: Evaluator, bits: int, group_size: int) -> float:

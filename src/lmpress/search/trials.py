@@ -42,7 +42,7 @@ class Evaluator:
             training=(lambda: self.train) if self.train is not None else None,
             teacher=self.model,
         )
-        run_stages(model, parse_recipe(recipe), ctx)
+        run_stages(model, parse_recipe(recipe), ctx, announce=False)  # a trial's stages: no line each
         return model, tensor_bytes(model)
 
     def measure(self, model: nn.Module, windows: Tensor | None = None) -> dict[str, float]:
