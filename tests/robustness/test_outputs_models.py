@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import struct
 from pathlib import Path
 
@@ -344,3 +345,38 @@ def test_refusal_is_the_only_line(capsys: pytest.CaptureFixture[str], tiny: Path
     _config(tiny, intermediate_size=160)
     r = lmpress(capsys, "compress", tiny, "-r", "w8", *FAST)  # no -o: the whole model in memory
     assert_refused(r, "intermediate_size=160")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root to run as another user")
+def test_unwritable_places_as_an_ordinary_user() -> None:
+    """Permissions only bind an ordinary user (the suite runs as root): an output under a read-only
+    directory is refused before any work; an empty read-only directory as -o is replaced whole (it
+    used to fail after all the work and leave a `.out.old-*` directory)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    tmp_path = Path(tempfile.mkdtemp(prefix="lmpress-user-"))  # pytest's own tmp is root's alone
+    tmp_path.chmod(0o777)
+    try:
+        _as_an_ordinary_user(tmp_path, sys.executable, subprocess.run)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _as_an_ordinary_user(tmp_path: Path, python: str, run) -> None:  # type: ignore[no-untyped-def]
+    (tmp_path / "ro").mkdir(mode=0o555)
+    (tmp_path / "out").mkdir(mode=0o555)  # empty, owned by root, not writable by the user
+    env = {**os.environ, "HOME": str(tmp_path), "LMPRESS_CACHE": str(tmp_path / ".cache"), "LMPRESS_TRACK": "0"}
+    user = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-m", "lmpress.cli"]
+
+    def lm(*args: str):  # type: ignore[no-untyped-def]
+        cmd = [*user, "compress", "-r", "bf16", "--no-eval", "--samples", "0", *args]
+        return run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    r = lm("-o", "ro/out")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "ro is not a writable directory" in r.stderr, r.stderr
+    r = lm("-o", "out")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "out" / "lmpress.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".out")) == []

@@ -38,6 +38,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+TRAINER_PICKLES = ("training_args.bin", "optimizer.pt", "scheduler.pt", "rng_state.pth", "scaler.pt")
 
 
 TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -116,7 +117,9 @@ def check_weights(path: Path, allow_pickle: bool) -> None:
         )
     if not pickles:
         raise ModelLoadError(f"{path} has no weights (*.safetensors); give a complete model directory")
-    for name in pickles:  # read as opcodes, never run: a pickle naming anything but tensors is refused
+    # read as opcodes, never run: a weight pickle naming anything but tensors is refused; a trainer's
+    # own pickles beside the weights (training_args.bin, optimizer.pt) are never loaded, so not judged
+    for name in [n for n in pickles if n not in TRAINER_PICKLES] or pickles:
         check_pickle(path / name)
 
 
