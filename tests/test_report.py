@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lmpress.cli import app
-from lmpress.report import pareto, render, write_report
+from lmpress.report import pareto, render, scatter_svg, unique_labels, write_report
 
 STAR, FRONT = (0xFF, 0xB0, 0x00), (0xE4, 0x57, 0x56)  # the original's star, the Pareto front's line
 
@@ -131,3 +131,87 @@ def test_demo_runs_presets_prints_one_table_and_writes_the_report(tmp_path: Path
     assert len(runs) == 2 and not (out / "runs" / "mlflow.db").exists()  # --no-track: records, no MLflow
     r = CliRunner().invoke(app, ["demo", "--presets", "w8,nope", "--out-dir", str(tmp_path / "d2")])
     assert r.exit_code == 2 and "unknown preset nope" in r.output and not (tmp_path / "d2").exists()
+
+
+def _data(source: str = "stdlib", windows: int = 64, sha: str = "ab" * 32) -> dict[str, Any]:
+    return {"source": source, "split": "eval", "sha256": sha, "seq_len": 256, "windows": windows}
+
+
+def test_runs_on_different_data_or_windows_are_never_on_one_front() -> None:
+    runs = [
+        _run("w8", 5.0, 20.5, 0.01, data=_data()),
+        _run("w4", 3.0, 22.0, 0.05, data=_data()),
+        _run("jsonl-w4", 3.0, 9.8, 0.04, data=_data("notes.jsonl", sha="cd" * 32)),  # other text
+        _run("w4-8win", 3.0, 25.0, 0.06, data=_data(windows=8)),  # same text, other windows
+    ]
+    page = render(runs)
+    head, *sets = page.split('<h2 class="group">')
+    assert "3 different evaluation texts or window counts" in head and len(sets) == 3
+    assert "stdlib (eval split), 64 windows" in sets[0] and "w8" in sets[0] and "w4" in sets[0]
+    assert "notes.jsonl (eval split), 64 windows" in sets[1] and "sha256 cdcdcdcdcdcdcdcd" in sets[1]
+    assert "stdlib (eval split), 8 windows" in sets[2]
+    for name, k in (("jsonl-w4", 1), ("w4-8win", 2)):  # each run only in its own set's plots and table
+        assert [name in s for s in sets] == [i == k for i in range(3)]
+    assert sets[0].count('class="pareto"') == 2 and sets[1].count('class="pareto"') == 0  # one point: no line
+    single = render(runs[:2])  # one data set: no sets, its data named once at the top
+    assert '<h2 class="group">' not in single and single.count("stdlib (eval split), 64 windows × 256 tokens") == 1
+
+
+def test_runs_of_one_name_are_told_apart() -> None:
+    runs = [
+        _run("w4", 3.0, 22.0, 0.05, created="2026-12-07T08:24:28+0000"),
+        _run("w4", 3.1, 21.0, 0.04, created="2026-12-07T08:25:52+0000"),
+        _run("w4", 3.2, 21.5, 0.05, path="runs/20261207-082552-compress-w4-1"),  # time from the directory
+        _run("w8", 5.0, 20.5, 0.01),
+    ]
+    assert unique_labels(runs) == ["w4 08:24:28", "w4 08:25:52 #1", "w4 08:25:52 #2", "w8"]
+    page = render(runs)
+    for label in unique_labels(runs):
+        assert f">{label}</text>" in page and f'<td class="l">{label}</td>' in page
+
+
+def test_labels_stay_inside_the_plot_and_off_each_other() -> None:
+    """Crowded points at the top of the plot: no label rises into the title or leaves the plot, and
+    no two labels overlap."""
+    import re
+
+    pts = [(f"recipe-{k}", 1.0 + 0.01 * k, 30.0 - 0.01 * k) for k in range(8)] + [("low", 9.0, 10.0)]
+    svg = scatter_svg("held-out perplexity vs size", "MB", "ppl", pts, (10.0, 10.0))
+    boxes = []
+    for x, y, anchor, name in re.findall(
+        r'<text class="label" x="([\d.]+)" y="([\d.]+)"( text-anchor="end")?[^>]*>([^<]+)<', svg
+    ):
+        width = 6.2 * len(name)
+        left = float(x) - width if anchor else float(x)
+        boxes.append((left, float(y) - 9.5, left + width, float(y) + 2.5))
+    assert len(boxes) == len(pts) + 1  # and the original's
+    title_bottom, (W, H) = 22, (520, 360)
+    for b in boxes:
+        assert b[1] >= title_bottom and b[3] <= H - 48 and b[0] >= 0 and b[2] <= W, b
+    for i, a in enumerate(boxes):
+        for b in boxes[i + 1 :]:
+            assert a[2] <= b[0] or b[2] <= a[0] or a[3] <= b[1] or b[3] <= a[1], (a, b)
+
+
+def test_report_of_a_runs_directory_passes_over_what_tracking_keeps_there(tmp_path: Path) -> None:
+    """`lmpress report lmpress-runs/*`: the MLflow store, TensorBoard curves and hidden files that
+    lmpress's tracking keeps beside the runs are not runs; a foreign directory is still one line."""
+    import json
+
+    runs_dir = tmp_path / "lmpress-runs"
+    for k, name in enumerate(("w8", "w4")):
+        run = runs_dir / f"20261207-08000{k}-compress-{name}"
+        run.mkdir(parents=True)
+        (run / "run.json").write_text(json.dumps(_run(name, 5.0 - k, 20.0 + k, 0.01 * (k + 1), data=_data())))
+    for d in ("mlartifacts/1/abc", "tensorboard/stage1", ".cache"):
+        (runs_dir / d).mkdir(parents=True)
+    for f in ("mlflow.db", "mlflow.db-journal", ".DS_Store"):
+        (runs_dir / f).write_text("")
+    out = tmp_path / "report.html"
+    r = CliRunner().invoke(app, ["report", *map(str, sorted(runs_dir.iterdir())), "-o", str(out)])
+    assert r.exit_code == 0, r.output
+    assert out.read_text().count('class="run') == 2 * 2  # two runs, both plots
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    r = CliRunner().invoke(app, ["report", *map(str, sorted(runs_dir.iterdir())), str(foreign), "-o", str(out)])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and f"{foreign} is not a run directory" in r.output

@@ -10,14 +10,20 @@ nothing is fetched. It shows
 - generation samples: the original's and each run's greedy continuation of the same prompts;
 - the full metrics table.
 
+Runs measured on different text (another data set, split or sequence length) or on a different
+number of windows are never compared on one front: each such group is a section of its own, its
+header naming the data. Runs of the same name are told apart by the time they were made.
+
 Input: run directories (``run.json`` from `lmpress.track`) or saved model directories
-(``lmpress.json``).
+(``lmpress.json``); what lmpress's tracking itself keeps beside the runs in a runs directory (the
+MLflow store, TensorBoard curves, hidden files) is passed over, so ``lmpress-runs/*`` works.
 """
 
 from __future__ import annotations
 
 import html
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +36,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;margin:24px auto;max-width:1100px;color:#222;
 padding:0 16px}
 h1{font-size:24px}h2{font-size:19px;margin-top:32px;border-bottom:1px solid #ddd;padding-bottom:4px}
+h3{font-size:16px;margin-top:20px}h2.group{background:#f4f4f4;padding:6px 8px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 td,th{border:1px solid #ddd;padding:4px 8px;text-align:right}
 th{background:#f4f4f4}td.l,th.l{text-align:left}tr.orig td{background:#fff8e1}
@@ -54,21 +61,74 @@ def _seconds(run: dict[str, Any]) -> float | None:
     return total if stages else None
 
 
-def points(runs: list[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+def points(
+    runs: list[dict[str, Any]], labels: list[str] | None = None
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
     """The original's metrics (from the first run that has them) and one point per run."""
+    labels = labels or unique_labels(runs)
     original = next((r["metrics"]["original"] for r in runs if (r.get("metrics") or {}).get("original")), None)
     pts = []
-    for i, r in enumerate(runs):
+    for r, label in zip(runs, labels, strict=True):
         m = (r.get("metrics") or {}).get("compressed") or (r.get("metrics") or {}).get("evaluated")
         if not m:
             continue
-        pts.append({"label": label_of(r, i), "metrics": m, "run": r, "size": _size_mb(m)})
+        pts.append({"label": label, "metrics": m, "run": r, "size": _size_mb(m)})
     return original, pts
 
 
 def label_of(run: dict[str, Any], i: int) -> str:
     recipe = run.get("recipe") or {}
     return str(recipe.get("name") or run.get("name") or f"run {i + 1}")
+
+
+def unique_labels(runs: list[dict[str, Any]]) -> list[str]:
+    """Each run's name (its recipe's, else the run's); a name several runs share gets the time its run
+    was made (``w4 08:24:28``), and an index where even that repeats (``w4 08:24:28 #2``)."""
+    base = [label_of(r, i) for i, r in enumerate(runs)]
+    labels = [f"{b} {_made_at(r)}".rstrip() if base.count(b) > 1 else b for b, r in zip(base, runs, strict=True)]
+    seen: dict[str, int] = {}
+    out = []
+    for label in labels:
+        seen[label] = seen.get(label, 0) + 1
+        out.append(label if labels.count(label) == 1 else f"{label} #{seen[label]}")
+    return out
+
+
+def _made_at(run: dict[str, Any]) -> str:
+    """When a run was made, as HH:MM:SS: from its record, else from its directory's name."""
+    created = str(run.get("created") or "")
+    if m := re.match(r"\d{4}-\d\d-\d\dT(\d\d:\d\d:\d\d)", created):
+        return m.group(1)
+    if m := re.match(r"\d{8}-(\d\d)(\d\d)(\d\d)-", Path(str(run.get("path") or "")).name):
+        return ":".join(m.groups())
+    return ""
+
+
+def data_key(run: dict[str, Any]) -> tuple[Any, ...] | None:
+    """What a run's numbers were measured on: the evaluation text (source, split, content hash), the
+    window length and the number of windows; None when the run recorded none."""
+    d = run.get("data")
+    if not isinstance(d, dict):
+        return None
+    return (str(d.get("source")), d.get("split"), d.get("sha256"), d.get("seq_len"), d.get("windows"))
+
+
+def data_note(data: dict[str, Any]) -> str:
+    """One line naming what a group of runs was measured on."""
+    return (
+        f"Evaluation text: {html.escape(str(data.get('source')))} ({data.get('split')} split), "
+        f"{data.get('windows')} windows × {data.get('seq_len')} tokens, sha256 {str(data.get('sha256'))[:16]}."
+    )
+
+
+def groups(runs: list[dict[str, Any]]) -> list[list[int]]:
+    """Indices of the runs with metrics measured on the same text and windows, one list per
+    `data_key`, in the order each first appears."""
+    keyed: dict[tuple[Any, ...] | None, list[int]] = {}
+    for i, r in enumerate(runs):
+        if (r.get("metrics") or {}).get("compressed") or (r.get("metrics") or {}).get("evaluated"):
+            keyed.setdefault(data_key(r), []).append(i)
+    return list(keyed.values())
 
 
 def pareto(items: list[tuple[float, float]]) -> list[int]:
@@ -85,7 +145,7 @@ def scatter_svg(
     title: str, xlabel: str, ylabel: str, pts: list[tuple[str, float, float]], original: tuple[float, float] | None
 ) -> str:
     """A scatter plot with labelled points, the Pareto front as a line and the original as a star."""
-    W, H, L, R, T, B = 520, 360, 64, 16, 32, 48
+    W, H, L, R, T, B = 520, 360, 64, 16, 36, 48
     xs = [p[1] for p in pts] + ([original[0]] if original else [])
     ys = [p[2] for p in pts] + ([original[1]] if original else [])
     if not xs:
@@ -134,7 +194,10 @@ def scatter_svg(
             f'<polyline class="pareto" points="{path}" fill="none" stroke="#e45756" stroke-width="2" '
             'stroke-dasharray="6 3"/>'
         )
-    placed: list[tuple[float, float]] = []  # label positions so far: nudge a label off another
+    placed: list[tuple[float, float, float, float]] = []  # label boxes so far (x0, y0, x1, y1)
+    area = (L, T, W - R, H - B)
+    if original:
+        olx, oly, oanchor = label_position(sx(original[0]), sy(original[1]), len("original"), placed, area)
     for i, (name, x, y) in enumerate(pts):
         on_front = i in front
         color = COLORS[i % len(COLORS)]
@@ -144,11 +207,8 @@ def scatter_svg(
             f'fill="{color}" stroke="{"#e45756" if on_front else "#fff"}" stroke-width="2"><title>{html.escape(name)}: '
             f"{_num(x)}, {_num(y)}</title></circle>"
         )
-        lx, ly = sx(x) + 9, sy(y) - 7
-        while any(abs(lx - px) < 70 and abs(ly - py) < 12 for px, py in placed):
-            ly -= 13
-        placed.append((lx, ly))
-        out.append(f'<text x="{lx:.1f}" y="{ly:.1f}" font-size="11">{html.escape(name)}</text>')
+        lx, ly, anchor = label_position(sx(x), sy(y), len(name), placed, area)
+        out.append(f'<text class="label" x="{lx:.1f}" y="{ly:.1f}"{anchor} font-size="11">{html.escape(name)}</text>')
     if original:
         ox, oy = sx(original[0]), sy(original[1])
         star = " ".join(
@@ -160,11 +220,44 @@ def scatter_svg(
             f'<polygon class="original" points="{star}" fill="#ffb000" stroke="#333"><title>original</title></polygon>'
         )
         out.append(
-            f'<text x="{ox - 11:.1f}" y="{oy - 8:.1f}" text-anchor="end" font-size="11" '
-            'font-weight="600">original</text>'
+            f'<text class="label" x="{olx:.1f}" y="{oly:.1f}"{oanchor} font-size="11" font-weight="600">original</text>'
         )
     out.append("</svg>")
     return "".join(out)
+
+
+def label_position(
+    px: float,
+    py: float,
+    chars: int,
+    placed: list[tuple[float, float, float, float]],
+    area: tuple[float, float, float, float],
+) -> tuple[float, float, str]:
+    """Where a point's label goes: beside the point (right, else left), moved up or down in steps
+    until it overlaps no label placed before, always inside the plot ``area`` (x0, y0, x1, y1), so
+    it never runs into the title, the axis or off the picture. Appends its box to ``placed``;
+    returns the text's x, baseline y and text-anchor attribute."""
+    width, height = 6.2 * chars, 12.0  # 11 px text: about 6 px a character
+    x0, y0, x1, y1 = area
+    right = px + 9 + width <= x1 or px - 9 - width < x0
+    left_edge = px + 9 if right else px - 9 - width
+
+    def box(top: float) -> tuple[float, float, float, float]:
+        return (left_edge, top, left_edge + width, top + height)
+
+    def free(b: tuple[float, float, float, float]) -> bool:
+        return all(b[2] <= p[0] or b[0] >= p[2] or b[3] <= p[1] or b[1] >= p[3] for p in placed)
+
+    lowest = max(y0 + 1, y1 - height - 1)
+    start = min(max(py - height - 1, y0 + 1), lowest)  # just above the point, inside the area
+    tops = sorted(  # then a line further up or down at a time, nearest first, clamped to the area
+        {min(max(start + d * (height + 1) * k, y0 + 1), lowest) for k in range(30) for d in (-1, 1)},
+        key=lambda t: abs(t - start),
+    )
+    top = next((t for t in tops if free(box(t))), start)
+    placed.append(box(top))
+    anchor = "" if right else ' text-anchor="end"'
+    return (left_edge if right else left_edge + width), top + height - 2.5, anchor
 
 
 def bars_svg(title: str, values: dict[str, float]) -> str:
@@ -288,7 +381,38 @@ def samples_html(pts: list[dict[str, Any]]) -> str:
 
 
 def render(runs: list[dict[str, Any]], title: str = "lmpress report") -> str:
-    original, pts = points(runs)
+    """The page: one section per set of runs measured on the same text and windows (`groups`)."""
+    labels = unique_labels(runs)
+    parts = groups(runs)
+    n_points = len(points(runs, labels)[1])
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    if len(parts) <= 1:
+        note = data_note(runs[parts[0][0]]["data"]) if parts and data_key(runs[parts[0][0]]) else ""
+        body.append(f'<p class="note">{n_points} runs, generated {time.strftime("%Y-%m-%d %H:%M")}. {note}</p>')
+        body += _section(runs, labels, level=2)
+    else:
+        body.append(
+            f'<p class="note">{n_points} runs, generated {time.strftime("%Y-%m-%d %H:%M")}, measured on '
+            f"{len(parts)} different evaluation texts or window counts. Numbers measured on different text "
+            "do not compare, so each set is its own section: its plots, front and table hold only its runs.</p>"
+        )
+        for k, idx in enumerate(parts, 1):
+            first = runs[idx[0]]
+            what = data_note(first["data"]) if data_key(first) else "Runs that recorded no evaluation data."
+            body.append(f'<h2 class="group">Set {k} of {len(parts)}: {len(idx)} runs</h2><p class="note">{what}</p>')
+            body += _section([runs[i] for i in idx], [labels[i] for i in idx], level=3)
+    return (
+        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>" + "".join(body) + "</body></html>"
+    )
+
+
+def _section(runs: list[dict[str, Any]], labels: list[str], level: int) -> list[str]:
+    """Plots, metrics table, samples and per-layer charts of runs measured on the same windows."""
+    h = f"h{level}"
+    original, pts = points(runs, labels)
+    if not pts:
+        return ['<p class="note">None of these runs has metrics.</p>']
     orig_size = _size_mb(original) if original else None
     plots = []
     for key, label in (("perplexity", "held-out perplexity"), ("kl", "KL vs the original (nats/token)")):
@@ -298,40 +422,40 @@ def render(runs: list[dict[str, Any]], title: str = "lmpress report") -> str:
         if data:
             plots.append(scatter_svg(f"{label} vs size", "size on disk (MB)", label, data, base_point))
     layers = [(f"{p['label']} — {name}", values) for p in pts for name, values in per_layer(p["run"])]
-    data_note = ""
-    first = next((r.get("data") for r in runs if r.get("data")), None)
-    if first:
-        data_note = (
-            f"Evaluation text: {html.escape(str(first.get('source')))} ({first.get('split')} split), "
-            f"{first.get('windows')} windows × {first.get('seq_len')} tokens, sha256 {str(first.get('sha256'))[:16]}."
-        )
     body = [
-        f"<h1>{html.escape(title)}</h1>",
-        f'<p class="note">{len(pts)} runs, generated {time.strftime("%Y-%m-%d %H:%M")}. {data_note}</p>',
-        "<h2>Quality against size</h2>",
+        f"<{h}>Quality against size</{h}>",
         '<p class="note">Lower is better on both axes. The star is the original; circles ringed in red are on the '
         "Pareto front (no other run is both smaller and better), joined by the dashed line.</p>",
         '<div class="plots">' + "".join(plots) + "</div>",
-        "<h2>Metrics</h2>",
+        f"<{h}>Metrics</{h}>",
         metrics_table(original, pts),
         '<p class="note">KL and top-1 agreement compare each run with the original on the same tokens. Speeds are '
         "measured in each run's own process: compare them within one run (the demo measures all runs together).</p>",
-        "<h2>Generation samples</h2>",
+        f"<{h}>Generation samples</{h}>",
         '<p class="note">Greedy continuations of openings of the evaluation text.</p>',
         samples_html(pts),
     ]
     if layers:
-        body += ["<h2>Per-layer measurements</h2>", '<div class="plots">']
+        body += [f"<{h}>Per-layer measurements</{h}>", '<div class="plots">']
         body += [bars_svg(name, values) for name, values in layers]
         body += ["</div>"]
-    return (
-        '<!doctype html><html lang="en"><head><meta charset="utf-8">'
-        f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>" + "".join(body) + "</body></html>"
-    )
+    return body
+
+
+# What lmpress's tracking keeps in a runs directory beside the run directories (MLflow's SQLite
+# store and artifacts, TensorBoard curves): `lmpress report lmpress-runs/*` passes over these.
+TRACKING_FILES = ("mlartifacts", "mlruns", "tensorboard")
+
+
+def is_tracking_file(path: Path) -> bool:
+    """True for what lmpress's tracking (or the file system) keeps beside runs, never a run itself."""
+    name = path.name
+    return name.startswith(".") or name in TRACKING_FILES or name.startswith("mlflow.db")
 
 
 def write_report(paths: list[Path], out: Path, title: str = "lmpress report") -> Path:
     """Read run (or model) directories, write the report to ``out`` atomically; returns ``out``."""
+    paths = [p for p in paths if not is_tracking_file(p)]
     if not paths:
         raise LmpressError("report: give at least one run directory (see `lmpress compress`'s 'run:' line)")
     runs = [load_run(p) for p in paths]
