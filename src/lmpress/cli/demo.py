@@ -67,7 +67,10 @@ def demo_cmd(
     out_dir: Annotated[Path, typer.Option("--out-dir", help="models, run records and report.html go here")] = Path(
         "lmpress-demo"
     ),
-    max_windows: Annotated[int, typer.Option("--max-windows", min=1, help="evaluation windows")] = 32,
+    max_windows: Annotated[
+        int | None,
+        typer.Option("--max-windows", min=1, help="evaluation windows [default: 32, or $LMPRESS_MAX_WINDOWS if fewer]"),
+    ] = None,
     speed: SpeedOpt = True,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = 0,
@@ -81,6 +84,10 @@ def demo_cmd(
 
     _setup(threads, quiet or as_json)
     tracking = _track_options(track, runs_dir or out_dir / "runs", tracking_uri)
+    if max_windows is None:  # LMPRESS_MAX_WINDOWS makes the demo quick, as every command
+        from lmpress.pipeline import DataOptions
+
+        max_windows = min(32, DataOptions().eval_windows or 32)
     names = [n.strip() for n in presets.split(",") if n.strip()]
     result = run_demo(names, out_dir, tracking, max_windows, progress=not (as_json or quiet), measure_speed=speed)
     if as_json:

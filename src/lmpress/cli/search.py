@@ -54,6 +54,18 @@ def _parse_share(text: str) -> float:
     return value
 
 
+def _capped_trials(trials: int) -> int:
+    """``--trials``, at most ``$LMPRESS_MAX_TRIALS`` when that is set (every command quickly, rough numbers)."""
+    import os
+
+    text = os.environ.get("LMPRESS_MAX_TRIALS", "").strip()
+    if not text:
+        return trials
+    if not text.isdigit() or int(text) < 1:
+        raise LmpressError(f"LMPRESS_MAX_TRIALS must be a whole number of trials >= 1, got {text[:40]!r}")
+    return min(trials, int(text))
+
+
 @app.command("search")
 @handles_errors
 def search_cmd(
@@ -118,6 +130,7 @@ def search_cmd(
     from lmpress.track import tracked_compress
 
     _setup(threads, quiet or as_json)
+    trials = _capped_trials(trials)
     try:
         raw_space = yaml.safe_load(space.read_text()) if space is not None else {}
         config = SearchConfig.model_validate(

@@ -53,7 +53,10 @@ def check_output_dir(out: Path, overwrite: bool, source: Path | None = None) -> 
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory; choose another --output")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output directory {out} exists and is not empty; choose another or pass --overwrite")
+        raise OutputError(
+            f"output directory {out} exists and is not empty; choose another or pass --overwrite "
+            "(overwrite=True in Python)"
+        )
     parent = resolved.parent
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     if not existing.is_dir():
