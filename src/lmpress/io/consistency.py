@@ -196,6 +196,8 @@ def _ignored(model: torch.nn.Module, attr: str, name: str) -> bool:
 def check_against_weights(path: Path, config: dict[str, Any], trust_remote_code: bool = False) -> None:
     """Every tensor the config implies is in the files with that shape and a floating dtype, and
     the files hold no block the config does not have. Reads headers only."""
+    if any("quantization_config" in cfg for _, cfg in _configs(config)):
+        return  # a quantized checkpoint (compressed-tensors, GPTQ, AWQ ...): its own names, its quantizer checks them
     stored = _stored_tensors(path)
     if not stored:
         return  # pickle weights: the loader reads them
