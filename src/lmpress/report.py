@@ -399,7 +399,10 @@ def render(runs: list[dict[str, Any]], title: str = "lmpress report") -> str:
         for k, idx in enumerate(parts, 1):
             first = runs[idx[0]]
             what = data_note(first["data"]) if data_key(first) else "Runs that recorded no evaluation data."
-            body.append(f'<h2 class="group">Set {k} of {len(parts)}: {len(idx)} runs</h2><p class="note">{what}</p>')
+            runs_word = "run" if len(idx) == 1 else "runs"
+            body.append(
+                f'<h2 class="group">Set {k} of {len(parts)}: {len(idx)} {runs_word}</h2><p class="note">{what}</p>'
+            )
             body += _section([runs[i] for i in idx], [labels[i] for i in idx], level=3)
     return (
         '<!doctype html><html lang="en"><head><meta charset="utf-8">'
