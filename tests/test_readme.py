@@ -170,17 +170,27 @@ def run_steps(steps: list[Step], root: Path, keep_going: bool = False) -> list[t
         t0 = time.perf_counter()
         command = _substitute(step.text)
         argv = ["bash", "-c", command] if step.kind == "bash" else [sys.executable, "-c", command]
-        proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
-        seconds = time.perf_counter() - t0
-        if proc.returncode != 0:
-            done.append(
-                (step, f"failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}{proc.stdout[-1500:]}", seconds)
-            )
-            if not keep_going:
-                break
-        else:
-            done.append((step, "ok", seconds))
+        try:
+            proc = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+            status = f"failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}{proc.stdout[-1500:]}"
+            if proc.returncode == 0:
+                missing = [p for p in promised_outputs(command) if not (root / p).exists()]
+                status = f"failed: exit 0, but {', '.join(missing)} the line names does not exist" if missing else "ok"
+        except subprocess.TimeoutExpired:
+            status = "failed: still running after 1800 s"
+        done.append((step, status, time.perf_counter() - t0))
+        if status != "ok" and not keep_going:
+            break
     return done
+
+
+def promised_outputs(command: str) -> list[str]:
+    """What an ``lmpress`` line says it writes: its ``-o`` path and the paths its comment shows
+    after ``->`` (``# -> out/q4.gguf``)."""
+    if not command.startswith(("lmpress ", "torchrun ")):
+        return []
+    code, _, comment = command.partition("  #")
+    return re.findall(r"(?:^| )-o (\S+)", code) + re.findall(r"-> (out/[\w./-]+)", comment)
 
 
 def _check(done: list[tuple[Step, str, float]]) -> None:
