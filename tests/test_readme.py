@@ -244,3 +244,30 @@ def test_mlflow_ui_extra() -> None:
         import mlflow.server
 
         assert mlflow.server.app is not None
+
+
+def test_quick_setting_sets_default_windows_and_caps_trials(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The README's quick setting: the default windows come from the environment when an options
+    object is made (a flag still wins), search trials are capped, and a bad value is one line."""
+    from typer.testing import CliRunner
+
+    from lmpress.cli import app
+    from lmpress.cli.search import _capped_trials
+    from lmpress.errors import DataError
+    from lmpress.pipeline import DataOptions
+
+    for var in QUICK:
+        monkeypatch.delenv(var, raising=False)
+    assert (DataOptions().eval_windows, DataOptions().calib_windows, _capped_trials(30)) == (64, 128, 30)
+    for var, value in QUICK.items():
+        monkeypatch.setenv(var, value)
+    assert (DataOptions().eval_windows, DataOptions().calib_windows) == (8, 16)
+    assert DataOptions(eval_windows=64, calib_windows=256).calib_windows == 256  # `--calib-windows 256` wins
+    assert (_capped_trials(30), _capped_trials(1)) == (2, 1)
+    assert (DataOptions.eval_windows, DataOptions.calib_windows) == (64, 128)  # what --help shows
+    monkeypatch.setenv("LMPRESS_MAX_WINDOWS", "eight")
+    with pytest.raises(DataError, match="LMPRESS_MAX_WINDOWS must be a whole number of windows >= 1, got 'eight'"):
+        DataOptions()
+    r = CliRunner().invoke(app, ["demo", "--presets", "w8", "--out-dir", str(tmp_path / "d"), "--no-track"])
+    assert r.exit_code == 2 and r.output.count("\n") == 1 and "LMPRESS_MAX_WINDOWS" in r.output, r.output
+    assert not (tmp_path / "d").exists()
