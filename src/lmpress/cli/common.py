@@ -111,6 +111,8 @@ def handles_errors(fn: F) -> F:
             _fail(f"{e.strerror or e} ({e.filename or 'file system'}); nothing was written", 2)
         except KeyboardInterrupt:
             _fail("interrupted; nothing was written", 130)
+        except (typer.Exit, typer.Abort):  # a command's own exit (``_fail``), already said
+            raise
         except MemoryError:
             _fail("out of memory; try a smaller --max-windows or --calib-windows, or --max-memory to plan the run", 2)
         except Exception as e:  # a bug, not bad input: still one line, the traceback on request
