@@ -153,6 +153,7 @@ def test_runs_on_different_data_or_windows_are_never_on_one_front() -> None:
     for name, k in (("jsonl-w4", 1), ("w4-8win", 2)):  # each run only in its own set's plots and table
         assert [name in s for s in sets] == [i == k for i in range(3)]
     assert sets[0].count('class="pareto"') == 2 and sets[1].count('class="pareto"') == 0  # one point: no line
+    runs[1]["data"]["source"] = "/usr/lib/python3.11"  # the same text named another way: the same set
     single = render(runs[:2])  # one data set: no sets, its data named once at the top
     assert '<h2 class="group">' not in single and single.count("stdlib (eval split), 64 windows × 256 tokens") == 1
 

@@ -105,12 +105,13 @@ def _made_at(run: dict[str, Any]) -> str:
 
 
 def data_key(run: dict[str, Any]) -> tuple[Any, ...] | None:
-    """What a run's numbers were measured on: the evaluation text (source, split, content hash), the
-    window length and the number of windows; None when the run recorded none."""
+    """What a run's numbers were measured on: the evaluation text (its content hash, else its source;
+    the same file named two ways is the same text), the split, the window length and the number of
+    windows; None when the run recorded none."""
     d = run.get("data")
     if not isinstance(d, dict):
         return None
-    return (str(d.get("source")), d.get("split"), d.get("sha256"), d.get("seq_len"), d.get("windows"))
+    return (d.get("sha256") or str(d.get("source")), d.get("split"), d.get("seq_len"), d.get("windows"))
 
 
 def data_note(data: dict[str, Any]) -> str:
