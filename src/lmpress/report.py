@@ -209,6 +209,11 @@ def scatter_svg(
             f"{_num(x)}, {_num(y)}</title></circle>"
         )
         lx, ly, anchor = label_position(sx(x), sy(y), len(name), placed, area)
+        if abs(ly - 4 - sy(y)) > 16:  # moved off its point to stay clear of others: a leader line to it
+            out.append(
+                f'<line class="leader" x1="{sx(x):.1f}" y1="{sy(y):.1f}" x2="{lx:.1f}" y2="{ly - 4:.1f}" '
+                'stroke="#bbb" stroke-width="1"/>'
+            )
         out.append(f'<text class="label" x="{lx:.1f}" y="{ly:.1f}"{anchor} font-size="11">{html.escape(name)}</text>')
     if original:
         ox, oy = sx(original[0]), sy(original[1])
