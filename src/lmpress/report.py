@@ -157,6 +157,8 @@ def scatter_svg(
     x0, x1 = x0 - padx, x1 + 2.5 * padx  # room on the right for labels
     nonneg = y0 >= 0
     y0, y1 = y0 - pady, y1 + pady
+    widest = max(len(_tick(y0 + (y1 - y0) * k / 4, y1 - y0)) for k in range(5))
+    L = max(L, round(30 + 6.3 * widest))  # room for the y ticks beside the axis title, not under it
 
     def sx(x: float) -> float:
         return L + (x - x0) / (x1 - x0) * (W - L - R)
