@@ -25,6 +25,8 @@ def _no_tracking(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempP
     monkeypatch.setenv("LMPRESS_TRACK", "0")
     monkeypatch.setenv("LMPRESS_CACHE", str(tmp_path_factory.getbasetemp() / "lmpress-cache"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for quick in ("LMPRESS_MAX_WINDOWS", "LMPRESS_CALIB_WINDOWS", "LMPRESS_MAX_TRIALS"):  # a developer's shell
+        monkeypatch.delenv(quick, raising=False)  # setting must not change the defaults tests rely on
 
 
 @pytest.fixture(scope="session")
