@@ -240,22 +240,27 @@ def load_documents(source: str | Path = STDLIB, *, pattern: str = "**/*", text_f
     return _load(source, pattern, text_field)[0]
 
 
-def check_source(source: str | Path) -> None:
+_WHERE = "give a text file, a directory, a .jsonl file or 'stdlib'"
+
+
+def check_source(source: str | Path) -> os.stat_result | None:
     """The cheap part of reading a source, for the checks before any work: it exists and is a
-    directory or a regular file (never a FIFO or a device), within the size lmpress reads."""
+    directory or a regular file (never a FIFO or a device), within the size lmpress reads. Returns
+    its ``stat`` (None for ``stdlib``)."""
     if str(source) == STDLIB:
-        return
-    path = Path(source)
-    where = "give a text file, a directory, a .jsonl file or 'stdlib'"
+        return None
     try:
-        st = path.stat()
+        st = Path(source).stat()
     except (OSError, ValueError):  # ValueError: a NUL byte in the name
-        raise DataError(f"data source {str(source)!r} does not exist; {where}") from None
+        raise DataError(f"data source {str(source)!r} does not exist; {_WHERE}") from None
     if stat.S_ISDIR(st.st_mode):
-        return
+        return st
     if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"data source {str(source)!r} is not a regular file or a directory (a FIFO or device); {where}")
-    _Reader(str(source)).regular_files([path])  # the size cap
+        raise DataError(
+            f"data source {str(source)!r} is not a regular file or a directory (a FIFO or device); {_WHERE}"
+        )
+    _Reader(str(source)).regular_files([Path(source)])  # the size cap
+    return st
 
 
 def _load(source: str | Path, pattern: str, text_field: str) -> tuple[list[Document], str]:
@@ -264,14 +269,10 @@ def _load(source: str | Path, pattern: str, text_field: str) -> tuple[list[Docum
     The skipped files are a debug line, not an info line: a command reads its source up to three
     times (evaluation, calibration, prompts), and a line printed before a later refusal would break
     the promise that bad input prints one line; the refusal names them instead."""
-    if str(source) == STDLIB:
+    st = check_source(source)
+    if st is None:
         return _stdlib_documents(), ""
     path = Path(source)
-    where = "give a text file, a directory, a .jsonl file or 'stdlib'"
-    try:
-        st = path.stat()
-    except (OSError, ValueError):  # ValueError: a NUL byte in the name
-        raise DataError(f"data source {str(source)!r} does not exist; {where}") from None
     reader = _Reader(str(source))
     if stat.S_ISDIR(st.st_mode):
         try:
@@ -290,15 +291,13 @@ def _load(source: str | Path, pattern: str, text_field: str) -> tuple[list[Docum
         if skipped:
             log.debug("%s: %s", source, skipped)
         return docs, skipped
-    if not stat.S_ISREG(st.st_mode):
-        raise DataError(f"data source {str(source)!r} is not a regular file or a directory (a FIFO or device); {where}")
-    reader.regular_files([path])  # the size, before reading
+    reader.regular_files([path])  # the size, before reading (a regular file: check_source refused the rest)
     if path.suffix == ".jsonl":
         return _jsonl_documents(path, text_field, reader), ""
     text = reader.read_text(path, path.name)
     if text is None:
         if reader.not_regular:
-            raise DataError(f"data source {str(source)!r} is not a regular file; {where}")
+            raise DataError(f"data source {str(source)!r} is not a regular file; {_WHERE}")
         raise DataError(f"data file {path} is not UTF-8 text")
     return [Document(path.name, text)], ""
 
