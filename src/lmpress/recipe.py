@@ -177,21 +177,29 @@ def load_recipe(source: str | Path | Recipe | Mapping[str, Any]) -> Recipe:
                 f"recipe {short(text)} is not a preset; presets: {', '.join(found)} (or give a .yaml file)"
             )
         path = found[text]
-    data = _read_recipe_file(path)
+    raw = load_yaml_file(path)
+    return parse_recipe(raw, default_name=path.stem)
+
+
+def load_yaml_file(path: Path, what: str = "recipe") -> object:
+    """A YAML file read within the recipe limits (a regular UTF-8 file of at most 1 MB whose values,
+    aliases expanded, stay under ``MAX_RECIPE_VALUES``); ``what`` names it in messages. An empty
+    recipe is an error; another empty file is None."""
+    data = _read_recipe_file(path, what)
     try:
         raw = yaml.safe_load(data)
     except ConstructorError as e:  # a tag safe_load does not construct (!!python/object), an unhashable key
         problem = str(e.problem or "a value YAML cannot construct")[:160]
-        hint = "a recipe holds plain YAML values, no !!python tags" if "python/" in problem else "fix the value"
-        raise RecipeError(f"recipe {path}{_line(e)}: {problem}; {hint}") from None
+        hint = f"a {what} holds plain YAML values, no !!python tags" if "python/" in problem else "fix the value"
+        raise RecipeError(f"{what} {path}{_line(e)}: {problem}; {hint}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"recipe {path} is not valid YAML{_line(e)}; fix the syntax") from None
+        raise RecipeError(f"{what} {path} is not valid YAML{_line(e)}; fix the syntax") from None
     except RecursionError:
-        raise RecipeError(f"recipe {path} nests too deeply to read; write a flat recipe") from None
-    if raw is None:
-        raise RecipeError(f"recipe {path} is empty; write a mapping with a 'stages' list (see lmpress presets)")
-    check_size(raw, f"recipe {path}")
-    return parse_recipe(raw, default_name=path.stem)
+        raise RecipeError(f"{what} {path} nests too deeply to read; write a flat {what}") from None
+    if raw is None and what == "recipe":
+        raise RecipeError(f"{what} {path} is empty; write a mapping with a 'stages' list (see lmpress presets)")
+    check_size(raw, f"{what} {path}")
+    return raw
 
 
 def _line(e: yaml.YAMLError) -> str:
@@ -199,34 +207,35 @@ def _line(e: yaml.YAMLError) -> str:
     return f" (line {where.line + 1})" if where is not None else ""
 
 
-def _read_recipe_file(path: Path) -> str:
+def _read_recipe_file(path: Path, what: str = "recipe") -> str:
     """A recipe file's text: a regular UTF-8 file of at most ``MAX_RECIPE_BYTES`` (never a stream)."""
     try:
         st = path.stat()
     except (OSError, ValueError) as e:  # ValueError: a NUL byte in the name
         if isinstance(e, FileNotFoundError | NotADirectoryError | ValueError):
             raise RecipeError(
-                f"recipe file {short(str(path))} does not exist; give a YAML file or a preset name"
+                f"{what} file {short(str(path))} does not exist; give a YAML file"
+                + (" or a preset name" if what == "recipe" else "")
             ) from None
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}; check the path") from None
+        raise RecipeError(f"cannot read {what} {path}: {e.strerror or e}; check the path") from None
     if stat.S_ISDIR(st.st_mode):
-        raise RecipeError(f"recipe {path} is a directory; give a YAML file in it or a preset name")
+        raise RecipeError(f"{what} {path} is a directory; give a YAML file in it or a preset name")
     if not stat.S_ISREG(st.st_mode):
-        raise RecipeError(f"recipe {path} is not a regular file (a FIFO, device or socket); give a YAML file")
-    too_big = f"recipes are at most {MAX_RECIPE_BYTES / 1e6:g} MB"
+        raise RecipeError(f"{what} {path} is not a regular file (a FIFO, device or socket); give a YAML file")
+    too_big = f"{what}s are at most {MAX_RECIPE_BYTES / 1e6:g} MB"
     if st.st_size > MAX_RECIPE_BYTES:
         size = f"{st.st_size / 1e6:.1f} MB" if st.st_size >= 1.1e6 else f"{st.st_size:,} bytes"
-        raise RecipeError(f"recipe {path} is {size}; {too_big}")
+        raise RecipeError(f"{what} {path} is {size}; {too_big}")
     try:  # opened without blocking and checked again: a FIFO put in the file's place is not waited on
         with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as f:
             if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise RecipeError(f"recipe {path} is not a regular file (a FIFO, device or socket); give a YAML file")
+                raise RecipeError(f"{what} {path} is not a regular file (a FIFO, device or socket); give a YAML file")
             data = f.read(MAX_RECIPE_BYTES + 1)  # a file that grew since stat still stops here
     except OSError as e:
-        raise RecipeError(f"cannot read recipe {path}: {e.strerror or e}; check the path") from None
+        raise RecipeError(f"cannot read {what} {path}: {e.strerror or e}; check the path") from None
     if len(data) > MAX_RECIPE_BYTES:
-        raise RecipeError(f"recipe {path} is over {MAX_RECIPE_BYTES / 1e6:g} MB; {too_big}")
+        raise RecipeError(f"{what} {path} is over {MAX_RECIPE_BYTES / 1e6:g} MB; {too_big}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise RecipeError(f"recipe {path} is not UTF-8 text (byte {e.start}); give a YAML file") from None
+        raise RecipeError(f"{what} {path} is not UTF-8 text (byte {e.start}); give a YAML file") from None

@@ -53,6 +53,18 @@ def test_alias_bomb_is_refused_fast(capsys: pytest.CaptureFixture[str], work: Pa
     assert len(outcome.stderr) < 300
 
 
+@pytest.mark.parametrize(
+    "content", [f"bits: [{_ANCHORS}]\n", "# x\n" * 300_000, "bits: !!python/object:os.system {}\n"]
+)
+def test_search_space_file_is_read_within_the_recipe_limits(
+    capsys: pytest.CaptureFixture[str], work: Path, content: str
+) -> None:
+    (work / "space.yaml").write_text(content)
+    before = tree(work)
+    outcome = lmpress(capsys, "search", "--space", "space.yaml", "--trials", "1", "--max-bytes", "5MB")
+    assert_refused(outcome, "search space space.yaml", before=before, root=work, max_seconds=5)
+
+
 def test_alias_bomb_through_the_api_is_refused_fast(tmp_path: Path) -> None:
     path = tmp_path / "bomb.yaml"
     path.write_text(BOMBS["stage value"])

@@ -125,14 +125,14 @@ def search_cmd(
 
     from lmpress.evaluation import quality
     from lmpress.io import check_output_dir, load_model
-    from lmpress.recipe import parse_recipe
+    from lmpress.recipe import load_yaml_file, parse_recipe
     from lmpress.search import SearchConfig, SearchError, calibration_and_selection, record_study, run_search
     from lmpress.track import tracked_compress
 
     _setup(threads, quiet or as_json)
     trials = _capped_trials(trials)
     try:
-        raw_space = yaml.safe_load(space.read_text()) if space is not None else {}
+        raw_space = load_yaml_file(space, "search space") if space is not None else {}  # the recipe limits
         config = SearchConfig.model_validate(
             {
                 "space": raw_space or {},
