@@ -291,7 +291,14 @@ def check_finite_weights(model: torch.nn.Module, source: object) -> None:
     """Refuse a model with a NaN or an infinity in any floating-point parameter: every number
     measured on it would be NaN, and every method would spread it."""
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not p.is_meta and not bool(torch.isfinite(p).all()):
+        if p.is_floating_point() and not p.is_meta and not _finite(p):
             raise ModelLoadError(
                 f"{source}: tensor {name} holds NaN or infinite values; fix or re-download the weights"
             )
+
+
+def _finite(t: torch.Tensor, chunk: int = 1 << 20) -> bool:
+    """No NaN or infinity in ``t``, looked at a million values at a time (a whole-tensor mask would
+    add a byte per weight to the peak of a load)."""
+    flat = t.detach().reshape(-1)
+    return all(bool(torch.isfinite(piece).all()) for piece in flat.split(chunk))
