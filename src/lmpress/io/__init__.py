@@ -4,10 +4,16 @@
   compressed layers restored), GGUF files and ONNX exports, safely (safetensors only, no remote
   code unless asked for, every check before any weights are read);
 - `lmpress.io.save`: the self-describing directory lmpress writes (``config.json``,
-  ``model.safetensors``, the tokenizer and ``lmpress.json``: format version, per-module format, the
-  recipe, metrics against the original, the data manifest and library versions);
+  ``model.safetensors`` or, with packed layers, ``lmpress-packed.safetensors``, the tokenizer and
+  ``lmpress.json``: format version, per-module format, the recipe, metrics against the original,
+  the data manifest and library versions);
 - `lmpress.io.files`: writes that are whole or absent (a hidden temporary directory renamed into
-  place only when complete) and checks on files before they are read.
+  place only when complete, locked by its process, cleaned by a rerun when that process is gone),
+  outputs checked against the input, and checks on files before they are read;
+- `lmpress.io.consistency`: a config against plausible sizes and every tensor of its weights
+  (headers only), finite weights, windows within the model's positions;
+- `lmpress.io.meta` and `lmpress.io.pickles`: ``lmpress.json`` read whole against its schema, and
+  pickles judged by their opcodes (never unpickled) before ``--allow-pickle`` loads them.
 """
 
 from lmpress.io.files import (
