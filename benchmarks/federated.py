@@ -44,13 +44,14 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, machine, markdown_table, split_windows, write_results
-from lmpress.data import Manifest, TokenData, load_documents, select_split
+from lmpress.data import Manifest, TokenData, select_split
 from lmpress.evaluation import quality
 from lmpress.federated.core import client_data
 from lmpress.models.loading import load_model
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.registry import Context
+from lmpress.sources import load_documents
 
 CLIENTS = {
     "web": ["asyncio", "email", "http", "urllib", "xmlrpc", "html", "wsgiref", "xml", "json", "concurrent",

@@ -10,8 +10,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from lmpress.data import load_documents, tokenize_documents, windows
+from lmpress.data import tokenize_documents, windows
 from lmpress.distill.train import TrainConfig, train
+from lmpress.sources import load_documents
 
 torch.set_num_threads(int(os.environ.get("LMPRESS_TEST_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))))
 

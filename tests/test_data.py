@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpress.data import (
-    Document,
-    content_hash,
-    load_documents,
-    load_windows,
-    select_split,
-    split_of,
-    windows,
-)
+from lmpress.data import content_hash, load_windows, select_split, split_of, windows
 from lmpress.errors import DataError
+from lmpress.sources import Document, load_documents
 
 
 def test_stdlib_corpus_excludes_tests_and_site_packages() -> None:

@@ -112,7 +112,7 @@ def skip_reason(step: Step) -> str | None:
 def _user_files(root: Path) -> None:
     """What the README's lines expect the user to have: a JSONL corpus, client data directories, a
     task YAML, a recipe of their own and a domain corpus (pieces of the Python standard library)."""
-    from lmpress.data import load_documents
+    from lmpress.sources import load_documents
 
     docs = load_documents("stdlib")
     with open(root / "notes.jsonl", "w", encoding="utf-8") as f:  # `--data notes.jsonl --text-field body`

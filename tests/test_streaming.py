@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from lmpress.cli import app
-from lmpress.data import load_documents
 from lmpress.errors import ModelLoadError
 from lmpress.memory import MemoryBudgetError, Shapes, parse_size
 from lmpress.pipeline import DataOptions, compress, why_whole
 from lmpress.recipe import load_recipe
+from lmpress.sources import load_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,11 +7,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmpress import evaluation
-from lmpress.data import STDLIB, Manifest, Split, check_source
+from lmpress.data import Manifest, Split
 from lmpress.errors import DataError, ModelLoadError
 from lmpress.io import LoadedModel, load_model, save
 from lmpress.io.consistency import check_seq_len
 from lmpress.pipeline import DataOptions, Result, compress
+from lmpress.sources import STDLIB, check_source
 
 if TYPE_CHECKING:
     from lmpress.tasks import TaskScores

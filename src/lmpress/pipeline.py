@@ -18,16 +18,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from lmpress.data import (
-    STDLIB,
-    Manifest,
-    Split,
-    TokenData,
-    check_source,
-    load_documents,
-    load_windows,
-    select_split,
-)
+from lmpress.data import Manifest, Split, TokenData, load_windows, select_split
 from lmpress.errors import DataError, ModelLoadError
 from lmpress.evaluation import evaluate, size
 from lmpress.io import (
@@ -46,6 +37,7 @@ from lmpress.io.files import created_parents
 from lmpress.method import Context
 from lmpress.recipe import Recipe, load_recipe
 from lmpress.registry import methods
+from lmpress.sources import STDLIB, check_source, load_documents
 
 log = logging.getLogger(__name__)
 

@@ -36,9 +36,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from lmpress.data import load_documents
 from lmpress.errors import LmpressError
 from lmpress.method import Context, Method, MethodConfig, StageReport
+from lmpress.sources import load_documents
 
 log = logging.getLogger(__name__)
 BYTE_FALLBACK = [f"<0x{i:02X}>" for i in range(256)]

@@ -146,8 +146,8 @@ def test_lora_recovery_keeps_quantized_codes_beside_the_update(
 
 
 def test_bad_distillation_input(trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path) -> None:
-    from lmpress.data import load_documents
     from lmpress.models.reference import train_tokenizer
+    from lmpress.sources import load_documents
 
     src = trained_dir("llama")
     with pytest.raises(LmpressError, match="steps"):

@@ -8,9 +8,10 @@ from pathlib import Path
 import torch
 
 import lmpress
-from lmpress.data import load_documents, select_split, tokenize_documents
+from lmpress.data import select_split, tokenize_documents
 from lmpress.models.loading import LoadedModel
 from lmpress.nn.quant_linear import QuantLinear
+from lmpress.sources import load_documents
 
 
 def held_out_windows() -> torch.Tensor:

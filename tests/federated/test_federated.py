@@ -13,10 +13,10 @@ from typer.testing import CliRunner
 
 import lmpress
 from lmpress.cli import app, expand_list_options
-from lmpress.data import load_documents
 from lmpress.distill.train import TrainError
 from lmpress.federated.core import Aggregator, FederatedConfig, client_data, weighted_mean
 from lmpress.federated.stage import check_clients
+from lmpress.sources import load_documents
 
 PACKAGES = {"a": "email/", "b": "xml/", "c": "json/"}  # non-identical data, as federated data is
 

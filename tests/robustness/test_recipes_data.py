@@ -17,10 +17,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lmpress import data as data_module
-from lmpress.data import load_documents
+from lmpress import sources as data_module
 from lmpress.errors import DataError, RecipeError
 from lmpress.recipe import MAX_RECIPE_BYTES, PRESET_DIR, Recipe, load_recipe
+from lmpress.sources import load_documents
 from lmpress.track import TrackOptions, record_run
 from tests.robustness.conftest import EVAL_FAST, FAST, Outcome, assert_refused, lmpress, tree
 
@@ -185,7 +185,7 @@ def test_data_dir_with_a_fifo_and_binaries_reads_the_text(tmp_path: Path, caplog
     (corpus / "a.txt").write_text("text")
     (corpus / "b.bin").write_bytes(b"\xff\xfe\x00")
     (corpus / "c.bin").write_bytes(b"\xc3")
-    with caplog.at_level(logging.DEBUG, logger="lmpress.data"):
+    with caplog.at_level(logging.DEBUG, logger="lmpress.sources"):
         docs = load_documents(corpus)
     assert [d.path for d in docs] == ["a.txt"]
     (message,) = [r.getMessage() for r in caplog.records]

@@ -98,7 +98,8 @@ def client_data(tokenizer: Any, source: Path, seq_len: int, eval_windows: int) -
     """The client's text split as lmpress splits any source (by document); a client whose few
     documents all fall in the training split holds out its last windows instead (a tenth, at
     least one, at most ``eval_windows``)."""
-    from lmpress.data import load_documents, select_split, tokenize_documents, windows
+    from lmpress.data import select_split, tokenize_documents, windows
+    from lmpress.sources import load_documents
 
     docs = load_documents(source)
     if not any(d.text.strip() for d in docs):

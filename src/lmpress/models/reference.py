@@ -21,8 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmpress.data import Document, load_documents, manifest, select_split, tokenize_documents, windows
+from lmpress.data import manifest, select_split, tokenize_documents, windows
 from lmpress.distill.train import lr_at
+from lmpress.sources import Document, load_documents
 
 log = logging.getLogger(__name__)
 
