@@ -1,6 +1,6 @@
 """Run a recipe's stages in order on one model, measure it against the original, save it.
 
-Order of work: validate the recipe and the output location (nothing is loaded if either is bad),
+Order of work: validate the recipe, then every input (`lmpress.preflight`: nothing is loaded if one is bad),
 load the model, keep a copy of the original as the reference, run each stage's
 ``method.apply(model, config, ctx)``, evaluate both models on the same held-out windows, and write
 the directory atomically with its provenance.
@@ -22,22 +22,17 @@ from lmpress.data import Manifest, Split, TokenData, load_windows, select_split
 from lmpress.errors import DataError, ModelLoadError
 from lmpress.evaluation import evaluate, size
 from lmpress.io import (
-    META_FILE,
     LoadedModel,
-    check_output_dir,
-    check_weights,
     load_model,
-    load_tokenizer,
-    read_config,
     save,
     update_meta,
 )
-from lmpress.io.consistency import check_model_dir, check_plausible, check_seq_len
 from lmpress.io.files import created_parents
 from lmpress.method import Context
+from lmpress.preflight import check_inputs, check_memory, exported_runtime, why_whole
 from lmpress.recipe import Recipe, load_recipe
 from lmpress.registry import methods
-from lmpress.sources import STDLIB, check_source, load_documents
+from lmpress.sources import STDLIB, load_documents
 
 log = logging.getLogger(__name__)
 
@@ -140,11 +135,6 @@ DataOptions.eval_windows = DataOptions.BUILTIN_WINDOWS["eval_windows"]
 DataOptions.calib_windows = DataOptions.BUILTIN_WINDOWS["calib_windows"]
 
 
-def _config_dict(model: nn.Module) -> dict[str, Any]:
-    config = getattr(model, "config", None)
-    return config.to_dict() if hasattr(config, "to_dict") else {}  # type: ignore[union-attr]
-
-
 def work_dir_for(output: Path | None) -> Path | None:
     """Where training stages keep checkpoints (to resume an interrupted run) and curves: beside the output."""
     return output.with_name(output.name + ".work") if output is not None else None
@@ -163,71 +153,6 @@ def run_stages(model: nn.Module, recipe: Recipe, ctx: Context, announce: bool = 
         reports.append({"stage": i, "method": stage.method, **report, "seconds": time.perf_counter() - t0})
         say("stage %d/%d: %s done in %.1f s", i, len(recipe.stages), stage.method, reports[-1]["seconds"])
     return reports
-
-
-def exported_runtime(model: str | Path) -> str | None:
-    """The runtime an exported model runs in (a GGUF file, an ONNX directory), or None."""
-    from lmpress.export.onnx_runtime import is_onnx_dir
-
-    if str(model).lower().endswith(".gguf"):
-        return "llama.cpp"
-    return "ONNX Runtime" if is_onnx_dir(model) else None
-
-
-def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | None) -> str | None:
-    """Why this run cannot stream (`lmpress.streamed_run`), or None when it can."""
-    from lmpress.io import META_FILE, read_config, resolve_path
-    from lmpress.models.adapters import ARCHS
-
-    if output is None:
-        return "the result stays in memory (no output directory)"
-    if isinstance(model, LoadedModel):
-        return "the model is already loaded"
-    path = resolve_path(model)
-    if (path / META_FILE).is_file():
-        return "the model is an lmpress directory (its compressed layers load whole)"
-    if not any(path.glob("*.safetensors")):
-        return "its weights are not safetensors"
-    if read_config(path).get("model_type") not in ARCHS:
-        return "lmpress does not know its block layout"
-    registry = methods()
-    for i, stage in enumerate(recipe.stages, 1):
-        if stage.method not in registry or not registry[stage.method].streams:
-            return f"stage {i} ({stage.method}) needs the whole model"
-    return None
-
-
-def check_memory(
-    model: str | Path | LoadedModel,
-    recipe: Recipe,
-    data: DataOptions,
-    streaming: bool,
-    max_memory: int | None,
-    why: str | None,
-    run_eval: bool,
-) -> int:
-    """Stop before any work if the run's estimated peak is over the budget; returns the budget."""
-    from lmpress.io import read_config, resolve_path, weight_bytes
-    from lmpress.memory import available_memory, check_budget, estimate
-
-    budget = max_memory if max_memory is not None else available_memory()
-    if isinstance(model, LoadedModel):
-        return budget
-    path = resolve_path(model)
-    registry = methods()
-    names = [s.method for s in recipe.stages]
-    e = estimate(
-        read_config(path),
-        weight_bytes(path),
-        names,
-        streaming=streaming,
-        seq_len=data.seq_len,
-        calib_windows=data.calib_windows,
-        eval_windows=(data.eval_windows or 64) if run_eval else 0,
-        training=any(registry[n].needs_teacher for n in names if n in registry),
-    )
-    check_budget(e, budget, max_memory is not None, why)
-    return budget
 
 
 def compress(
@@ -285,7 +210,7 @@ def compress_model(
     """
     from lmpress.distill.train import world
     from lmpress.errors import LmpressError
-    from lmpress.io import resolve_device, resolve_path
+    from lmpress.io import resolve_device
 
     if not isinstance(model, LoadedModel) and (runtime := exported_runtime(model)):
         raise LmpressError(
@@ -304,29 +229,7 @@ def compress_model(
                 )
             check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
     data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
-    source, missing = None, None
-    if not isinstance(model, LoadedModel):
-        try:
-            source = resolve_path(model)
-        except ModelLoadError as e:  # said after the output's check: both are bad input, the output first
-            missing = e
-    if output is not None:
-        check_output_dir(output, overwrite, source)
-    if missing is not None:
-        raise missing
-    check_source(data.source)
-    if source is not None:  # sizes a config could not hold, windows past its positions, weights that
-        config = read_config(source)  # disagree with the config: before any work and any line of progress
-        check_plausible(config, source / "config.json")
-        check_seq_len(config, data.seq_len, model)
-        if not (source / META_FILE).is_file():
-            check_weights(source, allow_pickle)
-            check_model_dir(source, config, trust_remote_code)
-        tokenizer = load_tokenizer(source, trust_remote_code)  # a broken one is refused here, not after work
-        if tokenizer is None:
-            raise ModelLoadError(f"{model} has no tokenizer files; add them to the model directory")
-    else:
-        check_seq_len(_config_dict(model.model), data.seq_len, model.source)  # type: ignore[union-attr]
+    source, tokenizer = check_inputs(model, data, output, overwrite, allow_pickle, trust_remote_code)
     world()  # under torchrun: join the process group; calibration statistics are then combined
     why = why_whole(model, recipe, output) if stream is not False else "streaming was turned off"
     if stream and why is not None:

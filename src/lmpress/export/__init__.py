@@ -61,7 +61,7 @@ def check_export_source(model: str | Path | LoadedModel) -> None:
     """Refuse a model that is itself an export (a GGUF file, an ONNX directory)."""
     if isinstance(model, LoadedModel):
         return
-    from lmpress.pipeline import exported_runtime
+    from lmpress.preflight import exported_runtime
 
     if runtime := exported_runtime(model):
         raise ExportError(
