@@ -37,7 +37,7 @@ import torch
 
 import lmpress
 from benchmarks.common import RESULTS, export_windows, machine, markdown_table, split_windows, timed, write_results
-from lmpress.evaluation import PeakRSS, quality, speed
+from lmpress.evaluation import quality, speed
 from lmpress.export import export
 from lmpress.export.onnx_runtime import OnnxModel
 from lmpress.io import save, weight_bytes
@@ -45,6 +45,7 @@ from lmpress.nn.quant_linear import QuantLinear
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.registry import Context
+from lmpress.speed import PeakRSS
 
 RECIPES: dict[str, dict[str, Any] | None] = {
     "bf16 original": None,

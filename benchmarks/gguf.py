@@ -36,9 +36,10 @@ import torch
 
 import lmpress
 from benchmarks.common import RESULTS, machine, markdown_table, split_windows, write_results
-from lmpress.evaluation import PeakRSS, quality, speed
+from lmpress.evaluation import quality, speed
 from lmpress.export import export
 from lmpress.export.llama_runtime import LlamaCppModel
+from lmpress.speed import PeakRSS
 
 TYPES = ["q8_0", "q4_0", "q4_k_m", "q3_k_m", "q2_k"]
 FTYPE = {"q8_0": "Q8_0", "q4_0": "Q4_0", "q4_k_m": "Q4_K_M", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K"}

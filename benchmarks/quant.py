@@ -27,11 +27,12 @@ from benchmarks.common import (
     timed,
     write_results,
 )
-from lmpress.evaluation import PeakRSS, count_parameters, quality
+from lmpress.evaluation import count_parameters, quality
 from lmpress.models.loading import load_model
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.registry import Context
+from lmpress.speed import PeakRSS
 
 SETTINGS: dict[str, dict[str, Any]] = {
     "W8 per-channel": {"bits": 8, "group_size": None, "symmetric": True},

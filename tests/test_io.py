@@ -79,7 +79,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 import lmpress
-from lmpress.evaluation import PeakRSS
+from lmpress.speed import PeakRSS
 import transformers.models.llama.modeling_llama  # imports are the process's, not the model's
 lmpress.load("builtin")  # so is the first tokenizer and model build
 base = PeakRSS.rss()

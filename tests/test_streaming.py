@@ -201,7 +201,7 @@ from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from lmpress.pipeline import DataOptions, compress
-from lmpress.evaluation import PeakRSS
+from lmpress.speed import PeakRSS
 import transformers.models.llama.modeling_llama  # imports are the process's, not the run's
 L = torch.linalg.cholesky(torch.eye(64) * 2)  # so are the LAPACK code pages
 base = PeakRSS.rss()

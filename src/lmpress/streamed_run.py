@@ -238,7 +238,7 @@ def _measure_whole(
     device: torch.device,
 ) -> None:
     """Speed and generation samples of each model that fits whole in ``budget``, one at a time."""
-    from lmpress.evaluation import _speed_lengths, generate_samples, speed
+    from lmpress.evaluation import generate_samples, speed, speed_lengths
     from lmpress.io import load_model, weight_bytes
 
     prompts = data.prompts(samples) if samples else []
@@ -254,7 +254,7 @@ def _measure_whole(
         loaded = load_model(where, device=str(device))
         if not timed:
             vocab = int(loaded.model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
-            m.update(speed(loaded.model, vocab, **_speed_lengths(loaded.model)))
+            m.update(speed(loaded.model, vocab, **speed_lengths(loaded.model)))
         if role == "original" and original_key:
             _store(original_key, {k: v for k, v in m.items() if k not in ("kl", "top1_agreement")})
         if prompts:
