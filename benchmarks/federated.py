@@ -47,7 +47,7 @@ from benchmarks.common import RESULTS, machine, markdown_table, split_windows, w
 from lmpress.data import Manifest, TokenData, select_split
 from lmpress.evaluation import quality
 from lmpress.federated.core import client_data
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.registry import Context

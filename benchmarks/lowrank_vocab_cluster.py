@@ -43,8 +43,8 @@ from benchmarks.common import (
 from benchmarks.prune import paired_speed, with_outlier_channels
 from lmpress.data import TokenData, split_of
 from lmpress.evaluation import count_parameters, quality
+from lmpress.io.load import load_model
 from lmpress.models.adapters import Adapter
-from lmpress.models.loading import load_model
 from lmpress.pipeline import DataOptions, compress, run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.registry import Context

@@ -28,7 +28,7 @@ from benchmarks.common import (
     write_results,
 )
 from lmpress.evaluation import count_parameters, quality
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.registry import Context

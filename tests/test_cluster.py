@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from lmpress.cluster import ClusterConfig, refit_codebook, weighted_kmeans
 from lmpress.errors import LmpressError
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.nn import CodebookLinear
 from lmpress.pipeline import DataOptions, compress
 from lmpress.recipe import parse_recipe

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmpress.evaluation import count_parameters, evaluate, quality, tensor_bytes
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 
 
 def test_perplexity_matches_model_loss(tiny_model_dir: Callable[..., Path]) -> None:

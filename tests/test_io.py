@@ -11,7 +11,7 @@ import torch
 
 from lmpress.errors import ModelLoadError, OutputError
 from lmpress.io import atomic_dir, save
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 
 
 def _logits(model: torch.nn.Module, n: int = 64) -> torch.Tensor:

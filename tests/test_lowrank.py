@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from lmpress.errors import LmpressError
+from lmpress.io.load import load_model
 from lmpress.lowrank import allocate, spectrum, whitening
-from lmpress.models.loading import load_model
 from lmpress.nn import LowRankLinear
 from lmpress.pipeline import DataOptions, compress
 

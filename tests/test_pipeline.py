@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmpress.errors import OutputError, RecipeError
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.pipeline import DataOptions, compress
 
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from lmpress.cli import app
 from lmpress.errors import LmpressError
 from lmpress.evaluation import quality
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.pipeline import DataOptions, run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.registry import Context
@@ -105,7 +105,7 @@ def _first(calib: object, n: int) -> object:
 WORKER = """
 import sys, torch
 from pathlib import Path
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.pipeline import DataOptions
 from lmpress.search import SearchConfig, run_search
 torch.set_num_threads(1)
@@ -174,7 +174,7 @@ KILLED_WORKER = """
 import sys, time, torch
 from pathlib import Path
 import lmpress.search as search
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.pipeline import DataOptions
 torch.set_num_threads(1)
 calls = []

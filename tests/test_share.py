@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from lmpress.errors import LmpressError
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.nn import QuantLinear
 from lmpress.pipeline import DataOptions, compress
 from lmpress.registry import Context

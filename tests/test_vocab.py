@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmpress.errors import LmpressError
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.pipeline import DataOptions, compress
 from lmpress.vocab import merge_closure
 

@@ -12,7 +12,7 @@ import torch
 
 from lmpress.distill.kd import hidden_loss, kd_kl, layer_pairs
 from lmpress.errors import LmpressError
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.nn import LoRALinear, QuantLinear, SparseLinear
 from lmpress.pipeline import DataOptions, compress
 

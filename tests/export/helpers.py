@@ -9,7 +9,7 @@ import torch
 
 import lmpress
 from lmpress.data import select_split, tokenize_documents
-from lmpress.models.loading import LoadedModel
+from lmpress.io.load import LoadedModel
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.sources import load_documents
 

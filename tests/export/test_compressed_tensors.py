@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lmpress.cli import app
 from lmpress.export import ExportError, export
-from lmpress.models.loading import LoadedModel
+from lmpress.io.load import LoadedModel
 from lmpress.nn.quant_linear import QuantLinear
 from tests.export.helpers import compress, exact_fp32, held_out_windows, kl
 

@@ -20,7 +20,7 @@ from lmpress.cli import app
 from lmpress.data import select_split, tokenize_documents
 from lmpress.export import ExportError, export
 from lmpress.export.gguf import rope_permutation
-from lmpress.models.loading import LoadedModel
+from lmpress.io.load import LoadedModel
 from lmpress.nn.gguf_linear import GGUFLinear
 from lmpress.quant import ggml
 from lmpress.sources import load_documents

@@ -16,7 +16,7 @@ from lmpress.cli import app
 from lmpress.evaluation import count_parameters
 from lmpress.export import ExportError, export
 from lmpress.io import weight_bytes
-from lmpress.models.loading import LoadedModel
+from lmpress.io.load import LoadedModel
 from tests.export.helpers import compress, exact_fp32, held_out_windows, kl
 
 pytest.importorskip("onnxruntime")

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 
 from lmpress.errors import ModelLoadError
-from lmpress.models.loading import check_safetensors, load_model
+from lmpress.io.files import check_safetensors
+from lmpress.io.load import load_model
 
 
 def test_load_directory_with_tokenizer(tiny_model_dir: Callable[..., Path]) -> None:

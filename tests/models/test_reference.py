@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from lmpress.models.loading import BUILTIN_DIR, load_model
+from lmpress.io.load import BUILTIN_DIR, load_model
 from lmpress.models.reference import EOS, epoch_batches, lr_at
 
 

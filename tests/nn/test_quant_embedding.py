@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.pipeline import DataOptions, compress

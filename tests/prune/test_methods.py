@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from lmpress.errors import LmpressError
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.nn.sparse_linear import SparseLinear
 from lmpress.pipeline import DataOptions, compress
 from lmpress.prune.masks import mask_from_scores

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from lmpress.errors import LmpressError
+from lmpress.io.load import load_model
 from lmpress.models.adapters import Adapter
-from lmpress.models.loading import load_model
 from lmpress.pipeline import DataOptions, compress
 from tests.conftest import TINY_ARCHS
 

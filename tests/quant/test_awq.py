@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmpress.io.load import load_model
 from lmpress.models.adapters import Adapter, linear_weight
-from lmpress.models.loading import load_model
 from lmpress.pipeline import DataOptions, compress
 from lmpress.quant.awq import awq_scales, fold_scales
 from lmpress.quant.base import LayerSettings

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmpress.errors import LmpressError
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.pipeline import DataOptions, compress
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpress.models.loading import load_model
+from lmpress.io.load import load_model
 from lmpress.nn.quant_linear import QuantLinear, int8_matmul
 from lmpress.pipeline import DataOptions, compress
 from lmpress.quant.w8a8 import smooth_scales
