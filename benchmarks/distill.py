@@ -49,10 +49,10 @@ from benchmarks.common import (
 from lmpress.distill.train import TrainConfig, train
 from lmpress.evaluation import count_parameters, quality
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.models.adapters import Adapter
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 
 HALF = {"method": "structured", "target": 0.5}
 KD = {"method": "distill", "batch_size": 16, "eval_every": 50, "eval_windows": 16}

@@ -41,10 +41,10 @@ from lmpress.evaluation import quality, speed
 from lmpress.export import export
 from lmpress.export.onnx_runtime import OnnxModel
 from lmpress.io import save, weight_bytes
+from lmpress.method import Context
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 from lmpress.speed import PeakRSS
 
 RECIPES: dict[str, dict[str, Any] | None] = {

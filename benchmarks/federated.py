@@ -48,9 +48,9 @@ from lmpress.data import Manifest, TokenData, select_split
 from lmpress.evaluation import quality
 from lmpress.federated.core import client_data
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 from lmpress.sources import load_documents
 
 CLIENTS = {

@@ -44,10 +44,10 @@ from benchmarks.prune import paired_speed, with_outlier_channels
 from lmpress.data import TokenData, split_of
 from lmpress.evaluation import count_parameters, quality
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.models.adapters import Adapter
 from lmpress.pipeline import DataOptions, compress, run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 from lmpress.sources import load_documents
 from lmpress.vocab import encode_all, same_pieces
 

@@ -33,10 +33,10 @@ from benchmarks.common import (
 )
 from lmpress.evaluation import count_parameters, quality, speed
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.models.adapters import Adapter
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 
 GROUPS: dict[str, list[tuple[str, str, dict[str, Any]]]] = {
     "unstructured": [

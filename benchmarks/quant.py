@@ -29,9 +29,9 @@ from benchmarks.common import (
 )
 from lmpress.evaluation import count_parameters, quality
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 from lmpress.speed import PeakRSS
 
 SETTINGS: dict[str, dict[str, Any]] = {

@@ -21,9 +21,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.common import machine, markdown_table, write_results
 from lmpress.evaluation import speed, tensor_bytes
+from lmpress.method import Context
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 
 SHAPES = {
     # hidden, MLP, heads, kv heads, vocab (TinyLlama-1.1B / Qwen2.5-0.5B-like)

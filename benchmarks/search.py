@@ -27,9 +27,9 @@ import torch
 from benchmarks.common import RESULTS, machine, markdown_table, saved_bytes, split_windows, timed, write_results
 from lmpress.evaluation import quality, tensor_bytes
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.pipeline import run_stages
 from lmpress.recipe import load_recipe, parse_recipe
-from lmpress.registry import Context
 from lmpress.search import Recovery, SearchConfig, run_search
 
 NAME = "search"

@@ -17,9 +17,9 @@ from lmpress.cli import app
 from lmpress.errors import LmpressError
 from lmpress.evaluation import quality
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.pipeline import DataOptions, run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.registry import Context
 from lmpress.search import SearchConfig, block_groups, build_recipe, run_search
 from lmpress.select import matches
 

@@ -13,9 +13,9 @@ from torch import nn
 
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
+from lmpress.method import Context
 from lmpress.nn import QuantLinear
 from lmpress.pipeline import DataOptions, compress
-from lmpress.registry import Context
 from lmpress.share import Member, ShareConfig, apply, group_cost, merged_weight
 
 

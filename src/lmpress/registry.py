@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from functools import cache
 
-from lmpress.method import ApplyFn, Context, Method, MethodConfig, StageReport
+from lmpress.method import Method
 
-__all__ = ["ApplyFn", "Context", "Method", "MethodConfig", "StageReport", "methods"]
+__all__ = ["methods"]
 
 
 @cache

@@ -235,7 +235,7 @@ def test_secure_aggregation_and_local_dp_change_only_what_they_should(
     from safetensors.torch import load_file
 
     from lmpress.federated.core import Student
-    from lmpress.registry import Context
+    from lmpress.method import Context
 
     models, teacher = [saved["w4"]] * 3, saved["teacher"]
     result = {}
