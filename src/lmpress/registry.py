@@ -20,11 +20,11 @@ def methods() -> dict[str, Method]:
     from lmpress import cluster, lowrank, share, vocab
     from lmpress.distill import kd, qat
     from lmpress.federated import stage as federated
-    from lmpress.prune import hidden, layers, magnitude, sparsegpt, structured, wanda
+    from lmpress.prune import drop_blocks, hidden, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
-    found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD, layers.METHOD]
-    found += [hidden.METHOD, lowrank.METHOD, cluster.METHOD, share.METHOD, vocab.METHOD]
-    found += [kd.METHOD, qat.METHOD, federated.METHOD]
+    found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD]
+    found += [drop_blocks.METHOD, hidden.METHOD, lowrank.METHOD, cluster.METHOD, share.METHOD]
+    found += [vocab.METHOD, kd.METHOD, qat.METHOD, federated.METHOD]
     return {m.name: m for m in found}
