@@ -18,7 +18,7 @@ __all__ = ["methods"]
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
     from lmpress import cluster, lowrank, share, vocab
-    from lmpress.distill import kd, qat
+    from lmpress.distill import distill, qat
     from lmpress.federated import stage as federated
     from lmpress.prune import drop_blocks, hidden, magnitude, sparsegpt, structured, wanda
     from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
@@ -26,5 +26,5 @@ def methods() -> dict[str, Method]:
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD]
     found += [drop_blocks.METHOD, hidden.METHOD, lowrank.METHOD, cluster.METHOD, share.METHOD]
-    found += [vocab.METHOD, kd.METHOD, qat.METHOD, federated.METHOD]
+    found += [vocab.METHOD, distill.METHOD, qat.METHOD, federated.METHOD]
     return {m.name: m for m in found}

@@ -1,1 +1,1 @@
-"""Distillation, recovery training and quantization-aware training: `kd`, `qat`, `train`, `trainable`."""
+"""Distillation, recovery training and quantization-aware training: `distill`, `qat`, `train`, `trainable`."""

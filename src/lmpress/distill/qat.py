@@ -4,7 +4,7 @@ The targeted layers are first put on a grid (round to nearest with MSE clipping,
 ``init: gptq``), then trained with fake quantization: each layer keeps a float latent weight that
 is rounded onto its grid in every forward pass, gradients pass the rounding straight through, and
 the per-group scales learn too (LSQ, Esser et al. 2019, arXiv:1902.08153). The loss is
-distillation from the original model (`lmpress.distill.kd`). At the end the latent weights are
+distillation from the original model (`lmpress.distill.distill`). At the end the latent weights are
 rounded once more and the layers are packed into `QuantLinear`, exactly as a post-training method
 leaves them.
 """
@@ -16,7 +16,7 @@ from typing import Literal
 from pydantic import Field
 from torch import nn
 
-from lmpress.distill.kd import DistillConfig, distill_model
+from lmpress.distill.distill import DistillConfig, distill_model
 from lmpress.method import Context, Method, StageReport
 from lmpress.quant.base import WeightQuantConfig
 

@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
-from lmpress.distill.kd import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
+from lmpress.distill.distill import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
 from lmpress.distill.train import TrainConfig, TrainError, lr_at, train
 from lmpress.distill.trainable import TrainableLinear, make_trainable, restore_compressed
 from lmpress.method import Context, MethodConfig

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmpress.distill.kd import hidden_loss, kd_kl, layer_pairs
+from lmpress.distill.distill import hidden_loss, kd_kl, layer_pairs
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
 from lmpress.nn import LoRALinear, QuantLinear, SparseLinear
@@ -165,7 +165,7 @@ def test_bad_distillation_input(trained_dir: Callable[[str], Path], distill_text
 def test_an_interrupted_compress_resumes_when_run_again(
     trained_dir: Callable[[str], Path], distill_text: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from lmpress.distill.kd import Distiller
+    from lmpress.distill.distill import Distiller
 
     src = trained_dir("llama")
     recipe = {
