@@ -415,7 +415,7 @@ def spm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_byte_fallback_split_matches_the_tokenizer(spm_dir: Path) -> None:
     """lmpress's copy of llama.cpp's SentencePiece merging, on the exported scores, splits held-out text
     (with characters the vocabulary lacks) exactly as the tokenizer does."""
-    from lmpress.export.vocab import _backend_json, spm_metadata, spm_tokenize
+    from lmpress.export.gguf_vocab import _backend_json, spm_metadata, spm_tokenize
 
     tokenizer = lmpress.load(spm_dir, device="cpu").tokenizer
     tok = _backend_json(tokenizer)

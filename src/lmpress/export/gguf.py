@@ -12,7 +12,7 @@ Every tensor is written exactly as lmpress computes with it:
 
 Llama-family query and key rows are reordered the way llama.cpp's converter does (its rotary
 embedding pairs neighbouring rows); rows are independent in every block type, so quantized rows
-move as bytes. The tokenizer goes into the file's ``tokenizer.ggml.*`` keys (`lmpress.export.vocab`).
+move as bytes. The tokenizer goes into the file's ``tokenizer.ggml.*`` keys (`lmpress.export.gguf_vocab`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.export.gguf_file import BF16, F16, F32, U32, TensorSpec, write_gguf
-from lmpress.export.vocab import tokenizer_metadata
+from lmpress.export.gguf_vocab import tokenizer_metadata
 from lmpress.export.walk import ExportError, Part, count_types, model_parts
 from lmpress.models.adapters import is_conv1d
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
