@@ -30,7 +30,7 @@ from lmpress.io.load import load_model
 from lmpress.method import Context
 from lmpress.pipeline import run_stages
 from lmpress.recipe import load_recipe, parse_recipe
-from lmpress.search import Recovery, SearchConfig, run_search
+from lmpress.recipe_search import Recovery, SearchConfig, run_search
 
 NAME = "search"
 PRESETS = ("w8", "w4", "edge", "sparse50", "w4-sparse")

@@ -26,7 +26,7 @@ def test_every_method_and_key_is_documented() -> None:
 
 
 def test_every_search_space_key_is_in_the_search_guide() -> None:
-    from lmpress.search import SearchSpace
+    from lmpress.recipe_search import SearchSpace
 
     text = (DOCS.parent / "search.md").read_text(encoding="utf-8")
     for key in SearchSpace.model_fields:

@@ -20,7 +20,7 @@ from lmpress.io.load import load_model
 from lmpress.method import Context
 from lmpress.pipeline import DataOptions, run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.search import SearchConfig, block_groups, build_recipe, run_search
+from lmpress.recipe_search import SearchConfig, block_groups, build_recipe, run_search
 from lmpress.select import matches
 
 SPACE = {"bits": [2, 4, 8], "group_sizes": [32], "head_bits": [None, 4], "embedding_bits": [None, 4]}
@@ -107,7 +107,7 @@ import sys, torch
 from pathlib import Path
 from lmpress.io.load import load_model
 from lmpress.pipeline import DataOptions
-from lmpress.search import SearchConfig, run_search
+from lmpress.recipe_search import SearchConfig, run_search
 torch.set_num_threads(1)
 loaded = load_model(sys.argv[1])
 calib = DataOptions(source=sys.argv[2], seq_len=32).load(loaded.tokenizer, "calib", 24)
@@ -173,7 +173,7 @@ def test_bad_budgets_and_spaces_are_clear_errors(
 KILLED_WORKER = """
 import sys, time, torch
 from pathlib import Path
-import lmpress.search as search
+import lmpress.recipe_search as search
 from lmpress.io.load import load_model
 from lmpress.pipeline import DataOptions
 torch.set_num_threads(1)
@@ -402,7 +402,7 @@ def test_calibration_and_selection_windows_are_the_compress_ones_and_disjoint() 
     stream = torch.arange(100 * 4)
     every = windows(stream, 4)  # 100 windows, each identified by its first token
     data = TokenData(every, Manifest("test", "calib", 1, 400, "0"))
-    from lmpress.search import calibration_and_selection
+    from lmpress.recipe_search import calibration_and_selection
 
     cut = calibration_and_selection(data, 10, 6).windows
     assert torch.equal(cut[:10], windows(stream, 4, 10))  # what a compress run with 10 windows calibrates on

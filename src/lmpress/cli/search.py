@@ -126,7 +126,7 @@ def search_cmd(
     from lmpress.evaluation import quality
     from lmpress.io import check_output_dir, load_model
     from lmpress.recipe import load_yaml_file, parse_recipe
-    from lmpress.search import SearchConfig, SearchError, calibration_and_selection, record_study, run_search
+    from lmpress.recipe_search import SearchConfig, SearchError, calibration_and_selection, record_study, run_search
     from lmpress.track import tracked_compress
 
     _setup(threads, quiet or as_json)
@@ -182,8 +182,8 @@ def search_cmd(
     for t in result.pareto:
         (pareto_dir / f"trial-{t['number']}.yaml").write_text(yaml.safe_dump(t["recipe"], sort_keys=False))
     from lmpress.io import write_text_atomic
+    from lmpress.recipe_search import study_runs
     from lmpress.report import render
-    from lmpress.search import study_runs
 
     write_text_atomic(study_dir / "report.html", render(study_runs(result), "lmpress search: every measured trial"))
     best_recipe = parse_recipe({**result.best["recipe"], "name": "best"})
@@ -203,7 +203,7 @@ def search_cmd(
     # the found recipe, run alone, measured again on the trials' selection windows: the same number
     again = quality(final.model, calib.windows[calib_windows:], batch_size=16)["perplexity"]
     if abs(again / result.best["perplexity"] - 1) > 1e-3:
-        logging.getLogger("lmpress.search").warning(
+        logging.getLogger("lmpress.recipe_search").warning(
             "the best recipe run alone gives selection perplexity %.4f, its trial gave %.4f: the recipe does not "
             "reproduce exactly (a method with randomness, or a different device)",
             again,

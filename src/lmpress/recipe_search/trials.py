@@ -13,7 +13,7 @@ from lmpress.evaluation import quality, tensor_bytes
 from lmpress.method import Context
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
-from lmpress.search.space import (
+from lmpress.recipe_search.space import (
     Budget,
     SearchError,
 )

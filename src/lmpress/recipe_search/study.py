@@ -19,8 +19,8 @@ from torch import nn
 from lmpress.evaluation import quality, tensor_bytes
 from lmpress.io import write_json_atomic
 from lmpress.models.adapters import Adapter
-from lmpress.search.sensitivity import _seed_choices, _space_key, predicted_kl, sensitivity
-from lmpress.search.space import (
+from lmpress.recipe_search.sensitivity import _seed_choices, _space_key, predicted_kl, sensitivity
+from lmpress.recipe_search.space import (
     SearchConfig,
     SearchError,
     _suggest,
@@ -28,7 +28,7 @@ from lmpress.search.space import (
     block_groups,
     build_recipe,
 )
-from lmpress.search.trials import (
+from lmpress.recipe_search.trials import (
     CONSTRAINTS,
     Evaluator,
     _constrain,
@@ -202,7 +202,7 @@ def run_search(
     trials = [_trial_record(t) for t in study.trials if t.state.is_finished()]
     feasible = [t for t in trials if t["state"] == "COMPLETE" and all(c <= 0 for c in t.get("constraints", [0]))]
     best = min(feasible, key=lambda t: (_goal_value(t, goal), t["bytes"])) if feasible else None
-    from lmpress.report import pareto
+    from lmpress.plots import pareto
 
     front = pareto([(float(t["bytes"]), _goal_value(t, goal)) for t in feasible])
     result = SearchResult(

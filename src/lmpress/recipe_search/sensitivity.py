@@ -10,11 +10,11 @@ from pathlib import Path
 from typing import Any
 
 from lmpress.io import write_json_atomic
-from lmpress.search.space import (
+from lmpress.recipe_search.space import (
     SearchSpace,
     blocks_pattern,
 )
-from lmpress.search.trials import (
+from lmpress.recipe_search.trials import (
     Evaluator,
 )
 

@@ -21,10 +21,18 @@ token embeddings' bits, and optionally SparseGPT sparsity and dropped blocks bef
   can share one study.
 """
 
-from lmpress.search.sensitivity import predicted_kl, sensitivity
-from lmpress.search.space import Budget, Recovery, SearchConfig, SearchError, SearchSpace, block_groups, build_recipe
-from lmpress.search.study import SearchResult, record_study, run_search, study_runs
-from lmpress.search.trials import Evaluator, calibration_and_selection
+from lmpress.recipe_search.sensitivity import predicted_kl, sensitivity
+from lmpress.recipe_search.space import (
+    Budget,
+    Recovery,
+    SearchConfig,
+    SearchError,
+    SearchSpace,
+    block_groups,
+    build_recipe,
+)
+from lmpress.recipe_search.study import SearchResult, record_study, run_search, study_runs
+from lmpress.recipe_search.trials import Evaluator, calibration_and_selection
 
 __all__ = [
     "Budget",
