@@ -14,7 +14,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lmpress.cli import app
-from lmpress.report import pareto, render, scatter_svg, unique_labels, write_report
+from lmpress.plots import pareto, scatter_svg
+from lmpress.report import render, unique_labels, write_report
 
 STAR, FRONT = (0xFF, 0xB0, 0x00), (0xE4, 0x57, 0x56)  # the original's star, the Pareto front's line
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from lmpress.evaluation import quality, tensor_bytes
 from lmpress.io import write_json_atomic
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from lmpress.recipe_search.sensitivity import _seed_choices, _space_key, predicted_kl, sensitivity
 from lmpress.recipe_search.space import (
     SearchConfig,
