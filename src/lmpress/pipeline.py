@@ -220,7 +220,7 @@ def compress_model(
     recipe = load_recipe(recipe)
     for stage in recipe.stages:
         if stage.method == "federated" and serve is None:  # before any work: the clients' data
-            from lmpress.federated.stage import check_clients
+            from lmpress.federated.core import check_clients
 
             if not clients:
                 raise LmpressError(

@@ -14,8 +14,7 @@ from typer.testing import CliRunner
 import lmpress
 from lmpress.cli import app, expand_list_options
 from lmpress.distill.train import TrainError
-from lmpress.federated.core import Aggregator, FederatedConfig, client_data, weighted_mean
-from lmpress.federated.stage import check_clients
+from lmpress.federated.core import Aggregator, FederatedConfig, check_clients, client_data, weighted_mean
 from lmpress.sources import load_documents
 
 PACKAGES = {"a": "email/", "b": "xml/", "c": "json/"}  # non-identical data, as federated data is
@@ -180,7 +179,7 @@ def test_cli_federated_as_the_readme_runs_it(
 
 
 def _federation_run(work: Path, clients: list[Path], models: list[Path], teacher: Path, config: FederatedConfig) -> str:
-    from lmpress.federated.apps import encode_config
+    from lmpress.federated.core import encode_config
     from lmpress.federated.local import LocalFederation
 
     run_config = {"lmpress-config": encode_config(config), "model-dir": str(models[0]), "teacher-dir": str(teacher),
@@ -396,7 +395,7 @@ def test_a_client_drops_out_and_rejoins_and_a_restarted_server_resumes(
     import threading
     import time
 
-    from lmpress.federated.apps import encode_config
+    from lmpress.federated.core import encode_config
     from lmpress.federated.local import LocalFederation
 
     config = FederatedConfig.model_validate({**SHORT, "rounds": 3, "min_clients": 2})

@@ -8,13 +8,16 @@ them on its held-out split, trains ``local_steps`` on its training split against
 (distillation, with FedProx's proximal term when asked), and returns the new parameters with the
 number of tokens it trained on. The server averages them weighted by tokens (FedAvg, also the
 aggregation of FedProx) or moves the global model with Adam along the average change (FedAdam,
-Reddi et al. 2021, arXiv:2003.00295). `lmpress.federated.apps` carries these over Flower.
+Reddi et al. 2021, arXiv:2003.00295). `lmpress.federated.server_app` and `client_app` carry these over
+Flower.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,10 +26,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from lmpress.data import content_hash, select_split, tokenize_documents, windows
 from lmpress.distill.distill import DistillConfig, Distiller, _trainable_parameters, load_teacher, train_config
 from lmpress.distill.train import TrainConfig, TrainError, lr_at, train
 from lmpress.distill.trainable import TrainableLinear, make_trainable, restore_compressed
+from lmpress.io import load_model
 from lmpress.method import Context, MethodConfig
+from lmpress.sources import load_documents
 
 
 class LocalDP(BaseModel):
@@ -44,8 +50,6 @@ class LocalDP(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)  # per round
 
     def noise_std(self) -> float:
-        import math
-
         return 2 * self.clip * math.sqrt(2 * math.log(1.25 / self.delta)) / self.epsilon
 
 
@@ -81,7 +85,31 @@ class FederatedConfig(MethodConfig):
         return self
 
 
+def encode_config(config: FederatedConfig) -> str:
+    """The stage's config as one run-config value (Flower's run config has no quoting for JSON)."""
+    return base64.urlsafe_b64encode(config.model_dump_json().encode()).decode()
+
+
+def decode_config(value: str) -> FederatedConfig:
+    """The stage's config back from `encode_config`'s value."""
+    return FederatedConfig.model_validate_json(base64.urlsafe_b64decode(value))
+
+
 # ---- the client's side ----------------------------------------------------------------------------
+
+
+def check_clients(clients: list[Path], config: FederatedConfig) -> None:
+    """Before any work: enough client directories, each with text."""
+    if len(clients) < config.min_clients:
+        raise TrainError(
+            f"the federated stage has {len(clients)} client directories, fewer than min_clients "
+            f"{config.min_clients}; pass more with --clients or lower min_clients"
+        )
+    for c in clients:
+        if not c.is_dir():
+            raise TrainError(f"client data {c} is not a directory; give each client a directory of text files")
+        if not any(p.is_file() and p.stat().st_size for p in c.rglob("*")):
+            raise TrainError(f"client data {c} has no text; give each client a directory of text files")
 
 
 @dataclass
@@ -98,9 +126,6 @@ def client_data(tokenizer: Any, source: Path, seq_len: int, eval_windows: int) -
     """The client's text split as lmpress splits any source (by document); a client whose few
     documents all fall in the training split holds out its last windows instead (a tenth, at
     least one, at most ``eval_windows``)."""
-    from lmpress.data import select_split, tokenize_documents, windows
-    from lmpress.sources import load_documents
-
     docs = load_documents(source)
     if not any(d.text.strip() for d in docs):
         raise TrainError(f"client data {source} has no text; give each client a directory of text files")
@@ -113,8 +138,6 @@ def client_data(tokenizer: Any, source: Path, seq_len: int, eval_windows: int) -
         train_w, held = train_w[:-n], train_w[-n:]
     if train_w.shape[0] < 1 or held.shape[0] < 1:
         raise TrainError(f"client data {source} has fewer than two windows of {seq_len} tokens; give it more text")
-    from lmpress.data import content_hash
-
     return ClientData(train_w, held, int(train_w.numel()), content_hash(docs))
 
 
@@ -235,6 +258,15 @@ def fingerprint_model(model: nn.Module, tokenizer: Any) -> str:
         parts = [(n, list(t.shape), round(float(t.double().sum()), 3)) for n, t in model.state_dict().items()]
     vocab = sorted(tokenizer.get_vocab().items()) if hasattr(tokenizer, "get_vocab") else []
     return hashlib.sha256(json.dumps([parts, vocab]).encode()).hexdigest()[:16]
+
+
+def load_student(model_dir: str, teacher_dir: str, config: FederatedConfig) -> tuple[Student, str, Any]:
+    """The compressed model made trainable, its fingerprint (taken before) and its tokenizer."""
+    loaded = load_model(model_dir, device="cpu")
+    fp = fingerprint_model(loaded.model, loaded.tokenizer)
+    teacher = load_model(teacher_dir, device="cpu").model
+    ctx = Context(tokenizer=loaded.tokenizer, device=torch.device("cpu"), teacher=teacher)
+    return Student(loaded.model, config.train, ctx, config.freeze_lora_a), fp, loaded.tokenizer
 
 
 # ---- the server's side ----------------------------------------------------------------------------

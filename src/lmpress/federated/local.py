@@ -19,6 +19,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from lmpress.distill.train import TrainError
+from lmpress.federated.core import FederatedConfig, check_clients, fingerprint_model
+from lmpress.io import load_model
 
 APP_DIR = Path(__file__).parent / "flower_app"
 CONNECTION = "lmpress-local"
@@ -330,13 +333,6 @@ def join(address: str, data: Path, model: Path, teacher: Path, name: str, certif
          threads: int = 1) -> int:  # fmt: skip
     """Run a SuperNode for the federation served at ``address`` with this machine's text in ``data``
     (which never leaves it) until it is interrupted; returns its exit code."""
-    import logging
-    import tempfile
-
-    from lmpress.federated.core import FederatedConfig, fingerprint_model
-    from lmpress.federated.stage import check_clients
-    from lmpress.io import load_model
-
     log = logging.getLogger("lmpress.federated")
     host, port = parse_address(address)
     check_clients([data], FederatedConfig(min_clients=1))  # type: ignore[call-arg]

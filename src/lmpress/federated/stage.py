@@ -3,9 +3,10 @@
 ``lmpress compress MODEL -r recipe.yaml --clients a/ b/ c/`` runs the stages before it as usual,
 then saves the compressed model and the teacher to the work directory, starts a loopback
 federation (`lmpress.federated.local`: a SuperLink and one SuperNode per client directory) and
-runs the ServerApp and ClientApps of `lmpress.federated.apps` through it. The global parameters it
-ends with are loaded into the model, whose compressed layers kept their format throughout; the
-rounds (each client's held-out loss, the global model's, bytes each way) are the stage's report.
+runs the ServerApp of `lmpress.federated.server_app` and the ClientApps of `client_app` through
+it. The global parameters it ends with are loaded into the model, whose compressed layers kept
+their format throughout; the rounds (each client's held-out loss, the global model's, bytes each
+way) are the stage's report.
 """
 
 from __future__ import annotations
@@ -21,27 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors.torch import load_file
 from torch import nn
 
-from lmpress.distill.train import TrainError
-from lmpress.federated.core import FederatedConfig, Student
+from lmpress.distill.train import TrainError, _tensorboard
+from lmpress.federated.core import FederatedConfig, Student, check_clients, encode_config
+from lmpress.federated.local import Certificates, Federation, LocalFederation, ServedFederation, serverapp_error
+from lmpress.io import save
 from lmpress.method import Context, Method, StageReport
 
 log = logging.getLogger(__name__)
-
-
-def check_clients(clients: list[Path], config: FederatedConfig) -> None:
-    """Before any work: enough client directories, each with text."""
-    if len(clients) < config.min_clients:
-        raise TrainError(
-            f"the federated stage has {len(clients)} client directories, fewer than min_clients "
-            f"{config.min_clients}; pass more with --clients or lower min_clients"
-        )
-    for c in clients:
-        if not c.is_dir():
-            raise TrainError(f"client data {c} is not a directory; give each client a directory of text files")
-        if not any(p.is_file() and p.stat().st_size for p in c.rglob("*")):
-            raise TrainError(f"client data {c} has no text; give each client a directory of text files")
 
 
 def privacy(config: FederatedConfig) -> dict[str, Any]:
@@ -72,12 +62,6 @@ class Serve:
 
 
 def apply(model: nn.Module, config: FederatedConfig, ctx: Context) -> StageReport:
-    from safetensors.torch import load_file
-
-    from lmpress.federated.apps import encode_config
-    from lmpress.federated.local import Certificates, Federation, LocalFederation, ServedFederation, serverapp_error
-    from lmpress.io import save
-
     served: Serve | None = ctx.federation
     clients = list(ctx.clients or [])
     if served is None:
@@ -155,8 +139,6 @@ def join_instructions(work: Path, served: Serve, config: FederatedConfig) -> str
 
 def write_curves(path: Path, record: dict[str, Any]) -> None:
     """The rounds as TensorBoard curves: every client's held-out loss of the global model, bytes, seconds."""
-    from lmpress.distill.train import _tensorboard
-
     writer = _tensorboard(path.parent)  # writes to <work>/tensorboard
     if writer is None:
         return

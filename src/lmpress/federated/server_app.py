@@ -1,12 +1,11 @@
-"""The Flower ServerApp and ClientApp of a federated recovery stage (Flower's Message API).
+"""The Flower ServerApp of a federated recovery stage (Flower's Message API); its clients run
+`lmpress.federated.client_app`.
 
 Run configuration (the same for server and clients; `flwr run ... --run-config`):
-``lmpress-config`` (the stage's `FederatedConfig`, JSON in url-safe base64), ``model-dir`` and ``teacher-dir`` (the
-server's copies), ``out-dir`` (where the server keeps the global parameters after every round,
-``global.safetensors``, and the rounds, ``rounds.json``; a restarted server resumes from them),
-``round-timeout`` (seconds). Node configuration of each SuperNode (`flower-supernode
---node-config`): ``data-dir`` (its text, which never leaves it), ``model-dir`` and ``teacher-dir``
-(its copies of the same models; checked against the server's by fingerprint), ``name``.
+``lmpress-config`` (the stage's `FederatedConfig`, `lmpress.federated.core.encode_config`), ``model-dir`` and
+``teacher-dir`` (the server's copies), ``out-dir`` (where the server keeps the global parameters after
+every round, ``global.safetensors``, and the rounds, ``rounds.json``; a restarted server resumes from
+them), ``round-timeout`` and ``join-timeout`` (seconds).
 
 Per round the server sends the global trainable parameters to every connected client (at least
 ``min_clients``), each client measures them on its held-out text, trains ``local_steps`` and
@@ -16,7 +15,6 @@ the round. Clients that fail or time out are logged and left out while ``min_cli
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from collections import Counter
@@ -26,49 +24,23 @@ from logging import INFO, WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.common import FitIns, FitRes, Parameters
+from flwr.common import FitIns, FitRes, Parameters, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common import recorddict_compat as compat
+from flwr.server import ServerConfig
+from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 from flwr.serverapp import Grid, ServerApp
 from flwr.supercore import log
+from safetensors.torch import load_file, save_file
 
-from lmpress.federated.core import (
-    Aggregator,
-    FederatedConfig,
-    Student,
-    client_data,
-    fingerprint_model,
-    round_lr,
-    weighted_mean,
-)
+from lmpress.federated.core import Aggregator, FederatedConfig, decode_config, load_student, round_lr, weighted_mean
 
-server = ServerApp()
-
-
-def load_student(model_dir: str, teacher_dir: str, config: FederatedConfig) -> tuple[Student, str, Any]:
-    """The compressed model made trainable, its fingerprint (taken before) and its tokenizer."""
-    from lmpress.io import load_model
-    from lmpress.method import Context as StageContext
-
-    loaded = load_model(model_dir, device="cpu")
-    fp = fingerprint_model(loaded.model, loaded.tokenizer)
-    teacher = load_model(teacher_dir, device="cpu").model
-    ctx = StageContext(tokenizer=loaded.tokenizer, device=torch.device("cpu"), teacher=teacher)
-    return Student(loaded.model, config.train, ctx, config.freeze_lora_a), fp, loaded.tokenizer
-
-
-def encode_config(config: FederatedConfig) -> str:
-    """The stage's config as one run-config value (Flower's run config has no quoting for JSON)."""
-    return base64.urlsafe_b64encode(config.model_dump_json().encode()).decode()
-
-
-def _config(context: Context) -> FederatedConfig:
-    return FederatedConfig.model_validate_json(base64.urlsafe_b64decode(str(context.run_config["lmpress-config"])))
-
-
-# ---- the server -----------------------------------------------------------------------------------
+app = ServerApp()
 
 
 def _wait_for_clients(grid: Grid, n: int, timeout: float) -> list[int]:
@@ -82,8 +54,6 @@ def _wait_for_clients(grid: Grid, n: int, timeout: float) -> list[int]:
 
 def _save(out: Path, state: dict[str, torch.Tensor], record: dict[str, Any]) -> None:
     """The global parameters and the rounds so far, each replaced atomically."""
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
     save_file({n: t.contiguous() for n, t in state.items()}, str(out / "global.safetensors.tmp"))
     (out / "global.safetensors.tmp").replace(out / "global.safetensors")
@@ -93,8 +63,6 @@ def _save(out: Path, state: dict[str, torch.Tensor], record: dict[str, Any]) -> 
 
 def _resume(out: Path, fp: str, config: FederatedConfig) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
     """The last completed round of an earlier run of the same federation, if any."""
-    from safetensors.torch import load_file
-
     if not (out / "rounds.json").is_file() or not (out / "global.safetensors").is_file():
         return None
     record = json.loads((out / "rounds.json").read_text())
@@ -215,14 +183,6 @@ def _secure_round(grid: _Metered, context: Context, config: FederatedConfig, rnd
                   state: dict[str, torch.Tensor], settings: ConfigRecord, timeout: float) -> _Round:  # fmt: skip
     """Flower's SecAgg+ (Bell et al. 2020): the clients' parameters arrive masked, and only their
     token-weighted mean can be unmasked, from the shares of at least ``secagg_threshold`` of them."""
-    import numpy as np
-    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.compat.common import recorddict_compat as compat
-    from flwr.server import ServerConfig
-    from flwr.server.compat.legacy_context import LegacyContext
-    from flwr.server.workflow import SecAggPlusWorkflow
-    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
-
     names = list(state)
     parameters = ndarrays_to_parameters([state[n].numpy() for n in names])
     strategy = _OneRound(nodes, FitIns(parameters, dict(settings)))  # type: ignore[arg-type]
@@ -255,10 +215,10 @@ def _secure_round(grid: _Metered, context: Context, config: FederatedConfig, rnd
     return out
 
 
-@server.main()
+@app.main()
 def server_main(grid: Grid, context: Context) -> None:
     rc = context.run_config
-    config = _config(context)
+    config = decode_config(str(rc["lmpress-config"]))
     out = Path(str(rc["out-dir"]))
     timeout = float(rc.get("round-timeout", 600.0))
     student, fp, _ = load_student(str(rc["model-dir"]), str(rc["teacher-dir"]), config)
@@ -288,32 +248,44 @@ def server_main(grid: Grid, context: Context) -> None:
                 f"{config.min_clients}" + (f" ({reasons})" if reasons else "")
             )
         state = aggregate(state, result.mean)
-        clients = [
-            {
-                "name": name,
-                "tokens": int(m["tokens"]),
-                "global_held_out_loss": float(m["held-out-before"]),  # the global model of the previous round
-                "held_out_loss": float(m["held-out-after"]),  # after its local steps, on its own text
-                "train_loss": float(m["train-loss"]),
-                "update_norm": float(m.get("update-norm", "nan")),  # not sent under DP
-            }
-            for name, m in result.replies
-        ]
-        clients.sort(key=lambda c: str(c["name"]))
-        record["rounds"].append(
-            {
-                "round": rnd,
-                "clients": clients,
-                "failed": len(nodes) - len(result.replies),  # errors and clients that did not answer in time
-                "bytes_down": sum(metered.down.values()),  # all clients together, every stage of the round
-                "bytes_up": sum(metered.up.values()),
-                "seconds": time.monotonic() - t0,
-            }
-        )
+        record["rounds"].append(_round_record(rnd, len(nodes), result, metered, time.monotonic() - t0))
         _save(out, state, record)
+        clients = record["rounds"][-1]["clients"]
         log(INFO, "round %d: %d clients, held-out loss %s", rnd, len(clients),
             " ".join(f"{c['name']} {c['held_out_loss']:.4f}" for c in clients))  # fmt: skip
-    # the final global model on every client's held-out text
+    record["final_held_out_loss"] = _final_losses(grid, config, state, fp, timeout)
+    record["status"] = "completed"
+    _save(out, state, record)
+
+
+def _round_record(rnd: int, n_nodes: int, result: _Round, metered: _Metered, seconds: float) -> dict[str, Any]:
+    """One round as ``rounds.json`` keeps it: every client that replied, failures, bytes, time."""
+    clients = [
+        {
+            "name": name,
+            "tokens": int(m["tokens"]),
+            "global_held_out_loss": float(m["held-out-before"]),  # the global model of the previous round
+            "held_out_loss": float(m["held-out-after"]),  # after its local steps, on its own text
+            "train_loss": float(m["train-loss"]),
+            "update_norm": float(m.get("update-norm", "nan")),  # not sent under DP
+        }
+        for name, m in result.replies
+    ]
+    clients.sort(key=lambda c: str(c["name"]))
+    return {
+        "round": rnd,
+        "clients": clients,
+        "failed": n_nodes - len(result.replies),  # errors and clients that did not answer in time
+        "bytes_down": sum(metered.down.values()),  # all clients together, every stage of the round
+        "bytes_up": sum(metered.up.values()),
+        "seconds": seconds,
+    }
+
+
+def _final_losses(
+    grid: Grid, config: FederatedConfig, state: dict[str, torch.Tensor], fp: str, timeout: float
+) -> dict[str, float]:
+    """The final global model on every client's held-out text, by client."""
     nodes = _wait_for_clients(grid, config.min_clients, timeout)
     settings = ConfigRecord({"fingerprint": fp})
     messages = [
@@ -325,106 +297,4 @@ def server_main(grid: Grid, context: Context) -> None:
         for r in grid.send_and_receive(messages, timeout=timeout)
         if not r.has_error()
     }
-    record["final_held_out_loss"] = dict(sorted(final.items()))
-    record["status"] = "completed"
-    _save(out, state, record)
-
-
-# ---- a client -------------------------------------------------------------------------------------
-
-
-LEGACY_PARAMS, LEGACY_CONFIG = "fitins.parameters", "fitins.config"  # SecAgg+'s (legacy) message layout
-
-
-def _client_setup(msg: Message, context: Context) -> tuple[FederatedConfig, Student, Any, ConfigRecord]:
-    torch.set_num_threads(int(context.node_config.get("threads", 1)))
-    nc = context.node_config
-    config = _config(context)
-    student, fp, tokenizer = load_student(str(nc["model-dir"]), str(nc["teacher-dir"]), config)
-    legacy = LEGACY_PARAMS in msg.content.array_records
-    settings = msg.content.config_records[LEGACY_CONFIG if legacy else "config"]
-    server_fp = str(settings["fingerprint"])
-    if fp != server_fp:
-        raise ValueError(
-            f"client {nc.get('name', '')}: its model or tokenizer differs from the server's (fingerprint {fp}, "
-            f"server {server_fp}); give every client the same compressed model"
-        )
-    if legacy:  # unnamed arrays in the order of the trainable parameters (the same model on both sides)
-        from flwr.common import parameters_to_ndarrays
-        from flwr.compat.common import recorddict_compat as compat
-
-        record = msg.content.array_records[LEGACY_PARAMS]
-        arrays = parameters_to_ndarrays(compat.arrayrecord_to_parameters(record, keep_input=True))
-        if len(arrays) != len(student.named):
-            raise ValueError(f"the server sent {len(arrays)} arrays for {len(student.named)} trainable parameters")
-        names = list(student.named)
-        student.load(
-            {n: torch.from_numpy(a.copy()).reshape(student.wire_shape(n)) for n, a in zip(names, arrays, strict=True)}
-        )
-    else:
-        student.load(msg.content.array_records["arrays"].to_torch_state_dict())
-    return config, student, tokenizer, settings
-
-
-def _info(context: Context) -> ConfigRecord:
-    return ConfigRecord({"name": str(context.node_config.get("name", ""))})
-
-
-def client_train(msg: Message, context: Context) -> Message:
-    config, student, tokenizer, settings = _client_setup(msg, context)
-    data = client_data(tokenizer, Path(str(context.node_config["data-dir"])), config.seq_len, config.eval_windows)
-    start = student.state()
-    before = student.loss(data.held_out)
-    mu = config.prox_mu if config.aggregation == "fedprox" else 0.0
-    lr, server_round = float(settings["lr"]), int(settings["server-round"])  # type: ignore[arg-type]
-    train_loss, tokens = student.fit(data.train, config.local_steps, lr, seed=server_round, prox_mu=mu)
-    after = student.loss(data.held_out)
-    state = student.state()
-    metrics: dict[str, Any] = {
-        "tokens": tokens, "held-out-before": before, "held-out-after": after, "train-loss": train_loss
-    }  # fmt: skip
-    if config.dp is None:  # the clear update norm would escape the noise
-        metrics["update-norm"] = float(sum(((state[n] - start[n]) ** 2).sum() for n in state)) ** 0.5
-    if LEGACY_PARAMS in msg.content.array_records:  # SecAgg+ masks the parameters of a FitRes
-        from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
-        from flwr.compat.common import recorddict_compat as compat
-
-        name = str(context.node_config.get("name", ""))
-        params = ndarrays_to_parameters([t.numpy() for t in state.values()])
-        res = FitRes(Status(Code.OK, ""), params, tokens, {**metrics, "name": name})
-        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=msg)
-    content = RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord(dict(metrics)), "info": _info(context)})
-    return Message(content, reply_to=msg)
-
-
-def client_evaluate(msg: Message, context: Context) -> Message:
-    config, student, tokenizer, _ = _client_setup(msg, context)
-    data = client_data(tokenizer, Path(str(context.node_config["data-dir"])), config.seq_len, config.eval_windows)
-    metrics = MetricRecord({"held-out-loss": student.loss(data.held_out), "tokens": int(data.held_out.numel())})
-    return Message(RecordDict({"metrics": metrics, "info": _info(context)}), reply_to=msg)
-
-
-def _secure_aggregation_mod(msg: Message, context: Context, call_next: Any) -> Message:
-    """Flower's SecAgg+ client side, for the messages of a secure round."""
-    from flwr.client.mod import secaggplus_mod
-    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
-
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)  # type: ignore[no-any-return]
-    return call_next(msg, context)  # type: ignore[no-any-return]
-
-
-def _dp_mod(msg: Message, context: Context, call_next: Any) -> Message:
-    """Flower's LocalDpMod on every training reply when the stage asks for differential privacy."""
-    from flwr.app import MessageType
-    from flwr.clientapp.mod import LocalDpMod
-
-    dp = _config(context).dp
-    if dp is None or msg.metadata.message_type != MessageType.TRAIN:
-        return call_next(msg, context)  # type: ignore[no-any-return]
-    return LocalDpMod(dp.clip, 2 * dp.clip, dp.epsilon, dp.delta)(msg, context, call_next)
-
-
-client = ClientApp(mods=[_secure_aggregation_mod, _dp_mod])  # SecAgg+ outside: it masks the noised update
-client.train()(client_train)
-client.evaluate()(client_evaluate)
+    return dict(sorted(final.items()))
