@@ -50,7 +50,7 @@ from lmpress.distill.train import TrainConfig, train
 from lmpress.evaluation import count_parameters, quality
 from lmpress.io.load import load_model
 from lmpress.method import Context
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 

@@ -45,7 +45,7 @@ from lmpress.data import TokenData, split_of
 from lmpress.evaluation import count_parameters, quality
 from lmpress.io.load import load_model
 from lmpress.method import Context
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from lmpress.pipeline import DataOptions, compress, run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.sources import load_documents

@@ -34,7 +34,7 @@ from benchmarks.common import (
 from lmpress.evaluation import count_parameters, quality, speed
 from lmpress.io.load import load_model
 from lmpress.method import Context
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 
@@ -195,7 +195,7 @@ def with_outlier_channels(model: torch.nn.Module, share: float = 0.02, scale: fl
     with torch.no_grad():
         for i in range(adapter.num_blocks):
             for prev_name, prev, linears in adapter.scale_groups(i):
-                if prev_name.rsplit(".", 1)[-1] not in adapter.spec.norms:
+                if prev_name.rsplit(".", 1)[-1] not in adapter.spec.norm_paths:
                     continue
                 prev.weight[channels] *= scale
                 for lin in linears.values():

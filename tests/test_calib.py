@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmpress.calib import InputStats, SquareNorm, blockwise, collect
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from tests.conftest import TINY_ARCHS, tiny_config
 
 

@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from lmpress.cli import app
 from lmpress.errors import ModelLoadError
-from lmpress.memory import MemoryBudgetError, Shapes, parse_size
+from lmpress.arch import Shapes
+from lmpress.memory import MemoryBudgetError, parse_size
 from lmpress.pipeline import DataOptions, compress
 from lmpress.preflight import why_whole
 from lmpress.recipe import load_recipe

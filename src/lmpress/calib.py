@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from lmpress.progress import track
 
 

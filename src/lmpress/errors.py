@@ -33,3 +33,7 @@ class TrainError(LmpressError):
 
 class EvaluationError(LmpressError):
     """A measurement that would be a wrong number: non-finite logits, windows past the positions."""
+
+
+class ExportError(LmpressError):
+    """A model or layer that the target format cannot hold as asked."""

@@ -171,7 +171,7 @@ def streamed_quality(
     Returns (model's metrics with KL and top-1 agreement, the reference's own metrics, the
     reference's last hidden states)."""
     from lmpress.calib import BlockInputs, first_block_inputs, run_block
-    from lmpress.models.adapters import Adapter
+    from lmpress.arch import Adapter
     from lmpress.progress import track
     from lmpress.streaming import resident
 

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from lmpress.arch import Shapes
 from lmpress.errors import LmpressError
 
 PROCESS_BYTES = 400 * 2**20  # python + torch + transformers + lmpress, measured: ~260 MB resident
@@ -50,53 +51,6 @@ def available_memory() -> int:
 
 def gb(n: float) -> str:
     return f"{n / 1e9:.1f} GB"
-
-
-@dataclass(frozen=True)
-class Shapes:
-    """What the estimate needs from a Hugging Face config."""
-
-    hidden: int
-    layers: int
-    intermediate: int
-    vocab: int
-    q_dim: int  # heads x head_dim
-    kv_dim: int
-    tied: bool
-    gated: bool  # a gated MLP (Llama) has three projections, else two
-
-    @classmethod
-    def of(cls, config: dict[str, Any]) -> Shapes:
-        h = int(config.get("hidden_size") or config.get("n_embd") or config.get("d_model") or 0)
-        layers = int(config.get("num_hidden_layers") or config.get("n_layer") or 0)
-        inter = int(config.get("intermediate_size") or config.get("n_inner") or config.get("ffn_dim") or 4 * h)
-        heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
-        head_dim = int(config.get("head_dim") or h // heads)
-        kv = int(config.get("num_key_value_heads") or heads)
-        gated = config.get("model_type") in ("llama", "mistral", "qwen2", "qwen3")
-        return cls(
-            h,
-            layers,
-            inter,
-            int(config.get("vocab_size") or 0),
-            heads * head_dim,
-            kv * head_dim,
-            bool(config.get("tie_word_embeddings", config.get("model_type") == "gpt2")),
-            gated,
-        )
-
-    @property
-    def block_params(self) -> int:
-        attn = self.hidden * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden
-        return attn + (3 if self.gated else 2) * self.hidden * self.intermediate
-
-    @property
-    def outside_params(self) -> int:
-        return self.vocab * self.hidden * (1 if self.tied else 2)
-
-    @property
-    def params(self) -> int:
-        return self.layers * self.block_params + self.outside_params
 
 
 @dataclass

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lmpress.errors import ModelLoadError
+from lmpress.export.registry import exporter_for
 from lmpress.io import (
     META_FILE,
     LoadedModel,
@@ -75,17 +76,14 @@ def check_inputs(
 
 def exported_runtime(model: str | Path) -> str | None:
     """The runtime an exported model runs in (a GGUF file, an ONNX directory), or None."""
-    from lmpress.export.onnx_runtime import is_onnx_dir
-
-    if str(model).lower().endswith(".gguf"):
-        return "llama.cpp"
-    return "ONNX Runtime" if is_onnx_dir(model) else None
+    exporter = exporter_for(model)
+    return exporter.runtime if exporter is not None else None
 
 
 def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | None) -> str | None:
     """Why this run cannot stream (`lmpress.streamed_run`), or None when it can."""
+    from lmpress.arch import is_supported
     from lmpress.io import META_FILE, read_config, resolve_path
-    from lmpress.models.adapters import ARCHS
 
     if output is None:
         return "the result stays in memory (no output directory)"
@@ -96,7 +94,7 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
         return "the model is an lmpress directory (its compressed layers load whole)"
     if not any(path.glob("*.safetensors")):
         return "its weights are not safetensors"
-    if read_config(path).get("model_type") not in ARCHS:
+    if not is_supported(read_config(path).get("model_type")):
         return "lmpress does not know its block layout"
     registry = methods()
     for i, stage in enumerate(recipe.stages, 1):

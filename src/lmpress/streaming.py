@@ -293,7 +293,7 @@ class Stream:
 
     def units(self) -> list[str]:
         """Every unit in file order: the embeddings, the blocks, then the rest (final norm, head)."""
-        from lmpress.models.adapters import Adapter
+        from lmpress.arch import Adapter
 
         adapter = Adapter(self.model)
         blocks = [adapter.block_name(i) for i in range(adapter.num_blocks)]
@@ -330,7 +330,7 @@ def resident(model: nn.Module, units: Iterable[str], changed: bool = False) -> I
 
 def outside_units(model: nn.Module) -> list[str]:
     """The units outside the decoder blocks: embeddings, final norm, head."""
-    from lmpress.models.adapters import Adapter
+    from lmpress.arch import Adapter
 
     adapter = Adapter(model)
     return [*adapter.embeddings(), adapter.final_norm()[0], adapter.head()[0]]
@@ -339,7 +339,7 @@ def outside_units(model: nn.Module) -> list[str]:
 def each_block(model: nn.Module, progress: bool = False, label: str = "blocks") -> Iterator[tuple[int, nn.Module]]:
     """Yield (index, block) with the block in memory; a streamed block is saved when the caller
     moves on (the caller may change it)."""
-    from lmpress.models.adapters import Adapter
+    from lmpress.arch import Adapter
     from lmpress.progress import track
 
     adapter = Adapter(model)

@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmpress.errors import ModelLoadError
-from lmpress.models.adapters import Adapter, is_conv1d, linear_weight
+from lmpress.arch import Adapter, is_conv1d, linear_weight
 from tests.conftest import TINY_ARCHS, tiny_config
 
 EXPECTED_LINEARS = {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "gpt_neox": 4, "phi": 6}

@@ -16,13 +16,13 @@ import torch
 from typer.testing import CliRunner
 
 import lmpress
+from lmpress.arch import rope_permutation
 from lmpress.cli import app
 from lmpress.data import select_split, tokenize_documents
 from lmpress.export import ExportError, export
-from lmpress.export.gguf import rope_permutation
+from lmpress.formats import ggml
 from lmpress.io.load import LoadedModel
 from lmpress.nn.gguf_linear import GGUFLinear
-from lmpress.quant import ggml
 from lmpress.sources import load_documents
 
 gguf = pytest.importorskip("gguf")

@@ -11,7 +11,7 @@ import torch
 
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from lmpress.pipeline import DataOptions, compress
 from tests.conftest import TINY_ARCHS
 

@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmpress.io.load import load_model
-from lmpress.models.adapters import Adapter, linear_weight
+from lmpress.arch import Adapter, linear_weight
 from lmpress.pipeline import DataOptions, compress
 from lmpress.quant.awq import awq_scales, fold_scales
 from lmpress.quant.base import LayerSettings

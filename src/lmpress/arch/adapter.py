@@ -1,123 +1,18 @@
-"""Architecture knowledge: where each model family keeps its blocks, projections, embeddings and head.
+"""The parts of one loaded model, found through its family's `Spec`.
 
-This is the only module that knows paths like ``model.layers[i].self_attn.q_proj``, GPT-2's
-transposed ``Conv1D`` and fused QKV. Methods ask an `Adapter` for "the blocks" or "the attention
-projections of block i" and never spell a path themselves.
+Methods, exporters and streaming ask an `Adapter` for "the blocks", "the attention projections of
+block i", "the norm in front of these linears and its kind" or "the module whose role is attn_v",
+and never spell a path themselves. GPT-2's transposed ``Conv1D`` is handled here too
+(`linear_weight`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from torch import Tensor, nn
 
+from lmpress.arch.registry import spec_for
+from lmpress.arch.spec import NormKind
 from lmpress.errors import ModelLoadError
-
-
-@dataclass(frozen=True)
-class ArchSpec:
-    """Module paths of one family. Block-relative names are relative to one decoder block.
-
-    The output head is found with ``get_output_embeddings()``, whose name differs across versions.
-    """
-
-    blocks: str
-    embeddings: tuple[str, ...]
-    final_norm: str
-    attention: tuple[str, ...]
-    mlp: tuple[str, ...]
-    norms: tuple[str, ...]
-    fused_qkv: bool = False  # one projection produces q, k and v
-    conv1d: bool = False  # GPT-2: weights stored (in, out)
-    # (previous op, linears reading its output): a per-channel scale can move from the linears'
-    # input columns into the previous op's outputs (a norm, or a linear followed by nothing or by a
-    # positively homogeneous activation), as AWQ and SmoothQuant need. Groups whose widths do not
-    # line up on a given model (grouped-query v -> o, fused qkv -> o) are skipped at run time.
-    scale_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
-
-
-_LLAMA = ArchSpec(
-    blocks="model.layers",
-    embeddings=("model.embed_tokens",),
-    final_norm="model.norm",
-    attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"),
-    mlp=("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"),
-    norms=("input_layernorm", "post_attention_layernorm"),
-    scale_groups=(
-        ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        ("self_attn.v_proj", ("self_attn.o_proj",)),
-        ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-        ("mlp.up_proj", ("mlp.down_proj",)),
-    ),
-)
-
-ARCHS: dict[str, ArchSpec] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gpt2": ArchSpec(
-        blocks="transformer.h",
-        embeddings=("transformer.wte", "transformer.wpe"),
-        final_norm="transformer.ln_f",
-        attention=("attn.c_attn", "attn.c_proj"),
-        mlp=("mlp.c_fc", "mlp.c_proj"),
-        norms=("ln_1", "ln_2"),
-        fused_qkv=True,
-        conv1d=True,
-        scale_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
-    ),
-    "opt": ArchSpec(
-        blocks="model.decoder.layers",
-        embeddings=("model.decoder.embed_tokens", "model.decoder.embed_positions"),
-        final_norm="model.decoder.final_layer_norm",
-        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"),
-        mlp=("fc1", "fc2"),
-        norms=("self_attn_layer_norm", "final_layer_norm"),
-        scale_groups=(
-            ("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("self_attn.v_proj", ("self_attn.out_proj",)),
-            ("final_layer_norm", ("fc1",)),
-            ("fc1", ("fc2",)),  # ReLU is positively homogeneous
-        ),
-    ),
-    "gpt_neox": ArchSpec(
-        blocks="gpt_neox.layers",
-        embeddings=("gpt_neox.embed_in",),
-        final_norm="gpt_neox.final_layer_norm",
-        attention=("attention.query_key_value", "attention.dense"),
-        mlp=("mlp.dense_h_to_4h", "mlp.dense_4h_to_h"),
-        norms=("input_layernorm", "post_attention_layernorm"),
-        fused_qkv=True,
-        scale_groups=(
-            ("input_layernorm", ("attention.query_key_value",)),
-            ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
-        ),
-    ),
-    "phi": ArchSpec(
-        blocks="model.layers",
-        embeddings=("model.embed_tokens",),
-        final_norm="model.final_layernorm",
-        attention=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.dense"),
-        mlp=("mlp.fc1", "mlp.fc2"),
-        norms=("input_layernorm",),
-        scale_groups=(
-            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),
-            ("self_attn.v_proj", ("self_attn.dense",)),
-        ),
-    ),
-}
-
-
-def supported_architectures() -> list[str]:
-    return sorted(ARCHS)
-
-
-def unknown_architecture(model_type: object) -> ModelLoadError:
-    return ModelLoadError(
-        f"unknown architecture {model_type!r} (config.json model_type); lmpress supports: "
-        + ", ".join(supported_architectures())
-    )
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -137,12 +32,10 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if model_type not in ARCHS:
-            raise unknown_architecture(model_type)
+        self.spec = spec_for(model_type)
         self.model = model
-        self.model_type: str = model_type
-        self.spec = ARCHS[model_type]
-        for path in (self.spec.blocks, self.spec.final_norm, *self.spec.embeddings):
+        self.model_type: str = str(model_type)
+        for path in (self.spec.blocks, self.spec.final_norm.path, *self.spec.embeddings):
             self._get(path)
         for name in (*self.spec.attention, *self.spec.mlp):
             self._get(f"{self.spec.blocks}.0.{name}")
@@ -194,15 +87,15 @@ class Adapter:
         whose previous op's output width equals the linears' input width; norm groups are dropped
         for post-norm OPT models (the norm there is not in front of the linears).
         """
-        post_norm = self.model_type == "opt" and not getattr(self.model.config, "do_layer_norm_before", True)
+        post_norm = not self.spec.is_pre_norm(self.model.config)
         out = []
         for prev_rel, linear_rels in self.spec.scale_groups:
-            if post_norm and prev_rel in self.spec.norms:
+            if post_norm and prev_rel in self.spec.norm_paths:
                 continue
             prev_name = f"{self.block_name(i)}.{prev_rel}"
             prev = self._get(prev_name)
             linears = self._block_modules(i, linear_rels)
-            dense = [prev, *linears.values()] if prev_rel not in self.spec.norms else list(linears.values())
+            dense = [prev, *linears.values()] if prev_rel not in self.spec.norm_paths else list(linears.values())
             if not all(isinstance(m, nn.Linear) or is_conv1d(m) for m in dense):
                 continue
             width = linear_weight(prev).shape[0]  # a norm's weight is (width,)
@@ -211,7 +104,56 @@ class Adapter:
         return out
 
     def block_norms(self, i: int) -> dict[str, nn.Module]:
-        return self._block_modules(i, self.spec.norms)
+        """Full name -> module of block i's norms (the optional ones only where the model has them)."""
+        out = {}
+        for n in self.spec.norms:
+            name = f"{self.block_name(i)}.{n.path}"
+            if n.optional and not self._has(name):
+                continue
+            out[name] = self._get(name)
+        return out
+
+    def _has(self, path: str) -> bool:
+        try:
+            self.model.get_submodule(path)
+        except AttributeError:
+            return False
+        return True
+
+    def linear_roles(self, i: int) -> dict[str, str]:
+        """Full name -> role (``attn_q``, ``ffn_down`` ...) of block i's linear projections."""
+        return {f"{self.block_name(i)}.{p}": r for p, r in self.spec.linears.items()}
+
+    def role_name(self, i: int, role: str) -> str:
+        """Full name of block i's module with ``role`` (a linear or a norm)."""
+        for path, r in self.spec.linears.items():
+            if r == role:
+                return f"{self.block_name(i)}.{path}"
+        for n in self.spec.norms:
+            if n.role == role:
+                return f"{self.block_name(i)}.{n.path}"
+        raise KeyError(f"{self.model_type} blocks have no {role} module")
+
+    def has_role(self, i: int, role: str) -> bool:
+        try:
+            return self._has(self.role_name(i, role))
+        except KeyError:
+            return False
+
+    def role(self, i: int, role: str) -> nn.Module:
+        """Block i's module with ``role``."""
+        return self._get(self.role_name(i, role))
+
+    def norm_kind(self, name: str) -> NormKind | None:
+        """What the norm at full ``name`` computes, or None when ``name`` is not a norm."""
+        prefix = self.spec.blocks + "."
+        if name.startswith(prefix):
+            name = name[len(prefix) :].partition(".")[2]
+        return self.spec.norm_kind(name)
+
+    def embedding_roles(self) -> dict[str, str]:
+        """Full name -> role (``token_embd``, ``position_embd``) of the embeddings."""
+        return dict(self.spec.embeddings)
 
     def embeddings(self) -> dict[str, nn.Module]:
         return {p: self._get(p) for p in self.spec.embeddings}
@@ -225,7 +167,7 @@ class Adapter:
         raise ModelLoadError(f"{self.model_type} model has no output head; lmpress needs a causal LM")
 
     def final_norm(self) -> tuple[str, nn.Module]:
-        return self.spec.final_norm, self._get(self.spec.final_norm)
+        return self.spec.final_norm.path, self._get(self.spec.final_norm.path)
 
     def non_embedding_parameters(self) -> int:
         """Parameters outside the embeddings and the output head (tied weights counted once)."""

@@ -29,12 +29,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lmpress.models.adapters import is_conv1d
+from lmpress.arch import is_conv1d
+from lmpress.formats.grid import Quantized, expand_groups, quantize_with
+from lmpress.formats.packing import decode_zeros
 from lmpress.nn import CodebookLinear, LoRALinear, QuantLinear, SparseLinear
 from lmpress.nn.lora_linear import tensor_device
-from lmpress.nn.packing import decode_zeros
 from lmpress.quant.base import replace_module
-from lmpress.quant.grid import Quantized, expand_groups, quantize_with
 
 Codes = Literal["frozen", "train"]
 

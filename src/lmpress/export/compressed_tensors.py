@@ -25,7 +25,6 @@ layers have no layout; and GPT-2's ``Conv1D`` holds its weight transposed, which
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.export.walk import ExportError, count_types
-from lmpress.models.adapters import is_conv1d
+from lmpress.arch import is_conv1d, is_supported, spec_for
+from lmpress.errors import ExportError
+from lmpress.export.base import Exporter, ExportOptions
+from lmpress.export.hf_checkpoint import check_shapes, dequantize_on_load, set_dtype, write_shards
+from lmpress.export.walk import count_types
 from lmpress.nn.quant_linear import QuantLinear
 
 INSTALL_HINT = "pip install 'lmpress[compressed-tensors]'"
-MAX_SHARD_BYTES = 2 * 2**30
 
 
 @dataclass
@@ -206,8 +207,10 @@ def plan(model: nn.Module, densify: bool = False) -> tuple[dict[str, _Scheme], l
 
 
 def _is_conv1d_slot(model: nn.Module, name: str) -> bool:
-    gpt2 = getattr(model.config, "model_type", None) == "gpt2"
-    return gpt2 and name.rsplit(".", 1)[-1] in ("c_attn", "c_proj", "c_fc")
+    """``name`` is where the family keeps a linear as a transposed Conv1D (GPT-2)."""
+    model_type = getattr(model.config, "model_type", None)
+    spec = spec_for(model_type) if is_supported(model_type) else None
+    return spec is not None and spec.conv1d and any(name.endswith(f".{p}") for p in spec.linears)
 
 
 @dataclass
@@ -327,37 +330,6 @@ def _is_layer(m: nn.Module) -> bool:
     return type(m).__name__ in ("SparseLinear", "LowRankLinear", "CodebookLinear")
 
 
-def check_shapes(model: nn.Module, tensors: dict[str, Tensor], schemes: dict[str, _Scheme]) -> None:
-    """The tensors fit the model transformers builds from the config (per-block widths, for
-    example, do not): refuse before writing, naming the first module that does not fit."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model.config)
-    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    tied = set(_tied_keys(skeleton))
-    for key, shape in expected.items():
-        module = key.rsplit(".", 1)[0]
-        if module in schemes and key.endswith(".weight"):
-            got = (
-                tuple(int(x) for x in tensors[f"{module}.weight_shape"])
-                if f"{module}.weight_shape" in tensors
-                else (tuple(tensors[key].shape) if key in tensors else None)
-            )
-        elif key in tied:
-            continue
-        else:
-            got = tuple(tensors[key].shape) if key in tensors else None
-        if got is None:
-            raise ExportError(f"{key}: the config's model has this tensor but lmpress's lacks it; cannot export")
-        if got != shape:
-            raise ExportError(
-                f"{module} is {'x'.join(map(str, got))} but the config says {'x'.join(map(str, shape))} "
-                "(structured with uniform: false?); Hugging Face configs need the same widths in every block: "
-                "prune with uniform: true"
-            )
-
-
 def export_compressed_tensors(
     model: nn.Module, tokenizer: Any, out: Path, *, densify: bool = False, overwrite: bool = False
 ) -> CTReport:
@@ -376,11 +348,11 @@ def export_compressed_tensors(
         dtypes = {v.dtype for k, v in tensors.items() if v.is_floating_point() and not k.endswith("weight_scale")}
         save_companions(model, tokenizer, tmp)
         if len(dtypes) == 1:  # the dtype transformers loads in: that of the dense tensors
-            _set_dtype(tmp / "config.json", dtypes.pop())
+            set_dtype(tmp / "config.json", dtypes.pop())
         if qconfig is not None:
             ModelCompressor(quantization_config=qconfig).update_config(str(tmp))
             if any(not sc.symmetric and not sc.act_bits for sc in schemes.values()):
-                _dequantize_on_load(tmp / "config.json")
+                dequantize_on_load(tmp / "config.json")
         size = weight_bytes(tmp)
     return CTReport(
         out,
@@ -391,47 +363,28 @@ def export_compressed_tensors(
     )
 
 
-def _dequantize_on_load(config_file: Path) -> None:
-    """Ask transformers to decode asymmetric layers while loading: its compressed route builds
-    unpacked zero points that compressed-tensors 0.20 then cannot unpack (the checkpoint holds them
-    packed, as llm-compressor writes them and vLLM reads them); vLLM ignores the key."""
-    data = json.loads(config_file.read_text())
-    data["quantization_config"]["dequantize"] = True
-    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+class CompressedTensorsExporter(Exporter):
+    """A Hugging Face directory; it loads back as one (no runtime of its own)."""
+
+    name = "compressed-tensors"
+    help = "transformers, vLLM"
+    artifact = "compressed-tensors directory"
+    file_suffixes = (".json", ".safetensors")
+    package = ("compressed_tensors", "compressed-tensors")
+
+    def write(self, model: nn.Module, tokenizer: Any, path: Path, options: ExportOptions) -> CTReport:
+        return export_compressed_tensors(model, tokenizer, path, densify=options.densify, overwrite=options.overwrite)
 
 
-def _set_dtype(config_file: Path, dtype: torch.dtype) -> None:
-    data = json.loads(config_file.read_text())
-    data["dtype"] = str(dtype).removeprefix("torch.")
-    data.pop("torch_dtype", None)
-    config_file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+EXPORTER = CompressedTensorsExporter()
 
-
-def write_shards(tensors: dict[str, Tensor], out_dir: Path, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """``model.safetensors``, or ``model-0000k-of-0000n.safetensors`` shards with the index
-    transformers reads when the tensors pass ``max_shard_bytes``."""
-    from safetensors.torch import save_file
-
-    shards: list[dict[str, Tensor]] = [{}]
-    size = 0
-    for k, v in tensors.items():
-        n = v.numel() * v.element_size()
-        if size and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][k] = v
-        size += n
-    if len(shards) == 1:
-        save_file(shards[0], str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-        return
-    weight_map: dict[str, str] = {}
-    for j, shard in enumerate(shards, 1):
-        name = f"model-{j:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.numel() * v.element_size() for v in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
-__all__ = ["CTReport", "export_compressed_tensors", "is_conv1d", "plan", "quantization_config", "state_dict"]
+__all__ = [
+    "EXPORTER",
+    "CTReport",
+    "CompressedTensorsExporter",
+    "export_compressed_tensors",
+    "is_conv1d",
+    "plan",
+    "quantization_config",
+    "state_dict",
+]

@@ -27,29 +27,21 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmpress.export.gguf_file import BF16, F16, F32, U32, TensorSpec, write_gguf
+from lmpress.arch import Spec, is_conv1d, is_supported, spec_for, supporting
+from lmpress.arch.gguf_keys import rope_settings, rope_theta
+from lmpress.errors import ExportError
 from lmpress.export.gguf_vocab import tokenizer_metadata
-from lmpress.export.walk import ExportError, Part, count_types, model_parts
-from lmpress.models.adapters import is_conv1d
+from lmpress.export.walk import Part, count_types, model_parts
+from lmpress.formats import ggml, ggml_bytes
+from lmpress.formats.gguf_file import BF16, F16, F32, U32, TensorSpec, write_gguf
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
-from lmpress.quant import ggml
+from lmpress.quant import ggml_fit
 
 log = logging.getLogger(__name__)
 
 DENSE_TYPES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
-# Hugging Face model_type -> llama.cpp architecture; "permute": q/k rows reordered for its rotary layout
-ARCH = {
-    "llama": ("llama", True),
-    "mistral": ("llama", True),
-    "qwen2": ("qwen2", False),
-    "qwen3": ("qwen3", False),
-    "gpt2": ("gpt2", False),
-    "gpt_neox": ("gptneox", False),
-    "phi": ("phi2", False),
-}
-GELU_TANH = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")  # llama.cpp's GELU is the tanh form
 ROLE_NAMES = {
     "token_embd": "token_embd",
     "output_norm": "output_norm",
@@ -115,7 +107,7 @@ def exact_gguf_type(layer: QuantLinear | QuantEmbedding) -> str | None:
 def _zeros(layer: QuantLinear | QuantEmbedding) -> Tensor:
     if isinstance(layer, QuantLinear):
         return layer.zeros()
-    from lmpress.nn.packing import decode_zeros
+    from lmpress.formats.packing import decode_zeros
 
     return decode_zeros(layer.qzeros, None, layer.bits, tuple(layer.scales.shape), layer.scales.device)  # type: ignore[arg-type]
 
@@ -123,7 +115,7 @@ def _zeros(layer: QuantLinear | QuantEmbedding) -> Tensor:
 def _codes(layer: QuantLinear | QuantEmbedding) -> Tensor:
     if isinstance(layer, QuantLinear):
         return layer.codes()
-    from lmpress.nn.packing import decode_codes
+    from lmpress.formats.packing import decode_codes
 
     return decode_codes(layer.qweight, layer.bits, layer.embedding_dim, layer.symmetric)
 
@@ -158,12 +150,6 @@ def _rows_numpy(t: Tensor) -> np.ndarray:
 
 def _f32_of(t: Tensor) -> Callable[[], np.ndarray]:
     return lambda: _rows_numpy(t.float())
-
-
-def rope_permutation(rows: int, n_head: int) -> Tensor:
-    """Row order llama.cpp's converter gives Llama q/k projections: within each head, the two
-    rotary halves interleaved.  -> (rows,) indices"""
-    return torch.arange(rows).view(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)
 
 
 class _Plan:
@@ -220,7 +206,7 @@ class _Plan:
         if isinstance(m, QuantLinear | QuantEmbedding):
             exact = exact_gguf_type(m)
             if exact is not None:
-                return exact, lambda: ggml.pack(quant_to_blocks(m, exact))
+                return exact, lambda: ggml_bytes.pack(quant_to_blocks(m, exact))
             nearest = nearest_type(m)
             raise ExportError(
                 f"{part.module_name} ({_describe(m)}) has no exact GGUF type; the nearest is {nearest}: "
@@ -245,9 +231,9 @@ def requantize_layers(model: nn.Module, type_name: str) -> dict[str, tuple[nn.Mo
         target = _fits(type_name, _shape(m)[1], name)
         if isinstance(m, QuantLinear):
             bias = m.bias.detach() if m.bias is not None else None
-            new: nn.Module = GGUFLinear.from_blocks(ggml.quantize(m.dequantize_weight(), target), bias)
+            new: nn.Module = GGUFLinear.from_blocks(ggml_fit.quantize(m.dequantize_weight(), target), bias)
         else:
-            new = GGUFEmbedding.from_blocks(ggml.quantize(m.weight.float(), target), m.out_dtype, m.padding_idx)
+            new = GGUFEmbedding.from_blocks(ggml_fit.quantize(m.weight.float(), target), m.out_dtype, m.padding_idx)
         replace_module(model, name, new)
         swapped[name] = (m, f"{_describe(m)} -> {target}")
     return swapped
@@ -299,149 +285,19 @@ def _shape(m: nn.Module) -> tuple[int, int]:
     return m.out_features, m.in_features  # type: ignore[return-value]
 
 
-def _rope(config: Any) -> tuple[str, dict[str, Any]]:
-    """The config's rotary type and parameters (transformers >= 5 ``rope_parameters``, or the older keys)."""
-    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    if not isinstance(rope, dict):
-        rope = {}
-    return str(rope.get("rope_type", rope.get("type", "default")) or "default"), rope
-
-
-def _rope_theta(config: Any, rope: dict[str, Any], default: float = 10000.0) -> float:
-    theta = rope.get("rope_theta") or getattr(config, "rope_theta", None) or getattr(config, "rotary_emb_base", None)
-    return float(theta or default)
-
-
-def _partial_rotary(config: Any, rope: dict[str, Any]) -> float:
-    for value in (rope.get("partial_rotary_factor"), getattr(config, "partial_rotary_factor", None)):
-        if value is not None:
-            return float(value)
-    return float(getattr(config, "rotary_pct", 1.0))
-
-
-def _check_gelu(config: Any, family: str, key: str = "hidden_act") -> None:
-    act = getattr(config, key, "gelu_new")
-    if act not in (*GELU_TANH, "gelu"):
-        raise ExportError(f"{family} with activation {act!r}: llama.cpp's {family} uses GELU")
-
-
-def gpt2_metadata(config: Any, n_vocab: int) -> dict[str, Any]:
-    """llama.cpp's hyper-parameter keys for a GPT-2 config."""
-    if getattr(config, "activation_function", "gelu_new") not in GELU_TANH:
-        raise ExportError(f"GPT-2 with activation {config.activation_function!r}: llama.cpp's gpt2 uses tanh GELU")
-    return {
-        "gpt2.context_length": U32(config.n_positions),
-        "gpt2.embedding_length": U32(config.n_embd),
-        "gpt2.feed_forward_length": U32(config.n_inner or 4 * config.n_embd),
-        "gpt2.block_count": U32(config.n_layer),
-        "gpt2.attention.head_count": U32(config.n_head),
-        "gpt2.attention.layer_norm_epsilon": float(config.layer_norm_epsilon),
-        "gpt2.vocab_size": U32(n_vocab),
-    }
-
-
-def _shape_keys(config: Any, arch: str) -> dict[str, Any]:
-    """The hyper-parameter keys every llama.cpp architecture but gpt2 spells the same way."""
-    return {
-        f"{arch}.context_length": U32(config.max_position_embeddings),
-        f"{arch}.embedding_length": U32(config.hidden_size),
-        f"{arch}.block_count": U32(config.num_hidden_layers),
-        f"{arch}.feed_forward_length": U32(config.intermediate_size),
-        f"{arch}.attention.head_count": U32(config.num_attention_heads),
-    }
-
-
-def layernorm_metadata(config: Any, arch: str, n_vocab: int) -> dict[str, Any]:
-    """llama.cpp's keys for the LayerNorm families with partial rotary embeddings: GPT-NeoX
-    (``gptneox``: fused per-head q/k/v, parallel or sequential residual) and Phi-1/2 (``phi2``:
-    attention and MLP in parallel from one norm)."""
-    family = "GPT-NeoX" if arch == "gptneox" else "Phi"
-    _check_gelu(config, family)
-    rope_type, rope = _rope(config)
-    if rope_type != "default":
-        raise ExportError(f"{family} with rope scaling {rope_type!r} is not exported to GGUF; export default rope")
-    heads = config.num_attention_heads
-    head_dim = config.hidden_size // heads
-    meta: dict[str, Any] = {
-        **_shape_keys(config, arch),
-        f"{arch}.attention.layer_norm_epsilon": float(config.layer_norm_eps),
-        f"{arch}.rope.dimension_count": U32(int(_partial_rotary(config, rope) * head_dim)),
-        f"{arch}.rope.freq_base": _rope_theta(config, rope),
-        f"{arch}.vocab_size": U32(n_vocab),
-    }
-    if arch == "gptneox":
-        if not getattr(config, "attention_bias", True):
-            raise ExportError("GPT-NeoX without attention biases: llama.cpp's gptneox needs them")
-        meta["gptneox.use_parallel_residual"] = bool(getattr(config, "use_parallel_residual", True))
-    else:
-        if getattr(config, "qk_layernorm", False):
-            raise ExportError("Phi with qk_layernorm: llama.cpp's phi2 has no query/key norms")
-        meta["phi2.attention.head_count_kv"] = U32(getattr(config, "num_key_value_heads", None) or heads)
-    return meta
-
-
-LLAMA3_ROPE_ARCHS = ("llama",)  # llama.cpp architectures that read rope_freqs.weight
-
-
-def architecture_metadata(config: Any, arch: str, n_vocab: int) -> dict[str, Any]:
-    """llama.cpp's hyper-parameter keys for a config."""
-    if arch == "gpt2":
-        return gpt2_metadata(config, n_vocab)
-    if arch in ("gptneox", "phi2"):
-        return layernorm_metadata(config, arch, n_vocab)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    rope_type, rope = _rope(config)
-    meta: dict[str, Any] = {
-        **_shape_keys(config, arch),
-        f"{arch}.attention.head_count_kv": U32(getattr(config, "num_key_value_heads", None) or heads),
-        f"{arch}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
-        f"{arch}.rope.freq_base": _rope_theta(config, rope),
-        f"{arch}.rope.dimension_count": U32(head_dim),
-        f"{arch}.vocab_size": U32(n_vocab),
-    }
-    if rope_type == "linear":
-        meta[f"{arch}.rope.scaling.type"] = "linear"
-        meta[f"{arch}.rope.scaling.factor"] = float(rope["factor"])
-    elif rope_type == "llama3" and arch in LLAMA3_ROPE_ARCHS:
-        pass  # the per-frequency factors go into the rope_freqs tensor (`rope_factors`)
-    elif rope_type != "default":
-        raise ExportError(
-            f"rope scaling {rope_type!r} is not exported to GGUF for {arch} "
-            "(lmpress writes default, linear and, for Llama, llama3 rope)"
-        )
-    if head_dim != config.hidden_size // heads:
-        meta[f"{arch}.attention.key_length"] = U32(head_dim)
-        meta[f"{arch}.attention.value_length"] = U32(head_dim)
-    return meta
-
-
 def rope_factors(model: nn.Module) -> Tensor | None:
     """llama3 rope as llama.cpp reads it (``rope_freqs.weight``): the factor each rotary frequency is
     divided by, from the frequencies the model itself computes with; None for other rope types."""
     config: Any = model.config
-    rope_type, rope = _rope(config)
+    rope_type, rope = rope_settings(config)
     if rope_type != "llama3":
         return None
     inv_freq = next((f for m in model.modules() if isinstance(f := getattr(m, "inv_freq", None), Tensor)), None)
     if inv_freq is None:
         raise ExportError("llama3 rope: the model has no rotary module with inv_freq")
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    base = 1.0 / (_rope_theta(config, rope) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    base = 1.0 / (rope_theta(config, rope) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
     return (base / inv_freq.double()).float()
-
-
-def row_order(model_type: str, role: str, rows: int, config: Any) -> Tensor | None:
-    """How llama.cpp orders the output rows of a projection, as indices into lmpress's rows (None:
-    the same). Llama q/k: the rotary halves interleaved per head; GPT-NeoX's fused q/k/v: per-head
-    [q k v] triples regrouped as all q, all k, all v."""
-    heads = getattr(config, "num_attention_heads", 0)
-    if ARCH[model_type][1] and role in ("attn_q", "attn_k"):
-        kv_heads = getattr(config, "num_key_value_heads", None) or heads
-        return rope_permutation(rows, heads if role == "attn_q" else kv_heads)
-    if model_type == "gpt_neox" and role == "attn_qkv":
-        return torch.arange(rows).view(heads, 3, rows // heads // 3).transpose(0, 1).reshape(-1)
-    return None
 
 
 def export_gguf(
@@ -458,18 +314,18 @@ def export_gguf(
     anything when a module has no GGUF form."""
     config = model.config  # type: ignore[union-attr]
     model_type = getattr(config, "model_type", None)
-    if model_type not in ARCH:
+    spec = spec_for(model_type) if is_supported(model_type) else None
+    if spec is None or spec.gguf is None:
         raise ExportError(
-            f"{model_type} models are not exported to GGUF yet; lmpress exports {', '.join(sorted(ARCH))}"
+            f"{model_type} models are not exported to GGUF yet; lmpress exports {', '.join(supporting('gguf'))}"
         )
-    arch = ARCH[model_type][0]
     parts = model_parts(model, densify)
     n_vocab = _shape(next(p.module for p in parts if p.role == "token_embd"))[0]
     meta: dict[str, Any] = {  # refusals of the config or tokenizer come before any work
-        "general.architecture": arch,
+        "general.architecture": spec.gguf.arch,
         "general.name": name,
         "general.quantization_version": U32(2),
-        **architecture_metadata(config, arch, n_vocab),
+        **spec.gguf.metadata(config, n_vocab),
         **tokenizer_metadata(tokenizer, n_vocab),
     }
     swapped: dict[str, tuple[nn.Module, str]] = {}
@@ -482,7 +338,7 @@ def export_gguf(
             swapped = requantize_layers(model, requantize)
         parts = model_parts(model, densify)
     try:
-        return _write(model, meta, path, parts, model_type, config, swapped, kl)
+        return _write(model, meta, path, parts, spec, swapped, kl)
     finally:
         from lmpress.quant.base import replace_module
 
@@ -495,25 +351,25 @@ def _write(
     meta: dict[str, Any],
     path: Path,
     parts: list[Part],
-    model_type: str,
-    config: Any,
+    spec: Spec,
     swapped: dict[str, tuple[nn.Module, str]],
     kl: float | None,
 ) -> GGUFReport:
     plan = _Plan(model)
     specs = []
-    factors = rope_factors(model)
+    config = model.config  # type: ignore[union-attr]
+    factors = rope_factors(model) if spec.gguf is not None and spec.gguf.rope_freqs else None
     for p in parts:
         base = ROLE_NAMES[p.role]
         gname = (f"blk.{p.block}." if p.block is not None else "") + base + (".bias" if p.kind == "bias" else ".weight")
         if p.kind == "bias":
             assert p.tensor is not None
-            perm = row_order(model_type, p.role, p.tensor.shape[0], config)
+            perm = spec.gguf_row_order(p.role, p.tensor.shape[0], config)
             vec = p.tensor[perm] if perm is not None else p.tensor
             specs.append(TensorSpec(gname, tuple(vec.shape), F32, vec.numel() * 4, _f32_of(vec)))
             plan.report_types[gname] = "f32"
             continue
-        perm = row_order(model_type, p.role, _shape(p.module)[0], config) if p.kind == "linear" else None
+        perm = spec.gguf_row_order(p.role, _shape(p.module)[0], config) if p.kind == "linear" else None
         specs.append(plan.spec(gname, p, perm))
         if p.role == "token_embd" and factors is not None:
             specs.append(

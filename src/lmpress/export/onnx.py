@@ -37,9 +37,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmpress.export.walk import ExportError, count_types
-from lmpress.models.adapters import Adapter
-from lmpress.nn.packing import pack
+from lmpress.arch import Adapter, is_supported, spec_for, supporting
+from lmpress.errors import ExportError
+from lmpress.export.walk import count_types
+from lmpress.formats.packing import pack
 from lmpress.nn.quant_linear import QuantLinear
 
 INSTALL_HINT = "pip install 'lmpress[onnx]'"
@@ -242,6 +243,7 @@ class _Builder:
     def __init__(self, model: Any, densify: bool, data: Any = None) -> None:
         self.g = _Graph(data)
         self.model: Any = model
+        self.adapter = Adapter(model)
         self.head_norms = False  # Qwen3: an RMSNorm over each query and key head
         self.densify = densify
         self.formats: dict[str, str] = {}
@@ -359,9 +361,9 @@ def _attention(
 
     qh, kh, vh = heads(q, d.heads), heads(k, d.kv_heads), heads(v, d.kv_heads)
     if b.head_norms:
-        p = f"{Adapter(b.model).block_name(i)}.self_attn"
-        qh = b.rms_norm(qh, b.model.get_submodule(f"{p}.q_norm"), f"{p}.q_norm")
-        kh = b.rms_norm(kh, b.model.get_submodule(f"{p}.k_norm"), f"{p}.k_norm")
+        a = b.adapter
+        qh = b.rms_norm(qh, a.role(i, "attn_q_norm"), a.role_name(i, "attn_q_norm"))
+        kh = b.rms_norm(kh, a.role(i, "attn_k_norm"), a.role_name(i, "attn_k_norm"))
     if rope is not None:
         qh, kh = _rotate(g, qh, rope, d.head_dim), _rotate(g, kh, rope, d.head_dim)
     past_k, past_v = f"past_key_values.{i}.key", f"past_key_values.{i}.value"
@@ -409,7 +411,7 @@ def _rope_tables(model: Any, g: _Graph) -> tuple[str, str]:
     does (positions x the model's own ``inv_freq``, times its ``attention_scaling``): no table
     grows with the context. Others (dynamic, longrope) gather from tables the model's rotary
     module computed over ``max_position_embeddings``."""
-    rotary = model.model.rotary_emb
+    rotary = model.get_submodule(Adapter(model).spec.rotary_emb)
     F = g.onnx.TensorProto.FLOAT
     if getattr(rotary, "rope_type", "default") in ("default", "linear", "llama3", "yarn"):
         pos = g.op("Unsqueeze", [g.op("Cast", ["position_ids"], to=F), g.const([-1])])  # (B, S, 1)
@@ -434,9 +436,9 @@ def _rope_tables(model: Any, g: _Graph) -> tuple[str, str]:
 
 
 def _llama(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
-    model, g = b.model, b.g
-    adapter = Adapter(model)
-    embed_name, embed = next(iter(adapter.embeddings().items()))
+    """RMSNorm pre-norm blocks, rotary attention, a SwiGLU MLP (Llama, Mistral, Qwen2/3)."""
+    model, g, a = b.model, b.g, b.adapter
+    embed_name, embed = next(iter(a.embeddings().items()))
     if not isinstance(embed, nn.Embedding):
         raise ExportError(
             f"{embed_name}: {type(embed).__name__} embeddings have no ONNX form here; keep the embeddings"
@@ -447,20 +449,18 @@ def _llama(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
     mask = _mask(g)
     presents = []
     for i in range(d.layers):
-        p = adapter.block_name(i)
-        block = model.get_submodule(p)
-        h = b.rms_norm(x, block.input_layernorm, f"{p}.input_layernorm")
-        q, k, v = (b.linear(h, f"{p}.self_attn.{n}") for n in ("q_proj", "k_proj", "v_proj"))
+        h = b.rms_norm(x, a.role(i, "attn_norm"), a.role_name(i, "attn_norm"))
+        q, k, v = (b.linear(h, a.role_name(i, r)) for r in ("attn_q", "attn_k", "attn_v"))
         attn, pk, pv = _attention(b, q, k, v, i, d, mask, rope)
         presents += [pk, pv]
-        x = g.op("Add", [x, b.linear(attn, f"{p}.self_attn.o_proj")])
-        h = b.rms_norm(x, block.post_attention_layernorm, f"{p}.post_attention_layernorm")
-        gate, up = b.linear(h, f"{p}.mlp.gate_proj"), b.linear(h, f"{p}.mlp.up_proj")
+        x = g.op("Add", [x, b.linear(attn, a.role_name(i, "attn_output"))])
+        h = b.rms_norm(x, a.role(i, "ffn_norm"), a.role_name(i, "ffn_norm"))
+        gate, up = b.linear(h, a.role_name(i, "ffn_gate")), b.linear(h, a.role_name(i, "ffn_up"))
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
-        x = g.op("Add", [x, b.linear(g.op("Mul", [act, up]), f"{p}.mlp.down_proj")])
-    norm_name, norm = adapter.final_norm()
+        x = g.op("Add", [x, b.linear(g.op("Mul", [act, up]), a.role_name(i, "ffn_down"))])
+    norm_name, norm = a.final_norm()
     x = b.rms_norm(x, norm, norm_name)
-    head_name, head = adapter.head()
+    head_name, head = a.head()
     tied = getattr(head, "weight", None) is embed.weight
     return (_tied_head(g, x, g.to_float(table, embed.weight), d) if tied else b.linear(x, head_name)), presents
 
@@ -474,37 +474,31 @@ def _tied_head(g: _Graph, x: str, table: str, d: _Dims) -> str:
 
 
 def _gpt2(b: _Builder, d: _Dims) -> tuple[str, list[str]]:
-    model, g = b.model, b.g
-    t = model.transformer
-    if not isinstance(t.wte, nn.Embedding) or not isinstance(t.wpe, nn.Embedding):
-        raise ExportError("transformer.wte: quantized embeddings have no ONNX form here; keep the embeddings")
-    table = g.stored("transformer.wte.weight", t.wte.weight)
-    x = g.to_float(g.op("Gather", [table, "input_ids"], axis=0), t.wte.weight)
-    x = g.op(
-        "Add",
-        [
-            x,
-            g.to_float(
-                g.op("Gather", [g.stored("transformer.wpe.weight", t.wpe.weight), "position_ids"]), t.wpe.weight
-            ),
-        ],
-    )
+    """LayerNorm pre-norm blocks, learned positions, fused [q | k | v], a tanh-GELU MLP (GPT-2)."""
+    g, a = b.g, b.adapter
+    (wte_name, wte), (wpe_name, wpe) = a.embeddings().items()
+    if not isinstance(wte, nn.Embedding) or not isinstance(wpe, nn.Embedding):
+        raise ExportError(f"{wte_name}: quantized embeddings have no ONNX form here; keep the embeddings")
+    table = g.stored(f"{wte_name}.weight", wte.weight)
+    x = g.to_float(g.op("Gather", [table, "input_ids"], axis=0), wte.weight)
+    positions = g.to_float(g.op("Gather", [g.stored(f"{wpe_name}.weight", wpe.weight), "position_ids"]), wpe.weight)
+    x = g.op("Add", [x, positions])
     mask = _mask(g)
     presents = []
     for i in range(d.layers):
-        p = f"transformer.h.{i}"
-        block = t.h[i]
-        h = b.layer_norm(x, block.ln_1, f"{p}.ln_1")
-        qkv = b.linear(h, f"{p}.attn.c_attn")
+        h = b.layer_norm(x, a.role(i, "attn_norm"), a.role_name(i, "attn_norm"))
+        qkv = b.linear(h, a.role_name(i, "attn_qkv"))
         q, k, v = g.ops("Split", [qkv, g.const([d.hidden] * 3)], 3, axis=-1)
         attn, pk, pv = _attention(b, q, k, v, i, d, mask, None)
         presents += [pk, pv]
-        x = g.op("Add", [x, b.linear(attn, f"{p}.attn.c_proj")])
-        h = b.linear(b.layer_norm(x, block.ln_2, f"{p}.ln_2"), f"{p}.mlp.c_fc")
-        x = g.op("Add", [x, b.linear(_gelu_tanh(g, h), f"{p}.mlp.c_proj")])
-    x = b.layer_norm(x, t.ln_f, "transformer.ln_f")
-    tied = model.lm_head.weight is t.wte.weight
-    return (_tied_head(g, x, g.to_float(table, t.wte.weight), d) if tied else b.linear(x, "lm_head")), presents
+        x = g.op("Add", [x, b.linear(attn, a.role_name(i, "attn_output"))])
+        h = b.linear(b.layer_norm(x, a.role(i, "ffn_norm"), a.role_name(i, "ffn_norm")), a.role_name(i, "ffn_up"))
+        x = g.op("Add", [x, b.linear(_gelu_tanh(g, h), a.role_name(i, "ffn_down"))])
+    norm_name, norm = a.final_norm()
+    x = b.layer_norm(x, norm, norm_name)
+    head_name, head = a.head()
+    tied = getattr(head, "weight", None) is wte.weight
+    return (_tied_head(g, x, g.to_float(table, wte.weight), d) if tied else b.linear(x, head_name)), presents
 
 
 def _gelu_tanh(g: _Graph, x: str) -> str:
@@ -518,22 +512,26 @@ def _gelu_tanh(g: _Graph, x: str) -> str:
     )
 
 
+GRAPHS = {"llama": _llama, "gpt2": _gpt2}  # a spec's ``onnx`` -> the builder of its graph
+
+
 def build_graph(model: nn.Module, densify: bool = False, data: Any = None) -> tuple[Any, _Builder]:
     """The decoder as an ONNX ModelProto, and the builder's record of each layer; the weights
     inside it, or written to ``data`` (an open file named DATA_FILE) as they are met."""
     onnx = _onnx()
     model_type = getattr(model.config, "model_type", None)
-    if model_type not in ("llama", "mistral", "qwen2", "qwen3", "gpt2"):
+    spec = spec_for(model_type) if is_supported(model_type) else None
+    if spec is None or spec.onnx is None:
         raise ExportError(
-            f"{model_type} models are not exported to onnx yet; lmpress exports llama, mistral, qwen2, qwen3, gpt2"
+            f"{model_type} models are not exported to onnx yet; lmpress exports {', '.join(supporting('onnx'))}"
         )
-    if model_type == "gpt2" and not getattr(model.config, "scale_attn_weights", True):
-        raise ExportError("GPT-2 without scale_attn_weights is not exported to onnx")
+    refusal = spec.onnx_refuse(model.config)
+    if refusal is not None:
+        raise ExportError(refusal)
     d = _dims(model)
     b = _Builder(model, densify, data)
-    first = model.get_submodule(Adapter(model).block_name(0))
-    b.head_norms = model_type != "gpt2" and hasattr(first.self_attn, "q_norm")
-    logits, presents = (_gpt2 if model_type == "gpt2" else _llama)(b, d)
+    b.head_norms = b.adapter.has_role(0, "attn_q_norm")
+    logits, presents = GRAPHS[spec.onnx](b, d)
     h = onnx.helper
     F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
     inputs = [

@@ -14,15 +14,11 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from lmpress.errors import LmpressError
-from lmpress.models.adapters import Adapter, is_conv1d
+from lmpress.arch import Adapter, is_conv1d, supporting
+from lmpress.errors import ExportError
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
-
-
-class ExportError(LmpressError):
-    """A model or layer that the target format cannot hold as asked."""
 
 
 @dataclass(frozen=True)
@@ -38,72 +34,6 @@ class Part:
     conv1d: bool = False  # GPT-2's Conv1D: the weight is stored (in, out)
 
 
-@dataclass(frozen=True)
-class Family:
-    """Where a family keeps what a runtime file names: block-relative linears and norms -> role,
-    and the embeddings (token first, then learned positions) -> role."""
-
-    linears: dict[str, str]
-    norms: dict[str, str]
-    embeddings: dict[str, str]
-
-
-_LLAMA = Family(
-    linears={
-        "self_attn.q_proj": "attn_q",
-        "self_attn.k_proj": "attn_k",
-        "self_attn.v_proj": "attn_v",
-        "self_attn.o_proj": "attn_output",
-        "mlp.gate_proj": "ffn_gate",
-        "mlp.up_proj": "ffn_up",
-        "mlp.down_proj": "ffn_down",
-    },
-    norms={
-        "input_layernorm": "attn_norm",
-        "post_attention_layernorm": "ffn_norm",
-        "self_attn.q_norm": "attn_q_norm",
-        "self_attn.k_norm": "attn_k_norm",
-    },
-    embeddings={"model.embed_tokens": "token_embd"},
-)
-FAMILIES = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "qwen3": _LLAMA,
-    "gpt2": Family(
-        linears={
-            "attn.c_attn": "attn_qkv",
-            "attn.c_proj": "attn_output",
-            "mlp.c_fc": "ffn_up",
-            "mlp.c_proj": "ffn_down",
-        },
-        norms={"ln_1": "attn_norm", "ln_2": "ffn_norm"},
-        embeddings={"transformer.wte": "token_embd", "transformer.wpe": "position_embd"},
-    ),
-    "gpt_neox": Family(
-        linears={
-            "attention.query_key_value": "attn_qkv",
-            "attention.dense": "attn_output",
-            "mlp.dense_h_to_4h": "ffn_up",
-            "mlp.dense_4h_to_h": "ffn_down",
-        },
-        norms={"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"},
-        embeddings={"gpt_neox.embed_in": "token_embd"},
-    ),
-    "phi": Family(  # one norm feeds attention and MLP in parallel
-        linears={
-            "self_attn.q_proj": "attn_q",
-            "self_attn.k_proj": "attn_k",
-            "self_attn.v_proj": "attn_v",
-            "self_attn.dense": "attn_output",
-            "mlp.fc1": "ffn_up",
-            "mlp.fc2": "ffn_down",
-        },
-        norms={"input_layernorm": "attn_norm"},
-        embeddings={"model.embed_tokens": "token_embd"},
-    ),
-}
 _EXPORTABLE = (nn.Linear, QuantLinear, GGUFLinear)
 _DENSIFIABLE = {"SparseLinear", "LowRankLinear", "CodebookLinear"}
 
@@ -126,10 +56,10 @@ def check_layer(name: str, module: nn.Module, densify: bool) -> None:
     raise ExportError(f"{name}: {kind} layers cannot be exported")
 
 
-def _family_parts(model: nn.Module, adapter: Adapter, family: Family, densify: bool) -> list[Part]:
+def _family_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Part]:
     parts: list[Part] = []
     token_embd: nn.Module | None = None
-    for embed_name, role in family.embeddings.items():
+    for embed_name, role in adapter.embedding_roles().items():
         embed = model.get_submodule(embed_name)
         if not isinstance(embed, nn.Embedding | QuantEmbedding | GGUFEmbedding):
             raise ExportError(f"{embed_name}: {type(embed).__name__} embeddings cannot be exported")
@@ -137,15 +67,11 @@ def _family_parts(model: nn.Module, adapter: Adapter, family: Family, densify: b
         token_embd = embed if token_embd is None else token_embd
     seen: dict[int, str] = {}
     for i in range(adapter.num_blocks):
-        block_name = adapter.block_name(i)
-        for rel, role in family.norms.items():
-            try:
-                norm = model.get_submodule(f"{block_name}.{rel}")
-            except AttributeError:
-                continue
-            parts += _norm_parts(role, f"{block_name}.{rel}", norm, i)
-        for rel, role in family.linears.items():
-            parts += _linear_parts(model, f"{block_name}.{rel}", role, i, densify, seen)
+        for n in adapter.spec.norms:
+            if adapter.has_role(i, n.role):
+                parts += _norm_parts(n.role, adapter.role_name(i, n.role), adapter.role(i, n.role), i)
+        for name, role in adapter.linear_roles(i).items():
+            parts += _linear_parts(model, name, role, i, densify, seen)
     norm_name, norm = adapter.final_norm()
     parts += _norm_parts("output_norm", norm_name, norm, None)
     head_name, head = adapter.head()
@@ -214,12 +140,12 @@ def _check_uniform(parts: list[Part], model: nn.Module) -> None:
 def model_parts(model: nn.Module, densify: bool = False) -> list[Part]:
     """Every tensor-holding part of a supported model, in the order a runtime file lists them."""
     adapter = Adapter(model)
-    family = FAMILIES.get(adapter.model_type)
-    if family is None:
+    if adapter.spec.gguf is None and adapter.spec.onnx is None:
         raise ExportError(
-            f"{adapter.model_type} models are not exported yet; lmpress exports {', '.join(sorted(FAMILIES))}"
+            f"{adapter.model_type} models are not exported yet; lmpress exports "
+            + ", ".join(sorted(set(supporting("gguf")) | set(supporting("onnx"))))
         )
-    return _family_parts(model, adapter, family, densify)
+    return _family_parts(model, adapter, densify)
 
 
 def count_types(types: dict[str, str]) -> dict[str, int]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lmpress.arch import CONFIG_KEYS, POSITION_KEYS, Shapes
 from lmpress.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
@@ -33,15 +34,6 @@ LIMITS = {
     "heads": 2048,
     "experts": 4096,
 }
-_KEYS = {
-    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
-    "vocab": ("vocab_size",),
-    "hidden": ("hidden_size", "n_embd", "d_model"),
-    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size"),
-    "heads": ("num_attention_heads", "n_head", "num_key_value_heads"),
-    "experts": ("num_experts", "num_local_experts", "n_routed_experts"),
-}
-_POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
 # safetensors dtypes a floating-point parameter may be stored in
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 
@@ -59,7 +51,7 @@ def check_plausible(config: dict[str, Any], file: Path) -> None:
     """Refuse sizes outside any plausible range (a negative width, 200,000 layers, a vocabulary of a
     billion), naming the key, its value, the limit and what such a model would need."""
     for prefix, cfg in _configs(config):
-        for kind, keys in _KEYS.items():
+        for kind, keys in CONFIG_KEYS.items():
             for key in keys:
                 value = cfg.get(key)
                 if value is None:
@@ -73,7 +65,7 @@ def check_plausible(config: dict[str, Any], file: Path) -> None:
                         f"{file}: {prefix}{key}={value} is outside any plausible range (1..{LIMITS[kind]:,})"
                         f"{_need(cfg)}; fix config.json"
                     )
-        for key in _POSITION_KEYS:
+        for key in POSITION_KEYS:
             value = cfg.get(key)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ModelLoadError(f"{file}: {prefix}{key} must be a positive whole number, got {_short(value)}")
@@ -86,8 +78,6 @@ def _short(value: object) -> str:
 
 def _need(config: dict[str, Any]) -> str:
     """', a model of this config would hold N parameters (X GB in bf16)' where the sizes allow it."""
-    from lmpress.memory import Shapes
-
     try:
         params = Shapes.of(config).params
     except (TypeError, ValueError, ZeroDivisionError):
@@ -98,7 +88,7 @@ def _need(config: dict[str, Any]) -> str:
 def max_positions(config: dict[str, Any]) -> int | None:
     """The longest sequence the model's position embeddings cover, or None if the config does not say."""
     for _, cfg in reversed(_configs(config)):
-        for key in _POSITION_KEYS:
+        for key in POSITION_KEYS:
             value = cfg.get(key)
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
@@ -255,13 +245,14 @@ def check_against_weights(path: Path, config: dict[str, Any], trust_remote_code:
 
 def _tied_head(model: torch.nn.Module, key: str, found: set[str]) -> bool:
     """A head tied to the embeddings is saved once, as the embeddings: not missing."""
-    if not key.startswith("lm_head") and "embed_out" not in key:
-        return False
     out = model.get_output_embeddings()  # type: ignore[operator]
     inp = model.get_input_embeddings()  # type: ignore[operator]
     if out is None or inp is None:
         return False
-    emb = next((n for n, m in model.named_modules() if m is inp), None)
+    names = {id(m): n for n, m in model.named_modules()}
+    if not key.startswith(f"{names.get(id(out))}."):
+        return False
+    emb = names.get(id(inp))
     tie = getattr(model.config, "tie_word_embeddings", None)
     text = getattr(model.config, "get_text_config", lambda **_: model.config)(decoder=True)
     tie = getattr(text, "tie_word_embeddings", tie)
@@ -273,7 +264,7 @@ def _blocks_hint(config: dict[str, Any], stored: dict[str, _Stored]) -> str:
     indices = {int(m.group(1)) for n in stored for m in [re.search(r"\.(?:layers|h|blocks|layer)\.(\d+)\.", n)] if m}
     held = max(indices) + 1 if indices else None
     said = next(
-        (cfg.get(k) for _, cfg in reversed(_configs(config)) for k in _KEYS["layers"] if cfg.get(k) is not None),
+        (cfg.get(k) for _, cfg in reversed(_configs(config)) for k in CONFIG_KEYS["layers"] if cfg.get(k) is not None),
         None,
     )
     if held is not None and said is not None and held != said:

@@ -24,7 +24,7 @@ from lmpress.io.consistency import check_finite_weights, check_model_dir, check_
 from lmpress.io.files import META_FILE, check_safetensors, read_config
 from lmpress.io.meta import read_json_object, read_meta
 from lmpress.io.pickles import check_pickle
-from lmpress.models.adapters import ARCHS, unknown_architecture
+from lmpress.arch import is_supported, unknown_architecture
 from lmpress.nn import LAYER_FORMATS
 from lmpress.progress import phase
 
@@ -156,28 +156,14 @@ def load_model(
     """Load a causal LM from a built-in name or a local directory, safely.
 
     ``dtype`` "auto" keeps the checkpoint's dtype. A directory written by lmpress (with
-    ``lmpress.json``) is restored with its compressed layers by `load_compressed`. A ``.gguf`` file
-    runs in llama.cpp (`lmpress.export.llama_runtime`), with llama.cpp's own tokenizer; a directory
-    with ``model.onnx`` in ONNX Runtime (`lmpress.export.onnx_runtime`).
+    ``lmpress.json``) is restored with its compressed layers by `load_compressed`. An exported
+    artifact that runs in a runtime of its own (a GGUF file, an ONNX directory) is loaded back by
+    its exporter (`lmpress.api.load` asks `lmpress.export.registry`), not here.
     """
-    if str(source).lower().endswith(".gguf"):
-        from lmpress.export.llama_runtime import load_gguf
-
-        gpath = Path(source).expanduser()
-        model, tok = load_gguf(gpath)
-        return LoadedModel(model.eval(), tok, str(source), gpath)
-    from lmpress.export.onnx_runtime import is_onnx_dir
-
-    if is_onnx_dir(source):  # a graph written by lmpress export --to onnx, run by ONNX Runtime
-        from lmpress.export.onnx_runtime import load_onnx
-
-        opath = Path(source).expanduser()
-        tok_path = resolve_path(tokenizer) if tokenizer is not None else opath
-        return LoadedModel(load_onnx(opath).eval(), load_tokenizer(tok_path), str(source), opath)
     path = resolve_path(source)
     config = read_config(path)
     model_type = config.get("model_type")
-    if model_type not in ARCHS and not trust_remote_code:
+    if not is_supported(model_type) and not trust_remote_code:
         raise unknown_architecture(model_type)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
@@ -275,7 +261,7 @@ def _restore(
     """Build the architecture from its config, swap in the saved layer types, load the tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lmpress.models.adapters import replace_module
+    from lmpress.arch import replace_module
     from lmpress.streaming import parameters_on_meta, read_header, read_tensor
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

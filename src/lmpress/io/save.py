@@ -14,7 +14,7 @@ from torch import nn
 
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import no_transformers_bars
-from lmpress.models.adapters import ARCHS, Adapter
+from lmpress.arch import Adapter, is_supported
 from lmpress.progress import phase
 
 
@@ -37,7 +37,7 @@ def module_formats(model: nn.Module, described: dict[str, dict[str, Any]] | None
     """Per-module storage format: compressed layers describe themselves (or are in ``described``,
     recorded while a streamed model's unit was in memory), the rest are dense."""
     formats: dict[str, dict[str, Any]] = {}
-    adapter = Adapter(model) if getattr(model.config, "model_type", None) in ARCHS else None
+    adapter = Adapter(model) if is_supported(getattr(model.config, "model_type", None)) else None
     named = dict(adapter.linears()) if adapter else {}
     if adapter:
         named.update(adapter.embeddings())

@@ -16,7 +16,7 @@ import torch
 
 from lmpress.data import load_windows
 from lmpress.evaluation import quality
-from lmpress.models.adapters import Adapter, linear_weight
+from lmpress.arch import Adapter, linear_weight
 from lmpress.quant.grid import fake_quantize
 
 PROMPTS = ("import os\n", "def ", "class Parser:\n    def ")

@@ -19,9 +19,10 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter, linear_weight
 from lmpress.calib import SquareNorm, blockwise, collect
+from lmpress.formats.grid import Quantized
 from lmpress.method import Context, MethodConfig, StageReport
-from lmpress.models.adapters import Adapter, linear_weight
 from lmpress.nn.sparse_linear import SparseLinear
 from lmpress.prune.masks import (
     PruneError,
@@ -32,7 +33,6 @@ from lmpress.prune.masks import (
     parse_pattern,
 )
 from lmpress.quant.base import check_finite, replace_module, targeted_layers
-from lmpress.quant.grid import Quantized
 from lmpress.select import Patterns
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from lmpress.calib import blockwise, run_block
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.models.adapters import Adapter
+from lmpress.arch import Adapter
 from lmpress.prune.masks import PruneError
 
 

@@ -25,10 +25,10 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter, supporting
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.models.adapters import Adapter
 from lmpress.prune.masks import PruneError
-from lmpress.prune.shapes import HEAD_DIM_IN_CONFIG, head_dim, slice_linear
+from lmpress.prune.shapes import head_dim, slice_linear
 
 
 class HiddenConfig(MethodConfig):
@@ -87,9 +87,9 @@ def _slice_vector(m: nn.Module, attr: str, keep: Tensor) -> None:
 def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     adapter = Adapter(model)
-    if adapter.model_type not in HEAD_DIM_IN_CONFIG:
+    if not adapter.spec.head_dim_in_config:
         raise PruneError(
-            f"hidden: removing hidden channels is supported for {', '.join(HEAD_DIM_IN_CONFIG)}, not "
+            f"hidden: removing hidden channels is supported for {', '.join(supporting('head_dim_in_config'))}, not "
             f"{adapter.model_type}; use structured (heads and neurons) or drop_blocks instead"
         )
     hidden = int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
@@ -127,7 +127,7 @@ def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
                     slice_linear(m, cols=keep)
                 slice_linear(writes, rows=keep)
         head = adapter.head()[1]
-        if head.weight is not adapter.embeddings()[adapter.spec.embeddings[0]].weight:
+        if head.weight is not adapter.embeddings()[adapter.spec.token_embedding()].weight:
             slice_linear(head, cols=keep)
         head.in_features = kept_width  # type: ignore[assignment]
     model.config.hidden_size = kept_width  # type: ignore[union-attr]
@@ -135,7 +135,7 @@ def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()  # type: ignore[operator]
     for i in range(adapter.num_blocks):  # attention modules that cached the hidden size
-        attn = adapter.model.get_submodule(f"{adapter.block_name(i)}.{adapter.spec.attention[0].rsplit('.', 1)[0]}")
+        attn = adapter.model.get_submodule(f"{adapter.block_name(i)}.{adapter.spec.attention_module}")
         if hasattr(attn, "hidden_size"):
             attn.hidden_size = kept_width  # type: ignore[assignment]
     return {

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from torch import nn
 
 from lmpress.method import Context, Method, StageReport
-from lmpress.models.adapters import linear_weight
+from lmpress.arch import linear_weight
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import mask_from_scores, parse_pattern
 

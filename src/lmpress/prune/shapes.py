@@ -20,12 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.models.adapters import ARCHS, Adapter, is_conv1d, linear_weight
-
-# families whose config has a head_dim field, so fewer heads at the same hidden size load in plain
-# transformers when every block has the same widths
-HEAD_DIM_IN_CONFIG = ("llama", "mistral", "qwen2", "qwen3")
-MLP_WIDTH_KEY = {"gpt2": "n_inner", "opt": "ffn_dim"}  # others: intermediate_size
+from lmpress.arch import Adapter, is_conv1d, is_supported, linear_weight, spec_for
 
 
 def slice_linear(m: nn.Module, rows: Tensor | None = None, cols: Tensor | None = None) -> None:
@@ -54,8 +49,7 @@ def linear_shape(m: nn.Module) -> tuple[int, int]:
 
 
 def _attention_module(adapter: Adapter, i: int) -> nn.Module:
-    first = adapter.spec.attention[0]
-    return adapter.model.get_submodule(f"{adapter.block_name(i)}.{first.rsplit('.', 1)[0]}")
+    return adapter.model.get_submodule(f"{adapter.block_name(i)}.{adapter.spec.attention_module}")
 
 
 def head_dim(adapter: Adapter, i: int) -> int:
@@ -99,12 +93,12 @@ def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
     q_heads = [h for g in keep for h in range(g * per, (g + 1) * per)]
     lin = list(adapter.attention_linears(i).values())
     attn = _attention_module(adapter, i)
-    if adapter.model_type == "gpt2":  # c_attn: [q | k | v], each n_q * hd wide
+    if adapter.spec.qkv == "concat":  # one projection: [q | k | v], each n_q * hd wide
         E = n_q * hd
         rows = torch.cat([_span(q_heads, hd, 0), _span(q_heads, hd, E), _span(q_heads, hd, 2 * E)])
         slice_linear(lin[0], rows=rows)
         attn.split_size = len(q_heads) * hd  # type: ignore[assignment]
-    elif adapter.model_type == "gpt_neox":  # query_key_value: per head [q_h | k_h | v_h]
+    elif adapter.spec.qkv == "per_head":  # one projection: per head [q_h | k_h | v_h]
         slice_linear(lin[0], rows=_span(q_heads, 3 * hd))
     else:  # separate q, k, v
         slice_linear(lin[0], rows=_span(q_heads, hd))
@@ -142,7 +136,7 @@ def config_structure(model: nn.Module) -> dict[str, int]:
     cfg: Any = model.config
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
-    key = MLP_WIDTH_KEY.get(cfg.model_type, "intermediate_size")
+    key = spec_for(cfg.model_type).mlp_width_key
     mlp = getattr(cfg, key, None) or 4 * cfg.hidden_size  # GPT-2's n_inner None means 4x
     return {"heads": heads, "kv_heads": kv, "mlp": mlp}
 
@@ -156,18 +150,18 @@ def uniform_config_update(model: nn.Module) -> bool:
     s, cfg_s = structure[0], config_structure(model)
     cfg: Any = model.config
     if (s["heads"], s["kv_heads"]) != (cfg_s["heads"], cfg_s["kv_heads"]):
-        if cfg.model_type not in HEAD_DIM_IN_CONFIG:
+        if not spec_for(cfg.model_type).head_dim_in_config:
             return False
         cfg.head_dim = head_dim(Adapter(model), 0)
         cfg.num_attention_heads, cfg.num_key_value_heads = s["heads"], s["kv_heads"]
     if s["mlp"] != cfg_s["mlp"]:
-        setattr(cfg, MLP_WIDTH_KEY.get(cfg.model_type, "intermediate_size"), s["mlp"])
+        setattr(cfg, spec_for(cfg.model_type).mlp_width_key, s["mlp"])
     return True
 
 
 def needs_structure_record(model: nn.Module) -> list[dict[str, int]] | None:
     """Per-block widths to save beside the weights, or None when the config already describes them."""
-    if getattr(model.config, "model_type", None) not in ARCHS:
+    if not is_supported(getattr(model.config, "model_type", None)):
         return None
     structure = block_structure(model)
     expected = config_structure(model)

@@ -16,12 +16,13 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lmpress.arch import linear_weight
 from lmpress.calib import InputStats
+from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
-from lmpress.models.adapters import linear_weight
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import PruneError, mask_from_scores, parse_pattern
-from lmpress.quant.grid import Quantized, find_grid
+from lmpress.quant.grid import find_grid
 
 
 class SparseGPTConfig(PruneConfig):

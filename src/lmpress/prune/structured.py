@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lmpress.calib import SquareNorm, blockwise, collect
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.models.adapters import Adapter, linear_weight
+from lmpress.arch import Adapter, linear_weight
 from lmpress.prune.masks import PruneError
 from lmpress.prune.shapes import (
     attention_counts,

@@ -14,7 +14,7 @@ from torch import nn
 
 from lmpress.calib import SquareNorm
 from lmpress.method import Context, Method, StageReport
-from lmpress.models.adapters import linear_weight
+from lmpress.arch import linear_weight
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import mask_from_scores, parse_pattern
 

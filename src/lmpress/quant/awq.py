@@ -19,11 +19,13 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter, NormKind, is_conv1d, linear_weight
+from lmpress.formats import ggml
+from lmpress.formats.grid import Quantized, quantize_with
 from lmpress.method import Context, Method, StageReport
-from lmpress.models.adapters import Adapter, linear_weight
-from lmpress.quant import ggml
+from lmpress.quant import ggml_fit
 from lmpress.quant.base import LayerSettings, QuantizeFn, WeightQuantConfig, quantize_calibrated, settings_for
-from lmpress.quant.grid import Quantized, clip_search, quantize, quantize_with
+from lmpress.quant.grid import clip_search, quantize
 
 
 class AWQConfig(WeightQuantConfig):
@@ -101,7 +103,7 @@ def awq_scales(
         for w, ref in zip(weights, refs, strict=True):
             ws = w * sc[None, :]
             deq = (
-                ggml.dequantize(ggml.quantize(ws, s.grid))
+                ggml.dequantize(ggml_fit.quantize(ws, s.grid))
                 if s.grid
                 else quantize(ws, s.bits, s.group_size, s.symmetric).dequantize()
             )
@@ -120,14 +122,17 @@ def weighted_clip(w: Tensor, x_sq_mean: Tensor, s: LayerSettings, grid: int = 20
 
 
 @torch.no_grad()
-def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], sc: Tensor) -> None:
-    """Divide ``prev``'s output channels by ``sc`` and multiply the linears' input columns by it."""
+def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], sc: Tensor, kind: NormKind | None = None) -> None:
+    """Divide ``prev``'s output channels by ``sc`` and multiply the linears' input columns by it.
+    ``kind``: what ``prev`` computes when it is a norm (`Adapter.norm_kind`)."""
     weight = prev.weight
     bias = getattr(prev, "bias", None)
     assert isinstance(weight, Tensor)
     sc_prev = sc.to(weight.dtype)
-    if isinstance(prev, nn.Linear) or type(prev).__name__ == "Conv1D":
+    if isinstance(prev, nn.Linear) or is_conv1d(prev):
         linear_weight(prev).div_(sc_prev[:, None])
+    elif kind == "rmsnorm_1p":  # y = (1 + weight) * x_hat: (1 + w') = (1 + w) / s
+        weight.add_(1).div_(sc_prev).sub_(1)
     else:  # a norm: y = weight * x_hat (+ bias)
         weight.div_(sc_prev)
     if isinstance(bias, Tensor):
@@ -157,7 +162,7 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
                 settings_for(first, config, weights[0].shape[1]),
                 config.alpha_grid,
             )
-            fold_scales(prev, group, sc)  # every reader of prev's output, targeted or not
+            fold_scales(prev, group, sc, adapter.norm_kind(prev_name))  # every reader of prev's output
             for n in searched:  # the inputs these linears now see are divided by sc
                 sq = acts[n].sq_sum
                 acts[n].sq_sum = sq / sc.pow(2) if sq is not None else None
@@ -168,7 +173,7 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
             sq_sum = acts[name].sq_sum
             if s.grid is not None:  # the GGUF grid fitted with activation-weighted error
                 imp = sq_sum / acts[name].n_tokens if config.clip and sq_sum is not None else None
-                return ggml.fit_grid(w, ggml.ggml_type(s.grid), importance=imp)
+                return ggml_fit.fit_grid(w, ggml.ggml_type(s.grid), importance=imp)
             if not config.clip or sq_sum is None:
                 return quantize(w, s.bits, s.group_size, s.symmetric)
             return weighted_clip(w, sq_sum / acts[name].n_tokens, s)

@@ -13,28 +13,10 @@ from typing import Literal
 
 from torch import nn
 
-from lmpress.models.adapters import Adapter, linear_weight
+from lmpress.arch import Adapter, linear_weight
 
 MixName = Literal["q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q8_0"]
 MIX_BASE = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_0": "q4_0", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q8_0": "q8_0"}
-
-# block-relative module suffix -> llama.cpp tensor category
-_ROLES = {
-    "self_attn.v_proj": "attn_v",
-    "attention.query_key_value": "attn_qkv",
-    "attn.c_attn": "attn_qkv",
-    "mlp.down_proj": "ffn_down",
-    "mlp.c_proj": "ffn_down",
-    "mlp.dense_4h_to_h": "ffn_down",
-    "mlp.fc2": "ffn_down",
-    "fc2": "ffn_down",
-    "self_attn.o_proj": "attn_output",
-    "attn.c_proj": "attn_output",
-    "attention.dense": "attn_output",
-    "self_attn.dense": "attn_output",
-    "self_attn.out_proj": "attn_output",
-}
-
 
 def use_more_bits(i: int, n: int) -> bool:
     """llama.cpp's choice of layers that get more bits: the first and last eighth, and every third between."""
@@ -73,10 +55,8 @@ def mix_layer_types(model: nn.Module, mix: str) -> dict[str, str]:
     gqa = heads // int(getattr(config, "num_key_value_heads", None) or heads)
     out: dict[str, str] = {}
     for i in range(n):
-        prefix = adapter.block_name(i) + "."
-        for name in adapter.block_linears(i):
-            role = _ROLES.get(name.removeprefix(prefix))
-            t = mix_type(mix, role, i, n, gqa) if role else None
+        for name, role in adapter.linear_roles(i).items():
+            t = mix_type(mix, role, i, n, gqa)
             if t is not None:
                 out[name] = t
     head_name, head = adapter.head()

@@ -17,9 +17,9 @@ import torch
 from pydantic import Field
 from torch import nn
 
+from lmpress.arch import Adapter, linear_weight
 from lmpress.calib import SquareNorm, blockwise, collect
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.models.adapters import Adapter, linear_weight
 from lmpress.quant.awq import fold_scales
 from lmpress.quant.base import QuantError, replace_module, targeted_layers, to_quant_linear, units_of
 from lmpress.quant.grid import quantize
@@ -63,7 +63,9 @@ def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
                 if st.n_tokens == 0:
                     raise QuantError(f"layers after {prev_name} received no calibration tokens")
                 w_max = torch.stack([linear_weight(m).detach().abs().amax(0).float() for m in group.values()]).amax(0)
-                fold_scales(prev, group, smooth_scales(st.abs_max, w_max, config.smooth_alpha))
+                fold_scales(
+                    prev, group, smooth_scales(st.abs_max, w_max, config.smooth_alpha), adapter.norm_kind(prev_name)
+                )
                 smoothed.append(prev_name)
 
     def store(names: list[str]) -> None:

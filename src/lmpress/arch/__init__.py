@@ -1,0 +1,40 @@
+"""Model knowledge, the ground floor: the only package that knows a model family.
+
+Each family is one module of `lmpress.arch.families` declaring its `Spec` (where its blocks,
+projections, norms and embeddings are, what role each has, its config keys, what llama.cpp and the
+ONNX writer call it); `Adapter` finds those parts in a loaded model. Everything above asks these,
+never spelling a module path or a family name itself.
+"""
+
+from lmpress.arch.adapter import Adapter, is_conv1d, linear_weight, replace_module
+from lmpress.arch.config import CONFIG_KEYS, POSITION_KEYS, Shapes
+from lmpress.arch.registry import (
+    is_supported,
+    spec_for,
+    specs,
+    supported_architectures,
+    supporting,
+    unknown_architecture,
+)
+from lmpress.arch.spec import GGUF, Norm, NormKind, Spec, rope_permutation
+
+__all__ = [
+    "CONFIG_KEYS",
+    "GGUF",
+    "POSITION_KEYS",
+    "Adapter",
+    "Norm",
+    "NormKind",
+    "Shapes",
+    "Spec",
+    "is_conv1d",
+    "is_supported",
+    "linear_weight",
+    "replace_module",
+    "rope_permutation",
+    "spec_for",
+    "specs",
+    "supported_architectures",
+    "supporting",
+    "unknown_architecture",
+]

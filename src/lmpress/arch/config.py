@@ -1,0 +1,81 @@
+"""What a ``config.json`` says about sizes, read the same way for every family.
+
+Families spell the same size differently (``hidden_size``, ``n_embd``, ``d_model``); `CONFIG_KEYS`
+lists the spellings of each, for checks that must read any config (plausible sizes, a memory
+estimate) before a model is built. `Shapes` is the parameter count a config implies, without
+building it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from lmpress.arch.registry import is_supported, spec_for
+
+# size -> the config keys that spell it, in the order they are read
+CONFIG_KEYS: dict[str, tuple[str, ...]] = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers"),
+    "vocab": ("vocab_size",),
+    "hidden": ("hidden_size", "n_embd", "d_model"),
+    "intermediate": ("intermediate_size", "n_inner", "ffn_dim", "moe_intermediate_size"),
+    "heads": ("num_attention_heads", "n_head", "num_key_value_heads"),
+    "experts": ("num_experts", "num_local_experts", "n_routed_experts"),
+}
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length", "seq_length")
+
+
+def first_value(config: dict[str, Any], size: str, default: int = 0) -> int:
+    """The first of ``size``'s keys the config sets (truthy), else ``default``."""
+    for key in CONFIG_KEYS[size]:
+        if config.get(key):
+            return int(config[key])
+    return default
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """The sizes a parameter count needs, from a config as a dict."""
+
+    hidden: int
+    layers: int
+    intermediate: int
+    vocab: int
+    q_dim: int  # heads x head_dim
+    kv_dim: int
+    tied: bool
+    gated: bool  # a gated MLP (Llama) has three projections, else two
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> Shapes:
+        h = first_value(config, "hidden")
+        layers = first_value(config, "layers")
+        inter = int(config.get("intermediate_size") or config.get("n_inner") or config.get("ffn_dim") or 4 * h)
+        heads = int(config.get("num_attention_heads") or config.get("n_head") or 1)
+        head_dim = int(config.get("head_dim") or h // heads)
+        kv = int(config.get("num_key_value_heads") or heads)
+        model_type = config.get("model_type")
+        spec = spec_for(model_type) if is_supported(model_type) else None
+        return cls(
+            h,
+            layers,
+            inter,
+            int(config.get("vocab_size") or 0),
+            heads * head_dim,
+            kv * head_dim,
+            bool(config.get("tie_word_embeddings", spec is not None and spec.tied_by_default)),
+            spec is not None and spec.gated,
+        )
+
+    @property
+    def block_params(self) -> int:
+        attn = self.hidden * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden
+        return attn + (3 if self.gated else 2) * self.hidden * self.intermediate
+
+    @property
+    def outside_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.layers * self.block_params + self.outside_params

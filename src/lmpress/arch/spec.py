@@ -1,0 +1,147 @@
+"""What lmpress knows about one model family, declared once: the `Spec`.
+
+A spec names where a family keeps its parts and what each part is for. Every tensor-holding module
+gets a *role* in one vocabulary shared by all families: llama.cpp's tensor names (``token_embd``,
+``attn_q``, ``attn_qkv``, ``attn_output``, ``ffn_gate``, ``ffn_up``, ``ffn_down``, ``attn_norm``,
+``ffn_norm``, ``output_norm`` ...), so that a method asks for "the value projection" and an exporter
+for "the tensor llama.cpp calls attn_v" with the same word. A norm also says what it computes
+(its `NormKind`), because a scale folded into a norm is folded differently when the norm
+multiplies by ``1 + w`` (Gemma) than by ``w``.
+
+Paths inside a block are relative to the block (``self_attn.q_proj``); the others are from the
+model's root (``model.embed_tokens``). The output head is found with ``get_output_embeddings()``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+# LayerNorm (mean and variance, optional bias), RMSNorm (y = w * x / rms), RMSNorm over 1 + w (Gemma)
+NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_1p"]
+# separate q/k/v projections; one fused projection whose rows are [q | k | v] (GPT-2); one whose rows
+# are per-head [q_h | k_h | v_h] triples (GPT-NeoX)
+QKVLayout = Literal["separate", "concat", "per_head"]
+ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output")
+MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_down")
+
+
+@dataclass(frozen=True)
+class Norm:
+    """A norm: its path, its role and what it computes. ``optional``: only some models of the
+    family have it (Qwen3's query/key norms exist, Qwen2's do not)."""
+
+    path: str
+    role: str
+    kind: NormKind
+    optional: bool = False
+
+
+@dataclass(frozen=True)
+class GGUF:
+    """How llama.cpp names the family and reads its hyper-parameters.
+
+    ``metadata(config, n_vocab)``: llama.cpp's keys for a config (refusing, with an `ExportError`,
+    what its architecture cannot run). ``permute_qk``: llama.cpp's converter reorders the query and
+    key rows of this family for its rotary layout. ``rope_freqs``: llama3 rope is written as the
+    ``rope_freqs.weight`` tensor.
+    """
+
+    arch: str
+    metadata: Callable[[Any, int], dict[str, Any]]
+    permute_qk: bool = False
+    rope_freqs: bool = False
+
+
+@dataclass(frozen=True)
+class Spec:
+    """One model family: every fact about it that lmpress uses, in one place."""
+
+    model_types: tuple[str, ...]  # the config.json model_type values this spec describes
+    blocks: str  # the ModuleList of decoder blocks
+    embeddings: dict[str, str]  # path -> role; the token embedding first, then learned positions
+    final_norm: Norm
+    linears: dict[str, str]  # block-relative path -> role, attention first, in the order they compute
+    norms: tuple[Norm, ...]  # block-relative
+    qkv: QKVLayout = "separate"
+    conv1d: bool = False  # GPT-2: linear weights stored (in, out)
+    # (previous op, linears reading its output): a per-channel scale can move from the linears'
+    # input columns into the previous op's outputs (a norm, or a linear followed by nothing or by a
+    # positively homogeneous activation), as AWQ and SmoothQuant need. Groups whose widths do not
+    # line up on a given model (grouped-query v -> o, fused qkv -> o) are skipped at run time.
+    scale_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    mlp_width_key: str = "intermediate_size"  # the config key of the MLP width
+    head_dim_in_config: bool = False  # the config has head_dim: fewer heads at the same width still load
+    tied_by_default: bool = False  # tie_word_embeddings when config.json does not say
+    rotary_emb: str = ""  # the module that computes rotary cos/sin for the whole model, where there is one
+    pre_norm_key: str | None = None  # a config flag that, when false, puts the norms after the sublayers
+    gguf: GGUF | None = None
+    onnx: Literal["llama", "gpt2"] | None = None  # the graph lmpress's ONNX writer builds for it
+    onnx_refuse: Callable[[Any], str | None] = field(default=lambda config: None)  # why not, for a config
+
+    @property
+    def name(self) -> str:
+        return self.model_types[0]
+
+    @property
+    def attention(self) -> tuple[str, ...]:
+        """Block-relative paths of the attention projections (q, k, v, o or fused qkv, o)."""
+        return tuple(p for p, r in self.linears.items() if r in ATTENTION_ROLES)
+
+    @property
+    def mlp(self) -> tuple[str, ...]:
+        """Block-relative paths of the MLP projections, the output projection last."""
+        return tuple(p for p, r in self.linears.items() if r in MLP_ROLES)
+
+    @property
+    def attention_module(self) -> str:
+        """Block-relative path of the attention module (the parent of its projections)."""
+        return self.attention[0].rsplit(".", 1)[0]
+
+    @property
+    def norm_paths(self) -> tuple[str, ...]:
+        return tuple(n.path for n in self.norms)
+
+    @property
+    def fused_qkv(self) -> bool:
+        return self.qkv != "separate"
+
+    @property
+    def gated(self) -> bool:
+        """A gated MLP (gate, up, down) rather than two projections."""
+        return "ffn_gate" in self.linears.values()
+
+    def token_embedding(self) -> str:
+        return next(iter(self.embeddings))
+
+    def norm_kind(self, path: str) -> NormKind | None:
+        """The kind of the block norm at block-relative ``path`` (or the final norm), else None."""
+        for n in (*self.norms, self.final_norm):
+            if n.path == path:
+                return n.kind
+        return None
+
+    def is_pre_norm(self, config: Any) -> bool:
+        return self.pre_norm_key is None or bool(getattr(config, self.pre_norm_key, True))
+
+    def gguf_row_order(self, role: str, rows: int, config: Any) -> Tensor | None:
+        """How llama.cpp orders the output rows of a projection, as indices into the model's rows
+        (None: the same). Llama q/k: the rotary halves interleaved per head; GPT-NeoX's fused
+        q/k/v: per-head [q k v] triples regrouped as all q, all k, all v."""
+        heads = getattr(config, "num_attention_heads", 0)
+        if self.gguf is not None and self.gguf.permute_qk and role in ("attn_q", "attn_k"):
+            kv_heads = getattr(config, "num_key_value_heads", None) or heads
+            return rope_permutation(rows, heads if role == "attn_q" else kv_heads)
+        if self.qkv == "per_head" and role == "attn_qkv":
+            return torch.arange(rows).view(heads, 3, rows // heads // 3).transpose(0, 1).reshape(-1)
+        return None
+
+
+def rope_permutation(rows: int, n_head: int) -> Tensor:
+    """Row order llama.cpp's converter gives Llama q/k projections: within each head, the two
+    rotary halves interleaved.  -> (rows,) indices"""
+    return torch.arange(rows).view(n_head, 2, rows // n_head // 2).transpose(1, 2).reshape(-1)

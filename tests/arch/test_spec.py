@@ -1,0 +1,127 @@
+"""Every family's spec matches the modules transformers builds for it, and a new family is one file."""
+
+from __future__ import annotations
+
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from lmpress.arch import Adapter, is_conv1d, linear_weight, registry, spec_for, specs, supporting
+from lmpress.quant.awq import fold_scales
+from tests.conftest import TINY_ARCHS, tiny_config
+
+NORM_CLASSES = {"rmsnorm": "RMSNorm", "layernorm": "LayerNorm"}
+
+
+@pytest.fixture(scope="module", params=TINY_ARCHS)
+def tiny(request: pytest.FixtureRequest) -> nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config(request.param, 256))
+
+
+def test_spec_names_every_linear_and_norm_of_a_block(tiny: nn.Module) -> None:
+    """No linear or norm of a block is left without a role, and each norm is of its declared kind."""
+    a = Adapter(tiny)
+    block = a.blocks()[0]
+    linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+    assert linears == set(a.spec.linears)
+    norms = {n for n, m in block.named_modules() if "Norm" in type(m).__name__}
+    assert norms == {n.path for n in a.spec.norms if not n.optional or n.path in norms}
+    for name, module in a.block_norms(0).items():
+        kind = a.norm_kind(name)
+        assert kind is not None and NORM_CLASSES[kind] in type(module).__name__
+    assert a.norm_kind(a.final_norm()[0]) == a.spec.final_norm.kind
+    roles = a.linear_roles(1)
+    assert len(roles) == len(a.spec.linears) and all(n.startswith(a.block_name(1) + ".") for n in roles)
+    for name, role in roles.items():
+        assert a.role_name(1, role) == name and a.role(1, role) is tiny.get_submodule(name)
+
+
+def test_spec_config_keys_and_widths(tiny: nn.Module) -> None:
+    a = Adapter(tiny)
+    config = tiny.config
+    mlp_out = linear_weight(tiny.get_submodule(f"{a.block_name(0)}.{a.spec.mlp[-1]}"))
+    assert mlp_out.shape[1] == (getattr(config, a.spec.mlp_width_key, None) or 4 * config.hidden_size)
+    assert a.spec.gated == (len(a.spec.mlp) == 3)
+    assert a.embedding_roles()[a.spec.token_embedding()] == "token_embd"
+    assert tiny.get_submodule(a.spec.token_embedding()) is tiny.get_input_embeddings()
+
+
+def test_supported_lists() -> None:
+    assert registry.supported_architectures() == sorted(specs())
+    assert set(TINY_ARCHS) <= set(specs())
+    assert supporting("onnx") == ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
+    assert supporting("head_dim_in_config") == ["llama", "mistral", "qwen2", "qwen3"]
+    assert spec_for("gpt_neox").gguf is not None and spec_for("gpt_neox").gguf.arch == "gptneox"
+    assert spec_for("opt").gguf is None
+
+
+def test_gguf_row_orders() -> None:
+    """Llama q/k rows interleave the rotary halves per head; NeoX's per-head q/k/v regroup."""
+
+    class Cfg:
+        num_attention_heads = 2
+        num_key_value_heads = 1
+
+    perm = spec_for("llama").gguf_row_order("attn_q", 8, Cfg())
+    assert perm is not None and perm.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    assert spec_for("qwen2").gguf_row_order("attn_q", 8, Cfg()) is None
+    perm = spec_for("gpt_neox").gguf_row_order("attn_qkv", 12, Cfg())
+    assert perm is not None and perm.tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
+
+
+def test_fold_into_a_one_plus_w_norm_keeps_the_function() -> None:
+    """A scale folded into a norm that multiplies by 1 + w (Gemma) leaves the block's output as it was."""
+    torch.manual_seed(0)
+    width = 8
+    w = torch.randn(width) * 0.1
+    lin = nn.Linear(width, 4, bias=False)
+    x = torch.randn(5, width)
+    x_hat = x / x.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+
+    class OnePlusNorm(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.weight = nn.Parameter(w.clone())
+
+        def forward(self, t: torch.Tensor) -> torch.Tensor:
+            return (1 + self.weight) * t
+
+    norm = OnePlusNorm()
+    before = lin(norm(x_hat)).detach()
+    sc = torch.rand(width) + 0.5
+    with torch.no_grad():
+        fold_scales(norm, {"lin": lin}, sc, "rmsnorm_1p")
+    torch.testing.assert_close(lin(norm(x_hat)).detach(), before, atol=1e-5, rtol=1e-5)
+
+
+def test_a_new_family_is_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A module dropped into the families package is found by every consumer, with no other edit."""
+    from lmpress.arch import families
+
+    (tmp_path / "tinyfam.py").write_text(
+        textwrap.dedent(
+            """
+            from dataclasses import replace
+            from lmpress.arch.families.llama import LLAMA
+            SPECS = (replace(LLAMA, model_types=("tinyfam",), gguf=None, onnx=None),)
+            """
+        )
+    )
+    monkeypatch.setattr(families, "__path__", [*families.__path__, str(tmp_path)])
+    registry.specs.cache_clear()
+    try:
+        assert registry.is_supported("tinyfam") and spec_for("tinyfam").blocks == "model.layers"
+        model = AutoModelForCausalLM.from_config(tiny_config("llama", 256))
+        model.config.model_type = "tinyfam"
+        assert len(Adapter(model).linears()) == 14
+    finally:
+        monkeypatch.undo()
+        registry.specs.cache_clear()
+        sys.modules.pop("lmpress.arch.families.tinyfam", None)
+    assert not registry.is_supported("tinyfam")
