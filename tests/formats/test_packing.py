@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmpress.nn.packing import pack, packed_width, unpack, unpack_float
+from lmpress.formats.packing import pack, packed_width, unpack, unpack_float
 
 
 @pytest.mark.parametrize("bits", range(2, 9))

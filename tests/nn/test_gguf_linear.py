@@ -6,15 +6,16 @@ import pytest
 import torch
 from torch import nn
 
+from lmpress.formats import ggml
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
-from lmpress.quant import ggml
+from lmpress.quant import ggml_fit
 
 
 @pytest.mark.parametrize("name", ["q6_k", "q3_k", "q8_0", "q5_1"])
 def test_dequant_forward_is_the_stored_weight(name: str) -> None:
     torch.manual_seed(0)
     lin = nn.Linear(256, 64)
-    layer = GGUFLinear.from_blocks(ggml.quantize(lin.weight, name), lin.bias)
+    layer = GGUFLinear.from_blocks(ggml_fit.quantize(lin.weight, name), lin.bias)
     assert layer.kernel_path() == "dequant"
     x = torch.randn(5, 256)
     ref = x @ ggml.dequantize(layer.ggml_blocks()).T + lin.bias
@@ -26,7 +27,7 @@ def test_dequant_forward_is_the_stored_weight(name: str) -> None:
 def test_int4_kernel_matches_the_dequantized_weight(name: str) -> None:
     torch.manual_seed(0)
     w = torch.randn(64, 512) * 0.02
-    layer = GGUFLinear.from_blocks(ggml.quantize(w, name), None)
+    layer = GGUFLinear.from_blocks(ggml_fit.quantize(w, name), None)
     assert layer.kernel_path() == "int4"
     x = torch.randn(3, 512)
     ref = x @ layer.dequantize_weight().T
@@ -42,9 +43,9 @@ def test_int4_kernel_matches_the_dequantized_weight(name: str) -> None:
 def test_embedding_gathers_rows() -> None:
     torch.manual_seed(0)
     table = torch.randn(100, 256)
-    emb = GGUFEmbedding.from_blocks(ggml.quantize(table, "q4_k"), torch.float32)
+    emb = GGUFEmbedding.from_blocks(ggml_fit.quantize(table, "q4_k"), torch.float32)
     ids = torch.tensor([[3, 7], [99, 0]])
-    full = ggml.dequantize(ggml.quantize(table, "q4_k"))
+    full = ggml.dequantize(ggml_fit.quantize(table, "q4_k"))
     assert torch.equal(emb(ids), full[ids])
     again = GGUFEmbedding.from_format(emb.lmpress_format(), torch.float32)
     again.load_state_dict(emb.state_dict())

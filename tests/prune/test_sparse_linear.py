@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmpress.formats.grid import dequantize
 from lmpress.nn.sparse_linear import SparseLinear
 from lmpress.prune.masks import nm_mask, topk_mask
-from lmpress.quant.grid import dequantize, quantize
+from lmpress.quant.grid import quantize
 
 
 @pytest.mark.parametrize("sparsity", [0.5, 0.95])

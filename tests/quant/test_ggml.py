@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmpress.quant import ggml
+from lmpress.formats import ggml, ggml_bytes
+from lmpress.quant import ggml_fit
 from lmpress.quant.base import QuantError, grid_settings
 
 gguf = pytest.importorskip("gguf")
@@ -27,13 +28,13 @@ def _gauss(rows: int = 16, n: int = 512, seed: int = 0) -> torch.Tensor:
 def test_bytes_and_dequantize_match_the_gguf_package(name: str) -> None:
     t = ggml.ggml_type(name)
     w = _gauss()
-    b = ggml.fit_grid(w, t)
-    raw = ggml.pack(b)
+    b = ggml_fit.fit_grid(w, t)
+    raw = ggml_bytes.pack(b)
     assert raw.shape == (16, t.row_bytes(512)) and raw.dtype == torch.uint8
     theirs = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(t.type_id)).reshape(16, 512)
     assert np.array_equal(ggml.dequantize(b).numpy(), theirs)  # bit-exact
-    back = ggml.unpack(raw, t, 512)
-    assert torch.equal(back.codes, b.codes) and torch.equal(ggml.pack(back), raw)
+    back = ggml_bytes.unpack(raw, t, 512)
+    assert torch.equal(back.codes, b.codes) and torch.equal(ggml_bytes.pack(back), raw)
 
 
 @pytest.mark.parametrize("name", ggml.GRID_NAMES)
@@ -42,12 +43,12 @@ def test_any_bytes_unpack_and_pack_back(name: str) -> None:
     t = ggml.ggml_type(name)
     g = torch.Generator().manual_seed(1)
     raw = torch.randint(0, 256, (4, t.row_bytes(512)), dtype=torch.uint8, generator=g)
-    b = ggml.unpack(raw, t, 512)
+    b = ggml_bytes.unpack(raw, t, 512)
     b.d = torch.where(torch.isfinite(b.d.float()), b.d, torch.zeros_like(b.d))
     if b.dmin is not None:
         b.dmin = torch.where(torch.isfinite(b.dmin.float()), b.dmin, torch.zeros_like(b.dmin))
-    raw = ggml.pack(b)
-    assert torch.equal(ggml.pack(ggml.unpack(raw, t, 512)), raw)
+    raw = ggml_bytes.pack(b)
+    assert torch.equal(ggml_bytes.pack(ggml_bytes.unpack(raw, t, 512)), raw)
     theirs = gguf.quants.dequantize(raw.numpy(), gguf.GGMLQuantizationType(t.type_id)).reshape(4, 512)
     assert np.array_equal(ggml.dequantize(b).numpy(), theirs, equal_nan=True)
 
@@ -55,7 +56,7 @@ def test_any_bytes_unpack_and_pack_back(name: str) -> None:
 @pytest.mark.parametrize("name", ggml.GRID_NAMES)
 def test_fit_error_bounds(name: str) -> None:
     w = _gauss(64, 1024)
-    deq = ggml.dequantize(ggml.quantize(w, name))
+    deq = ggml.dequantize(ggml_fit.quantize(w, name))
     rel = float((deq - w).pow(2).mean() / w.pow(2).mean())
     assert rel < REL_MSE[name]
 
@@ -65,7 +66,7 @@ def test_fit_beats_the_reference_rounding(name: str) -> None:
     """Least-squares scale search: no worse than the gguf package's (llama.cpp's reference) rounding."""
     t = ggml.ggml_type(name)
     w = _gauss(64, 1024)
-    ours = ggml.dequantize(ggml.quantize(w, name))
+    ours = ggml.dequantize(ggml_fit.quantize(w, name))
     qtype = gguf.GGMLQuantizationType(t.type_id)
     ref = gguf.quants.dequantize(gguf.quants.quantize(w.numpy(), qtype), qtype)
     assert float((ours - w).pow(2).mean()) <= float(((torch.from_numpy(ref) - w) ** 2).mean())
@@ -74,8 +75,8 @@ def test_fit_beats_the_reference_rounding(name: str) -> None:
 def test_importance_lowers_the_weighted_error() -> None:
     w = _gauss(32, 512)
     imp = torch.rand(512, generator=torch.Generator().manual_seed(3)) ** 4 * 100
-    plain = ggml.dequantize(ggml.quantize(w, "q3_k"))
-    weighted = ggml.dequantize(ggml.quantize(w, "q3_k", importance=imp))
+    plain = ggml.dequantize(ggml_fit.quantize(w, "q3_k"))
+    weighted = ggml.dequantize(ggml_fit.quantize(w, "q3_k", importance=imp))
     err = lambda d: float(((d - w).pow(2) * imp).sum())  # noqa: E731
     assert err(weighted) < 0.9 * err(plain)
 
@@ -83,7 +84,7 @@ def test_importance_lowers_the_weighted_error() -> None:
 def test_grid_of_reproduces_the_stored_weights() -> None:
     """The (scale, zero) GPTQ rounds on gives the stored weights to float32 rounding."""
     for name in ("q4_k", "q2_k", "q3_k", "q6_k", "q4_1"):
-        b = ggml.quantize(_gauss(), name)
+        b = ggml_fit.quantize(_gauss(), name)
         S, Z = ggml.grid_of(b)
         u = b.codes.float().view(16, -1, b.type.sub)
         approx = ((u - Z[..., None]) * S[..., None]).view(16, 512)

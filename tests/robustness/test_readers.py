@@ -2,7 +2,7 @@
 tokenizer or config is one ``error:`` line with exit code 2, no traceback and nothing written.
 
 Each case builds its bad file from a good one (the session's tiny Llama, one lmpress directory
-compressed from it per module, a small GGUF file written by `lmpress.export.gguf_file`); the
+compressed from it per module, a small GGUF file written by `lmpress.formats.gguf_file`); the
 Hypothesis properties at the end fuzz the two parsers (`read_meta`, `check_gguf`) directly.
 """
 
@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from lmpress.errors import ModelLoadError
 from lmpress.export.gguf_check import check_gguf
-from lmpress.export.gguf_file import F32, U32, TensorSpec, write_gguf
+from lmpress.formats.gguf_file import F32, U32, TensorSpec, write_gguf
 from lmpress.inspection import inspect_model
 from lmpress.io.meta import read_meta
 from tests.robustness.conftest import EVAL_FAST, assert_refused, lmpress, tree

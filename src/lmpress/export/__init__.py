@@ -128,7 +128,7 @@ def export(
 
         return export_onnx(loaded.model, loaded.tokenizer, path, densify=densify, overwrite=overwrite)
     if requantize is not None:
-        from lmpress.quant.ggml import ggml_type
+        from lmpress.formats.ggml import ggml_type
 
         try:
             ggml_type(requantize)

@@ -2,7 +2,7 @@
 
 Both trust the header: a tensor count of 2**60 makes them allocate without end, a string length
 past the end of the file ends in an ``IndexError``, an unknown value type in a crash. `check_gguf`
-walks the header as the format defines it (see `lmpress.export.gguf_file`): the magic, version 2
+walks the header as the format defines it (see `lmpress.formats.gguf_file`): the magic, version 2
 or 3, the tensor and metadata counts (each bounded by what the file's size can hold), every key and
 value (value types 0..12, string and array lengths within the file), every tensor info (at most 4
 dimensions, a data offset inside the data section, the tensor's bytes within the file) and refuses

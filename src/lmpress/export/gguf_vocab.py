@@ -19,8 +19,8 @@ import logging
 import re
 from typing import Any
 
-from lmpress.export.gguf_file import U32
 from lmpress.export.walk import ExportError
+from lmpress.formats.gguf_file import U32
 
 log = logging.getLogger(__name__)
 

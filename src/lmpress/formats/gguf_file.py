@@ -24,7 +24,7 @@ import numpy as np
 ALIGNMENT = 32
 # metadata value types
 UINT8, INT8, UINT16, INT16, UINT32, INT32, FLOAT32, BOOL, STRING, ARRAY, UINT64, INT64, FLOAT64 = range(13)
-# ggml types of dense tensors (block types are in lmpress.quant.ggml)
+# ggml types of dense tensors (block types are in lmpress.formats.ggml)
 F32, F16, BF16 = 0, 1, 30
 
 

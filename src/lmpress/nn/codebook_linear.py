@@ -3,7 +3,7 @@
 Storage (what ``state_dict`` and the saved file hold):
 
 - ``qweight`` (out, packed_width(in, bits)) uint8: one ``bits``-bit index per weight, packed densely
-  (`lmpress.nn.packing`), so 16 centroids cost 4 bits a weight and 256 cost 8;
+  (`lmpress.formats.packing`), so 16 centroids cost 4 bits a weight and 256 cost 8;
 - ``codebook`` (groups, 2**bits) float16: the centroid values, one row for the whole layer
   (``groups`` = 1) or one per output channel (``groups`` = out);
 - ``scales`` (out,) float16, with a per-layer codebook and ``row_scale``: each row is its scale
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.packing import pack, packed_width, unpack
+from lmpress.formats.packing import pack, packed_width, unpack
 
 
 class CodebookLinear(nn.Module):

@@ -1,6 +1,6 @@
 """``GGUFLinear`` and ``GGUFEmbedding``: layers stored as the exact bytes of a GGUF block type.
 
-A quantizer run with ``grid: q4_k`` (or any type of `lmpress.quant.ggml`) leaves these. Their
+A quantizer run with ``grid: q4_k`` (or any type of `lmpress.formats.ggml`) leaves these. Their
 ``blocks`` buffer (rows, row_bytes) uint8 is what a GGUF file holds for the tensor, so the model's
 size is what the file costs and export copies the bytes without a second rounding.
 
@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmpress.formats import ggml, ggml_bytes
 from lmpress.nn.quant_linear import INT4_KERNEL_ROWS, int4_layout
-from lmpress.quant import ggml
 
 
 class GGUFLinear(nn.Module):
@@ -51,7 +51,7 @@ class GGUFLinear(nn.Module):
         out_f, in_f = b.codes.shape
         dtype = bias.dtype if bias is not None else torch.float32
         layer = cls(in_f, out_f, b.type.name, bias is not None, dtype, b.codes.device)
-        layer.blocks.copy_(ggml.pack(b))
+        layer.blocks.copy_(ggml_bytes.pack(b))
         if bias is not None:
             assert layer.bias is not None
             layer.bias.data.copy_(bias.detach())
@@ -62,7 +62,7 @@ class GGUFLinear(nn.Module):
         return self.gtype.bits
 
     def ggml_blocks(self) -> ggml.GGMLBlocks:
-        return ggml.unpack(self.blocks, self.gtype, self.in_features)
+        return ggml_bytes.unpack(self.blocks, self.gtype, self.in_features)
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The weight this layer represents.  (out, in)"""
@@ -165,7 +165,7 @@ class GGUFEmbedding(nn.Module):
     def from_blocks(cls, b: ggml.GGMLBlocks, dtype: torch.dtype, padding_idx: int | None = None) -> GGUFEmbedding:
         V, D = b.codes.shape
         layer = cls(V, D, b.type.name, dtype, padding_idx, b.codes.device)
-        layer.blocks.copy_(ggml.pack(b))
+        layer.blocks.copy_(ggml_bytes.pack(b))
         return layer
 
     @property
@@ -173,7 +173,7 @@ class GGUFEmbedding(nn.Module):
         return self.gtype.bits
 
     def _rows(self, ids: Tensor) -> Tensor:
-        return ggml.dequantize(ggml.unpack(self.blocks[ids], self.gtype, self.embedding_dim)).to(self.out_dtype)
+        return ggml.dequantize(ggml_bytes.unpack(self.blocks[ids], self.gtype, self.embedding_dim)).to(self.out_dtype)
 
     @property
     def weight(self) -> Tensor:

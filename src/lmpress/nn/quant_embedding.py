@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width
+from lmpress.formats.grid import Quantized, dequantize, n_groups
+from lmpress.formats.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width
 from lmpress.nn.quant_linear import keep_scale_dtype
-from lmpress.quant.grid import Quantized, dequantize, n_groups
 
 
 class QuantEmbedding(nn.Module):

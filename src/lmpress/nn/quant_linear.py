@@ -2,7 +2,7 @@
 
 Storage (what ``state_dict`` and the saved file hold):
 
-- ``qweight`` (out, packed_width(in, bits)) uint8: codes packed densely (`lmpress.nn.packing`).
+- ``qweight`` (out, packed_width(in, bits)) uint8: codes packed densely (`lmpress.formats.packing`).
   Symmetric codes are stored as two's complement ``q`` in ``bits`` bits, so an 8-bit symmetric
   layer's bytes are exactly an int8 matrix; asymmetric codes are offset binary.
 - ``scales`` (out, groups) float16 (or bfloat16).
@@ -34,9 +34,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmpress.formats.grid import Quantized, dequantize, n_groups
+from lmpress.formats.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width, unpack_float
 from lmpress.memory import trim_heap
-from lmpress.nn.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width, unpack_float
-from lmpress.quant.grid import Quantized, dequantize, n_groups
 
 INT4_GROUPS = (32, 64, 128, 256)
 # PyTorch's weight-only CPU kernels are matrix-vector kernels whose time grows with the rows; from

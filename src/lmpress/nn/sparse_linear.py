@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.packing import decode_zeros, pack, packed_width, unpack
-from lmpress.quant.grid import Quantized, dequantize, n_groups
+from lmpress.formats.grid import Quantized, dequantize, n_groups
+from lmpress.formats.packing import decode_zeros, pack, packed_width, unpack
 
 # torch.sparse CSR matmul beats dense F.linear on this CPU only when few weights are kept
 CSR_MAX_DENSITY = 0.1

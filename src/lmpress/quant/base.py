@@ -17,12 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from lmpress.errors import LmpressError
+from lmpress.formats import ggml
+from lmpress.formats.grid import Quantized
 from lmpress.method import Context, MethodConfig, StageReport
 from lmpress.models.adapters import is_conv1d, linear_weight, replace_module
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_linear import QuantLinear
-from lmpress.quant import ggml
-from lmpress.quant.grid import Quantized
+from lmpress.quant import ggml_fit
 from lmpress.select import Patterns, matches, select
 
 
@@ -30,7 +31,7 @@ class QuantError(LmpressError):
     """A quantization step that cannot be carried out as asked."""
 
 
-# llama.cpp's GGUF block types a quantizer can optimize on directly (`lmpress.quant.ggml`)
+# llama.cpp's GGUF block types a quantizer can optimize on directly (`lmpress.formats.ggml`)
 GridName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
 # what llama.cpp itself uses when a row is not a multiple of a k-quant's 256 weights
 GRID_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
@@ -97,7 +98,7 @@ class LayerSettings(BaseModel):
     bits: int
     group_size: int | None
     symmetric: bool
-    grid: str | None = None  # a GGUF block type (`lmpress.quant.ggml`); then the other fields are its own
+    grid: str | None = None  # a GGUF block type (`lmpress.formats.ggml`); then the other fields are its own
 
 
 def grid_settings(name: str, in_features: int, grid: str) -> LayerSettings:
@@ -294,7 +295,7 @@ def _quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[st
     if config.embedding_grid is not None:
         s = grid_settings(name, embed.embedding_dim, config.embedding_grid)
         assert s.grid is not None
-        b = ggml.quantize(embed.weight.detach(), s.grid)
+        b = ggml_fit.quantize(embed.weight.detach(), s.grid)
         if tied:
             head_g = to_gguf_linear(names[id(head)], head, b)
             head_g.tied_to = name
@@ -383,7 +384,7 @@ def quantize_calibrated(
 
         def rtn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
             if s.grid is not None:
-                return ggml.quantize(linear_weight(module).detach(), s.grid)
+                return ggml_fit.quantize(linear_weight(module).detach(), s.grid)
             return quantize(linear_weight(module), s.bits, s.group_size, s.symmetric)
 
         count(quantize_each_block(model, rest, config, rtn))

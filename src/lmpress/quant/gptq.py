@@ -19,11 +19,13 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.calib import InputStats
+from lmpress.formats import ggml
+from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
-from lmpress.quant import ggml
+from lmpress.quant import ggml_fit
 from lmpress.quant.base import LayerSettings, QuantError, QuantizeFn, WeightQuantConfig, quantize_calibrated
-from lmpress.quant.grid import Quantized, find_grid
+from lmpress.quant.grid import find_grid
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -196,7 +198,7 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
             W, H = linear_weight(module), stats[name].H
             users[id(stats[name])] -= 1
             # a GGUF type's stored scales come first (Hessian-weighted fit), then GPTQ chooses the codes on them
-            b = ggml.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H)) if s.grid else None
+            b = ggml_fit.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H)) if s.grid else None
             q = gptq_quantize(
                 W,
                 H,

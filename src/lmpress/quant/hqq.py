@@ -23,9 +23,11 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from lmpress.formats import ggml
+from lmpress.formats.grid import Quantized, n_groups, quantize_with
 from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
-from lmpress.quant import ggml
+from lmpress.quant import ggml_fit
 from lmpress.quant.base import (
     LayerSettings,
     WeightQuantConfig,
@@ -34,7 +36,7 @@ from lmpress.quant.base import (
     targeted_layers,
     with_mix,
 )
-from lmpress.quant.grid import Quantized, clip_search, n_groups, quantize_with
+from lmpress.quant.grid import clip_search
 
 
 class HQQConfig(WeightQuantConfig):
@@ -107,7 +109,7 @@ def hqq_gguf(weight: Tensor, t: ggml.GGMLType, config: HQQConfig) -> ggml.GGMLBl
     (M = zero * scale), stored the type's way. Types without a min (Q4_0, Q3_K, Q6_K ...) have no
     zero point to optimize and get the type's least-squares fit."""
     if not t.affine:
-        return ggml.fit_grid(weight, t)
+        return ggml_fit.fit_grid(weight, t)
     q = hqq_quantize(weight, t.bits, t.sub, config.iters, config.p, config.beta, config.kappa)
     return ggml.from_sub_grid(weight.detach().float(), t, q.scales, q.zeros * q.scales)
 

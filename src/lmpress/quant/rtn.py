@@ -12,9 +12,11 @@ from typing import Literal
 
 from torch import nn
 
+from lmpress.formats import ggml
+from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
 from lmpress.models.adapters import linear_weight
-from lmpress.quant import ggml
+from lmpress.quant import ggml_fit
 from lmpress.quant.base import (
     LayerSettings,
     WeightQuantConfig,
@@ -23,7 +25,7 @@ from lmpress.quant.base import (
     targeted_layers,
     with_mix,
 )
-from lmpress.quant.grid import Quantized, quantize
+from lmpress.quant.grid import quantize
 
 
 class RTNConfig(WeightQuantConfig):
@@ -40,7 +42,7 @@ def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
 
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
         if s.grid is not None:
-            return ggml.quantize(linear_weight(module).detach(), s.grid)
+            return ggml_fit.quantize(linear_weight(module).detach(), s.grid)
         return quantize(linear_weight(module).detach(), s.bits, s.group_size, s.symmetric, config.mse_clip)
 
     counts = quantize_each_block(model, layers, config, fn)
