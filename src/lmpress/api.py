@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from lmpress import evaluation
 from lmpress.data import Manifest, Split
 from lmpress.errors import DataError, ModelLoadError
+from lmpress.export.registry import exporter_for
 from lmpress.io import LoadedModel, load_model, save
 from lmpress.io.consistency import check_seq_len
 from lmpress.pipeline import DataOptions, Result, compress
@@ -39,7 +40,13 @@ def load(
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a built-in model, a Hugging Face directory, or a directory written by lmpress."""
+    """Load a built-in model, a Hugging Face directory, or a directory written by lmpress; an export
+    that runs in a runtime of its own (a GGUF file, an ONNX directory) runs there, loaded back by
+    its exporter, with its own tokenizer unless ``tokenizer`` names one."""
+    if (exporter := exporter_for(source)) is not None:
+        loaded = exporter.load_back(Path(source).expanduser(), tokenizer)
+        loaded.source = str(source)
+        return loaded
     return load_model(
         source,
         device=device,

@@ -4,8 +4,9 @@ For a directory written by lmpress: the architecture, bytes and weights per stor
 ``lmpress.json``'s per-module formats and the safetensors headers), bits per weight stored and
 dense-equivalent, the recipe, each stage's report, the metrics against the original and the data
 it was calibrated and evaluated on. A plain Hugging Face directory shows its architecture and
-tensors; a GGUF file its metadata and tensor types (llama.cpp's names); an ONNX directory its
-initializers by the operator that uses them (``MatMulNBits``, ``MatMulInteger``, dense).
+tensors; an export what its exporter reads (`lmpress.export.base.Exporter.contents`): a GGUF
+file its metadata and tensor types (llama.cpp's names), an ONNX directory its initializers by the
+operator that uses them (``MatMulNBits``, ``MatMulInteger``, dense).
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from lmpress.errors import ModelLoadError
+from lmpress.export.base import Exporter
+from lmpress.export.registry import exporter_for
+from lmpress.io import META_FILE, check_safetensors, check_weights, read_config, resolve_path, weight_bytes
+from lmpress.io.meta import read_meta, show
 
 __all__ = ["FormatGroup", "Inspection", "inspect_model"]
 
 # safetensors dtype -> bytes per element (for counting elements from byte ranges)
 _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_ONNX_FLOATS = {"float": "float32", "float16": "float16", "bfloat16": "bfloat16", "double": "float64"}
 _ST_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
@@ -46,7 +50,7 @@ class Inspection:
     """What `inspect_model` found; ``meta`` is ``lmpress.json`` without its module list."""
 
     source: str
-    kind: str  # "lmpress", "huggingface", "gguf" or "onnx"
+    kind: str  # "lmpress", "huggingface", or the name of the export format (`lmpress.export.registry`)
     architecture: dict[str, Any]
     formats: list[FormatGroup]
     bytes_on_disk: int
@@ -132,8 +136,6 @@ def _weights_of(fmt: dict[str, Any]) -> tuple[int, int] | None:
 
 
 def _safetensors_header(file: Path) -> dict[str, Any]:
-    from lmpress.io import check_safetensors
-
     check_safetensors(file)
     with file.open("rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
@@ -186,9 +188,6 @@ def _directory_formats(path: Path, modules: dict[str, dict[str, Any]]) -> list[F
 
 
 def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    from lmpress.io import read_config
-    from lmpress.io.meta import show
-
     config = read_config(path)
     attribute_map = {"n_layer": "layers", "n_embd": "hidden", "n_head": "heads", "n_inner": "intermediate"}
     keys = {
@@ -221,140 +220,28 @@ def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
-def _gguf(path: Path) -> Inspection:
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise ModelLoadError("reading a GGUF file needs the gguf package: pip install 'lmpress[gguf]'") from None
-    from lmpress.export.gguf_check import check_gguf
-
-    check_gguf(path)  # bounded: GGUFReader trusts the header's counts and lengths
-    try:
-        reader = GGUFReader(path)
-    except (ValueError, OSError, IndexError, KeyError, TypeError, OverflowError, struct.error, MemoryError) as e:
-        reason = (str(e) or type(e).__name__).splitlines()[0][:200]
-        raise ModelLoadError(f"{path} is not a valid GGUF file ({reason}); re-export or re-download it") from None
-
-    def field_value(key: str) -> Any:
-        f = reader.fields.get(key)
-        if f is None:
-            return None
-        if f.types and f.types[0].name == "STRING":
-            return bytes(f.parts[f.data[0]]).decode("utf-8", errors="replace")
-        if f.types and f.types[0].name == "ARRAY":
-            return len(f.data)
-        return f.parts[f.data[0]].tolist()[0]
-
-    arch_name = field_value("general.architecture")
-    arch = {
-        "model_type": arch_name,
-        "name": field_value("general.name"),
-        "layers": field_value(f"{arch_name}.block_count"),
-        "hidden": field_value(f"{arch_name}.embedding_length"),
-        "heads": field_value(f"{arch_name}.attention.head_count"),
-        "kv_heads": field_value(f"{arch_name}.attention.head_count_kv"),
-        "intermediate": field_value(f"{arch_name}.feed_forward_length"),
-        "vocab": field_value("tokenizer.ggml.tokens"),
-        "context": field_value(f"{arch_name}.context_length"),
-    }
-    for key in ("layers", "hidden", "heads", "kv_heads", "intermediate", "context"):
-        if arch[key] is not None and not isinstance(arch[key], int | float):
-            raise ModelLoadError(
-                f"{path} is not a valid GGUF file (its {key} is {type(arch[key]).__name__}, not a number); "
-                "re-export or re-download it"
-            )
+def _exported(path: Path, exporter: Exporter) -> Inspection:
+    """An export's contents as its exporter reads them, grouped by storage format."""
+    contents = exporter.contents(path)
     groups: dict[str, FormatGroup] = {}
-    for t in reader.tensors:
-        name = f"GGUF {t.tensor_type.name}"
+    for name, weights, kept, nbytes in contents.modules:
         g = groups.setdefault(name, FormatGroup(name))
         g.modules += 1
-        g.weights += int(t.n_elements)
-        g.kept += int(t.n_elements)
-        g.bytes += int(t.n_bytes)
-    formats = sorted(groups.values(), key=lambda g: -g.bytes)
-    return Inspection(str(path), "gguf", {k: v for k, v in arch.items() if v is not None}, formats, path.stat().st_size)
-
-
-def _onnx_graph(onnx: Any, file: Path) -> Any:
-    """The graph of ``file`` (its external data left on disk); one line when it is not one."""
-    try:
-        model = onnx.load(str(file), load_external_data=False)
-    except OSError as e:
-        raise ModelLoadError(f"cannot read {file} ({e.strerror or type(e).__name__})") from None
-    except Exception as e:  # protobuf's DecodeError, onnx's own errors: the bytes are not a ModelProto
-        reason = (str(e) or type(e).__name__).splitlines()[0][:120]
-        raise ModelLoadError(
-            f"{file} is not a valid ONNX graph ({reason}); re-export it with lmpress export --to onnx"
-        ) from None
-    if not model.graph.node:  # an empty file parses as an empty ModelProto
-        raise ModelLoadError(
-            f"{file} is not a valid ONNX graph (it holds no nodes); re-export it with lmpress export --to onnx"
-        )
-    return model.graph
-
-
-def _onnx(path: Path) -> Inspection:
-    try:
-        import onnx
-    except ImportError:
-        raise ModelLoadError("reading an ONNX graph needs the onnx package: pip install 'lmpress[onnx]'") from None
-    from lmpress.export.onnx_runtime import GRAPH_FILE
-    from lmpress.io import weight_bytes
-
-    graph = _onnx_graph(onnx, path / GRAPH_FILE)
-    sizes = {}
-    for init in graph.initializer:
-        external = {e.key: e.value for e in init.external_data}
-        nbytes = int(external["length"]) if "length" in external else len(init.raw_data)
-        numel = 1
-        for d in init.dims:
-            numel *= int(d)
-        sizes[init.name] = (nbytes, numel, onnx.TensorProto.DataType.Name(init.data_type).lower())
-    groups: dict[str, FormatGroup] = {}
-    used: set[str] = set()
-    for node in graph.node:
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        if node.op_type == "MatMulNBits":
-            name = f"MatMulNBits int{attrs.get('bits', 4)} b{attrs.get('block_size')}"
-            weights = int(attrs["K"]) * int(attrs["N"])
-        elif node.op_type == "MatMulInteger":
-            name, weights = "MatMulInteger int8", None
-        else:
-            continue
-        g = groups.setdefault(name, FormatGroup(name))
-        g.modules += 1
-        inputs = [i for i in node.input if i in sizes and i not in used]
-        used.update(inputs)
-        g.bytes += sum(sizes[i][0] for i in inputs)
-        n = weights if weights is not None else max((sizes[i][1] for i in inputs), default=0)
-        g.weights += n
-        g.kept += n
-    for init, (nbytes, numel, dtype) in sizes.items():
-        if init in used:
-            continue
-        weight = dtype in _ONNX_FLOATS and numel > 1  # not a scalar or a shape: a model's weight
-        label = f"dense {_ONNX_FLOATS[dtype]}" if weight else "graph constants"
-        g = groups.setdefault(label, FormatGroup(label))
-        g.modules += 1
+        g.weights += weights
+        g.kept += kept
         g.bytes += nbytes
-        g.weights += numel if weight else 0
-        g.kept += numel if weight else 0
-    arch = _architecture(path, {}) if (path / "config.json").is_file() else {}
+    arch = contents.architecture
+    if arch is None:
+        arch = _architecture(path, {}) if (path / "config.json").is_file() else {}
     formats = sorted(groups.values(), key=lambda g: -g.bytes)
-    return Inspection(str(path), "onnx", arch, formats, weight_bytes(path))
+    return Inspection(str(path), exporter.name, arch, formats, contents.bytes_on_disk)
 
 
 def inspect_model(source: str | Path) -> Inspection:
     """Read what ``source`` holds (a directory written by lmpress, a Hugging Face directory, a
     built-in name, a ``.gguf`` file or an ONNX directory) without loading its weights."""
-    from lmpress.export.onnx_runtime import is_onnx_dir
-    from lmpress.io import META_FILE, check_weights, resolve_path, weight_bytes
-    from lmpress.io.meta import read_meta
-
-    if str(source).lower().endswith(".gguf"):
-        return _gguf(Path(source).expanduser())  # _gguf checks it is a regular file first
-    if is_onnx_dir(source):
-        return _onnx(Path(source).expanduser())
+    if (exporter := exporter_for(source)) is not None:  # its reader checks it is what it claims first
+        return _exported(Path(source).expanduser(), exporter)
     path = resolve_path(source)
     check_weights(path, allow_pickle=False)
     meta: dict[str, Any] = {}

@@ -37,6 +37,16 @@ from lmpress.cli.common import (
     metrics_table,
     model_dir,
 )
+from lmpress.export import ExportError, check_export_output, check_export_source, default_output, export
+from lmpress.export.registry import DEFAULT_FORMAT, EXPORTERS, exporter
+
+# what --export and --output say, built from the registered formats
+_BESIDE = ", ".join(
+    f"{e.name} (OUT{e.suffix} beside -o)" if e.writes_file else f"{e.name} (OUT-{e.name}/)" for e in EXPORTERS.values()
+)
+_FILES = ", ".join(f"model{e.suffix}" for e in EXPORTERS.values() if e.writes_file)
+_DIRS = ", ".join(e.name for e in EXPORTERS.values() if not e.writes_file)
+_OUTPUT_HELP = f"file ({_FILES}) or directory ({_DIRS}) to write"
 
 
 @app.command()
@@ -69,8 +79,7 @@ def compress(
         str | None,
         typer.Option(
             "--export",
-            help="also write the result for a runtime: gguf (OUT.gguf beside -o), compressed-tensors "
-            "(OUT-compressed-tensors/), onnx (OUT-onnx/)",
+            help="also write the result for a runtime: " + _BESIDE,
         ),
     ] = None,
     max_memory: Annotated[
@@ -127,11 +136,9 @@ def compress(
         clients=[Path(c) for arg in clients or [] for c in arg.split(",") if c] or None,
     )
     exported = None
-    if export_path is not None and result.output is not None:
-        from lmpress.export import ExportError, export
-
+    if export_to is not None and export_path is not None and result.output is not None:
         try:
-            exported = export(result.output, export_to or "gguf", export_path, overwrite=overwrite).to_dict()
+            exported = export(result.output, export_to, export_path, overwrite=overwrite).to_dict()
         except ExportError as e:
             raise ExportError(
                 f"{e} (the compressed model is saved in {result.output}; export it with lmpress export)"
@@ -165,10 +172,7 @@ def _export_path(to: str | None, output: Path | None, overwrite: bool, source: P
     """Where ``compress --export`` writes, checked before any work."""
     if to is None:
         return None
-    from lmpress.export import FORMATS, ExportError, check_export_output, default_output
-
-    if to not in FORMATS:
-        raise ExportError(f"--export {to}: unknown format; choose one of {', '.join(FORMATS)}")
+    exporter(to, "--export")
     if output is None:
         beside = default_output(to, Path("OUT"))
         raise ExportError(f"--export needs -o OUT: the export is written beside the saved directory, as {beside}")
@@ -194,13 +198,10 @@ def export_cmd(
         str,
         typer.Option(
             "--to",
-            help="format: gguf (llama.cpp, Ollama, LM Studio), compressed-tensors (transformers, vLLM), "
-            "onnx (ONNX Runtime)",
+            help="format: " + ", ".join(f"{e.name} ({e.help})" for e in EXPORTERS.values()),
         ),
-    ] = "gguf",
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="file (model.gguf) or directory (compressed-tensors, onnx) to write")
-    ] = ...,  # type: ignore[assignment]
+    ] = DEFAULT_FORMAT,
+    output: Annotated[Path, typer.Option("--output", "-o", help=_OUTPUT_HELP)] = ...,  # type: ignore[assignment]
     requantize: Annotated[
         str | None,
         typer.Option("--requantize", help="round layers with no exact GGUF type to this type (q4_k, q8_0 ...)"),
@@ -217,7 +218,6 @@ def export_cmd(
 ) -> None:
     """Write a model (lmpress or Hugging Face directory, or builtin) in a runtime's format."""
     from lmpress.api import load
-    from lmpress.export import check_export_output, check_export_source, export
 
     _setup(threads, quiet or as_json)
     check_export_output(to, output, overwrite, model_dir(model))  # before loading anything

@@ -15,6 +15,8 @@ from lmpress.cli.common import (
     handles_errors,
     metrics_table,
 )
+from lmpress.export.registry import EXPORTERS
+from lmpress.inspection import inspect_model
 
 
 def _architecture_line(arch: dict[str, Any]) -> str:
@@ -52,8 +54,8 @@ def print_inspection(found: Any) -> None:
     from rich import box
     from rich.markup import escape
 
-    kinds = {"lmpress": "lmpress directory", "huggingface": "Hugging Face directory", "gguf": "GGUF file"}
-    kinds["onnx"] = "ONNX directory"
+    kinds = {"lmpress": "lmpress directory", "huggingface": "Hugging Face directory"}
+    kinds |= {e.name: e.artifact for e in EXPORTERS.values()}
     console.print(f"[bold]{escape(found.source)}[/] ({kinds.get(found.kind, found.kind + ' directory')})")
     if found.architecture:
         console.print(escape(_architecture_line(found.architecture)))
@@ -106,8 +108,6 @@ def print_inspection(found: Any) -> None:
 @handles_errors
 def inspect_cmd(model: ModelArg = "builtin", as_json: JsonOpt = False) -> None:
     """What a directory, GGUF file or ONNX export holds: formats, bits, recipe, metrics, data."""
-    from lmpress.inspection import inspect_model
-
     found = inspect_model(model)
     if as_json:
         _print_json(found.to_dict())

@@ -1,98 +1,72 @@
 """Export an lmpress model to the file format of the runtime it will be deployed with.
 
-``lmpress.export(model, "gguf", path)`` writes a GGUF file for llama.cpp (`lmpress.export.gguf`);
-``"compressed-tensors"`` a Hugging Face directory that transformers (with the compressed-tensors
-package) and vLLM load (`lmpress.export.compressed_tensors`); ``"onnx"`` a decoder graph with its KV
-cache for ONNX Runtime (`lmpress.export.onnx`). Each format is one small module over the shared
-walk of the model's modules (`lmpress.export.walk`), and writes lmpress's own codes and scales
-without a second rounding.
+``export(model, "gguf", path)`` writes a GGUF file for llama.cpp; ``"compressed-tensors"`` a
+Hugging Face directory that transformers (with the compressed-tensors package) and vLLM load;
+``"onnx"`` a decoder graph with its KV cache for ONNX Runtime. Each format is an `Exporter`
+(`lmpress.export.base`: check, write, load back for evaluation) registered by name in
+`lmpress.export.registry`; the writers share one walk of the model's modules
+(`lmpress.export.walk`) and write lmpress's own codes and scales without a second rounding.
 """
 
 from __future__ import annotations
 
-import os
+import importlib.util
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
-from lmpress.errors import OutputError
-from lmpress.export.walk import ExportError
-from lmpress.io import LoadedModel
-
-FORMATS = ("gguf", "compressed-tensors", "onnx")
-# the optional package each format needs to be written, and the extra that installs it
-PACKAGES = {"compressed-tensors": ("compressed_tensors", "compressed-tensors"), "onnx": ("onnx", "onnx")}
+from lmpress.errors import ExportError, OutputError
+from lmpress.export.base import Exporter, ExportOptions, Report, check_output_file
+from lmpress.export.registry import EXPORTERS, exporter, exporter_for
+from lmpress.io import LoadedModel, check_output_dir, load_model
+from lmpress.io.files import check_not_input
 
 __all__ = [
-    "FORMATS",
+    "EXPORTERS",
     "ExportError",
     "check_export_output",
     "check_export_source",
-    "check_output_file",
     "default_output",
     "export",
 ]
 
 
-def check_export_output(to: str, path: Path, overwrite: bool = False, source: Path | None = None) -> None:
+def check_export_output(to: str, path: Path, overwrite: bool = False, source: Path | None = None) -> Exporter:
     """Fail before any work: an unknown format, a missing optional package, an output that cannot be
-    written (GGUF is one file, the other formats a directory), one inside the model ``source``."""
-    if to not in FORMATS:
-        raise ExportError(f"unknown export format {to!r}; choose one of {', '.join(FORMATS)}")
-    if to in PACKAGES:
-        import importlib.util
-
-        module, extra = PACKAGES[to]
+    written (one file or a directory, as the format writes), one inside the model ``source``.
+    Returns the format's exporter."""
+    chosen = exporter(to)
+    if chosen.package is not None:
+        module, extra = chosen.package
         if importlib.util.find_spec(module) is None:
             raise ExportError(f"{to} export needs the {module} package: pip install 'lmpress[{extra}]'")
-    from lmpress.io.files import check_not_input
-
     check_not_input(path, source)
-    if to == "gguf":
-        check_output_file(path, overwrite)
+    if chosen.writes_file:
+        check_output_file(path, overwrite, chosen.suffix)
     else:
-        from lmpress.io import check_output_dir
-
-        if path.suffix.lower() in (".gguf", ".onnx", ".json", ".safetensors"):
+        files = {s for e in EXPORTERS.values() for s in (e.suffix, *e.file_suffixes) if s}
+        if path.suffix.lower() in files:
             raise OutputError(f"{to} export writes a directory; give -o a directory name, not {path.name}")
         check_output_dir(path, overwrite, source)
+    return chosen
 
 
 def check_export_source(model: str | Path | LoadedModel) -> None:
     """Refuse a model that is itself an export (a GGUF file, an ONNX directory)."""
     if isinstance(model, LoadedModel):
         return
-    from lmpress.preflight import exported_runtime
-
-    if runtime := exported_runtime(model):
+    if (found := exporter_for(model)) is not None:
         raise ExportError(
-            f"{model} is already an export (it runs in {runtime}); export the lmpress or Hugging Face "
+            f"{model} is already an export (it runs in {found.runtime}); export the lmpress or Hugging Face "
             "directory it came from"
         )
 
 
 def default_output(to: str, output: Path) -> Path:
     """Where ``compress --export`` writes beside the saved directory ``output``."""
-    return output.with_name(output.name + ".gguf") if to == "gguf" else output.with_name(f"{output.name}-{to}")
-
-
-def check_output_file(path: Path, overwrite: bool = False, suffix: str = ".gguf") -> None:
-    """Fail before any work if ``path`` cannot be written as a new file."""
-    if path.suffix.lower() != suffix:
-        raise OutputError(f"output {path} should end in {suffix}; name the file e.g. model{suffix}")
-    if path.is_dir():
-        raise OutputError(f"output {path} is a directory; give a file name ending in {suffix}")
-    if path.exists() and not overwrite:
-        raise OutputError(f"output {path} exists; choose another name or pass --overwrite")
-    parent = path.resolve().parent
-    if not parent.is_dir():
-        raise OutputError(f"cannot write {path}: directory {parent} does not exist; create it first")
-    import tempfile
-
-    try:  # a real probe: permissions alone do not tell (read-only mounts, /proc, running as root)
-        os.close((probe := tempfile.mkstemp(prefix=".lmpress-probe-", dir=parent))[0])
-        os.unlink(probe[1])
-    except OSError:
-        raise OutputError(f"cannot write {path}: {parent} is not writable; choose another -o") from None
+    chosen = EXPORTERS[to]
+    if chosen.writes_file:
+        return output.with_name(output.name + chosen.suffix)
+    return output.with_name(f"{output.name}-{to}")
 
 
 def export(
@@ -105,44 +79,17 @@ def export(
     overwrite: bool = False,
     name: str | None = None,
     kl_windows: int = 8,
-) -> Any:
+) -> Report:
     """Write ``model`` (an lmpress or Hugging Face directory, ``builtin``, or a loaded model) in
     format ``to`` at ``path``; returns the format's report (for GGUF a `GGUFReport`). With
     ``requantize`` (GGUF), the KL that rounding cost is measured on ``kl_windows`` windows of the
     built-in corpus's evaluation split (0: not measured). ``densify`` writes layers the format has no
     type for (sparse, low-rank, codebook) as the exact dense weights they compute with."""
-    from lmpress.api import load
-
     path = Path(path)
-    check_export_output(to, path, overwrite)
+    chosen = check_export_output(to, path, overwrite)
     check_export_source(model)
-    if requantize is not None and to != "gguf":
-        raise ExportError(f"--requantize rounds to GGUF types; {to} export writes lmpress's own codes only")
-    if to != "gguf":
-        loaded = model if isinstance(model, LoadedModel) else load(model, device="cpu")
-        if to == "compressed-tensors":
-            from lmpress.export.compressed_tensors import export_compressed_tensors
-
-            return export_compressed_tensors(loaded.model, loaded.tokenizer, path, densify=densify, overwrite=overwrite)
-        from lmpress.export.onnx import export_onnx
-
-        return export_onnx(loaded.model, loaded.tokenizer, path, densify=densify, overwrite=overwrite)
-    if requantize is not None:
-        from lmpress.formats.ggml import ggml_type
-
-        try:
-            ggml_type(requantize)
-        except ValueError as e:
-            raise ExportError(f"--requantize: {e}") from None
-    loaded = model if isinstance(model, LoadedModel) else load(model, device="cpu")
-    from lmpress.export.gguf import export_gguf
-
-    label = name or Path(loaded.source).name or "lmpress"
-    windows = None
-    if requantize is not None and kl_windows:  # what the requantization costs, on held-out text
-        from lmpress.data import load_windows
-
-        windows = load_windows(loaded.tokenizer, "stdlib", "eval", 256, kl_windows).windows
-    return export_gguf(
-        loaded.model, loaded.tokenizer, path, name=label, requantize=requantize, densify=densify, kl_windows=windows
-    )
+    options = ExportOptions(requantize, densify, overwrite, kl_windows=kl_windows)
+    chosen.check(options)  # before the model loads
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device="cpu")
+    options = replace(options, name=name or Path(loaded.source).name or "lmpress")
+    return chosen.write(loaded.model, loaded.tokenizer, path, options)

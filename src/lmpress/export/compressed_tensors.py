@@ -37,6 +37,8 @@ from lmpress.errors import ExportError
 from lmpress.export.base import Exporter, ExportOptions
 from lmpress.export.hf_checkpoint import check_shapes, dequantize_on_load, set_dtype, write_shards
 from lmpress.export.walk import count_types
+from lmpress.io import atomic_dir, save_companions, weight_bytes
+from lmpress.io.load import _tied_keys as tied_keys
 from lmpress.nn.quant_linear import QuantLinear
 
 INSTALL_HINT = "pip install 'lmpress[compressed-tensors]'"
@@ -287,15 +289,9 @@ def state_dict(model: nn.Module, schemes: dict[str, _Scheme], densified: list[st
         view = _quantized_view(m)
         tensors = _quant_tensors(view, schemes[name]) if view is not None else _dense_tensors(m)
         out.update({f"{name}.{k}": v for k, v in tensors.items()})
-    for key in _tied_keys(model):
+    for key in tied_keys(model):
         out.pop(key, None)
     return {k: v.detach().contiguous() for k, v in out.items()}
-
-
-def _tied_keys(model: nn.Module) -> list[str]:
-    from lmpress.io.load import _tied_keys as tied
-
-    return tied(model)
 
 
 def quantization_config(model: nn.Module, schemes: dict[str, _Scheme]) -> Any:
@@ -336,8 +332,6 @@ def export_compressed_tensors(
     """Write ``model`` as a compressed-tensors directory at ``out`` (atomically)."""
     require_package()
     from compressed_tensors.compressors import ModelCompressor
-
-    from lmpress.io import atomic_dir, save_companions, weight_bytes
 
     schemes, densified = plan(model, densify)
     tensors = state_dict(model, schemes, densified)

@@ -15,30 +15,13 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+import llama_cpp
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from lmpress.errors import ModelLoadError
-
-
-def _llama_cpp() -> Any:
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ModelLoadError(
-            "running a GGUF file needs llama.cpp: pip install 'lmpress[gguf]' (builds llama-cpp-python)"
-        ) from None
-    return llama_cpp
-
-
-class _VocabStub(nn.Module):
-    """Stands in for the input embeddings where evaluation asks for the vocabulary size."""
-
-    def __init__(self, n_vocab: int) -> None:
-        super().__init__()
-        self.num_embeddings = n_vocab
-        self.register_buffer("weight", torch.empty(n_vocab, 0), persistent=False)
+from lmpress.export.base import VocabStub
 
 
 class LlamaCppModel(nn.Module):
@@ -46,7 +29,6 @@ class LlamaCppModel(nn.Module):
 
     def __init__(self, path: Path, n_threads: int | None = None, n_ctx: int | None = None) -> None:
         super().__init__()
-        llama_cpp = _llama_cpp()
         threads = n_threads or torch.get_num_threads()
         try:
             self.llm = llama_cpp.Llama(
@@ -63,7 +45,7 @@ class LlamaCppModel(nn.Module):
         self.path = path
         self.n_vocab = int(self.llm.n_vocab())
         self._anchor = nn.Parameter(torch.zeros(0), requires_grad=False)  # device and dtype for callers
-        self._embed = _VocabStub(self.n_vocab)
+        self._embed = VocabStub(self.n_vocab)
         n_train = int(self.llm._model.n_ctx_train())
         self.config = SimpleNamespace(max_position_embeddings=min(n_train, int(self.llm.n_ctx())), model_type="gguf")
 
@@ -117,11 +99,3 @@ class LlamaCppTokenizer:
 
     def __len__(self) -> int:
         return int(self.llm.n_vocab())
-
-
-def load_gguf(path: Path) -> tuple[LlamaCppModel, LlamaCppTokenizer]:
-    from lmpress.export.gguf_check import check_gguf
-
-    check_gguf(path)  # a bounded header check: llama.cpp trusts the counts and lengths it reads
-    model = LlamaCppModel(path)
-    return model, LlamaCppTokenizer(model)

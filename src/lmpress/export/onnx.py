@@ -39,8 +39,10 @@ from torch import Tensor, nn
 
 from lmpress.arch import Adapter, is_supported, spec_for, supporting
 from lmpress.errors import ExportError
+from lmpress.evaluation import count_parameters
 from lmpress.export.walk import count_types
 from lmpress.formats.packing import pack
+from lmpress.io import atomic_dir, save_companions
 from lmpress.nn.quant_linear import QuantLinear
 
 INSTALL_HINT = "pip install 'lmpress[onnx]'"
@@ -48,7 +50,9 @@ OPSET = 17
 # protobuf's 2 GB limit: a model that could pass 1.5 GB keeps its weights beside the graph, written
 # there as the graph is built (the graph never holds them in memory)
 EXTERNAL_DATA_BYTES = 1_500_000_000
+GRAPH_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
+PARAMETERS_KEY = "lmpress.parameters"  # metadata: the logical weights the graph computes with
 INLINE_BYTES = 1024  # smaller tensors (constants, norms) stay in the graph
 NEG = -3.0e38
 
@@ -565,17 +569,13 @@ def export_onnx(
     """Write ``model`` as ``out/model.onnx`` (weights beside it in ``model.onnx.data`` when large),
     with its tokenizer and config (atomically)."""
     onnx = _onnx()
-    from lmpress.evaluation import count_parameters
-    from lmpress.export.onnx_runtime import PARAMETERS_KEY
-    from lmpress.io import atomic_dir, save_companions
-
     params = count_parameters(model)
     external = 4 * params > EXTERNAL_DATA_BYTES  # float32 bounds every tensor written
     with atomic_dir(out, overwrite) as tmp:
         with torch.no_grad(), open(tmp / DATA_FILE, "wb") if external else contextlib.nullcontext() as data:
             proto, b = build_graph(model, densify, data)
         onnx.helper.set_model_props(proto, {PARAMETERS_KEY: str(params)})
-        onnx.save_model(proto, str(tmp / "model.onnx"))
+        onnx.save_model(proto, str(tmp / GRAPH_FILE))
         save_companions(model, tokenizer, tmp)
         size = sum(p.stat().st_size for p in tmp.glob("model.onnx*"))
     return OnnxReport(out, size, b.formats, b.densified)

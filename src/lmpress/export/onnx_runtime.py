@@ -16,26 +16,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import torch
 from torch import Tensor, nn
 
 from lmpress.errors import ModelLoadError
-from lmpress.export.llama_runtime import _VocabStub
-
-GRAPH_FILE = "model.onnx"
-PARAMETERS_KEY = "lmpress.parameters"  # metadata: the logical weights the graph computes with
-
-
-def _ort() -> Any:
-    try:
-        import onnxruntime
-    except ImportError:
-        raise ModelLoadError("running an ONNX directory needs ONNX Runtime: pip install 'lmpress[onnx]'") from None
-    return onnxruntime
-
-
-def is_onnx_dir(source: str | Path) -> bool:
-    return Path(source).expanduser().is_dir() and (Path(source).expanduser() / GRAPH_FILE).is_file()
+from lmpress.export.base import VocabStub
+from lmpress.export.onnx import GRAPH_FILE, PARAMETERS_KEY
+from lmpress.io.files import read_config
 
 
 def _load_error(file: Path, e: Exception) -> ModelLoadError:
@@ -63,7 +51,6 @@ class OnnxModel(nn.Module):
 
     def __init__(self, path: Path, n_threads: int | None = None) -> None:
         super().__init__()
-        ort = _ort()
         options = ort.SessionOptions()
         options.intra_op_num_threads = n_threads or torch.get_num_threads()
         options.inter_op_num_threads = 1
@@ -86,9 +73,7 @@ class OnnxModel(nn.Module):
         meta = self.session.get_modelmeta().custom_metadata_map
         self._params = int(meta.get(PARAMETERS_KEY, 0))
         self._anchor = nn.Parameter(torch.zeros(0), requires_grad=False)  # device and dtype for callers
-        self._embed = _VocabStub(self.n_vocab)
-        from lmpress.io.files import read_config
-
+        self._embed = VocabStub(self.n_vocab)
         config = read_config(path)
         limit = config.get("max_position_embeddings") or config.get("n_positions") or 2048
         self.config = SimpleNamespace(max_position_embeddings=int(limit), model_type="onnx")
@@ -147,7 +132,3 @@ class OnnxModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.path.name}, vocab={self.n_vocab}"
-
-
-def load_onnx(path: Path) -> OnnxModel:
-    return OnnxModel(path)
