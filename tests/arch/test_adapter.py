@@ -6,11 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmpress.errors import ModelLoadError
 from lmpress.arch import Adapter, is_conv1d, linear_weight
+from lmpress.errors import ModelLoadError
 from tests.conftest import TINY_ARCHS, tiny_config
 
-EXPECTED_LINEARS = {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "gpt_neox": 4, "phi": 6}
+EXPECTED_LINEARS = {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "gpt_neox": 4, "phi": 6, "gemma": 7}
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)

@@ -9,9 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmpress.io.load import load_model
 from lmpress.arch import Adapter, linear_weight
-from lmpress.pipeline import DataOptions, compress
+from lmpress.data_options import DataOptions
+from lmpress.io.load import load_model
+from lmpress.pipeline import compress
 from lmpress.quant.awq import awq_scales, fold_scales
 from lmpress.quant.base import LayerSettings
 from lmpress.quant.grid import quantize
@@ -28,9 +29,9 @@ def test_folding_scales_keeps_the_model_function(arch: str) -> None:
         adapter = Adapter(model)
         groups = [g for i in range(adapter.num_blocks) for g in adapter.scale_groups(i)]
         assert groups
-        for _name, prev, linears in groups:
+        for name, prev, linears in groups:
             width = linear_weight(next(iter(linears.values()))).shape[1]
-            fold_scales(prev, linears, torch.rand(width) + 0.5)
+            fold_scales(prev, linears, torch.rand(width) + 0.5, adapter.norm_kind(name))
         torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
 
 

@@ -76,6 +76,7 @@ class Spec:
     scale_groups: tuple[tuple[str, tuple[str, ...]], ...] = ()
     mlp_width_key: str = "intermediate_size"  # the config key of the MLP width
     head_dim_in_config: bool = False  # the config has head_dim: fewer heads at the same width still load
+    embed_scale: bool = False  # the model multiplies the token embeddings by sqrt(hidden) (from its config)
     tied_by_default: bool = False  # tie_word_embeddings when config.json does not say
     rotary_emb: str = ""  # the module that computes rotary cos/sin for the whole model, where there is one
     pre_norm_key: str | None = None  # a config flag that, when false, puts the norms after the sublayers
@@ -114,6 +115,12 @@ class Spec:
     def gated(self) -> bool:
         """A gated MLP (gate, up, down) rather than two projections."""
         return "ffn_gate" in self.linears.values()
+
+    @property
+    def hidden_prunable(self) -> bool:
+        """Hidden channels can be removed: the config can state the head width apart from the
+        hidden size, and nothing reads the hidden size from the config at run time."""
+        return self.head_dim_in_config and not self.embed_scale
 
     def token_embedding(self) -> str:
         return next(iter(self.embeddings))

@@ -166,6 +166,8 @@ class _Plan:
         if part.kind in ("norm", "bias"):
             vec = part.tensor
             assert vec is not None
+            if part.norm_kind == "rmsnorm_1p":  # llama.cpp's RMSNorm multiplies by the stored weight
+                vec = vec.float() + 1
             self.report_types[name] = "f32"
             return TensorSpec(name, tuple(vec.shape), F32, vec.numel() * 4, lambda: _rows_numpy(vec.float()))
         blocks = self._blocks(part)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from lmpress.arch import Adapter, is_conv1d, supporting
+from lmpress.arch import Adapter, NormKind, is_conv1d, supporting
 from lmpress.errors import ExportError
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
@@ -32,6 +32,7 @@ class Part:
     block: int | None = None
     tensor: Tensor | None = None
     conv1d: bool = False  # GPT-2's Conv1D: the weight is stored (in, out)
+    norm_kind: NormKind | None = None  # what a norm computes: a runtime's plain RMSNorm needs 1 + w stored
 
 
 _EXPORTABLE = (nn.Linear, QuantLinear, GGUFLinear)
@@ -69,11 +70,11 @@ def _family_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Par
     for i in range(adapter.num_blocks):
         for n in adapter.spec.norms:
             if adapter.has_role(i, n.role):
-                parts += _norm_parts(n.role, adapter.role_name(i, n.role), adapter.role(i, n.role), i)
+                parts += _norm_parts(n.role, adapter.role_name(i, n.role), adapter.role(i, n.role), i, n.kind)
         for name, role in adapter.linear_roles(i).items():
             parts += _linear_parts(model, name, role, i, densify, seen)
     norm_name, norm = adapter.final_norm()
-    parts += _norm_parts("output_norm", norm_name, norm, None)
+    parts += _norm_parts("output_norm", norm_name, norm, None, adapter.spec.final_norm.kind)
     head_name, head = adapter.head()
     if not _tied(head, token_embd):
         check_layer(head_name, head, densify)
@@ -85,10 +86,10 @@ def _family_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Par
     return parts
 
 
-def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None) -> list[Part]:
+def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None, kind: NormKind) -> list[Part]:
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
     assert isinstance(weight, Tensor)
-    out = [Part(role, name, norm, "norm", block, weight)]
+    out = [Part(role, name, norm, "norm", block, weight, norm_kind=kind)]
     if isinstance(bias, Tensor):
         out.append(Part(role, name, norm, "bias", block, bias))
     return out

@@ -87,9 +87,9 @@ def _slice_vector(m: nn.Module, attr: str, keep: Tensor) -> None:
 def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     adapter = Adapter(model)
-    if not adapter.spec.head_dim_in_config:
+    if not adapter.spec.hidden_prunable:
         raise PruneError(
-            f"hidden: removing hidden channels is supported for {', '.join(supporting('head_dim_in_config'))}, not "
+            f"hidden: removing hidden channels is supported for {', '.join(supporting('hidden_prunable'))}, not "
             f"{adapter.model_type}; use structured (heads and neurons) or drop_blocks instead"
         )
     hidden = int(model.config.hidden_size)  # type: ignore[union-attr,arg-type]
