@@ -41,12 +41,13 @@ from benchmarks.common import (
     write_results,
 )
 from benchmarks.prune import paired_speed, with_outlier_channels
+from lmpress.arch import Adapter
 from lmpress.data import TokenData, split_of
+from lmpress.data_options import DataOptions
 from lmpress.evaluation import count_parameters, quality
 from lmpress.io.load import load_model
 from lmpress.method import Context
-from lmpress.arch import Adapter
-from lmpress.pipeline import DataOptions, compress, run_stages
+from lmpress.pipeline import compress, run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.sources import load_documents
 from lmpress.vocab import encode_all, same_pieces

@@ -55,7 +55,7 @@ def generate(shape: str, out: Path) -> int:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import lmpress
-    from lmpress.streaming import INDEX_FILE, parameters_on_meta
+    from lmpress.io.tensors import INDEX_FILE, parameters_on_meta
 
     out.mkdir(parents=True)
     cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, dtype="bfloat16")
@@ -164,7 +164,7 @@ def reload_row(out: Path, threads: int) -> dict[str, Any]:
 
 
 def identical(a: Path, b: Path) -> bool:
-    from lmpress.streaming import Checkpoint
+    from lmpress.io.tensors import Checkpoint
 
     ca, cb = Checkpoint(a), Checkpoint(b)
     if set(ca.keys()) != set(cb.keys()):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from lmpress.pipeline import DataOptions, compress
+from lmpress.data_options import DataOptions
+from lmpress.pipeline import compress
 
 if __name__ == "__main__":
     torch.set_num_threads(1)

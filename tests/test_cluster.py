@@ -10,10 +10,11 @@ import torch
 from pydantic import ValidationError
 
 from lmpress.cluster import ClusterConfig, refit_codebook, weighted_kmeans
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
 from lmpress.nn import CodebookLinear
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.recipe import parse_recipe
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from lmpress.pipeline import DataOptions, compress
+from lmpress.data_options import DataOptions
+from lmpress.pipeline import compress
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
 from lmpress.lowrank import allocate, spectrum, whitening
 from lmpress.nn import LowRankLinear
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 
 
 def _problem() -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from lmpress.data_options import DataOptions
 from lmpress.errors import OutputError, RecipeError
 from lmpress.io.load import load_model
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 
 
 def test_cast_halves_bytes_and_reloads_exactly(

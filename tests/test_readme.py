@@ -253,8 +253,8 @@ def test_quick_setting_sets_default_windows_and_caps_trials(monkeypatch: pytest.
 
     from lmpress.cli import app
     from lmpress.cli.search import _capped_trials
+    from lmpress.data_options import DataOptions
     from lmpress.errors import DataError
-    from lmpress.pipeline import DataOptions
 
     for var in QUICK:
         monkeypatch.delenv(var, raising=False)

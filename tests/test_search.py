@@ -14,11 +14,12 @@ import torch
 from typer.testing import CliRunner
 
 from lmpress.cli import app
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.evaluation import quality
 from lmpress.io.load import load_model
 from lmpress.method import Context
-from lmpress.pipeline import DataOptions, run_stages
+from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 from lmpress.recipe_search import SearchConfig, block_groups, build_recipe, run_search
 from lmpress.select import matches
@@ -106,7 +107,7 @@ WORKER = """
 import sys, torch
 from pathlib import Path
 from lmpress.io.load import load_model
-from lmpress.pipeline import DataOptions
+from lmpress.data_options import DataOptions
 from lmpress.recipe_search import SearchConfig, run_search
 torch.set_num_threads(1)
 loaded = load_model(sys.argv[1])
@@ -175,7 +176,7 @@ import sys, time, torch
 from pathlib import Path
 import lmpress.recipe_search as search
 from lmpress.io.load import load_model
-from lmpress.pipeline import DataOptions
+from lmpress.data_options import DataOptions
 torch.set_num_threads(1)
 calls = []
 measure = search.Evaluator.measure

@@ -11,11 +11,12 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
 from lmpress.method import Context
 from lmpress.nn import QuantLinear
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.share import Member, ShareConfig, apply, group_cost, merged_weight
 
 

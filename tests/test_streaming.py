@@ -14,11 +14,12 @@ import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lmpress.cli import app
-from lmpress.errors import ModelLoadError
 from lmpress.arch import Shapes
+from lmpress.cli import app
+from lmpress.data_options import DataOptions
+from lmpress.errors import ModelLoadError
 from lmpress.memory import MemoryBudgetError, parse_size
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.preflight import why_whole
 from lmpress.recipe import load_recipe
 from lmpress.sources import load_documents
@@ -76,8 +77,7 @@ def test_streamed_equals_whole(tiny_model_dir, text_file: Path, tmp_path: Path, 
 def test_sharded_in_and_out_load_in_transformers(tiny_model_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
-    from lmpress.io import save_streamed_dir
-    from lmpress.streaming import close, open_streamed
+    from lmpress.streaming import close, open_streamed, save_streamed_dir
 
     src = tiny_model_dir("llama")
     sharded = tmp_path / "sharded"
@@ -201,7 +201,8 @@ import json, resource, sys
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
-from lmpress.pipeline import DataOptions, compress
+from lmpress.data_options import DataOptions
+from lmpress.pipeline import compress
 from lmpress.speed import PeakRSS
 import transformers.models.llama.modeling_llama  # imports are the process's, not the run's
 L = torch.linalg.cholesky(torch.eye(64) * 2)  # so are the LAPACK code pages

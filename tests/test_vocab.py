@@ -11,9 +11,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.vocab import merge_closure
 
 ANY_TEXT = "naïve café ☃ 日本語 \t\r\n \x00 emoji 🙂 and Ω"

@@ -6,14 +6,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmpress import evaluation
+from lmpress import evaluation, pipeline
 from lmpress.data import Manifest, Split
+from lmpress.data_options import DataOptions
 from lmpress.errors import DataError, ModelLoadError
 from lmpress.export.registry import exporter_for
 from lmpress.io import LoadedModel, load_model, save
 from lmpress.io.consistency import check_seq_len
-from lmpress.pipeline import DataOptions, Result, compress
+from lmpress.pipeline import Result
+from lmpress.recipe import Recipe
 from lmpress.sources import STDLIB, check_source
+from lmpress.track import refuse_export
 
 if TYPE_CHECKING:
     from lmpress.tasks import TaskScores
@@ -55,6 +58,23 @@ def load(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
     )
+
+
+def compress(
+    model: str | Path | LoadedModel,
+    recipe: str | Path | Recipe | dict[str, Any],
+    data: DataOptions | str | Path | None = None,
+    *,
+    output: Path | None = None,
+    **options: Any,
+) -> Result:
+    """Compress ``model`` with ``recipe``, measure it against the original on held-out text, and
+    save it to ``output`` if given; ``options`` as `lmpress.pipeline.compress_model` (for example
+    ``max_memory=4 * 10**9`` or ``max_memory="4GB"``: a run that would not fit stops before any
+    work). An export that runs in a runtime of its own (a GGUF file, an ONNX directory) is refused:
+    compress what it was exported from."""
+    refuse_export(model)
+    return pipeline.compress(model, recipe, data, output=output, **options)
 
 
 @dataclass

@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io import LoadedModel, load_model
-from lmpress.pipeline import DataOptions
 from lmpress.recipe import load_recipe, presets
 from lmpress.report import write_report
 from lmpress.track import TrackOptions, tracked_compress

@@ -10,6 +10,7 @@ and the evaluation's logits. It errs high by design: a run that fits the estimat
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,8 +45,6 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    import os
-
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
@@ -113,20 +112,37 @@ def estimate(
     return e
 
 
-def check_budget(e: Estimate, budget: int, stated: bool, why_whole: str | None = None) -> None:
-    """Stop before any work if the estimate is over ``budget`` (``stated``: given with --max-memory)."""
-    if e.peak <= budget:
-        return
-    source = "--max-memory is" if stated else "available:"
-    if e.streaming:
+@dataclass(frozen=True)
+class Budget:
+    """The memory a run may use: ``--max-memory`` when it was given (``stated``), else what the
+    machine has available when the run is checked."""
+
+    nbytes: int
+    stated: bool
+
+    @classmethod
+    def of(cls, max_memory: int | None) -> Budget:
+        return cls(max_memory, True) if max_memory is not None else cls(available_memory(), False)
+
+    def check(self, e: Estimate, why_whole: str | None = None) -> None:
+        """Stop before any work if the estimate is over the budget."""
+        if e.peak <= self.nbytes:
+            return
+        source = "--max-memory is" if self.stated else "available:"
+        if e.streaming:
+            raise MemoryBudgetError(
+                f"streaming needs about {gb(e.peak)} (at its fullest, {next(iter(set(e.parts) - {'process'}))}); "
+                f"{source} {gb(self.nbytes)}; raise --max-memory or use fewer --calib-windows / a shorter --seq-len"
+            )
         raise MemoryBudgetError(
-            f"streaming needs about {gb(e.peak)} (at its fullest, {next(iter(set(e.parts) - {'process'}))}); {source} "
-            f"{gb(budget)}; raise --max-memory or use fewer --calib-windows / a shorter --seq-len"
+            f"this run holds the whole model ({why_whole or 'it cannot stream'}): about {gb(e.peak)}; {source} "
+            f"{gb(self.nbytes)}; use post-training stages with -o (they stream) or a machine with more memory"
         )
-    raise MemoryBudgetError(
-        f"this run holds the whole model ({why_whole or 'it cannot stream'}): about {gb(e.peak)}; {source} "
-        f"{gb(budget)}; use post-training stages with -o (they stream) or a machine with more memory"
-    )
+
+    def holds_whole(self, weight_bytes: int) -> bool:
+        """Whether a model whose weights take ``weight_bytes`` can be held whole (to time it, or to
+        generate) within the budget."""
+        return PROCESS_BYTES + 1.3 * weight_bytes <= self.nbytes
 
 
 # ---- the C library's heap ---------------------------------------------------------------------

@@ -1,38 +1,37 @@
-"""Run a recipe's stages in order on one model, measure it against the original, save it.
+"""The compress flow: run a recipe's stages in order on one model, measure it against the original, save it.
 
-Order of work: validate the recipe, then every input (`lmpress.preflight`: nothing is loaded if one is bad),
-load the model, keep a copy of the original as the reference, run each stage's
-``method.apply(model, config, ctx)``, evaluate both models on the same held-out windows, and write
-the directory atomically with its provenance.
+One flow for every run. Order of work: every check before any work (`lmpress.preflight`: the
+recipe, the inputs, whether the run streams, the memory budget; nothing is loaded if one is bad),
+then the model's source (`lmpress.model_source`: held whole, or streamed block by block from its
+safetensors files by `lmpress.streamed_run`) gives the tokenizer and the model, each stage's
+``method.apply(model, config, ctx)`` runs, both models are evaluated on the same held-out windows,
+and the directory is written atomically with its provenance.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from torch import nn
 
-from lmpress.data import Manifest, Split, TokenData, load_windows, select_split
-from lmpress.errors import DataError, ModelLoadError
-from lmpress.evaluation import evaluate, size
-from lmpress.io import (
-    LoadedModel,
-    load_model,
-    save,
-    update_meta,
-)
+from lmpress.data import Manifest
+from lmpress.data_options import DataOptions
+from lmpress.distill.train import world
+from lmpress.errors import ModelLoadError
+from lmpress.io import LoadedModel, load_model, resolve_device, update_meta
 from lmpress.io.files import created_parents
 from lmpress.method import Context
-from lmpress.preflight import check_inputs, check_memory, exported_runtime, why_whole
-from lmpress.recipe import Recipe, load_recipe
+from lmpress.model_source import ModelSource, WholeSource
+from lmpress.preflight import Plan, preflight
+from lmpress.recipe import Recipe
 from lmpress.registry import methods
-from lmpress.sources import STDLIB, load_documents
+from lmpress.streamed_run import StreamedSource
 
 log = logging.getLogger(__name__)
 
@@ -71,68 +70,16 @@ class Result:
             "output": str(self.output) if self.output else None,
         }
 
-
-@dataclass(frozen=True)
-class DataOptions:
-    """Where evaluation and calibration text comes from and how it is windowed.
-
-    The window counts default to ``$LMPRESS_MAX_WINDOWS`` / ``$LMPRESS_CALIB_WINDOWS`` when set (read
-    when the options are made: every command quickly, with rough numbers), else to
-    ``BUILTIN_WINDOWS``."""
-
-    BUILTIN_WINDOWS: ClassVar[dict[str, int]] = {"eval_windows": 64, "calib_windows": 128}
-
-    source: str | Path = STDLIB
-    seq_len: int = 256
-    eval_windows: int | None = field(default_factory=lambda: DataOptions.env_windows("eval_windows"))
-    calib_windows: int = field(default_factory=lambda: DataOptions.env_windows("calib_windows"))
-    train_windows: int | None = None  # None: every window of the train split (training stages)
-    pattern: str = "**/*"
-    text_field: str = "text"
-
-    def prompts(self, n: int, chars: int = 120) -> list[str]:
-        """``n`` openings of evaluation text, cut at a line end: prompts for generation samples. The
-        first documents' beginnings first; fewer documents than ``n`` give openings further in."""
-        docs = select_split(load_documents(self.source, pattern=self.pattern, text_field=self.text_field), "eval")
-        texts = [d.text for d in docs if len(d.text.strip()) >= 20]
-        out: list[str] = []
-        for k in range(n):  # round k: the opening at k/n of each document (at a line start)
-            for text in texts:
-                start = 0 if k == 0 else text.find("\n", k * len(text) // n) + 1
-                piece = text[start:].lstrip()
-                cut = piece.rfind("\n", 0, chars)
-                if len(piece) >= 20:
-                    out.append(piece[: cut + 1] if cut > 20 else piece[:chars])
-                if len(out) == n:
-                    return out
-        return out
-
-    def load(self, tokenizer: Any, split: Split, max_windows: int | None) -> TokenData:
-        return load_windows(
-            tokenizer,
-            self.source,
-            split,
-            self.seq_len,
-            max_windows,
-            pattern=self.pattern,
-            text_field=self.text_field,
-        )
-
-    @staticmethod
-    def env_windows(name: str) -> int:
-        """The default of ``eval_windows`` or ``calib_windows``: its environment variable, else built in."""
-        var = {"eval_windows": "LMPRESS_MAX_WINDOWS", "calib_windows": "LMPRESS_CALIB_WINDOWS"}[name]
-        text = os.environ.get(var, "").strip()
-        if not text:
-            return DataOptions.BUILTIN_WINDOWS[name]
-        if not text.isdigit() or int(text) < 1:
-            raise DataError(f"{var} must be a whole number of windows >= 1, got {text[:40]!r}")
-        return int(text)
-
-
-# `lmpress --help` reads the defaults from the class; a default_factory field leaves no class attribute
-DataOptions.eval_windows = DataOptions.BUILTIN_WINDOWS["eval_windows"]
-DataOptions.calib_windows = DataOptions.BUILTIN_WINDOWS["calib_windows"]
+    def record(self, source_model: str) -> dict[str, Any]:
+        """What ``lmpress.json`` says about the run that made the model (beside its formats and versions)."""
+        return {
+            "source_model": source_model,
+            "recipe": self.recipe.to_dict(),
+            "stages": self.stages,
+            "metrics": self.metrics,
+            "data": self.data.to_dict() if self.data else None,
+            "calibration": self.calibration,
+        }
 
 
 def work_dir_for(output: Path | None) -> Path | None:
@@ -190,7 +137,7 @@ def compress_model(
     trust_remote_code: bool = False,
     samples: int = 0,
     work_dir: Path | None = None,
-    max_memory: int | None = None,
+    max_memory: int | str | None = None,
     stream: bool | None = None,
     clients: list[Path] | None = None,
     serve: Any = None,
@@ -201,152 +148,154 @@ def compress_model(
     that need data, its evaluation split measures both models on the same tokens. ``samples``:
     greedy continuations of that many evaluation-text openings, by the original and the result.
     ``work_dir``: where training stages keep checkpoints and curves (default: beside ``output``).
-    ``max_memory``: the budget in bytes (default: what the machine has available); a run whose
-    estimated peak is over it stops before any work. ``stream``: post-training recipes with an
-    ``output`` stream the model block by block from disk (`lmpress.streamed_run`) unless False.
+    ``max_memory``: the budget in bytes or as a size ("4GB"; default: what the machine has
+    available); a run whose estimated peak is over it stops before any work. ``stream``:
+    post-training recipes with an ``output`` stream the model block by block from disk
+    (`lmpress.streamed_run`) unless False.
     ``clients``: each client's data directory, for a ``federated`` stage (`lmpress.federated`).
     ``serve``: a `lmpress.federated.stage.Serve`: the federated stage waits for clients on other
     machines (``lmpress federated join``) instead.
     """
-    from lmpress.distill.train import world
-    from lmpress.errors import LmpressError
-    from lmpress.io import resolve_device
-
-    if not isinstance(model, LoadedModel) and (runtime := exported_runtime(model)):
-        raise LmpressError(
-            f"{model} runs in {runtime}, not in PyTorch; compress the Hugging Face or lmpress directory it was "
-            "exported from, then export the result"
-        )
-    recipe = load_recipe(recipe)
-    for stage in recipe.stages:
-        if stage.method == "federated" and serve is None:  # before any work: the clients' data
-            from lmpress.federated.core import check_clients
-
-            if not clients:
-                raise LmpressError(
-                    "the federated stage needs client data: pass --clients DIR [DIR ...] (one per client), "
-                    "or serve clients on other machines with lmpress federated serve"
-                )
-            check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
-    data = data if isinstance(data, DataOptions) else DataOptions(source=data or STDLIB)
-    source, tokenizer = check_inputs(model, data, output, overwrite, allow_pickle, trust_remote_code)
+    plan = preflight(
+        model,
+        recipe,
+        data,
+        output,
+        overwrite=overwrite,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        run_eval=run_eval,
+        max_memory=max_memory,
+        stream=stream,
+        clients=clients,
+        serve=serve,
+    )
     world()  # under torchrun: join the process group; calibration statistics are then combined
-    why = why_whole(model, recipe, output) if stream is not False else "streaming was turned off"
-    if stream and why is not None:
-        raise LmpressError(f"cannot stream this run: {why}")
-    if allow_pickle or trust_remote_code:
-        why = why or "pickle or remote-code models load whole"
-    budget = check_memory(model, recipe, data, why is None, max_memory, why, run_eval)
     log.info(  # the first line of a run that passed every check
         "compressing %s with %s (%s)%s",
         model.source if isinstance(model, LoadedModel) else model,
-        recipe.name,
-        ", ".join(s.method for s in recipe.stages),
+        plan.recipe.name,
+        ", ".join(s.method for s in plan.recipe.stages),
         f" into {output}" if output is not None else "",
     )
-    if why is None:
-        from lmpress.streamed_run import compress_streamed
+    source = open_source(
+        model,
+        plan,
+        output,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        announce=not isinstance(model, LoadedModel) and stream is not False,
+        measure_speed=measure_speed,
+        progress=progress,
+        samples=samples,
+    )
+    work_dir = work_dir or work_dir_for(output)
+    return compress_source(source, plan, output, overwrite, run_eval, progress, work_dir, clients, serve)
 
-        assert output is not None and source is not None
-        path = source
-        return compress_streamed(
-            path,
+
+def open_source(
+    model: str | Path | LoadedModel,
+    plan: Plan,
+    output: Path | None,
+    *,
+    device: str,
+    dtype: str,
+    allow_pickle: bool,
+    trust_remote_code: bool,
+    announce: bool,
+    measure_speed: bool,
+    progress: bool,
+    samples: int,
+) -> ModelSource:
+    """The source of a checked run: streamed when it can stream, else whole. ``announce``: say why
+    it does not stream (where it could have: a model named by path, streaming not turned off)."""
+    if plan.streams:
+        assert plan.path is not None and output is not None  # `why_whole`: a run streams a directory into one
+        return StreamedSource(
+            plan.path,
             str(model),
-            recipe,
-            data,
-            output=output,
-            overwrite=overwrite,
+            plan.tokenizer,
+            plan.data,
+            output,
             device=resolve_device(device),
             dtype=dtype,
-            run_eval=run_eval,
+            budget=plan.budget,
             measure_speed=measure_speed,
             progress=progress,
             samples=samples,
-            budget=budget,
-            work_dir=work_dir or work_dir_for(output),
-            tokenizer=tokenizer,
         )
-    loaded = (
-        model
-        if isinstance(model, LoadedModel)
-        else load_model(
-            model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
-        )
-    )
-    # worth a line only where streaming could have happened: a model named by path, not turned off;
-    # after loading, so that a refusal of the model is the only line a bad input prints
-    log.log(
-        logging.DEBUG if isinstance(model, LoadedModel) or stream is False else logging.INFO, "not streaming: %s", why
-    )
-    if loaded.tokenizer is None:
-        raise ModelLoadError(f"{loaded.source} has no tokenizer files; add them to the model directory")
-    eval_data = data.load(loaded.tokenizer, "eval", data.eval_windows) if run_eval else None
-    needs_teacher = any(methods()[s.method].needs_teacher for s in recipe.stages)
-    original = copy.deepcopy(loaded.model) if run_eval or needs_teacher else None
-    model_device = next(loaded.model.parameters()).device
-    ctx = Context(
-        tokenizer=loaded.tokenizer,
-        device=model_device,
-        teacher=original,
+    return WholeSource(
+        model,
+        plan.why_whole,
+        plan.data,
+        device=device,
+        dtype=dtype,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        announce=announce,
+        measure_speed=measure_speed,
         progress=progress,
-        work_dir=work_dir or work_dir_for(output),
-        corpus=lambda: [d.text for d in load_documents(data.source, pattern=data.pattern, text_field=data.text_field)],
-        clients=[Path(c) for c in clients] if clients else None,
-        federation=serve,
+        samples=samples,
     )
-    # read the tokenizer when the data is needed: a vocabulary stage may have replaced it
-    ctx.calibration = lambda: data.load(ctx.tokenizer, "calib", data.calib_windows)
-    ctx.training = lambda: data.load(ctx.tokenizer, "train", data.train_windows)
-    stages = run_stages(loaded.model, recipe, ctx)
-    result = Result(loaded.model, ctx.tokenizer, recipe, stages, data=eval_data.manifest if eval_data else None)
-    if int(os.environ.get("RANK", "0")) > 0:  # one of several torchrun processes: the first one measures and saves
-        return result
-    if eval_data is not None and original is not None:
-        w = eval_data.windows
-        if ctx.token_map is not None:  # compare on the windows the pruned vocabulary still covers
-            covered = (ctx.token_map[w] >= 0).all(dim=1)
-            if not bool(covered.all()):
-                log.warning(
-                    "%d of %d evaluation windows use dropped tokens and are left out; evaluate on the domain",
-                    int((~covered).sum()),
-                    len(w),
-                )
-            w = w[covered]
-        if len(w):
-            result.metrics["original"] = evaluate(
-                original, w, saved_dir=loaded.path, measure_speed=measure_speed, progress=progress
-            )
-            result.metrics["compressed"] = evaluate(
-                loaded.model,
-                w,
-                reference=original,
-                measure_speed=measure_speed,
-                progress=progress,
-                token_map=ctx.token_map,
-            )
-    if samples and original is not None:
-        from lmpress.evaluation import generate_samples
 
-        prompts = data.prompts(samples)
-        result.samples = {
-            "prompts": prompts,
-            "original": generate_samples(original, loaded.tokenizer, prompts),
-            "compressed": generate_samples(loaded.model, ctx.tokenizer, prompts),
-        }
-    result.calibration = ctx.calib_manifest
-    ctx.teacher = original = None
-    if output is not None:
-        meta = {
-            "source_model": loaded.source,
-            "recipe": recipe.to_dict(),
-            "stages": stages,
-            "metrics": result.metrics,
-            "data": result.data.to_dict() if result.data else None,
-            "calibration": ctx.calib_manifest,
-        }
-        save(loaded.model, ctx.tokenizer, output, meta, overwrite=overwrite)
+
+def compress_source(
+    source: ModelSource,
+    plan: Plan,
+    output: Path | None,
+    overwrite: bool,
+    run_eval: bool,
+    progress: bool,
+    work_dir: Path | None,
+    clients: list[Path] | None,
+    serve: Any,
+) -> Result:
+    """The steps of every run on its checked ``plan``, whole or streamed (`ModelSource`)."""
+    data = plan.data
+    with closing(source):
+        tokenizer = source.load()
+        if tokenizer is None:
+            raise ModelLoadError(f"{source.name} has no tokenizer files; add them to the model directory")
+        eval_data = data.load(tokenizer, "eval", data.eval_windows) if run_eval else None
+        training = any(methods()[s.method].needs_teacher for s in plan.recipe.stages)
+        model = source.open(keep_original=run_eval or training)
+        ctx = Context(
+            tokenizer=tokenizer,
+            device=source.device,
+            teacher=source.teacher,
+            progress=progress,
+            work_dir=work_dir,
+            corpus=data.texts,
+            clients=[Path(c) for c in clients] if clients else None,
+            federation=serve,
+        )
+        # read the tokenizer when the data is needed: a vocabulary stage may have replaced it
+        ctx.calibration = lambda: data.load(ctx.tokenizer, "calib", data.calib_windows)
+        ctx.training = lambda: data.load(ctx.tokenizer, "train", data.train_windows)
+        stages = run_stages(model, plan.recipe, ctx)
+        result = Result(
+            model if source.holds_whole else None,
+            ctx.tokenizer,
+            plan.recipe,
+            stages,
+            data=eval_data.manifest if eval_data else None,
+            calibration=ctx.calib_manifest,
+        )
+        if int(os.environ.get("RANK", "0")) > 0:  # one of several torchrun processes: the first one measures and saves
+            return result
+        measured = source.measure(model, ctx, eval_data)
+        ctx.teacher = None
+        result.metrics, result.samples = measured.metrics, measured.samples
+        if output is None:
+            return result
+        source.save(model, ctx.tokenizer, output, result.record(source.name), overwrite)
         result.output = output
-        if "compressed" in result.metrics:  # the size of the saved files, in the record too
-            result.metrics["compressed"].update(size(loaded.model, output))
-            update_meta(output, metrics=result.metrics)
+    if "compressed" in result.metrics:  # the size of the saved files (and what needs them), in the record too
+        source.measure_saved(measured, model, output)
+        result.samples = measured.samples
+        if measured.model is not None:  # a streamed run loaded the result whole (to time it)
+            result._model = measured.model
+        update_meta(output, metrics=result.metrics)
     return result

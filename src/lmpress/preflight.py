@@ -1,17 +1,21 @@
 """The checks before any work: what a compress run's inputs are and whether they are usable (the
-output, the model and its config and weights, the data, the tokenizer), whether the run can stream,
-and whether it fits the memory budget. A run that fails one of them has printed nothing else and
-written nothing (the bad-input promise of `docs/robustness.md`)."""
+recipe, the clients of a federated stage, the output, the model and its config and weights, the
+data, the tokenizer), whether the run can stream, and whether it fits the memory budget. A run that
+fails one of them has printed nothing else and written nothing (the bad-input promise of
+`docs/robustness.md`). `preflight` runs them all, once, and returns what they found (`Plan`)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from torch import nn
 
-from lmpress.errors import ModelLoadError
-from lmpress.export.registry import exporter_for
+from lmpress.arch import is_supported
+from lmpress.data_options import DataOptions
+from lmpress.errors import LmpressError, ModelLoadError
+from lmpress.federated.core import check_clients
 from lmpress.io import (
     META_FILE,
     LoadedModel,
@@ -20,14 +24,72 @@ from lmpress.io import (
     load_tokenizer,
     read_config,
     resolve_path,
+    weight_bytes,
 )
 from lmpress.io.consistency import check_model_dir, check_plausible, check_seq_len
-from lmpress.recipe import Recipe
+from lmpress.memory import Budget, estimate, parse_size
+from lmpress.recipe import Recipe, load_recipe
 from lmpress.registry import methods
 from lmpress.sources import check_source
 
-if TYPE_CHECKING:
-    from lmpress.pipeline import DataOptions
+
+@dataclass(frozen=True)
+class Plan:
+    """What the checks found: the run's recipe and data, the model's directory and tokenizer (None
+    for a model already loaded), why the run holds the whole model (None: it streams), its budget."""
+
+    recipe: Recipe
+    data: DataOptions
+    path: Path | None
+    tokenizer: Any
+    why_whole: str | None
+    budget: Budget
+
+    @property
+    def streams(self) -> bool:
+        return self.why_whole is None
+
+
+def preflight(
+    model: str | Path | LoadedModel,
+    recipe: str | Path | Recipe | dict[str, Any],
+    data: DataOptions | str | Path | None,
+    output: Path | None,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    run_eval: bool = True,
+    max_memory: int | str | None = None,
+    stream: bool | None = None,
+    clients: list[Path] | None = None,
+    serve: Any = None,
+) -> Plan:
+    """Every check of a compress run before any work (the options are `lmpress.pipeline.compress_model`'s).
+
+    ``max_memory``: bytes, or a size such as "4GB"; the budget is decided here, once: a stated one
+    is read before the other checks, the machine's available memory when the estimate is checked.
+    """
+    recipe = load_recipe(recipe)
+    stated = parse_size(max_memory) if isinstance(max_memory, str) else max_memory
+    for stage in recipe.stages:
+        if stage.method == "federated" and serve is None:  # before any work: the clients' data
+            if not clients:
+                raise LmpressError(
+                    "the federated stage needs client data: pass --clients DIR [DIR ...] (one per client), "
+                    "or serve clients on other machines with lmpress federated serve"
+                )
+            check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
+    data = DataOptions.of(data)
+    path, tokenizer = check_inputs(model, data, output, overwrite, allow_pickle, trust_remote_code)
+    why = why_whole(model, recipe, output) if stream is not False else "streaming was turned off"
+    if stream and why is not None:
+        raise LmpressError(f"cannot stream this run: {why}")
+    if allow_pickle or trust_remote_code:
+        why = why or "pickle or remote-code models load whole"
+    budget = Budget.of(stated)
+    check_memory(model, recipe, data, budget, why, run_eval)
+    return Plan(recipe, data, path, tokenizer, why, budget)
 
 
 def _config_dict(model: nn.Module) -> dict[str, Any]:
@@ -74,17 +136,8 @@ def check_inputs(
     return source, tokenizer
 
 
-def exported_runtime(model: str | Path) -> str | None:
-    """The runtime an exported model runs in (a GGUF file, an ONNX directory), or None."""
-    exporter = exporter_for(model)
-    return exporter.runtime if exporter is not None else None
-
-
 def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | None) -> str | None:
     """Why this run cannot stream (`lmpress.streamed_run`), or None when it can."""
-    from lmpress.arch import is_supported
-    from lmpress.io import META_FILE, read_config, resolve_path
-
     if output is None:
         return "the result stays in memory (no output directory)"
     if isinstance(model, LoadedModel):
@@ -107,18 +160,14 @@ def check_memory(
     model: str | Path | LoadedModel,
     recipe: Recipe,
     data: DataOptions,
-    streaming: bool,
-    max_memory: int | None,
+    budget: Budget,
     why: str | None,
     run_eval: bool,
-) -> int:
-    """Stop before any work if the run's estimated peak is over the budget; returns the budget."""
-    from lmpress.io import read_config, resolve_path, weight_bytes
-    from lmpress.memory import available_memory, check_budget, estimate
-
-    budget = max_memory if max_memory is not None else available_memory()
+) -> None:
+    """Stop before any work if the run's estimated peak is over ``budget`` (``why``: why it holds
+    the whole model; None: it streams). A model already loaded is not estimated."""
     if isinstance(model, LoadedModel):
-        return budget
+        return
     path = resolve_path(model)
     registry = methods()
     names = [s.method for s in recipe.stages]
@@ -126,11 +175,10 @@ def check_memory(
         read_config(path),
         weight_bytes(path),
         names,
-        streaming=streaming,
+        streaming=why is None,
         seq_len=data.seq_len,
         calib_windows=data.calib_windows,
         eval_windows=(data.eval_windows or 64) if run_eval else 0,
         training=any(registry[n].needs_teacher for n in names if n in registry),
     )
-    check_budget(e, budget, max_memory is not None, why)
-    return budget
+    budget.check(e, why)

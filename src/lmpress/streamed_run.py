@@ -1,13 +1,13 @@
-"""`compress` for models bigger than memory: post-training stages, one block in memory at a time.
+"""The streamed model source: post-training stages on a model bigger than memory, one block at a time.
 
-The same steps as `lmpress.pipeline.compress`, with the model streamed from its safetensors files
-(`lmpress.streaming`): the stages run on a meta-device model whose blocks the calibration driver
-brings in and writes out; the original is not copied but read again from disk, block by block,
-beside the compressed model during evaluation (`lmpress.evaluation.streamed_quality`); the output's
-shards are written unit by unit. Speed and generation samples need a whole model and are measured
-after saving only when each model alone fits the memory budget. The original's own metrics and
-its last hidden states on the evaluation windows are cached by model and data hash, so compressing
-the same model again runs only the original's head (KL stays exact) and does not time it again.
+A `StreamedSource` is the `lmpress.model_source.ModelSource` of a run that streams: the stages run
+on a meta-device model whose blocks the calibration driver brings in and writes out
+(`lmpress.streaming`); the original is not copied but read again from disk, block by block, beside
+the compressed model during evaluation (`lmpress.evaluation.streamed_quality`); the output's shards
+are written unit by unit. Speed and generation samples need a whole model and are measured after
+saving only when each model alone fits the memory budget. The original's own metrics and its last
+hidden states on the evaluation windows are cached by model and data hash, so compressing the same
+model again runs only the original's head (KL stays exact) and does not time it again.
 """
 
 from __future__ import annotations
@@ -18,18 +18,23 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
+from safetensors.torch import save_file
+from torch import nn
 
+from lmpress import evaluation
+from lmpress.data import TokenData
+from lmpress.data_options import DataOptions
 from lmpress.errors import ModelLoadError
-from lmpress.io import load_tokenizer, resolve_dtype
+from lmpress.io import load_model, resolve_dtype, weight_bytes, write_json_atomic
 from lmpress.io.files import clean_stale, work_place
+from lmpress.io.tensors import read_header, read_tensor
+from lmpress.memory import Budget
 from lmpress.method import Context
-from lmpress.recipe import Recipe
-
-if TYPE_CHECKING:
-    from lmpress.pipeline import DataOptions, Result
+from lmpress.model_source import Measured
+from lmpress.streaming import close, open_streamed, save_streamed_dir
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +69,6 @@ def _cached(key: str) -> dict[str, float] | None:
 
 
 def _store(key: str, metrics: dict[str, float]) -> None:
-    from lmpress.io import write_json_atomic
-
     try:
         write_json_atomic(cache_dir() / "original-metrics" / f"{key}.json", metrics)
     except OSError as e:  # a read-only home is no reason to fail the run
@@ -77,8 +80,6 @@ HIDDEN_CACHE_MAX = 2**31  # bytes of an original's last hidden states worth keep
 
 def _cached_hidden(key: str) -> list[torch.Tensor] | None:
     """The original's last hidden states on an evaluation set, from an earlier run (None if absent)."""
-    from lmpress.streaming import read_header, read_tensor
-
     f = cache_dir() / "original-hidden" / f"{key}.safetensors"
     try:
         if not f.is_file():
@@ -92,8 +93,6 @@ def _cached_hidden(key: str) -> list[torch.Tensor] | None:
 def _store_hidden(key: str, hidden: list[torch.Tensor]) -> None:
     """Keep the original's last hidden states (per evaluation batch) so that compressing the same
     model again on the same text runs only its head: its logits, and so KL, are exactly the same."""
-    from safetensors.torch import save_file
-
     if sum(h.numel() * h.element_size() for h in hidden) > HIDDEN_CACHE_MAX:
         return
     root = cache_dir() / "original-hidden"
@@ -107,160 +106,125 @@ def _store_hidden(key: str, hidden: list[torch.Tensor]) -> None:
         log.warning("cannot cache the original's hidden states (%s)", e)
 
 
-def fits_whole(nbytes: int, budget: int) -> bool:
-    """Whether a model of ``nbytes`` can be held whole (to time it, or to generate) under ``budget``."""
-    from lmpress.memory import PROCESS_BYTES
-
-    return PROCESS_BYTES + 1.3 * nbytes <= budget
-
-
-def compress_streamed(
-    path: Path,
-    source: str,
-    recipe: Recipe,
-    data: DataOptions,
-    *,
-    output: Path,
-    overwrite: bool,
-    device: torch.device,
-    dtype: str,
-    run_eval: bool,
-    measure_speed: bool,
-    progress: bool,
-    samples: int,
-    budget: int,
-    work_dir: Path | None,
-    tokenizer: Any = None,
-) -> Result:
-    from lmpress.evaluation import streamed_quality
-    from lmpress.io import save_streamed_dir
-    from lmpress.pipeline import Result, run_stages
-    from lmpress.streaming import close, open_streamed
-
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(path)
-    if tokenizer is None:
-        raise ModelLoadError(f"{source} has no tokenizer files; add them to the model directory")
-    eval_data = data.load(tokenizer, "eval", data.eval_windows) if run_eval else None
-    output.resolve().parent.mkdir(parents=True, exist_ok=True)  # check_output_dir found it creatable
-    clean_stale(output)  # what a killed run of the same output left
-    spill_root = work_place(output, "stream")
-    model = original = None
-    try:
-        model = open_streamed(path, resolve_dtype(dtype), device, spill_root)
-        ctx = Context(tokenizer=tokenizer, device=device, progress=progress, work_dir=work_dir)
-        ctx.calibration = lambda: data.load(tokenizer, "calib", data.calib_windows)
-        stages = run_stages(model, recipe, ctx)
-        result = Result(None, tokenizer, recipe, stages, data=eval_data.manifest if eval_data else None)
-        result.calibration = ctx.calib_manifest
-        if int(os.environ.get("RANK", "0")) > 0:  # one of several torchrun processes: the first one measures and saves
-            return result
-        metrics: dict[str, dict[str, float]] = {}
-        original_key = None
-        if eval_data is not None:
-            fingerprint = model_fingerprint(path)
-            hidden_key = hashlib.sha256(f"{fingerprint}:{dtype}:{eval_data.manifest.to_dict()}".encode()).hexdigest()
-            cached_hidden = _cached_hidden(hidden_key[:32])
-            original = open_streamed(path, resolve_dtype(dtype), device, spill_root)
-            mine, theirs, hidden = streamed_quality(
-                model, eval_data.windows, reference=original, progress=progress, reference_hidden=cached_hidden
-            )
-            close(original)
-            original = None
-            assert theirs is not None and hidden is not None
-            if cached_hidden is None:
-                _store_hidden(hidden_key[:32], hidden)
-            original_key = hashlib.sha256(
-                f"{fingerprint}:{dtype}:{eval_data.manifest.to_dict()}:{measure_speed}".encode()
-            ).hexdigest()[:32]
-            metrics["original"] = {**(_cached(original_key) or {}), **theirs}
-            metrics["compressed"] = mine
-        meta = {
-            "source_model": source,
-            "recipe": recipe.to_dict(),
-            "stages": stages,
-            "metrics": metrics,
-            "data": result.data.to_dict() if result.data else None,
-            "calibration": ctx.calib_manifest,
-            "streamed": True,
-        }
-        save_streamed_dir(model, tokenizer, output, meta, overwrite=overwrite)
-        result.output = output
-        if eval_data is not None:
-            metrics["compressed"].update(streamed_size(model, output))
-            metrics["original"].update(streamed_size(model_params_of(path, dtype), path))
-    finally:
-        for m in (model, original):
-            if m is not None:
-                close(m)
-        shutil.rmtree(spill_root, ignore_errors=True)
-    if eval_data is not None:
-        _measure_whole(result, path, output, metrics, original_key, budget, measure_speed, samples, data, device)
-        result.metrics = metrics
-        from lmpress.io import update_meta
-
-        update_meta(output, metrics=metrics)
-    return result
-
-
-def streamed_size(model: torch.nn.Module, where: Path) -> dict[str, float]:
+def streamed_size(model: nn.Module, where: Path) -> dict[str, float]:
     """`lmpress.evaluation.size` from the files: a streamed model is never whole in memory."""
-    from lmpress.evaluation import bits_per_weight, count_parameters
-    from lmpress.io import weight_bytes
-
     nbytes = weight_bytes(where)
     return {
-        **bits_per_weight(count_parameters(model), count_parameters(model, dense=True), nbytes),
+        **evaluation.bits_per_weight(
+            evaluation.count_parameters(model), evaluation.count_parameters(model, dense=True), nbytes
+        ),
         "bytes": float(nbytes),
         "bytes_on_disk": float(nbytes),
         "weights_memory_mb": nbytes / 2**20,
     }
 
 
-def model_params_of(path: Path, dtype: str) -> torch.nn.Module:
+def model_params_of(path: Path, dtype: str) -> nn.Module:
     """The architecture of ``path`` on the meta device (to count its parameters)."""
-    from lmpress.streaming import close, open_streamed
-
     m = open_streamed(path, resolve_dtype(dtype))
     close(m)
     return m
 
 
-def _measure_whole(
-    result: Result,
-    path: Path,
-    output: Path,
-    metrics: dict[str, dict[str, float]],
-    original_key: str | None,
-    budget: int,
-    measure_speed: bool,
-    samples: int,
-    data: DataOptions,
-    device: torch.device,
-) -> None:
-    """Speed and generation samples of each model that fits whole in ``budget``, one at a time."""
-    from lmpress.evaluation import generate_samples, speed, speed_lengths
-    from lmpress.io import load_model, weight_bytes
+class StreamedSource:
+    """The model in ``path`` streamed from its safetensors files into ``output``; see the module."""
 
-    prompts = data.prompts(samples) if samples else []
-    texts: dict[str, list[str]] = {}
-    for role, where in (("original", path), ("compressed", output)):
-        m = metrics[role]
-        timed = not measure_speed or "decode_tokens_per_s" in m  # the original's, from the cache
-        if timed and not prompts:
-            continue
-        if not fits_whole(weight_bytes(where), budget):
-            log.warning("the %s model does not fit whole in the memory budget: speed and samples not measured", role)
-            continue
-        loaded = load_model(where, device=str(device))
-        if not timed:
-            vocab = int(loaded.model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
-            m.update(speed(loaded.model, vocab, **speed_lengths(loaded.model)))
-        if role == "original" and original_key:
-            _store(original_key, {k: v for k, v in m.items() if k not in ("kl", "top1_agreement")})
-        if prompts:
-            texts[role] = generate_samples(loaded.model, result.tokenizer, prompts)
-        if role == "compressed":
-            result._model = loaded.model
-        del loaded
-    if len(texts) == 2:
-        result.samples = {"prompts": prompts, **texts}
+    holds_whole = False
+    teacher: nn.Module | None = None  # the original is read again from disk, never held
+
+    def __init__(
+        self,
+        path: Path,
+        name: str,
+        tokenizer: Any,
+        data: DataOptions,
+        output: Path,
+        *,
+        device: torch.device,
+        dtype: str,
+        budget: Budget,
+        measure_speed: bool,
+        progress: bool,
+        samples: int,
+    ) -> None:
+        self.path, self.name, self.tokenizer, self.data, self.output = path, name, tokenizer, data, output
+        self.device, self.dtype, self.budget = device, dtype, budget
+        self.measure_speed, self.progress, self.samples = measure_speed, progress, samples
+        self.spill_root: Path | None = None
+        self.models: list[nn.Module] = []  # open streamed models, closed by `close`
+        self.original_key: str | None = None  # the original's metrics in the cache
+
+    def load(self) -> Any:
+        return self.tokenizer
+
+    def _open(self) -> nn.Module:
+        model = open_streamed(self.path, resolve_dtype(self.dtype), self.device, self.spill_root)
+        self.models.append(model)
+        return model
+
+    def open(self, keep_original: bool) -> nn.Module:
+        self.output.resolve().parent.mkdir(parents=True, exist_ok=True)  # check_output_dir found it creatable
+        clean_stale(self.output)  # what a killed run of the same output left
+        self.spill_root = work_place(self.output, "stream")
+        return self._open()
+
+    def measure(self, model: nn.Module, ctx: Context, eval_data: TokenData | None) -> Measured:
+        if eval_data is None:
+            return Measured()
+        data_key = f"{model_fingerprint(self.path)}:{self.dtype}:{eval_data.manifest.to_dict()}"
+        hidden_key = hashlib.sha256(data_key.encode()).hexdigest()[:32]
+        cached_hidden = _cached_hidden(hidden_key)
+        original = self._open()
+        mine, theirs, hidden = evaluation.streamed_quality(
+            model, eval_data.windows, reference=original, progress=self.progress, reference_hidden=cached_hidden
+        )
+        close(original)
+        self.models.remove(original)
+        assert theirs is not None and hidden is not None
+        if cached_hidden is None:
+            _store_hidden(hidden_key, hidden)
+        self.original_key = hashlib.sha256(f"{data_key}:{self.measure_speed}".encode()).hexdigest()[:32]
+        return Measured({"original": {**(_cached(self.original_key) or {}), **theirs}, "compressed": mine})
+
+    def save(self, model: nn.Module, tokenizer: Any, output: Path, meta: dict[str, Any], overwrite: bool) -> None:
+        save_streamed_dir(model, tokenizer, output, {**meta, "streamed": True}, overwrite=overwrite)
+
+    def measure_saved(self, measured: Measured, model: nn.Module, output: Path) -> None:
+        """Sizes from the files; then speed and generation samples of each model that fits whole in
+        the budget, one at a time (the original's speed from the cache when it was measured before)."""
+        metrics = measured.metrics
+        metrics["compressed"].update(streamed_size(model, output))
+        metrics["original"].update(streamed_size(model_params_of(self.path, self.dtype), self.path))
+        prompts = self.data.prompts(self.samples) if self.samples else []
+        texts: dict[str, list[str]] = {}
+        for role, where in (("original", self.path), ("compressed", output)):
+            m = metrics[role]
+            timed = not self.measure_speed or "decode_tokens_per_s" in m  # the original's, from the cache
+            if timed and not prompts:
+                continue
+            if not self.budget.holds_whole(weight_bytes(where)):
+                log.warning(
+                    "the %s model does not fit whole in the memory budget: speed and samples not measured", role
+                )
+                continue
+            loaded = load_model(where, device=str(self.device))
+            if not timed:
+                vocab = int(loaded.model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
+                m.update(evaluation.speed(loaded.model, vocab, **evaluation.speed_lengths(loaded.model)))
+            if role == "original" and self.original_key:
+                _store(self.original_key, {k: v for k, v in m.items() if k not in ("kl", "top1_agreement")})
+            if prompts:
+                texts[role] = evaluation.generate_samples(loaded.model, self.tokenizer, prompts)
+            if role == "compressed":
+                measured.model = loaded.model
+            del loaded
+        if len(texts) == 2:
+            measured.samples = {"prompts": prompts, **texts}
+
+    def close(self) -> None:
+        """Remove the spills of every streamed model this source opened."""
+        for m in self.models:
+            close(m)
+        self.models.clear()
+        if self.spill_root is not None:
+            shutil.rmtree(self.spill_root, ignore_errors=True)

@@ -5,7 +5,9 @@ non-persistent buffers such as rotary frequencies are real) plus a `Stream`, whi
 tensors from the checkpoint's safetensors files (memory-mapped, shard by shard) when the calibration
 driver or a stage reaches it and, when the work on it is done, writes what the unit now holds
 (compressed layers included) to a spill file of its own and puts the unit back on the meta device.
-A later stage reads the unit from its spill; saving publishes the spills as the output's shards.
+A later stage reads the unit from its spill; saving (`save_streamed_dir`) writes the output's shards
+unit by unit from the spills and the checkpoint. The safetensors files themselves are read and
+written by `lmpress.io.tensors`.
 Post-training stages (those whose method says ``streams``) work unchanged on a streamed model as long
 as they touch a block's tensors only inside `lmpress.calib.blockwise` or `each_block`, and tensors
 outside the blocks only inside `resident`; both are plain loops on a model held whole.
@@ -13,123 +15,30 @@ outside the blocks only inside `resident`; both are plain loops on a model held 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter
 from lmpress.errors import ModelLoadError
+from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
+from lmpress.io.load import _tied_keys
+from lmpress.io.save import hide_from_plain_loaders, library_versions, module_formats, save_companions
+from lmpress.io.tensors import DTYPES, Checkpoint, Planned, parameters_on_meta, read_header, read_tensor, write_shards
 from lmpress.memory import trim_heap, tune_malloc
+from lmpress.progress import phase, track
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "model.safetensors.index.json"
-
-
-@contextmanager
-def parameters_on_meta() -> Iterator[None]:
-    """Build modules with their parameters on the meta device (buffers stay real: rotary
-    frequencies and masks are computed in ``__init__`` and never saved). A parameter is allocated
-    uninitialized and dropped at once, so no memory is touched."""
-    register = nn.Module.register_parameter
-
-    def on_meta(self: nn.Module, name: str, param: nn.Parameter | None) -> None:
-        register(self, name, param)
-        if param is not None and not param.is_meta:  # a meta one is already shared (tied): keep it
-            self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register  # type: ignore[method-assign]
-
-
-class Checkpoint:
-    """The tensors of a model directory's safetensors files, by key, read on demand (memory-mapped).
-
-    Every shard the index names must exist and be complete (its header matches its size) before
-    anything is read, so a missing or truncated shard fails up front, not halfway.
-    """
-
-    def __init__(self, path: Path) -> None:
-        from lmpress.io.files import check_safetensors
-
-        self.path = path
-        index = path / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
-                raise ModelLoadError(f"{index} is not a valid safetensors index; re-save the model") from None
-            for shard in sorted(set(weight_map.values())):
-                if not (path / shard).is_file():
-                    raise ModelLoadError(f"{path}: shard {shard} named in {INDEX_FILE} is missing; restore it")
-            files = sorted({path / s for s in weight_map.values()})
-        else:
-            files = sorted(path.glob("*.safetensors"))
-        if not files:
-            raise ModelLoadError(f"{path} has no weights (*.safetensors); give a complete model directory")
-        self.where: dict[str, Path] = {}
-        self.headers: dict[Path, dict[str, Any]] = {}
-        for f in files:
-            check_safetensors(f)
-            self.headers[f] = read_header(f)
-            for k in self.headers[f]:
-                if k != "__metadata__":
-                    self.where[k] = f
-
-    def keys(self) -> Iterable[str]:
-        return self.where.keys()
-
-    def tensor(self, key: str) -> Tensor:
-        f = self.where[key]
-        return read_tensor(f, self.headers[f], key)
-
-
-DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-
-
-def read_header(file: Path) -> dict[str, Any]:
-    """A safetensors file's header, with each entry's absolute byte offsets under ``"start"``/``"end"``."""
-    with file.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        header: dict[str, Any] = json.loads(f.read(n))
-    for k, v in header.items():
-        if k != "__metadata__":
-            v["start"], v["end"] = 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1]
-    return header
-
-
-def read_tensor(file: Path, header: dict[str, Any], key: str) -> Tensor:
-    """One tensor, read into its own memory (not memory-mapped: mapped pages would count in the
-    process's resident memory long after the tensor is gone)."""
-    entry = header[key]
-    if entry["dtype"] not in DTYPES:
-        raise ModelLoadError(f"{file}: tensor {key} has dtype {entry['dtype']}, which lmpress does not read")
-    buf = torch.empty(entry["end"] - entry["start"], dtype=torch.uint8)
-    with file.open("rb", buffering=0) as f:
-        f.seek(entry["start"])
-        view = memoryview(buf.numpy())  # type: ignore[arg-type]
-        got = 0
-        while got < len(view):
-            n = f.readinto(view[got:])
-            if not n:
-                raise ModelLoadError(f"{file} is truncated (tensor {key}); re-save or re-download it")
-            got += n
-    return buf.view(DTYPES[entry["dtype"]]).reshape(entry["shape"])
 
 
 @dataclass
@@ -268,8 +177,6 @@ class Stream:
         trim_heap()
 
     def _spill(self, unit: str, module: nn.Module) -> None:
-        from safetensors.torch import save_file
-
         for m in module.modules():  # codes held only in a kernel layout come back to be written
             materialize = getattr(m, "materialize", None)
             if callable(materialize):
@@ -293,8 +200,6 @@ class Stream:
 
     def units(self) -> list[str]:
         """Every unit in file order: the embeddings, the blocks, then the rest (final norm, head)."""
-        from lmpress.arch import Adapter
-
         adapter = Adapter(self.model)
         blocks = [adapter.block_name(i) for i in range(adapter.num_blocks)]
         head, _ = adapter.head()
@@ -330,8 +235,6 @@ def resident(model: nn.Module, units: Iterable[str], changed: bool = False) -> I
 
 def outside_units(model: nn.Module) -> list[str]:
     """The units outside the decoder blocks: embeddings, final norm, head."""
-    from lmpress.arch import Adapter
-
     adapter = Adapter(model)
     return [*adapter.embeddings(), adapter.final_norm()[0], adapter.head()[0]]
 
@@ -339,9 +242,6 @@ def outside_units(model: nn.Module) -> list[str]:
 def each_block(model: nn.Module, progress: bool = False, label: str = "blocks") -> Iterator[tuple[int, nn.Module]]:
     """Yield (index, block) with the block in memory; a streamed block is saved when the caller
     moves on (the caller may change it)."""
-    from lmpress.arch import Adapter
-    from lmpress.progress import track
-
     adapter = Adapter(model)
     for i in track(range(adapter.num_blocks), label, enabled=progress):
         with resident(model, [adapter.block_name(i)], changed=True):
@@ -355,7 +255,7 @@ def open_streamed(
 
     ``work``: where the spills go (a temporary directory by default; removed by `close`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM  # at first use: importing it takes seconds
 
     source = Checkpoint(path)
     tune_malloc()
@@ -412,20 +312,14 @@ def close(model: nn.Module) -> None:
 
 def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2**30) -> None:
     """Write a streamed model's tensors into ``out_dir`` as safetensors shards, one unit's tensors in
-    memory at a time: each shard's header is planned from the units' headers (spill or checkpoint)
-    and the model's dtypes, then the tensors are read and written unit by unit.
-
-    One shard is ``model.safetensors``; more are ``model-0000k-of-0000n.safetensors`` with the index
-    transformers reads. A tensor tied to another (the head to the embeddings) is written once.
+    memory at a time (`lmpress.io.tensors.write_shards`): each tensor's dtype and shape come from the
+    unit's spill or the checkpoint's header (floating point in the model's dtype). A tensor tied to
+    another (the head to the embeddings) is written once.
     """
-    from lmpress.io.load import _tied_keys
-
     stream = stream_of(model)
     assert stream is not None
     tied = set(_tied_keys(model))
-    names = {v: k for k, v in DTYPES.items()}
-    # plan: (unit, key, dtype, shape, nbytes) in file order
-    plan: list[tuple[str, str, torch.dtype, list[int], int]] = []
+    plan: list[Planned] = []  # in file order
     done: set[str] = set()
     for unit in stream.units():
         spill = read_header(stream.spills[unit]) if unit in stream.spills else {}
@@ -436,47 +330,40 @@ def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2*
             if k in spill:
                 dtype, shape = DTYPES[spill[k]["dtype"]], spill[k]["shape"]
             else:
-                src = stream._source_key(k)
-                entry = stream.source.headers[stream.source.where[src]][src]
+                entry = stream.source.entry(stream._source_key(k))
                 dtype, shape = DTYPES[entry["dtype"]], entry["shape"]
                 want = slot.get()
                 if want is not None and want.is_floating_point() and dtype.is_floating_point:
                     dtype = want.dtype
             n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
             plan.append((unit, k, dtype, list(shape), n))
-    shards: list[list[tuple[str, str, torch.dtype, list[int], int]]] = [[]]
-    size = 0
-    for item in plan:
-        if size and size + item[4] > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(item)
-        size += item[4]
-    n_shards = len(shards)
-    weight_map = {}
-    for j, shard in enumerate(shards, 1):
-        name = "model.safetensors" if n_shards == 1 else f"model-{j:05d}-of-{n_shards:05d}.safetensors"
-        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for _, k, dtype, shape, n in shard:
-            header[k] = {"dtype": names[dtype], "shape": shape, "data_offsets": [offset, offset + n]}
-            offset += n
-            weight_map[k] = name
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
-        with (out_dir / name).open("wb") as f:
-            f.write(len(raw).to_bytes(8, "little"))
-            f.write(raw)
-            for unit in dict.fromkeys(u for u, *_ in shard):
-                mine = [item for item in shard if item[0] == unit]
-                slots = _slots(model.get_submodule(unit), unit)
-                values = stream._read(unit, {k: slots[k] for _, k, *_ in mine})
-                for _, k, dtype, _, n in mine:
-                    t = values.pop(k).to(dtype).contiguous().view(-1).view(torch.uint8)
-                    assert t.numel() == n, k
-                    f.write(memoryview(t.numpy()))  # type: ignore[arg-type]
-    if n_shards > 1:
-        total = sum(item[4] for item in plan)
-        (out_dir / INDEX_FILE).write_text(
-            json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n"
-        )
+
+    def read(unit: str, keys: list[str]) -> dict[str, Tensor]:
+        slots = _slots(model.get_submodule(unit), unit)
+        return stream._read(unit, {k: slots[k] for k in keys})
+
+    write_shards(out_dir, plan, read, max_shard_bytes)
+
+
+def save_streamed_dir(
+    model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
+) -> Path:
+    """`lmpress.io.save` for a streamed model: its shards are written unit by unit from the
+    checkpoint and the stages' spills (`save_streamed`), never the whole state dict at once."""
+    stream = stream_of(model)
+    assert stream is not None
+    with atomic_dir(out, overwrite) as tmp, phase(f"saving {out}"):
+        save_streamed(model, tmp)
+        formats = module_formats(model, stream.described)
+        save_companions(model, tokenizer, tmp)
+        hide_from_plain_loaders(tmp, formats)
+        record = {
+            "format_version": FORMAT_VERSION,
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+            "modules": formats,
+            **(meta or {}),
+            "versions": library_versions(),
+            "bytes_on_disk": weight_bytes(tmp),
+        }
+        write_json_atomic(tmp / META_FILE, record)
+    return out

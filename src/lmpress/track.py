@@ -32,7 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lmpress.io import library_versions, write_json_atomic
+from lmpress.errors import LmpressError
+from lmpress.export.registry import exporter_for
+from lmpress.io import LoadedModel, library_versions, write_json_atomic
+from lmpress.pipeline import compress
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -298,7 +301,6 @@ def round_series(record: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
 
 def load_run(path: Path) -> dict[str, Any]:
     """A run directory's record (or a saved model directory's ``lmpress.json``)."""
-    from lmpress.errors import LmpressError
     from lmpress.io import META_FILE
     from lmpress.io.meta import read_meta
 
@@ -319,19 +321,30 @@ def load_run(path: Path) -> dict[str, Any]:
     raise LmpressError(f"{path} is not a run directory (no {RUN_FILE}) nor a saved model (no {META_FILE})")
 
 
+def refuse_export(model: Any) -> None:
+    """Refuse to compress an export that runs in a runtime of its own (a GGUF file, an ONNX
+    directory): its source is what lmpress compresses. Both ways into a compression say so first
+    (`lmpress.compress` and `tracked_compress`); the compress flow below them knows no exports."""
+    if not isinstance(model, LoadedModel) and (exporter := exporter_for(model)) is not None:
+        raise LmpressError(
+            f"{model} runs in {exporter.runtime}, not in PyTorch; compress the Hugging Face or lmpress directory it "
+            "was exported from, then export the result"
+        )
+
+
 def tracked_compress(tracking: TrackOptions, model: Any, recipe: Any, data: Any, **kw: Any) -> tuple[Any, Path | None]:
     """`lmpress.pipeline.compress` inside a run directory (removed again if the compression fails or
-    is interrupted). A run directory that cannot be created is a warning: the compression goes on
-    untracked and returns None for it."""
+    is interrupted); ``kw`` as `lmpress.pipeline.compress_model` (``max_memory`` as given: bytes or a
+    size such as "4GB"). A run directory that cannot be created is a warning: the compression goes
+    on untracked and returns None for it."""
     import yaml
 
-    from lmpress.pipeline import compress as run
-
+    refuse_export(model)
     opened = _open_run_dir(tracking, "compress", recipe.name) if tracking.enabled else None
     run_dir, created = opened if opened is not None else (None, [])
     try:
         work = run_dir / "work" if run_dir is not None and kw.get("output") is None else None
-        result = run(model, recipe, data, work_dir=work, **kw)
+        result = compress(model, recipe, data, work_dir=work, **kw)
     except BaseException:
         if run_dir is not None:
             _discard(run_dir, created, everything=True)

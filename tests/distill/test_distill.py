@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpress.data_options import DataOptions
 from lmpress.distill.distill import hidden_loss, kd_kl, layer_pairs
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
 from lmpress.nn import LoRALinear, QuantLinear, SparseLinear
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 
 TRAIN = {"steps": 30, "batch_size": 8, "lr": 1e-3, "eval_every": 10, "eval_windows": 4, "precision": "fp32"}
 

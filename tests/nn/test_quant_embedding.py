@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpress.data_options import DataOptions
 from lmpress.io.load import load_model
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.quant.grid import quantize
 
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
 from lmpress.nn.sparse_linear import SparseLinear
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.prune.masks import mask_from_scores
 from lmpress.prune.sparsegpt import sparsegpt_prune
 

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpress.arch import Adapter
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
-from lmpress.arch import Adapter
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from tests.conftest import TINY_ARCHS
 
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpress.data_options import DataOptions
 from lmpress.io.load import load_model
 from lmpress.nn.quant_linear import QuantLinear
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.quant.grid import quantize
 from lmpress.quant.hqq import hqq_quantize, shrink_lp
 

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmpress.data_options import DataOptions
 from lmpress.io.load import load_model
 from lmpress.nn.quant_linear import QuantLinear, int8_matmul
-from lmpress.pipeline import DataOptions, compress
+from lmpress.pipeline import compress
 from lmpress.quant.w8a8 import smooth_scales
 
 

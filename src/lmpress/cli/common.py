@@ -19,8 +19,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
-from lmpress.pipeline import DataOptions
 
 app = typer.Typer(
     help="Make GPT-style language models smaller and faster, and measure what it cost.",

@@ -109,10 +109,7 @@ def compress(
     export_path = _export_path(export_to, output, overwrite, model_dir(model))
     tracking = _track_options(track, runs_dir, tracking_uri)
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
-    from lmpress.memory import parse_size
     from lmpress.track import tracked_compress
-
-    budget = parse_size(max_memory) if max_memory is not None else None
 
     result, run_dir = tracked_compress(
         tracking,
@@ -131,7 +128,7 @@ def compress(
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         samples=samples if run_eval else 0,
-        max_memory=budget,
+        max_memory=max_memory,
         stream=None if stream else False,
         clients=[Path(c) for arg in clients or [] for c in arg.split(",") if c] or None,
     )

@@ -85,7 +85,7 @@ def demo_cmd(
     _setup(threads, quiet or as_json)
     tracking = _track_options(track, runs_dir or out_dir / "runs", tracking_uri)
     if max_windows is None:  # LMPRESS_MAX_WINDOWS makes the demo quick, as every command
-        from lmpress.pipeline import DataOptions
+        from lmpress.data_options import DataOptions
 
         max_windows = min(32, DataOptions().eval_windows or 32)
     names = [n.strip() for n in presets.split(",") if n.strip()]

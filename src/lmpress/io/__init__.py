@@ -47,7 +47,6 @@ from lmpress.io.save import (
     module_formats,
     save,
     save_companions,
-    save_streamed_dir,
     shared_modules,
     update_meta,
 )
@@ -76,7 +75,6 @@ __all__ = [
     "resolve_path",
     "save",
     "save_companions",
-    "save_streamed_dir",
     "shared_modules",
     "update_meta",
     "weight_bytes",

@@ -21,6 +21,7 @@ import torch
 
 from lmpress.arch import CONFIG_KEYS, POSITION_KEYS, Shapes
 from lmpress.errors import ModelLoadError
+from lmpress.io.tensors import read_header
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,6 @@ class _Stored:
 
 def _stored_tensors(path: Path) -> dict[str, _Stored]:
     """Every tensor of a directory's safetensors files (name -> file, shape, dtype), from headers only."""
-    from lmpress.streaming import read_header
-
     stored: dict[str, _Stored] = {}
     for f in sorted(path.glob("*.safetensors")):
         for name, entry in read_header(f).items():

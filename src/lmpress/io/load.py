@@ -24,6 +24,7 @@ from lmpress.io.consistency import check_finite_weights, check_model_dir, check_
 from lmpress.io.files import META_FILE, check_safetensors, read_config
 from lmpress.io.meta import read_json_object, read_meta
 from lmpress.io.pickles import check_pickle
+from lmpress.io.tensors import parameters_on_meta, read_header, read_tensor
 from lmpress.arch import is_supported, unknown_architecture
 from lmpress.nn import LAYER_FORMATS
 from lmpress.progress import phase
@@ -262,7 +263,6 @@ def _restore(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from lmpress.arch import replace_module
-    from lmpress.streaming import parameters_on_meta, read_header, read_tensor
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if dtype == "auto":

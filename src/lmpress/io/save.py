@@ -1,5 +1,6 @@
 """Saving: a self-describing directory (``config.json``, ``model.safetensors``, the tokenizer,
-``lmpress.json``) written atomically, for a whole model or a streamed one written unit by unit."""
+``lmpress.json``) written atomically; a streamed model's pieces are written unit by unit
+(`lmpress.streaming.save_streamed_dir`) beside the same companions and record."""
 
 from __future__ import annotations
 
@@ -146,27 +147,3 @@ def save_companions(model: nn.Module, tokenizer: Any, out: Path) -> None:
         generation.save_pretrained(out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-
-
-def save_streamed_dir(
-    model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
-) -> Path:
-    """`save` for a streamed model (`lmpress.streaming`): its shards are written unit by unit from
-    the checkpoint and the stages' spills, never the whole state dict at once."""
-    from lmpress.streaming import save_streamed, stream_of
-
-    with atomic_dir(out, overwrite) as tmp, phase(f"saving {out}"):
-        save_streamed(model, tmp)
-        formats = module_formats(model, stream_of(model).described)  # type: ignore[union-attr]
-        save_companions(model, tokenizer, tmp)
-        hide_from_plain_loaders(tmp, formats)
-        record = {
-            "format_version": FORMAT_VERSION,
-            "created": datetime.now(UTC).isoformat(timespec="seconds"),
-            "modules": formats,
-            **(meta or {}),
-            "versions": library_versions(),
-            "bytes_on_disk": weight_bytes(tmp),
-        }
-        write_json_atomic(tmp / META_FILE, record)
-    return out

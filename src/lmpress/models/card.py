@@ -7,6 +7,7 @@ writes ``README.md`` beside the checkpoint, with generated samples.
 
 from __future__ import annotations
 
+import copy
 import json
 import time
 from pathlib import Path
@@ -14,9 +15,10 @@ from typing import Any
 
 import torch
 
+from lmpress.arch import Adapter, linear_weight
 from lmpress.data import load_windows
 from lmpress.evaluation import quality
-from lmpress.arch import Adapter, linear_weight
+from lmpress.io import load_model
 from lmpress.quant.grid import fake_quantize
 
 PROMPTS = ("import os\n", "def ", "class Parser:\n    def ")
@@ -41,8 +43,6 @@ def rtn_costs(
 
 
 def _frozen_copy(model: torch.nn.Module) -> torch.nn.Module:
-    import copy
-
     return copy.deepcopy(model).eval()
 
 
@@ -60,8 +60,6 @@ def samples(model: torch.nn.Module, tokenizer: Any, n_tokens: int = 96, seed: in
 
 def write_card(out: Path, info: dict[str, Any], max_windows: int | None = None) -> dict[str, Any]:
     """Evaluate the checkpoint in ``out`` and write its README.md; returns the measured numbers."""
-    from lmpress.io import load_model
-
     loaded = load_model(out)
     model, tok = loaded.model, loaded.tokenizer
     spec = info["spec"]

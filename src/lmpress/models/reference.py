@@ -23,6 +23,8 @@ from torch import Tensor
 
 from lmpress.data import manifest, select_split, tokenize_documents, windows
 from lmpress.distill.train import lr_at
+from lmpress.evaluation import quality
+from lmpress.progress import track
 from lmpress.sources import Document, load_documents
 
 log = logging.getLogger(__name__)
@@ -127,9 +129,6 @@ def train_reference(spec: ReferenceSpec, out: Path, device: str = "cpu", progres
     """
     from transformers import LlamaForCausalLM
 
-    from lmpress.evaluation import quality
-    from lmpress.progress import track
-
     torch.manual_seed(spec.seed)
     docs = load_documents("stdlib")
     train_docs, eval_docs = select_split(docs, "train"), select_split(docs, "eval")
@@ -151,15 +150,50 @@ def train_reference(spec: ReferenceSpec, out: Path, device: str = "cpu", progres
         log.info("measured %.0f tokens/s: %d steps fit %.0f minutes", tps, total_steps, spec.minutes)
     else:
         total_steps = spec.tokens // tok_per_step
+    t_train = time.perf_counter()
+    history = _train(model, train_stream, eval_w, spec, total_steps, device, progress)
+    train_minutes = (time.perf_counter() - t_train) / 60
+
+    info = {
+        "spec": asdict(spec),
+        "parameters": n_params,
+        "train_tokens": total_steps * tok_per_step,
+        "train_unique_tokens": int(train_stream.numel()),
+        "epochs": total_steps * tok_per_step / train_stream.numel(),
+        "steps": total_steps,
+        "train_minutes": train_minutes,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "train_manifest": manifest(train_docs, "stdlib", "train").to_dict(),
+        "history": history,
+    }
+    save_checkpoint(model, tokenizer, info, out)
+    return info
+
+
+def _optimizer(model: torch.nn.Module, spec: ReferenceSpec) -> torch.optim.Optimizer:
+    """AdamW with weight decay on the matrices only (not on norms and biases)."""
     decay: list[torch.nn.Parameter] = []
     no_decay: list[torch.nn.Parameter] = []
     for name, p in model.named_parameters():
         (no_decay if p.ndim < 2 or "norm" in name else decay).append(p)
     groups = [{"params": decay, "weight_decay": spec.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=spec.peak_lr, betas=(0.9, 0.95), fused=False)
+    return torch.optim.AdamW(groups, lr=spec.peak_lr, betas=(0.9, 0.95), fused=False)
+
+
+def _train(
+    model: torch.nn.Module,
+    train_stream: Tensor,
+    eval_w: Tensor,
+    spec: ReferenceSpec,
+    total_steps: int,
+    device: str,
+    progress: bool,
+) -> list[dict[str, float]]:
+    """``total_steps`` steps on shuffled epochs of ``train_stream``; returns the evaluation history."""
+    opt = _optimizer(model, spec)
     warmup = max(1, int(spec.warmup_fraction * total_steps))
     gen = torch.Generator().manual_seed(spec.seed)
-
     history: list[dict[str, float]] = []
     step, epoch, t_train = 0, 0, time.perf_counter()
     batches = epoch_batches(train_stream, spec.seq_len, spec.batch_size, gen)
@@ -192,23 +226,7 @@ def train_reference(spec: ReferenceSpec, out: Path, device: str = "cpu", progres
                 ev["perplexity"],
                 row["minutes"],
             )
-    train_minutes = (time.perf_counter() - t_train) / 60
-
-    info = {
-        "spec": asdict(spec),
-        "parameters": n_params,
-        "train_tokens": total_steps * tok_per_step,
-        "train_unique_tokens": int(train_stream.numel()),
-        "epochs": total_steps * tok_per_step / train_stream.numel(),
-        "steps": total_steps,
-        "train_minutes": train_minutes,
-        "device": device,
-        "threads": torch.get_num_threads(),
-        "train_manifest": manifest(train_docs, "stdlib", "train").to_dict(),
-        "history": history,
-    }
-    save_checkpoint(model, tokenizer, info, out)
-    return info
+    return history
 
 
 def save_checkpoint(model: torch.nn.Module, tokenizer: Any, info: dict[str, object], out: Path) -> None:
