@@ -13,9 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmpress.arch import Adapter, is_supported
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import no_transformers_bars
-from lmpress.arch import Adapter, is_supported
+from lmpress.nn import CompressedLayer
 from lmpress.progress import phase
 
 
@@ -44,11 +45,10 @@ def module_formats(model: nn.Module, described: dict[str, dict[str, Any]] | None
         named.update(adapter.embeddings())
         named[adapter.head()[0]] = adapter.head()[1]
     for name, m in model.named_modules():
-        describe = getattr(m, "lmpress_format", None)
         if described and name in described:
             formats[name] = described[name]
-        elif callable(describe):
-            formats[name] = describe()
+        elif isinstance(m, CompressedLayer):
+            formats[name] = m.lmpress_format()
         elif name in named:
             w = getattr(m, "weight", None)
             formats[name] = {"format": "dense", "dtype": str(w.dtype).removeprefix("torch.") if w is not None else None}

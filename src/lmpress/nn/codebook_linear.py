@@ -22,11 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.formats.packing import pack, packed_width, unpack
+from lmpress.nn.base import CompressedLayer
 
 
-class CodebookLinear(nn.Module):
+class CodebookLinear(CompressedLayer):
     """Linear layer whose weights are indices into ``codebook`` (per layer or per output channel)."""
 
+    FORMAT = "codebook"
     qweight: Tensor
     codebook: Tensor
     scales: Tensor | None
@@ -115,7 +117,7 @@ class CodebookLinear(nn.Module):
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
-            "format": "codebook",
+            "format": self.FORMAT,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "bits": self.bits,

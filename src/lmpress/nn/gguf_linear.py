@@ -18,12 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.formats import ggml, ggml_bytes
+from lmpress.nn.base import CompressedLayer
 from lmpress.nn.quant_linear import INT4_KERNEL_ROWS, int4_layout
 
 
-class GGUFLinear(nn.Module):
+class GGUFLinear(CompressedLayer):
     """Linear layer holding one GGUF block type's bytes (llama.cpp's Q4_K, Q6_K, Q8_0 ...)."""
 
+    FORMAT = "gguf"
     blocks: Tensor
 
     def __init__(
@@ -68,13 +70,17 @@ class GGUFLinear(nn.Module):
         """The weight this layer represents.  (out, in)"""
         return ggml.dequantize(self.ggml_blocks()).to(dtype)
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """`dequantize_weight`: the weight this layer represents.  (out, in)"""
+        return self.dequantize_weight(dtype)
+
     def num_logical_params(self) -> int:
         bias = self.out_features if self.bias is not None else 0
         return bias if self.tied_to else self.in_features * self.out_features + bias
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
-            "format": "gguf",
+            "format": self.FORMAT,
             "type": self.gtype.name,
             "in_features": self.in_features,
             "out_features": self.out_features,
@@ -137,9 +143,10 @@ class GGUFLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, type={self.gtype.name}, bias={self.bias is not None}"
 
 
-class GGUFEmbedding(nn.Module):
+class GGUFEmbedding(CompressedLayer):
     """Embedding table held as one GGUF block type's bytes; lookups dequantize the gathered rows."""
 
+    FORMAT = "gguf_embedding"
     blocks: Tensor
 
     def __init__(
@@ -172,13 +179,18 @@ class GGUFEmbedding(nn.Module):
     def bits(self) -> int:
         return self.gtype.bits
 
-    def _rows(self, ids: Tensor) -> Tensor:
-        return ggml.dequantize(ggml_bytes.unpack(self.blocks[ids], self.gtype, self.embedding_dim)).to(self.out_dtype)
+    def _rows(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        raw = self.blocks[ids]
+        return ggml.dequantize(ggml_bytes.unpack(raw, self.gtype, self.embedding_dim)).to(dtype or self.out_dtype)
 
     @property
     def weight(self) -> Tensor:
         """The whole table dequantized.  (vocab, dim)"""
         return self._rows(torch.arange(self.num_embeddings, device=self.blocks.device))
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The whole table dequantized, in ``dtype``.  (vocab, dim)"""
+        return self._rows(torch.arange(self.num_embeddings, device=self.blocks.device), dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
         return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
@@ -188,7 +200,7 @@ class GGUFEmbedding(nn.Module):
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
-            "format": "gguf_embedding",
+            "format": self.FORMAT,
             "type": self.gtype.name,
             "num_embeddings": self.num_embeddings,
             "embedding_dim": self.embedding_dim,

@@ -15,6 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmpress.nn.base import LAYER_FORMATS, CompressedLayer
+
 
 def tensor_device(module: nn.Module) -> torch.device:
     """Where a layer's tensors are: the first one that holds data (a quantized layer whose codes
@@ -23,9 +25,10 @@ def tensor_device(module: nn.Module) -> torch.device:
     return next((t.device for t in tensors if not t.is_meta), torch.device("cpu"))
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(CompressedLayer):
     """A (compressed) linear layer with a separate low-rank update."""
 
+    FORMAT = "lora"
     lora_a: Tensor
     lora_b: Tensor
 
@@ -44,29 +47,40 @@ class LoRALinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.base(x) + (x @ self.lora_a.T.to(x.dtype)) @ self.lora_b.T.to(x.dtype)
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The base layer's weight plus B·A, computed in float32.  (out, in)"""
+        if not isinstance(self.base, CompressedLayer):
+            raise TypeError(f"LoRALinear base {type(self.base).__name__} is not a compressed layer")
+        return (self.base.dense_weight() + self.lora_b.float() @ self.lora_a.float()).to(dtype)
+
     def num_logical_params(self) -> int:
         """The update's own numbers; the base layer counts itself."""
         return self.rank * (self.in_features + self.out_features)
 
     def lmpress_format(self) -> dict[str, Any]:
-        describe = getattr(self.base, "lmpress_format", None)
-        if not callable(describe):
+        if not isinstance(self.base, CompressedLayer):
             raise TypeError(f"LoRALinear base {type(self.base).__name__} has no saved format")
         return {
-            "format": "lora",
+            "format": self.FORMAT,
             "rank": self.rank,
             "dtype": str(self.lora_a.dtype).removeprefix("torch."),
-            "base": describe(),
+            "base": self.base.lmpress_format(),
         }
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> LoRALinear:
         """An empty layer of a saved format, ready for ``load_state_dict``."""
-        from lmpress.nn import LAYER_FORMATS
-
         base_fmt = fmt["base"]
         base = LAYER_FORMATS[base_fmt["format"]].from_format(base_fmt, dtype)
         return cls(base, int(fmt["rank"]), getattr(torch, fmt.get("dtype") or "float32"))
+
+    def forget_kernel(self) -> None:
+        if isinstance(self.base, CompressedLayer):
+            self.base.forget_kernel()
+
+    def materialize(self) -> None:
+        if isinstance(self.base, CompressedLayer):
+            self.base.materialize()
 
     def extra_repr(self) -> str:
         return f"rank={self.rank}"

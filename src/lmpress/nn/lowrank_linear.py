@@ -12,9 +12,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from lmpress.nn.base import CompressedLayer
 
-class LowRankLinear(nn.Module):
+
+class LowRankLinear(CompressedLayer):
     """Linear layer W ≈ U·V of rank ``rank``."""
+
+    FORMAT = "lowrank"
 
     def __init__(
         self,
@@ -48,16 +52,16 @@ class LowRankLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return nn.functional.linear(nn.functional.linear(x, self.v), self.u, self.bias)
 
-    def dense_weight(self) -> Tensor:
-        """U·V.  (out, in)"""
-        return self.u.float() @ self.v.float()
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """U·V, computed in float32.  (out, in)"""
+        return (self.u.float() @ self.v.float()).to(dtype)
 
     def num_logical_params(self) -> int:
         return self.rank * (self.in_features + self.out_features) + (self.out_features if self.bias is not None else 0)
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
-            "format": "lowrank",
+            "format": self.FORMAT,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "rank": self.rank,

@@ -14,16 +14,17 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from lmpress.formats.grid import Quantized, dequantize, n_groups
 from lmpress.formats.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width
-from lmpress.nn.quant_linear import keep_scale_dtype
+from lmpress.nn.base import CompressedLayer, keep_scale_dtype
 
 
-class QuantEmbedding(nn.Module):
+class QuantEmbedding(CompressedLayer):
     """Embedding lookup over packed integer codes with per-row-group scales and zero points."""
 
+    FORMAT = "quant_embedding"
     qweight: Tensor
     scales: Tensor
     qzeros: Tensor | None
@@ -65,17 +66,21 @@ class QuantEmbedding(nn.Module):
             layer.qzeros.copy_(pack(q.zeros.round().to(torch.uint8), q.bits))
         return layer
 
-    def _rows(self, ids: Tensor) -> Tensor:
-        """Dequantized rows for flat ``ids`` (n,).  -> (n, dim)"""
+    def _rows(self, ids: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+        """Dequantized rows for flat ``ids`` (n,), in ``dtype`` (the table's by default).  -> (n, dim)"""
         codes = decode_codes(self.qweight[ids], self.bits, self.embedding_dim, self.symmetric)
         qzeros = self.qzeros[ids] if self.qzeros is not None else None
         zeros = decode_zeros(qzeros, None, self.bits, (ids.numel(), self.scales.shape[1]), ids.device)
-        return dequantize(codes, self.scales[ids], zeros, self.group_size, self.out_dtype)
+        return dequantize(codes, self.scales[ids], zeros, self.group_size, dtype or self.out_dtype)
 
     @property
     def weight(self) -> Tensor:
         """The whole table dequantized (for code that reads ``embed.weight``).  (vocab, dim)"""
         return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device))
+
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The whole table dequantized, in ``dtype``.  (vocab, dim)"""
+        return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device), dtype)
 
     def forward(self, ids: Tensor) -> Tensor:
         return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
@@ -85,7 +90,7 @@ class QuantEmbedding(nn.Module):
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
-            "format": "quant_embedding",
+            "format": self.FORMAT,
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from lmpress.formats.grid import Quantized, dequantize, n_groups
 from lmpress.formats.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width, unpack_float
 from lmpress.memory import trim_heap
+from lmpress.nn.base import CompressedLayer, keep_scale_dtype
 
 INT4_GROUPS = (32, 64, 128, 256)
 # PyTorch's weight-only CPU kernels are matrix-vector kernels whose time grows with the rows; from
@@ -46,9 +47,10 @@ INT8_KERNEL_ROWS = 16
 INT4_KERNEL_ROWS = 256
 
 
-class QuantLinear(nn.Module):
+class QuantLinear(CompressedLayer):
     """Linear layer holding packed integer codes with per-group scales and zero points."""
 
+    FORMAT = "quant"
     qweight: Tensor
     scales: Tensor
     qzeros: Tensor | None
@@ -190,6 +192,10 @@ class QuantLinear(nn.Module):
             w.sub_(self.zeros().to(dtype)[..., None]).mul_(s)
         return w.view(self.out_features, self.in_features)
 
+    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """`dequantize_weight`: the weight this layer represents.  (out, in)"""
+        return self.dequantize_weight(dtype)
+
     def num_logical_params(self) -> int:
         """Weights this layer represents; a head tied to the embeddings adds none of its own."""
         bias = self.out_features if self.bias is not None else 0
@@ -197,7 +203,7 @@ class QuantLinear(nn.Module):
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
-            "format": "quant",
+            "format": self.FORMAT,
             "bits": self.bits,
             "group_size": self.group_size,
             "symmetric": self.symmetric,
@@ -377,13 +383,3 @@ def int8_matmul(x: Tensor, wT: Tensor, w_scale: Tensor) -> Tensor:
         xq = torch.nn.functional.pad(xq, (0, 0, 0, 17 - M))
     acc = torch._int_mm(xq, wT)[:M]  # (M, out) int32
     return acc.float() * s_x * w_scale
-
-
-def keep_scale_dtype(layer: nn.Module, apply: Any) -> Any:
-    """Run ``apply`` (a module ``_apply``) but keep scales and float zeros in their stored dtype:
-    ``model.to(torch.bfloat16)`` moves them with the model but must not change the format."""
-    dtypes = {n: b.dtype for n in ("scales", "fzeros") if (b := getattr(layer, n, None)) is not None}
-    out = apply()
-    for n, dt in dtypes.items():
-        setattr(layer, n, getattr(layer, n).to(dt))
-    return out

@@ -31,14 +31,16 @@ from torch import Tensor, nn
 
 from lmpress.formats.grid import Quantized, dequantize, n_groups
 from lmpress.formats.packing import decode_zeros, pack, packed_width, unpack
+from lmpress.nn.base import CompressedLayer, keep_scale_dtype
 
 # torch.sparse CSR matmul beats dense F.linear on this CPU only when few weights are kept
 CSR_MAX_DENSITY = 0.1
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(CompressedLayer):
     """Linear layer holding a bitmask and the kept weights (optionally quantized)."""
 
+    FORMAT = "sparse"
     mask: Tensor
     values: Tensor | None
     qvalues: Tensor | None
@@ -179,7 +181,7 @@ class SparseLinear(nn.Module):
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
-            "format": "sparse",
+            "format": self.FORMAT,
             "in_features": self.in_features,
             "out_features": self.out_features,
             "nnz": self.nnz,
@@ -216,8 +218,6 @@ class SparseLinear(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
-        from lmpress.nn.quant_linear import keep_scale_dtype
-
         self.forget_kernel()  # device or dtype may change: prepare again
         return keep_scale_dtype(self, lambda: super(SparseLinear, self)._apply(fn, recurse))  # type: ignore[no-any-return]
 
