@@ -19,7 +19,7 @@ import logging
 import re
 from typing import Any
 
-from lmpress.export.walk import ExportError
+from lmpress.errors import ExportError
 from lmpress.formats.gguf_file import U32
 
 log = logging.getLogger(__name__)

@@ -16,11 +16,11 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from lmpress.arch import is_conv1d, linear_weight, replace_module
 from lmpress.errors import LmpressError
 from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized
 from lmpress.method import Context, MethodConfig, StageReport
-from lmpress.models.adapters import is_conv1d, linear_weight, replace_module
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml_fit
@@ -240,7 +240,7 @@ def quantize_each_block(
     """`quantize_layers` on the layers named ``layers``, one decoder block at a time
     (`lmpress.streaming.each_block`: a streamed model holds one block in memory), then the layers
     outside the blocks. Names, not modules: each replaced layer's weights are freed as it goes."""
-    from lmpress.models.adapters import Adapter
+    from lmpress.arch import Adapter
     from lmpress.streaming import each_block, resident
 
     adapter = Adapter(model)
@@ -260,7 +260,7 @@ def quantize_each_block(
 
 def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str, int]:
     """`_quantize_embeddings` with the embeddings and the head in memory (a streamed model)."""
-    from lmpress.models.adapters import Adapter
+    from lmpress.arch import Adapter
     from lmpress.streaming import resident
 
     if config.embedding_bits is None and config.embedding_grid is None:
@@ -338,8 +338,8 @@ def quantize_calibrated(
     ``embedding_bits``; with ``calibrate_outside`` the head is quantized like a block's layers
     (``per_block(-1, ...)``) on its inputs from the already-quantized model's forward.
     """
+    from lmpress.arch import Adapter
     from lmpress.calib import blockwise, collect
-    from lmpress.models.adapters import Adapter
     from lmpress.quant.grid import quantize
     from lmpress.streaming import resident
 

@@ -18,11 +18,11 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lmpress.arch import linear_weight
 from lmpress.calib import InputStats
 from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
-from lmpress.models.adapters import linear_weight
 from lmpress.quant import ggml_fit
 from lmpress.quant.base import LayerSettings, QuantError, QuantizeFn, WeightQuantConfig, quantize_calibrated
 from lmpress.quant.grid import find_grid

@@ -23,10 +23,10 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from lmpress.arch import linear_weight
 from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized, n_groups, quantize_with
 from lmpress.method import Context, Method, StageReport
-from lmpress.models.adapters import linear_weight
 from lmpress.quant import ggml_fit
 from lmpress.quant.base import (
     LayerSettings,

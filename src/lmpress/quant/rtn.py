@@ -12,10 +12,10 @@ from typing import Literal
 
 from torch import nn
 
+from lmpress.arch import linear_weight
 from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
-from lmpress.models.adapters import linear_weight
 from lmpress.quant import ggml_fit
 from lmpress.quant.base import (
     LayerSettings,
