@@ -3,9 +3,22 @@
 import lmpress
 result = lmpress.compress("builtin", "bf16", output=Path("out/bf16"))
 lmpress.evaluate("out/bf16", reference="builtin").metrics
+lmpress.search("builtin", {"budget": {"max_bytes": 40e6}}).study.best
 """
 
-from lmpress.api import DataOptions, EvalResult, Result, TaskResult, compress, evaluate, evaluate_tasks, load, save
+from lmpress.api import (
+    DataOptions,
+    EvalResult,
+    Result,
+    SearchOutcome,
+    TaskResult,
+    compress,
+    evaluate,
+    evaluate_tasks,
+    load,
+    save,
+    search,
+)
 from lmpress.errors import LmpressError
 from lmpress.version import __version__
 
@@ -14,6 +27,7 @@ __all__ = [
     "EvalResult",
     "LmpressError",
     "Result",
+    "SearchOutcome",
     "TaskResult",
     "__version__",
     "compress",
@@ -21,4 +35,5 @@ __all__ = [
     "evaluate_tasks",
     "load",
     "save",
+    "search",
 ]

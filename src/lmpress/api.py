@@ -1,4 +1,4 @@
-"""The public verbs: compress, evaluate, load, save. The CLI only parses arguments and calls these."""
+"""The public verbs: compress, evaluate, load, save, search. The CLI only parses arguments and calls these."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from lmpress.io import LoadedModel, load_model, save
 from lmpress.io.consistency import check_seq_len
 from lmpress.pipeline import Result
 from lmpress.recipe import Recipe
+from lmpress.recipe_search import SearchOutcome, search
 from lmpress.sources import STDLIB, check_source
 from lmpress.track import refuse_export
 
@@ -25,12 +26,14 @@ __all__ = [
     "DataOptions",
     "EvalResult",
     "Result",
+    "SearchOutcome",
     "TaskResult",
     "compress",
     "evaluate",
     "evaluate_tasks",
     "load",
     "save",
+    "search",
 ]
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import logging
+import os
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+import lmpress
 from lmpress.cli.common import (
     DataOpt,
     DeviceOpt,
@@ -28,15 +30,14 @@ from lmpress.cli.common import (
     console,
     handles_errors,
     metrics_table,
-    model_dir,
 )
 from lmpress.errors import LmpressError
+from lmpress.recipe import load_yaml_file
+from lmpress.recipe_search import SearchError, SearchOutcome
 
 
 def _parse_size(text: str) -> int:
     """'40MB', '2.5 GB', '900kB', '123456' -> bytes (decimal units)."""
-    import re
-
     m = re.fullmatch(r"\s*([0-9.]+)\s*([kKmMgG]?)[bB]?\s*", text)
     if not m:
         raise LmpressError(f"--max-bytes {text!r} is not a size; write it like 40MB, 900kB or 2GB")
@@ -56,8 +57,6 @@ def _parse_share(text: str) -> float:
 
 def _capped_trials(trials: int) -> int:
     """``--trials``, at most ``$LMPRESS_MAX_TRIALS`` when that is set (every command quickly, rough numbers)."""
-    import os
-
     text = os.environ.get("LMPRESS_MAX_TRIALS", "").strip()
     if not text:
         return trials
@@ -117,136 +116,56 @@ def search_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Find the best recipe under a size, quality or speed budget (Optuna; resumable, shareable)."""
-    import copy
-    import dataclasses
-
-    import yaml
-    from pydantic import ValidationError
-
-    from lmpress.evaluation import quality
-    from lmpress.io import check_output_dir, load_model
-    from lmpress.recipe import load_yaml_file, parse_recipe
-    from lmpress.recipe_search import SearchConfig, SearchError, calibration_and_selection, record_study, run_search
-    from lmpress.track import tracked_compress
-
     _setup(threads, quiet or as_json)
     trials = _capped_trials(trials)
     try:
         raw_space = load_yaml_file(space, "search space") if space is not None else {}  # the recipe limits
-        config = SearchConfig.model_validate(
-            {
-                "space": raw_space or {},
-                "budget": {
-                    "max_bytes": _parse_size(max_bytes) if max_bytes else None,
-                    "max_ppl_increase": _parse_share(max_ppl_increase) if max_ppl_increase else None,
-                    "min_speedup": min_speedup,
-                    "speed": speed,
-                },
-                "objective": objective,
-                "multi_objective": multi_objective,
-                "trials": trials,
-                "timeout": timeout,
-                "calib_windows": calib_windows,
-                "select_windows": select_windows,
-                "prune": not no_prune,
-                "storage": storage,
-                "recovery": {"steps": recovery_steps, "top_k": recovery_top},
-            }
-        )
     except FileNotFoundError:
         raise SearchError(f"search file {space} does not exist") from None
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(p) for p in err["loc"])
-        raise SearchError(f"search settings: {where}: {err['msg'].removeprefix('Value error, ')}") from None
-    if output is not None:
-        check_output_dir(output, overwrite, model_dir(model))
-    loaded = load_model(model, device=device)
-    # the final compress calibrates on the very windows the trials did
-    options = _data_options(
-        data, "**/*", "text", seq_len=seq_len, eval_windows=max_windows, calib_windows=calib_windows
-    )
-    calib = calibration_and_selection(options.load(loaded.tokenizer, "calib", None), calib_windows, select_windows)
-    train = options.load(loaded.tokenizer, "train", options.train_windows) if recovery_steps else None
-    result = run_search(
-        loaded.model, loaded.tokenizer, calib, config, study_dir, progress=not (as_json or quiet), train=train
-    )
-    if result.best is None:
-        raise SearchError(
-            f"search: none of {len(result.trials)} trials met the budget; raise it, widen the space or add --trials "
-            f"(smallest reachable size {result.smallest_bytes / 1e6:.2f} MB)"
-        )
-    (study_dir / "best.yaml").write_text(yaml.safe_dump({**result.best["recipe"], "name": "best"}, sort_keys=False))
-    pareto_dir = study_dir / "pareto"
-    pareto_dir.mkdir(exist_ok=True)
-    for t in result.pareto:
-        (pareto_dir / f"trial-{t['number']}.yaml").write_text(yaml.safe_dump(t["recipe"], sort_keys=False))
-    from lmpress.io import write_text_atomic
-    from lmpress.recipe_search import study_runs
-    from lmpress.report import render
-
-    write_text_atomic(study_dir / "report.html", render(study_runs(result), "lmpress search: every measured trial"))
-    best_recipe = parse_recipe({**result.best["recipe"], "name": "best"})
-    tracking = _track_options(track, runs_dir, tracking_uri)
-    pristine = copy.deepcopy(loaded.model) if save_pareto else loaded.model  # the final compress changes loaded
-    final, run_dir = tracked_compress(
-        tracking,
-        loaded,
-        best_recipe,
-        options,
+    settings = {
+        "space": raw_space or {},
+        "budget": {
+            "max_bytes": _parse_size(max_bytes) if max_bytes else None,
+            "max_ppl_increase": _parse_share(max_ppl_increase) if max_ppl_increase else None,
+            "min_speedup": min_speedup,
+            "speed": speed,
+        },
+        "objective": objective,
+        "multi_objective": multi_objective,
+        "trials": trials,
+        "timeout": timeout,
+        "calib_windows": calib_windows,
+        "select_windows": select_windows,
+        "prune": not no_prune,
+        "storage": storage,
+        "recovery": {"steps": recovery_steps, "top_k": recovery_top},
+    }
+    outcome = lmpress.search(
+        model,
+        settings,
+        _data_options(data, "**/*", "text", seq_len=seq_len, eval_windows=max_windows, calib_windows=calib_windows),
+        study_dir=study_dir,
         output=output,
         overwrite=overwrite,
-        measure_speed=False,
+        device=device,
+        save_pareto=save_pareto,
+        tracking=_track_options(track, runs_dir, tracking_uri),
         progress=not (as_json or quiet),
-        samples=3,
     )
-    # the found recipe, run alone, measured again on the trials' selection windows: the same number
-    again = quality(final.model, calib.windows[calib_windows:], batch_size=16)["perplexity"]
-    if abs(again / result.best["perplexity"] - 1) > 1e-3:
-        logging.getLogger("lmpress.recipe_search").warning(
-            "the best recipe run alone gives selection perplexity %.4f, its trial gave %.4f: the recipe does not "
-            "reproduce exactly (a method with randomness, or a different device)",
-            again,
-            result.best["perplexity"],
-        )
-    saved = []
-    for t in result.pareto if save_pareto else []:  # each Pareto recipe: its model and its metrics
-        fresh = dataclasses.replace(loaded, model=copy.deepcopy(pristine))
-        out = pareto_dir / f"trial-{t['number']}"
-        member, _ = tracked_compress(
-            tracking,
-            fresh,
-            parse_recipe({**t["recipe"], "name": f"pareto-{t['number']}"}),
-            options,
-            output=out,
-            overwrite=True,
-            measure_speed=False,
-            progress=not (as_json or quiet),
-        )
-        saved.append({"number": t["number"], "output": str(out), "metrics": member.metrics.get("compressed")})
-    search_dir = record_study(tracking, result, str(getattr(loaded, "source", model)), study_dir, final.metrics)
-    summary = {
-        "best": result.best,
-        "pareto": [t["number"] for t in result.pareto],
-        "trials": len(result.trials),
-        "complete": sum(t["state"] == "COMPLETE" for t in result.trials),
-        "pruned": sum(t["state"] == "PRUNED" for t in result.trials),
-        "seconds": result.seconds,
-        "recipe_file": str(study_dir / "best.yaml"),
-        "report": str(study_dir / "report.html"),
-        "evaluation": final.metrics,
-        "reproduced_selection_perplexity": again,
-        "run_dir": str(run_dir) if run_dir else None,
-        "search_run_dir": str(search_dir) if search_dir else None,
-        "pareto_models": saved,
-    }
     if as_json:
-        _print_json(summary)
+        _print_json(outcome.to_dict())
         return
+    _print_outcome(outcome)
+
+
+def _print_outcome(outcome: SearchOutcome) -> None:
+    """A finished search in a few lines: the counts, the best trial, its evaluation, where things are."""
+    final, summary = outcome.final, outcome.to_dict()
+    best, original = summary["best"], outcome.study.original
     console.print(
         f"{summary['trials']} trials ({summary['complete']} measured, {summary['pruned']} pruned) in "
-        f"{result.seconds:.0f} s; best: {result.best['bytes'] / 1e6:.2f} MB, selection perplexity "
-        f"{result.best['perplexity']:.3f} (original {result.original['perplexity']:.3f})"
+        f"{summary['seconds']:.0f} s; best: {best['bytes'] / 1e6:.2f} MB, selection perplexity "
+        f"{best['perplexity']:.3f} (original {original['perplexity']:.3f})"
     )
     console.print(
         metrics_table(
@@ -254,18 +173,18 @@ def search_cmd(
             {"original": final.metrics.get("original"), "best": final.metrics.get("compressed")},
         )
     )
-    console.print(f"recipe: {study_dir / 'best.yaml'}  (Pareto set: {pareto_dir})", soft_wrap=True)
-    console.print(f"study report: {study_dir / 'report.html'}", soft_wrap=True)
+    console.print(f"recipe: {outcome.recipe_file}  (Pareto set: {outcome.pareto_dir})", soft_wrap=True)
+    console.print(f"study report: {outcome.report}", soft_wrap=True)
     if final.output:
         console.print(f"saved to {final.output}")
-    for p in saved:
+    for p in outcome.pareto_models:
         c = p["metrics"] or {}
         console.print(
             f"pareto trial {p['number']}: {c.get('bytes', float('nan')) / 1e6:.2f} MB, "
             f"perplexity {c.get('perplexity', float('nan')):.3f} -> {p['output']}",
             soft_wrap=True,
         )
-    if run_dir:
-        console.print(f"run: {run_dir}", soft_wrap=True)
-    if search_dir:
-        console.print(f"search run: {search_dir}", soft_wrap=True)
+    if outcome.run_dir:
+        console.print(f"run: {outcome.run_dir}", soft_wrap=True)
+    if outcome.search_run_dir:
+        console.print(f"search run: {outcome.search_run_dir}", soft_wrap=True)

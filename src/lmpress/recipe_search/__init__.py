@@ -1,4 +1,5 @@
-"""``search``: find the recipe that fits a budget (size, quality, speed), with Optuna.
+"""Find the recipe that fits a budget (size, quality, speed), with Optuna: `search` (``lmpress.search``)
+runs the whole workflow, `run_search` the study alone.
 
 A trial is a recipe built from the search space: a weight quantizer and its bits per *block group*
 (the decoder blocks cut into ``block_groups`` contiguous runs), group size, the head's and the
@@ -21,6 +22,7 @@ token embeddings' bits, and optionally SparseGPT sparsity and dropped blocks bef
   can share one study.
 """
 
+from lmpress.recipe_search.records import record_study, study_runs
 from lmpress.recipe_search.sensitivity import predicted_kl, sensitivity
 from lmpress.recipe_search.space import (
     Budget,
@@ -31,8 +33,9 @@ from lmpress.recipe_search.space import (
     block_groups,
     build_recipe,
 )
-from lmpress.recipe_search.study import SearchResult, record_study, run_search, study_runs
+from lmpress.recipe_search.study import SearchResult, run_search
 from lmpress.recipe_search.trials import Evaluator, calibration_and_selection
+from lmpress.recipe_search.workflow import SearchOutcome, search, search_config
 
 __all__ = [
     "Budget",
@@ -40,6 +43,7 @@ __all__ = [
     "Recovery",
     "SearchConfig",
     "SearchError",
+    "SearchOutcome",
     "SearchResult",
     "SearchSpace",
     "block_groups",
@@ -48,6 +52,8 @@ __all__ = [
     "predicted_kl",
     "record_study",
     "run_search",
+    "search",
+    "search_config",
     "sensitivity",
     "study_runs",
 ]

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lmpress.io import write_json_atomic
+from lmpress.quant.base import quantize_embeddings
+from lmpress.quant.rtn import RTNConfig
 from lmpress.recipe_search.space import (
     SearchSpace,
     blocks_pattern,
@@ -61,9 +63,6 @@ def _kl_of(ev: Evaluator, stage: dict[str, Any], key: str) -> float:
 
 def _embed_kl(ev: Evaluator, bits: int, group_size: int) -> float:
     """Embeddings only (a head tied to them is rounded with them)."""
-    from lmpress.quant.base import quantize_embeddings
-    from lmpress.quant.rtn import RTNConfig
-
     model = copy.deepcopy(ev.model)
     config = RTNConfig.model_validate({"bits": bits, "embedding_bits": bits, "embedding_group_size": group_size})
     quantize_embeddings(model, config)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from lmpress.data import spread
 from lmpress.evaluation import quality, tensor_bytes
 from lmpress.method import Context
 from lmpress.pipeline import run_stages
@@ -17,6 +19,7 @@ from lmpress.recipe_search.space import (
     Budget,
     SearchError,
 )
+from lmpress.speed import speed
 
 
 @dataclass
@@ -54,16 +57,12 @@ def calibration_and_selection(every: Any, calib_windows: int, select_windows: in
     ``calib_windows`` windows a compress run with that many calibration windows uses (spread evenly,
     as `lmpress.data.windows` picks them), then ``select_windows`` others, spread over the rest. So
     the found recipe, run alone with ``calib_windows``, calibrates on exactly the trial's windows."""
-    import dataclasses
-
     n = every.windows.shape[0]
     if n < calib_windows + select_windows:
         raise SearchError(
             f"search: {n} calibration-split windows, need {calib_windows + select_windows} ({calib_windows} to "
             f"calibrate + {select_windows} to select on); give more text or fewer windows"
         )
-    from lmpress.data import spread
-
     chosen = spread(n, calib_windows)  # the windows `load_windows(..., calib_windows)` returns
     rest = torch.ones(n, dtype=torch.bool)
     rest[chosen] = False
@@ -75,6 +74,12 @@ def calibration_and_selection(every: Any, calib_windows: int, select_windows: in
 def _goal_value(attrs: dict[str, Any], goal: str) -> float:
     """What the search minimizes for a measured trial (speedup is maximized)."""
     return -float(attrs["speedup"]) if goal == "speedup" else float(attrs[goal])
+
+
+def objective_values(attrs: dict[str, Any], goal: str, multi_objective: bool) -> float | tuple[float, float]:
+    """A measured trial's value for Optuna: the goal, and its bytes beside it when there are two objectives."""
+    value = _goal_value(attrs, goal)
+    return (value, float(attrs["bytes"])) if multi_objective else value
 
 
 def _scored(ev: Evaluator, compressed: nn.Module, nbytes: int, budget: Budget, speedup: float | None) -> dict[str, Any]:
@@ -111,8 +116,6 @@ def _trial_record(t: Any) -> dict[str, Any]:
 def _speedup(base: nn.Module, model: nn.Module, kind: str) -> float:
     """Tokens/s of ``model`` over the original's, decode (batch 1, KV cache) or prefill; both timed here,
     one after the other, so that the ratio holds on a noisy machine."""
-    from lmpress.evaluation import speed
-
     key = "decode_tokens_per_s" if kind == "decode" else "prefill_tokens_per_s"
     vocab = int(base.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
     a = speed(base, vocab, prompt_len=64, decode_tokens=32, repeats=2)[key]
