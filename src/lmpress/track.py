@@ -34,7 +34,8 @@ from typing import Any
 
 from lmpress.errors import LmpressError
 from lmpress.export.registry import exporter_for
-from lmpress.io import LoadedModel, library_versions, write_json_atomic
+from lmpress.io import META_FILE, LoadedModel, library_versions, write_json_atomic
+from lmpress.io.meta import read_meta
 from lmpress.pipeline import compress
 
 log = logging.getLogger(__name__)
@@ -301,9 +302,6 @@ def round_series(record: dict[str, Any]) -> dict[str, list[tuple[int, float]]]:
 
 def load_run(path: Path) -> dict[str, Any]:
     """A run directory's record (or a saved model directory's ``lmpress.json``)."""
-    from lmpress.io import META_FILE
-    from lmpress.io.meta import read_meta
-
     for candidate in (path / RUN_FILE, path / META_FILE):
         if candidate.name == META_FILE and candidate.is_file():  # a saved model: its record checked
             record = read_meta(path)

@@ -8,8 +8,9 @@ import json
 import pytest
 import torch
 
+from lmpress.distill.train import lr_at
 from lmpress.io.load import BUILTIN_DIR, load_model
-from lmpress.models.reference import EOS, epoch_batches, lr_at
+from lmpress.models.reference import EOS, epoch_batches
 
 
 def test_lr_schedule_warmup_then_cosine() -> None:
