@@ -41,7 +41,7 @@ MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
 FLOORS: dict[str, int] = {
     # 1: model-family knowledge and storage math; leaves everything else imports
     "lmpress.arch": 1, "lmpress.formats": 1, "lmpress.errors": 1, "lmpress.version": 1,
-    "lmpress.select": 1, "lmpress.progress": 1, "lmpress.models": 1,
+    "lmpress.select": 1, "lmpress.progress": 1, "lmpress.models": 1, "lmpress.heap": 1,
     # 2: the compressed layers
     "lmpress.nn": 2,
     # 3: files, safe loading, saving

@@ -31,11 +31,11 @@ from torch import Tensor, nn
 
 from lmpress.arch import Adapter
 from lmpress.errors import ModelLoadError
+from lmpress.heap import trim_heap, tune_malloc
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import _tied_keys
 from lmpress.io.save import hide_from_plain_loaders, library_versions, module_formats, save_companions
 from lmpress.io.tensors import DTYPES, Checkpoint, Planned, parameters_on_meta, read_header, read_tensor, write_shards
-from lmpress.memory import trim_heap, tune_malloc
 from lmpress.progress import phase, track
 
 log = logging.getLogger(__name__)

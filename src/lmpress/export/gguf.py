@@ -34,6 +34,7 @@ from lmpress.export.gguf_vocab import tokenizer_metadata
 from lmpress.export.walk import Part, count_types, model_parts
 from lmpress.formats import ggml, ggml_bytes
 from lmpress.formats.gguf_file import BF16, F16, F32, U32, TensorSpec, write_gguf
+from lmpress.io.files import clean_stale
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
@@ -379,6 +380,7 @@ def _write(
             )
             plan.report_types["rope_freqs.weight"] = "f32"
     path = Path(path)
+    clean_stale(path)  # a file a killed export of the same path left
     size = write_gguf(path, meta, specs)
     requantized = {k: why for k, (_, why) in swapped.items()}
     return GGUFReport(path, size, plan.report_types, requantized, kl if swapped else None)

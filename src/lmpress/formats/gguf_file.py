@@ -89,9 +89,6 @@ def write_gguf(path: Path, metadata: dict[str, Any], tensors: Iterable[TensorSpe
     """Write a GGUF file atomically; returns its size in bytes."""
     specs = list(tensors)
     meta = {"general.alignment": U32(ALIGNMENT), **metadata}
-    from lmpress.io.files import clean_stale
-
-    clean_stale(path)  # a file a killed export of the same path left
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:

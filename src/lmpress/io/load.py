@@ -19,13 +19,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from lmpress.arch import is_supported, unknown_architecture
 from lmpress.errors import ModelLoadError
 from lmpress.io.consistency import check_finite_weights, check_model_dir, check_plausible
 from lmpress.io.files import META_FILE, check_safetensors, read_config
 from lmpress.io.meta import read_json_object, read_meta
 from lmpress.io.pickles import check_pickle
 from lmpress.io.tensors import parameters_on_meta, read_header, read_tensor
-from lmpress.arch import is_supported, unknown_architecture
 from lmpress.nn import LAYER_FORMATS
 from lmpress.progress import phase
 
@@ -276,7 +276,7 @@ def _restore(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # so that tied keys are recognized below
     if structure is not None:
-        from lmpress.prune.shapes import apply_structure
+        from lmpress.arch.widths import apply_structure
 
         apply_structure(model, structure)
     for name, fmt in modules.items():

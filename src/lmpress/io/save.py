@@ -77,7 +77,7 @@ def save(
     model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
     """Write a self-describing model directory atomically; returns ``out``."""
-    from lmpress.prune.shapes import needs_structure_record
+    from lmpress.arch.widths import needs_structure_record
 
     record = {
         "format_version": FORMAT_VERSION,

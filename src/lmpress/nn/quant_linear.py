@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from lmpress.formats.grid import Quantized, dequantize, n_groups
 from lmpress.formats.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width, unpack_float
-from lmpress.memory import trim_heap
+from lmpress.heap import trim_heap
 from lmpress.nn.base import CompressedLayer, keep_scale_dtype
 
 INT4_GROUPS = (32, 64, 128, 256)

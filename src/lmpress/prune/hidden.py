@@ -26,9 +26,9 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.arch import Adapter, supporting
+from lmpress.arch.widths import head_dim, slice_linear
 from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.prune.masks import PruneError
-from lmpress.prune.shapes import head_dim, slice_linear
 
 
 class HiddenConfig(MethodConfig):

@@ -27,11 +27,8 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from lmpress.calib import SquareNorm, blockwise, collect
-from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.arch import Adapter, linear_weight
-from lmpress.prune.masks import PruneError
-from lmpress.prune.shapes import (
+from lmpress.arch.widths import (
     attention_counts,
     head_dim,
     keep_attention_units,
@@ -40,6 +37,9 @@ from lmpress.prune.shapes import (
     uniform_config_update,
     unit_heads,
 )
+from lmpress.calib import SquareNorm, blockwise, collect
+from lmpress.method import Context, Method, MethodConfig, StageReport
+from lmpress.prune.masks import PruneError
 
 
 class StructuredConfig(MethodConfig):
