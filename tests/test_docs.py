@@ -34,3 +34,19 @@ def test_every_search_space_key_is_in_the_search_guide() -> None:
     flags = "--max-bytes --max-ppl-increase --min-speedup --objective --speed --recovery-steps --recovery-top"
     for flag in (flags + " --save-pareto --storage --study-dir --no-prune --select-windows").split():
         assert flag in text, flag
+
+
+def test_readme_and_docs_link_only_to_files_in_the_repository() -> None:
+    """A person who clones lmpress has only the repository: every relative link and every path the
+    text points to (``docs/x.md``, ``../shared/...``) must be a file in it."""
+    import re
+
+    root = DOCS.parent.parent
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        assert "../shared" not in text, f"{page.name} points outside the repository (../shared)"
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a URL
+            assert (page.parent / target).resolve().is_relative_to(root), (page.name, target)
+            assert (page.parent / target).exists(), (page.name, target)
