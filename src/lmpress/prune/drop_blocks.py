@@ -16,9 +16,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter
 from lmpress.calib import blockwise, run_block
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.arch import Adapter
 from lmpress.prune.masks import PruneError
 
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 
 from torch import nn
 
-from lmpress.method import Context, Method, StageReport
 from lmpress.arch import linear_weight
+from lmpress.method import Context, Method, StageReport
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import mask_from_scores, parse_pattern
 

@@ -12,9 +12,9 @@ from typing import Literal
 
 from torch import nn
 
+from lmpress.arch import linear_weight
 from lmpress.calib import SquareNorm
 from lmpress.method import Context, Method, StageReport
-from lmpress.arch import linear_weight
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import mask_from_scores, parse_pattern
 
