@@ -12,6 +12,7 @@ result packs and runs exactly like round-to-nearest output.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -70,11 +71,52 @@ def gptq_quantize(
     Returns codes and grids in the original column order. Pure tensor math; float32 throughout.
     """
     W = weight.detach().float()  # (out, in)
-    out_f, in_f = W.shape
+    in_f = W.shape[1]
     dead = torch.diag(H) == 0
-    qmax = 2**bits - 1
-
     static = act_order or group_size is None or grid is not None
+    scales, zeros = _initial_grid(W, dead, bits, group_size, symmetric, mse_clip, grid, static)  # (out, G)
+
+    # the permuted copies are the working ones (the caller's weight and H are left as they are);
+    # each (in, in) step frees the one before, so at most two Hessian-sized matrices live at once
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
+    W = W[:, perm].masked_fill(dead[perm][None, :], 0)  # (out, in)
+    Hinv = _inverse_factor(H, perm, dead, damp, consume)  # (in, in) upper
+    group_of = (perm // group_size if group_size is not None else torch.zeros_like(perm)).tolist()  # original group
+    # columns as rows from here on: one column is one contiguous row of Wt, and the error of a
+    # column updates whole contiguous rows of the columns after it
+    Wt = W.T.contiguous()  # (in, out)
+    del W
+    st, zt = scales.T.contiguous(), zeros.T.contiguous()  # (G, out): a group's grid is one row
+    settings = _Rounding(bits, group_size, symmetric, mse_clip, static)
+    codes = _quantize_columns(Wt, Hinv, st, zt, group_of, settings, block_size)  # (in, out)
+    inv = torch.argsort(perm)
+    return Quantized(codes[inv].T.contiguous(), st.T.contiguous(), zt.T.contiguous(), bits, group_size)
+
+
+@dataclass(frozen=True)
+class _Rounding:
+    """The grid settings of one solve; ``static``: every group's grid is known before the first column."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    mse_clip: bool
+    static: bool
+
+
+def _initial_grid(
+    W: Tensor,
+    dead: Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    mse_clip: bool,
+    grid: tuple[Tensor, Tensor] | None,
+    static: bool,
+) -> tuple[Tensor, Tensor]:
+    """(scale, zero) per group, (out, G) each: the given ``grid``, one per group from the unquantized
+    (out, in) weights ``W`` when ``static``, else zeros to be found as each group starts."""
+    out_f, in_f = W.shape
     if grid is not None:
         scales, zeros = (t.float() for t in grid)
         scales = torch.where(scales == 0, torch.full_like(scales, 1e-30), scales)
@@ -84,15 +126,17 @@ def gptq_quantize(
         G = -(-in_f // group_size)  # type: ignore[operator]
         scales = torch.zeros(out_f, G, device=W.device)  # found as each group starts
         zeros = torch.zeros(out_f, G, device=W.device)
+    return scales, zeros
 
-    # the permuted copies are the working ones (the caller's weight and H are left as they are);
-    # each (in, in) step frees the one before, so at most two Hessian-sized matrices live at once
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
-    W = W[:, perm].masked_fill(dead[perm][None, :], 0)  # (out, in)
-    # The solve needs U, the upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU). With J the reversal of the
-    # columns and J H J = L Lᵀ, U = J L⁻¹ J: one factorization and one triangular inverse, not a
-    # factorization, an inverse and a second factorization. The working copy is H permuted and
-    # reversed at once.
+
+def _inverse_factor(H: Tensor, perm: Tensor, dead: Tensor, damp: float, consume: bool) -> Tensor:
+    """U, the upper Cholesky factor of the damped H⁻¹ (H⁻¹ = UᵀU), in the column order ``perm``.
+
+    With J the reversal of the columns and J H J = L Lᵀ, U = J L⁻¹ J: one factorization and one
+    triangular inverse, not a factorization, an inverse and a second factorization. The working
+    copy is H permuted and reversed at once; with ``consume`` the caller's H is freed once it exists.
+    """
+    in_f = H.shape[0]
     rev = perm.flip(0)
     Hp = H.detach().float()[rev[:, None], rev[None, :]]  # (in, in)
     if consume:
@@ -103,43 +147,40 @@ def gptq_quantize(
     L, info = torch.linalg.cholesky_ex(Hp, out=(Hp, torch.empty(0, dtype=torch.int32, device=Hp.device)))
     if int(info) != 0:
         raise QuantError("GPTQ: the Hessian is not positive definite; raise damp or give more calibration text")
-    Linv = torch.empty(in_f, in_f, device=W.device)
+    Linv = torch.empty(in_f, in_f, device=Hp.device)
     lower_triangular_inverse(L, Linv)
     del L, Hp, d
-    Hinv = Linv.flip((0, 1))  # (in, in) upper
-    del Linv
-    group_of = (perm // group_size if group_size is not None else torch.zeros_like(perm)).tolist()  # original group
+    return Linv.flip((0, 1))  # (in, in) upper
+
+
+def _quantize_columns(
+    Wt: Tensor, Hinv: Tensor, st: Tensor, zt: Tensor, group_of: list[int], r: _Rounding, block_size: int
+) -> Tensor:
+    """The codes (in, out) of the permuted columns ``Wt`` (in, out), each column's error spread over
+    the columns after it. ``st`` / ``zt`` (G, out): the grids, filled in here unless ``r.static``.
+
+    Lazy updates on two levels: a column's error goes at once only to the few columns left in its
+    sub-block of SUB_BLOCK; at the end of a sub-block its errors go to the rest of the block in
+    one product, and at the end of a block to the rest of the matrix. The arithmetic is the
+    column-at-a-time GPTQ's, regrouped (so equal up to float summation order), and a column's
+    Python step is a few vector operations on contiguous rows.
+    """
+    in_f, out_f = Wt.shape
     diag = Hinv.diagonal().tolist()
-    # columns as rows from here on: one column is one contiguous row of Wt, and the error of a
-    # column updates whole contiguous rows of the columns after it
-    Wt = W.T.contiguous()  # (in, out)
-    del W
-    st, zt = scales.T.contiguous(), zeros.T.contiguous()  # (G, out): a group's grid is one row
     codes = torch.empty(in_f, out_f, dtype=torch.uint8, device=Wt.device)
     q = torch.empty(out_f, device=Wt.device)
-
-    # Lazy updates on two levels: a column's error goes at once only to the few columns left in its
-    # sub-block of SUB_BLOCK; at the end of a sub-block its errors go to the rest of the block in
-    # one product, and at the end of a block to the rest of the matrix. The arithmetic is the
-    # column-at-a-time GPTQ's, regrouped (so equal up to float summation order), and a column's
-    # Python step is a few vector operations on contiguous rows.
+    qmax = 2**r.bits - 1
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
         E = torch.empty(i2 - i1, out_f, device=Wt.device)  # the block's scaled errors, one row per column
         j1 = i1
         while j1 < i2:
             j2 = min(j1 + SUB_BLOCK, i2)
-            if not static:  # a group's grid is found when the group starts: sub-blocks break there
-                assert group_size is not None
-                j2 = min(j2, (j1 // group_size + 1) * group_size)
-                if j1 % group_size == 0:
-                    g = j1 // group_size
-                    upcoming = Wt[j1 : j1 + group_size]
-                    if j1 > i1 and j1 + group_size > i2:  # past the block: add this block's errors so far
-                        rest = Hinv[i1:j1, i2 : j1 + group_size].T @ E[: j1 - i1]
-                        upcoming = torch.cat([Wt[j1:i2], Wt[i2 : j1 + group_size] - rest])
-                    found = find_grid(upcoming.T, bits, None, symmetric, mse_clip)
-                    st[g], zt[g] = (t[:, 0] for t in found)
+            if not r.static:  # a group's grid is found when the group starts: sub-blocks break there
+                assert r.group_size is not None
+                j2 = min(j2, (j1 // r.group_size + 1) * r.group_size)
+                if j1 % r.group_size == 0:
+                    _start_group(Wt, Hinv, E, st, zt, r, i1, i2, j1)
             for c in range(j1, j2):
                 g = group_of[c]
                 s, z, w, err = st[g], zt[g], Wt[c], E[c - i1]
@@ -154,9 +195,22 @@ def gptq_quantize(
             j1 = j2
         if i2 < in_f:
             Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, E, alpha=-1)
+    return codes
 
-    inv = torch.argsort(perm)
-    return Quantized(codes[inv].T.contiguous(), st.T.contiguous(), zt.T.contiguous(), bits, group_size)
+
+def _start_group(
+    Wt: Tensor, Hinv: Tensor, E: Tensor, st: Tensor, zt: Tensor, r: _Rounding, i1: int, i2: int, j1: int
+) -> None:
+    """Find the grid of the group starting at column ``j1`` (inside the block ``i1:i2``, whose scaled
+    errors so far are ``E``) from its columns as they stand, into row ``j1 // group_size`` of st / zt."""
+    assert r.group_size is not None
+    g = j1 // r.group_size
+    upcoming = Wt[j1 : j1 + r.group_size]
+    if j1 > i1 and j1 + r.group_size > i2:  # past the block: add this block's errors so far
+        rest = Hinv[i1:j1, i2 : j1 + r.group_size].T @ E[: j1 - i1]
+        upcoming = torch.cat([Wt[j1:i2], Wt[i2 : j1 + r.group_size] - rest])
+    found = find_grid(upcoming.T, r.bits, None, r.symmetric, r.mse_clip)
+    st[g], zt[g] = (t[:, 0] for t in found)
 
 
 def lower_triangular_inverse(L: Tensor, out: Tensor, leaf: int = 512) -> None:
