@@ -8,9 +8,10 @@ learning rate of a linear warm-up plus cosine decay. Every ``eval_every`` steps 
 held-out loss, keeps the best parameters, stops early after ``patience`` evaluations without
 improvement, logs TensorBoard scalars and writes a checkpoint.
 
-Checkpoints are safetensors (trainable parameters, their best values and AdamW's moments) plus a
-JSON file (step, schedule, history and the run's fingerprint); nothing is pickled. Resuming checks
-the fingerprint, so a checkpoint of another run is refused instead of silently continued.
+Checkpoints (`lmpress.distill.checkpoint`) are safetensors (trainable parameters, their best values
+and AdamW's moments) plus a JSON file (step, schedule, history and the run's fingerprint); nothing
+is pickled. Resuming checks the fingerprint, so a checkpoint of another run is refused instead of
+silently continued.
 
 Data parallel: start the same program with ``torchrun --nproc_per_node N``; the loop joins the
 process group (gloo on CPU, NCCL on CUDA) and each process takes its share of every batch. The
@@ -19,11 +20,9 @@ gradients are summed over processes, so N processes compute the same step as one
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,9 +32,9 @@ from typing import Any, Literal
 import torch
 import torch.distributed as dist
 from pydantic import BaseModel, ConfigDict, Field
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from lmpress.distill.checkpoint import load_checkpoint, save_checkpoint
 from lmpress.errors import TrainError
 from lmpress.progress import track
 
@@ -148,58 +147,6 @@ def _sum_over_processes(tensors: list[Tensor]) -> None:
             dist.all_reduce(t)
 
 
-# ---- checkpoints ---------------------------------------------------------------------------------
-
-
-def _save_checkpoint(
-    path: Path,
-    named: dict[str, nn.Parameter],
-    best: dict[str, Tensor] | None,
-    opt: torch.optim.Optimizer,
-    meta: dict[str, Any],
-) -> None:
-    """Write the checkpoint into a temporary folder, then swap it in: never half-written."""
-    tensors = {f"param/{n}": p.detach().contiguous() for n, p in named.items()}
-    if best is not None:
-        tensors |= {f"best/{n}": t.contiguous() for n, t in best.items()}
-    index = {id(p): n for n, p in named.items()}
-    for p, state in opt.state.items():
-        for k, v in state.items():
-            if isinstance(v, Tensor):
-                tensors[f"opt/{index[id(p)]}/{k}"] = v.detach().contiguous()
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(tensors, str(tmp / "state.safetensors"))
-    (tmp / "trainer.json").write_text(json.dumps(meta, indent=1) + "\n")
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        path.rename(old)
-    tmp.rename(path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _load_checkpoint(
-    path: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, fingerprint: str
-) -> tuple[dict[str, Any], dict[str, Tensor] | None]:
-    meta = json.loads((path / "trainer.json").read_text())
-    if meta.get("fingerprint") != fingerprint:
-        raise TrainError(
-            f"the checkpoint in {path} belongs to another run (different model, data or settings); "
-            "give a new run directory or delete that checkpoint"
-        )
-    tensors = load_file(str(path / "state.safetensors"))
-    with torch.no_grad():
-        for n, p in named.items():
-            p.copy_(tensors[f"param/{n}"])
-    for n, p in named.items():
-        state = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"opt/{n}/")}
-        if state:
-            opt.state[p] = {k: v.to(p.device) if k != "step" else v for k, v in state.items()}
-    best = {n[5:]: t for n, t in tensors.items() if n.startswith("best/")} or None
-    return meta, best
-
-
 # ---- the loop ------------------------------------------------------------------------------------
 
 
@@ -226,30 +173,14 @@ def train(
     ``resume``, continues from the checkpoint it finds (refusing one whose fingerprint differs).
     """
     rank, size = world()
-    if data.shape[0] < cfg.batch_size:
-        raise TrainError(
-            f"the training data has {data.shape[0]} windows of {data.shape[1]} tokens, fewer than one "
-            f"batch of {cfg.batch_size}; give more text or a smaller batch_size"
-        )
-    if cfg.batch_size % size:
-        raise TrainError(f"batch_size {cfg.batch_size} does not split over {size} processes; make it a multiple")
-    share = cfg.batch_size // size
-    micro = min(cfg.micro_batch_size or share, share)
+    share, micro = _shares(data, cfg, size)
     if not named:
         raise TrainError("nothing to train: the model has no trainable parameters")
     params = list(named.values())
     device = params[0].device
     amp = autocast_dtype(cfg.precision, device)
     scaler = torch.amp.GradScaler("cuda") if amp == torch.float16 and device.type == "cuda" else None
-    by_kind: dict[tuple[bool, float], list[nn.Parameter]] = {}
-    for name, p in named.items():
-        matrix = p.ndim >= 2 and not name.endswith("scales")  # quantization scales are not decayed
-        by_kind.setdefault((matrix, (lr_scale or {}).get(name, 1.0)), []).append(p)
-    groups = [
-        {"params": ps, "weight_decay": cfg.weight_decay if matrix else 0.0, "lr_scale": mult}
-        for (matrix, mult), ps in by_kind.items()
-    ]
-    opt = torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+    opt = _optimizer(named, cfg, lr_scale)
     warmup = max(1, int(cfg.warmup * cfg.steps))
     every = cfg.checkpoint_every or cfg.eval_every
 
@@ -258,10 +189,7 @@ def train(
     bad_evals, start = 0, 0
     ckpt = run_dir / CHECKPOINT if run_dir is not None else None
     if ckpt is not None and resume and (ckpt / "trainer.json").exists():
-        meta, best = _load_checkpoint(ckpt, named, opt, fingerprint)
-        start, bad_evals = int(meta["step"]), int(meta["bad_evals"])
-        result.history, result.best_eval = meta["history"], meta["best_eval"]
-        result.tokens, result.seconds, result.resumed_from = int(meta["tokens"]), float(meta["seconds"]), start
+        start, bad_evals, best = _resume(ckpt, named, opt, fingerprint, result)
         log.info("resuming from step %d of %d (%s)", start, cfg.steps, ckpt)
     writer = _tensorboard(run_dir) if run_dir is not None and rank == 0 else None
 
@@ -272,28 +200,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr * g["lr_scale"]
         rows = batch_at(data, step, cfg.batch_size, cfg.seed)[rank * share : (rank + 1) * share].to(device)
-        totals = torch.zeros(1, device=device)
-        extras: dict[str, float] = {}
-        for mb in rows.split(micro):
-            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-                loss, extra = loss_fn(mb)
-            weight = mb.shape[0] / cfg.batch_size  # the global batch mean, whatever the split
-            (scaler.scale(loss * weight) if scaler else loss * weight).backward()
-            totals += loss.detach().float() * weight
-            for k, v in extra.items():
-                extras[k] = extras.get(k, 0.0) + v * mb.shape[0] / share
-        grads = [p.grad for p in params if p.grad is not None]
-        _sum_over_processes([*grads, totals])
-        if scaler is not None:
-            scaler.unscale_(opt)
-        if cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if scaler is not None:
-            scaler.step(opt)
-            scaler.update()
-        else:
-            opt.step()
-        opt.zero_grad(set_to_none=True)
+        totals, extras = _step(loss_fn, rows, micro, cfg, params, opt, scaler, amp)
         result.tokens += rows.numel() * size
         done = step + 1
         if writer is not None:
@@ -304,31 +211,11 @@ def train(
 
         if done % cfg.eval_every == 0 or done == cfg.steps:
             row: dict[str, float] = {"step": done, "loss": float(totals), "lr": lr, **extras}
-            if eval_fn is not None:
-                ev = eval_fn()
-                row["eval_loss"] = ev
-                if result.best_eval is None or ev < result.best_eval:
-                    result.best_eval, bad_evals = ev, 0
-                    best = {n: p.detach().clone() for n, p in named.items()} if cfg.keep_best else None
-                else:
-                    bad_evals += 1
-                if writer is not None:
-                    writer.add_scalar("eval/loss", ev, done)
-            result.history.append(row)
-            log.info("step %d/%d %s", done, cfg.steps, " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+            best, bad_evals = _evaluate(row, done, eval_fn, named, cfg, result, best, bad_evals, writer)
         stop = cfg.patience is not None and bad_evals >= cfg.patience
         if ckpt is not None and rank == 0 and (done % every == 0 or done == cfg.steps or stop):
             result.seconds = time.perf_counter() - t0
-            meta = {
-                "fingerprint": fingerprint,
-                "step": done,
-                "bad_evals": bad_evals,
-                "best_eval": result.best_eval,
-                "history": result.history,
-                "tokens": result.tokens,
-                "seconds": result.seconds,
-            }
-            _save_checkpoint(ckpt, named, best, opt, meta)
+            save_checkpoint(ckpt, named, best, opt, _meta(fingerprint, done, bad_evals, result))
         if stop:
             result.stopped_early = True
             log.info("stopping early at step %d: %d evaluations without improvement", done, bad_evals)
@@ -342,6 +229,124 @@ def train(
     if writer is not None:
         writer.close()
     return result
+
+
+def _shares(data: Tensor, cfg: TrainConfig, size: int) -> tuple[int, int]:
+    """(sequences per process, sequences per forward) of a batch; refuses data or batches that do not split."""
+    if data.shape[0] < cfg.batch_size:
+        raise TrainError(
+            f"the training data has {data.shape[0]} windows of {data.shape[1]} tokens, fewer than one "
+            f"batch of {cfg.batch_size}; give more text or a smaller batch_size"
+        )
+    if cfg.batch_size % size:
+        raise TrainError(f"batch_size {cfg.batch_size} does not split over {size} processes; make it a multiple")
+    share = cfg.batch_size // size
+    return share, min(cfg.micro_batch_size or share, share)
+
+
+def _optimizer(
+    named: dict[str, nn.Parameter], cfg: TrainConfig, lr_scale: dict[str, float] | None
+) -> torch.optim.AdamW:
+    """AdamW, one group per (decayed or not, learning-rate multiplier); each keeps its ``lr_scale``."""
+    by_kind: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    for name, p in named.items():
+        matrix = p.ndim >= 2 and not name.endswith("scales")  # quantization scales are not decayed
+        by_kind.setdefault((matrix, (lr_scale or {}).get(name, 1.0)), []).append(p)
+    groups = [
+        {"params": ps, "weight_decay": cfg.weight_decay if matrix else 0.0, "lr_scale": mult}
+        for (matrix, mult), ps in by_kind.items()
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
+
+
+def _resume(
+    ckpt: Path, named: dict[str, nn.Parameter], opt: torch.optim.Optimizer, fingerprint: str, result: TrainResult
+) -> tuple[int, int, dict[str, Tensor] | None]:
+    """Load the checkpoint into the parameters, ``opt`` and ``result``: (start step, bad evaluations, best)."""
+    meta, best = load_checkpoint(ckpt, named, opt, fingerprint)
+    start, bad_evals = int(meta["step"]), int(meta["bad_evals"])
+    result.history, result.best_eval = meta["history"], meta["best_eval"]
+    result.tokens, result.seconds, result.resumed_from = int(meta["tokens"]), float(meta["seconds"]), start
+    return start, bad_evals, best
+
+
+def _step(
+    loss_fn: LossFn,
+    rows: Tensor,
+    micro: int,
+    cfg: TrainConfig,
+    params: list[nn.Parameter],
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    amp: torch.dtype | None,
+) -> tuple[Tensor, dict[str, float]]:
+    """One optimizer step on this process's ``rows`` (share, T), in micro-batches of ``micro``: the
+    batch's mean loss over all processes (1,) and the loss function's extra scalars."""
+    device, share = rows.device, rows.shape[0]
+    totals = torch.zeros(1, device=device)
+    extras: dict[str, float] = {}
+    for mb in rows.split(micro):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            loss, extra = loss_fn(mb)
+        weight = mb.shape[0] / cfg.batch_size  # the global batch mean, whatever the split
+        (scaler.scale(loss * weight) if scaler else loss * weight).backward()
+        totals += loss.detach().float() * weight
+        for k, v in extra.items():
+            extras[k] = extras.get(k, 0.0) + v * mb.shape[0] / share
+    grads = [p.grad for p in params if p.grad is not None]
+    _sum_over_processes([*grads, totals])
+    if scaler is not None:
+        scaler.unscale_(opt)
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    return totals, extras
+
+
+def _evaluate(
+    row: dict[str, float],
+    done: int,
+    eval_fn: Callable[[], float] | None,
+    named: dict[str, nn.Parameter],
+    cfg: TrainConfig,
+    result: TrainResult,
+    best: dict[str, Tensor] | None,
+    bad_evals: int,
+    writer: Any,
+) -> tuple[dict[str, Tensor] | None, int]:
+    """Add the step's ``row`` to the history, with the held-out loss when there is an ``eval_fn``:
+    the best parameters and the evaluations without improvement after it."""
+    if eval_fn is not None:
+        ev = eval_fn()
+        row["eval_loss"] = ev
+        if result.best_eval is None or ev < result.best_eval:
+            result.best_eval, bad_evals = ev, 0
+            best = {n: p.detach().clone() for n, p in named.items()} if cfg.keep_best else None
+        else:
+            bad_evals += 1
+        if writer is not None:
+            writer.add_scalar("eval/loss", ev, done)
+    result.history.append(row)
+    log.info("step %d/%d %s", done, cfg.steps, " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))
+    return best, bad_evals
+
+
+def _meta(fingerprint: str, step: int, bad_evals: int, result: TrainResult) -> dict[str, Any]:
+    """The checkpoint's JSON: where the run stands, and whose run it is."""
+    return {
+        "fingerprint": fingerprint,
+        "step": step,
+        "bad_evals": bad_evals,
+        "best_eval": result.best_eval,
+        "history": result.history,
+        "tokens": result.tokens,
+        "seconds": result.seconds,
+    }
 
 
 def _tensorboard(run_dir: Path) -> Any:
