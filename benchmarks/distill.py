@@ -46,11 +46,11 @@ from benchmarks.common import (
     timed,
     write_results,
 )
+from lmpress.arch import Adapter
 from lmpress.distill.train import TrainConfig, train
 from lmpress.evaluation import count_parameters, quality
 from lmpress.io.load import load_model
 from lmpress.method import Context
-from lmpress.arch import Adapter
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
 

@@ -30,8 +30,6 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "src" / "lmpress"
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 400, 80
@@ -293,9 +291,6 @@ def _show(i: Import) -> str:
     return f"{i.src}:{i.line} -> {i.dst}"
 
 
-IN_PROGRESS = pytest.mark.xfail(strict=False, reason="issue 30 in progress")
-
-
 def test_every_extra_has_its_import_name() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     dists = {re.split(r"[<>=!~\[; ]", req)[0] for extra, reqs in extras.items() if extra != "dev" for req in reqs}
@@ -326,7 +321,6 @@ def test_no_import_from_a_lower_floor_to_a_higher_one() -> None:
     assert floor_violations(scan()) == []
 
 
-@IN_PROGRESS
 def test_function_level_imports_only_defer_optional_dependencies() -> None:
     assert [_show(i) for i in function_imports(scan())[1]] == []
 
@@ -335,7 +329,6 @@ def test_no_file_over_400_lines() -> None:
     assert long_files(scan()) == []
 
 
-@IN_PROGRESS
 def test_no_function_over_80_lines() -> None:
     assert long_functions(scan()) == []
 

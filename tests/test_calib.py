@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmpress.calib import InputStats, SquareNorm, blockwise, collect
 from lmpress.arch import Adapter
+from lmpress.calib import InputStats, SquareNorm, blockwise, collect
 from tests.conftest import TINY_ARCHS, tiny_config
 
 

@@ -17,6 +17,7 @@ from lmpress.pipeline import Result
 from lmpress.recipe import Recipe
 from lmpress.recipe_search import SearchOutcome, search
 from lmpress.sources import STDLIB, check_source
+from lmpress.tasks import check_tasks, run_tasks
 from lmpress.track import refuse_export
 
 if TYPE_CHECKING:
@@ -195,8 +196,6 @@ def evaluate_tasks(
     """Standard task scores (``tasks``: lm-eval task names, for example hellaswag, arc_easy) of
     ``model``, in whatever format lmpress loaded it, and of ``reference``; ``task_path`` adds
     directories of lm-eval task YAML files; ``limit`` documents per task (all when None)."""
-    from lmpress.tasks import check_tasks, run_tasks
-
     manager = check_tasks(tasks, task_path)  # before any model is loaded
     kw = {"device": device, "dtype": dtype, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code}
     runs = [(_as_loaded(model, tokenizer=tokenizer, **kw), "model")]

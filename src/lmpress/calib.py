@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lmpress.arch import Adapter
 from lmpress.progress import track
+from lmpress.streaming import resident, stream_of
 
 
 @dataclass
@@ -155,8 +156,6 @@ def _reduce_mean(dist: Any, mean: Tensor, n_tokens: int) -> int:
 @torch.no_grad()
 def first_block_inputs(model: nn.Module, windows: Tensor, batch_size: int) -> BlockInputs:
     """Run the model up to its first block on each batch of ``windows`` (N, T); keep the block's inputs."""
-    from lmpress.streaming import resident, stream_of
-
     adapter = Adapter(model)
     stream = stream_of(model)
     if stream is not None:
@@ -249,8 +248,6 @@ def outside_stats(
     """Input statistics of layers outside the decoder blocks (the output head) from the model's
     own forward on ``windows`` (N, T); each batch stops once every layer has seen its input, so no
     logits are computed."""
-    from lmpress.streaming import stream_of
-
     windows = shard_windows(windows)
     if stream_of(model) is not None:
         return _streamed_outside_stats(model, windows, layers, make, batch_size)
@@ -288,8 +285,6 @@ def _streamed_outside_stats(
 ) -> dict[str, Any]:
     """`outside_stats` for a streamed model: carry the windows through the blocks one at a time,
     then through the final norm to the head (the only layer after the blocks lmpress targets)."""
-    from lmpress.streaming import resident
-
     adapter = Adapter(model)
     head_name, _ = adapter.head()
     if set(layers) - {head_name}:
@@ -312,8 +307,6 @@ def blockwise(
 ) -> Iterator[tuple[int, nn.Module, BlockInputs]]:
     """Yield (index, block, inputs) for each block; after the caller compresses a block, its
     outputs on ``inputs`` become the next block's inputs."""
-    from lmpress.streaming import resident
-
     adapter = Adapter(model)
     was_training = model.training
     model.eval()

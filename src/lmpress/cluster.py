@@ -25,9 +25,9 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter, linear_weight
 from lmpress.calib import InputStats, blockwise, collect
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.arch import Adapter, linear_weight
 from lmpress.nn.codebook_linear import CodebookLinear
 from lmpress.quant.base import QuantError, check_finite, replace_module, targeted_layers
 from lmpress.select import Patterns

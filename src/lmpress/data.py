@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from lmpress.errors import DataError
+from lmpress.progress import phase
 from lmpress.sources import STDLIB, Document, read_source
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,6 @@ def load_windows(
         raise DataError(
             f"data source {str(source)!r} has no text in its {split!r} split{note}; give a source with text in it"
         )
-    from lmpress.progress import phase
 
     with phase(f"tokenizing the {split} split of {source}"):
         stream = tokenize_documents(docs, tokenizer)

@@ -15,6 +15,7 @@ from typing import Any
 
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
+from lmpress.evaluation import speed
 from lmpress.io import LoadedModel, load_model
 from lmpress.recipe import load_recipe, presets
 from lmpress.report import write_report
@@ -54,8 +55,6 @@ def run_demo(
     runs = tracking if tracking.enabled else TrackOptions(enabled=True, runs_dir=out_dir / "runs", mlflow=False)
     result = DemoResult()
     if measure_speed:  # warm up kernels and caches first: the first timed model would look slow otherwise
-        from lmpress.evaluation import speed
-
         speed(base.model, len(base.tokenizer), prompt_len=64, decode_tokens=16, repeats=1)
     for i, recipe in enumerate(recipes, 1):
         log.info("%s (%d/%d): %s", recipe.name, i, len(recipes), recipe.description)

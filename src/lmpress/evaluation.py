@@ -18,7 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter
+from lmpress.calib import BlockInputs, first_block_inputs, run_block
+from lmpress.errors import EvaluationError
+from lmpress.io import weight_bytes
+from lmpress.progress import phase, track
 from lmpress.speed import speed, speed_lengths
+from lmpress.streaming import resident
 
 
 @dataclass
@@ -92,7 +98,6 @@ def check_finite(logits: Tensor, model: nn.Module, ids: Tensor, first_window: in
     perplexity of NaN or infinity is not a measurement."""
     if bool(torch.isfinite(logits).all()):
         return
-    from lmpress.errors import EvaluationError
 
     bad = (~torch.isfinite(logits)).flatten(1).any(1).nonzero()[:, 0]
     window = first_window + int(bad[0])
@@ -120,8 +125,6 @@ def quality(
     windows are in the reference's ids and must use kept tokens only; the reference's distribution
     is compared on the kept tokens (renormalized), and the mass it put on dropped ones is reported.
     """
-    from lmpress.progress import track
-
     device = next(model.parameters()).device
     stats = QualityStats()
     kept = None
@@ -170,11 +173,6 @@ def streamed_quality(
     earlier pass (per batch, before the final norm); then only its final norm and head run.
     Returns (model's metrics with KL and top-1 agreement, the reference's own metrics, the
     reference's last hidden states)."""
-    from lmpress.calib import BlockInputs, first_block_inputs, run_block
-    from lmpress.arch import Adapter
-    from lmpress.progress import track
-    from lmpress.streaming import resident
-
     models = [model] if reference is None else [model, reference]
     adapters = [Adapter(m) for m in models]
     through = models if reference_hidden is None else [model]  # whose blocks run
@@ -205,8 +203,6 @@ def streamed_quality(
                     target = target.to(logits[0].device)
                     for lg, which in zip(logits, ("the compressed model", "the original"), strict=False):
                         if not bool(torch.isfinite(lg).all()):
-                            from lmpress.errors import EvaluationError
-
                             raise EvaluationError(
                                 f"{which} produced NaN or infinite logits on evaluation window {w}; its weights "
                                 "or activations overflow: fix the weights or exclude the layer"
@@ -266,8 +262,6 @@ def tensor_bytes(model: nn.Module) -> int:
 
 def size(model: nn.Module, saved_dir: Path | None = None) -> dict[str, float]:
     """Parameters, bytes (on disk when saved, else of the tensors in memory) and bits per weight."""
-    from lmpress.io import weight_bytes
-
     in_memory = tensor_bytes(model)
     on_disk = weight_bytes(saved_dir) if saved_dir is not None else None
     nbytes = on_disk if on_disk else in_memory
@@ -316,8 +310,6 @@ def evaluate(
 @torch.no_grad()
 def generate_samples(model: nn.Module, tokenizer: Any, prompts: list[str], max_new_tokens: int = 40) -> list[str]:
     """Greedy continuations of ``prompts`` (the generated text only), to read beside the metrics."""
-    from lmpress.progress import phase
-
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -24,9 +24,9 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter, linear_weight
 from lmpress.calib import InputStats, blockwise, collect
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.arch import Adapter, linear_weight
 from lmpress.nn.lowrank_linear import LowRankLinear
 from lmpress.prune.masks import PruneError
 from lmpress.quant.base import replace_module, targeted_layers

@@ -9,7 +9,12 @@ from __future__ import annotations
 
 from functools import cache
 
+from lmpress import cluster, lowrank, share, vocab
+from lmpress.distill import distill, qat
+from lmpress.federated import stage as federated
 from lmpress.method import Method
+from lmpress.prune import drop_blocks, hidden, magnitude, sparsegpt, structured, wanda
+from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
 
 __all__ = ["methods"]
 
@@ -17,12 +22,6 @@ __all__ = ["methods"]
 @cache
 def methods() -> dict[str, Method]:
     """Every method lmpress knows, by recipe name."""
-    from lmpress import cluster, lowrank, share, vocab
-    from lmpress.distill import distill, qat
-    from lmpress.federated import stage as federated
-    from lmpress.prune import drop_blocks, hidden, magnitude, sparsegpt, structured, wanda
-    from lmpress.quant import awq, cast, gptq, hqq, rtn, w8a8
-
     found = [cast.METHOD, rtn.METHOD, gptq.METHOD, awq.METHOD, hqq.METHOD, w8a8.METHOD]
     found += [magnitude.METHOD, wanda.METHOD, sparsegpt.METHOD, structured.METHOD]
     found += [drop_blocks.METHOD, hidden.METHOD, lowrank.METHOD, cluster.METHOD, share.METHOD]

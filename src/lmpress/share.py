@@ -30,10 +30,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
+from lmpress.arch import Adapter, is_conv1d, linear_weight
 from lmpress.calib import InputStats, blockwise, collect
 from lmpress.errors import LmpressError
 from lmpress.method import Context, Method, MethodConfig, StageReport
-from lmpress.arch import Adapter, is_conv1d, linear_weight
 from lmpress.quant.base import replace_module
 
 Part = Literal["attention", "mlp"]

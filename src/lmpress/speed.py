@@ -9,6 +9,8 @@ import time
 import torch
 from torch import Tensor, nn
 
+from lmpress.progress import phase
+
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -73,8 +75,6 @@ def speed(
     Each figure is the best of ``repeats`` timed runs after one warm-up run. Peak memory is the
     process's resident set on CPU, or the CUDA allocator's peak on a GPU, during these runs.
     """
-    from lmpress.progress import phase
-
     with phase("measuring prefill and decode speed"):
         return _speed(model, vocab_size, prompt_len, decode_tokens, batch, repeats)
 

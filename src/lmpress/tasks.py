@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmpress.errors import DataError, LmpressError
+from lmpress.progress import track
 
 __all__ = ["ModelLM", "TaskScores", "run_tasks", "score_tokens"]
 
@@ -77,8 +78,6 @@ def score_tokens(
     """Log-probability of each continuation after its context, and whether greedy decoding would
     produce it: ``pairs`` are (context ids, continuation ids), the context never empty. With
     ``progress`` (a label) a bar counts the batches."""
-    from lmpress.progress import track
-
     out: list[tuple[float, bool] | None] = [None] * len(pairs)
     inputs = []
     for ctx, cont in pairs:
@@ -162,8 +161,6 @@ class ModelLM:
 
     def loglikelihood_rolling(self, requests: list[Any], disable_tqdm: bool = False) -> list[float]:
         from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
-
-        from lmpress.progress import track
 
         totals = []
         for r in track(requests, self.progress or "", enabled=self.progress is not None):

@@ -21,6 +21,11 @@ from lmpress.cli.common import (
     console,
     handles_errors,
 )
+from lmpress.io import atomic_dir, resolve_device
+from lmpress.models.card import write_card
+from lmpress.models.reference import ReferenceSpec, train_reference
+from lmpress.recipe import load_recipe, presets
+from lmpress.registry import methods
 
 
 @app.command("train-reference")
@@ -41,10 +46,6 @@ def train_reference_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Train the built-in reference model (tokenizer + Llama) on the stdlib corpus, with its card."""
-    from lmpress.io import atomic_dir, resolve_device
-    from lmpress.models.card import write_card
-    from lmpress.models.reference import ReferenceSpec, train_reference
-
     _setup(threads, quiet or as_json)
     dev = str(resolve_device(device))
     with atomic_dir(output, overwrite) as tmp:
@@ -69,8 +70,6 @@ def _name_list(rows: Iterable[tuple[str, str]]) -> Table:
 @app.command("methods")
 def methods_cmd(as_json: JsonOpt = False) -> None:
     """List the compression methods a recipe can use (keys: docs/recipes.md)."""
-    from lmpress.registry import methods
-
     if as_json:
         _print_json({n: {"summary": m.summary, "keys": list(m.config.model_fields)} for n, m in methods().items()})
         return
@@ -80,8 +79,6 @@ def methods_cmd(as_json: JsonOpt = False) -> None:
 @app.command("presets")
 def presets_cmd(as_json: JsonOpt = False) -> None:
     """List the recipes shipped with lmpress (each is a YAML file to copy and edit)."""
-    from lmpress.recipe import load_recipe, presets
-
     if as_json:
         _print_json({n: {**load_recipe(n).to_dict(), "file": str(p)} for n, p in presets().items()})
         return

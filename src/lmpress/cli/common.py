@@ -21,6 +21,8 @@ from rich.table import Table
 
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
+from lmpress.io import resolve_path
+from lmpress.track import TrackOptions
 
 app = typer.Typer(
     help="Make GPT-style language models smaller and faster, and measure what it cost.",
@@ -157,8 +159,6 @@ def _setup(threads: int, quiet: bool = False) -> None:
 
 def model_dir(model: str) -> Path | None:
     """The directory a model argument names, when it is one: outputs are checked against it."""
-    from lmpress.io import resolve_path
-
     try:
         return resolve_path(model)
     except LmpressError:
@@ -166,8 +166,6 @@ def model_dir(model: str) -> Path | None:
 
 
 def _track_options(track: bool | None, runs_dir: Path | None, tracking_uri: str | None) -> Any:
-    from lmpress.track import TrackOptions
-
     given: dict[str, Any] = {}
     if track is not None:
         given["enabled"] = track

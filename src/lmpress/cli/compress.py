@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from lmpress.api import load
 from lmpress.cli.common import (
     CalibOpt,
     DataOpt,
@@ -39,6 +40,8 @@ from lmpress.cli.common import (
 )
 from lmpress.export import ExportError, check_export_output, check_export_source, default_output, export
 from lmpress.export.registry import DEFAULT_FORMAT, EXPORTERS, exporter
+from lmpress.recipe import load_recipe
+from lmpress.track import tracked_compress
 
 # what --export and --output say, built from the registered formats
 _BESIDE = ", ".join(
@@ -103,13 +106,10 @@ def compress(
 
     Post-training recipes (quantization without training) stream when -o is given: the model is
     read from its safetensors files one block at a time, so memory follows one block, not the model."""
-    from lmpress.recipe import load_recipe
-
     _setup(threads, quiet or as_json)
     export_path = _export_path(export_to, output, overwrite, model_dir(model))
     tracking = _track_options(track, runs_dir, tracking_uri)
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
-    from lmpress.track import tracked_compress
 
     result, run_dir = tracked_compress(
         tracking,
@@ -214,8 +214,6 @@ def export_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Write a model (lmpress or Hugging Face directory, or builtin) in a runtime's format."""
-    from lmpress.api import load
-
     _setup(threads, quiet or as_json)
     check_export_output(to, output, overwrite, model_dir(model))  # before loading anything
     check_export_source(model)

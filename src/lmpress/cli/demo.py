@@ -23,6 +23,9 @@ from lmpress.cli.common import (
     console,
     handles_errors,
 )
+from lmpress.data_options import DataOptions
+from lmpress.demo import run_demo
+from lmpress.report import write_report
 
 DEMO_COLUMNS = [
     ("bytes_on_disk", "MB", lambda v: f"{v / 1e6:.2f}"),
@@ -80,13 +83,9 @@ def demo_cmd(
     quiet: QuietOpt = False,
 ) -> None:
     """Compress the built-in model with several presets, compare them in one table, write the report."""
-    from lmpress.demo import run_demo
-
     _setup(threads, quiet or as_json)
     tracking = _track_options(track, runs_dir or out_dir / "runs", tracking_uri)
     if max_windows is None:  # LMPRESS_MAX_WINDOWS makes the demo quick, as every command
-        from lmpress.data_options import DataOptions
-
         max_windows = min(32, DataOptions().eval_windows or 32)
     names = [n.strip() for n in presets.split(",") if n.strip()]
     result = run_demo(names, out_dir, tracking, max_windows, progress=not (as_json or quiet), measure_speed=speed)
@@ -106,8 +105,6 @@ def report_cmd(
     as_json: JsonOpt = False,
 ) -> None:
     """Write one self-contained HTML page comparing runs: trade-off plots, metrics, samples."""
-    from lmpress.report import write_report
-
     path = write_report(runs, output, title)
     if as_json:
         _print_json({"report": str(path)})

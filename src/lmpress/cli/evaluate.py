@@ -8,6 +8,7 @@ from typing import Annotated, Any, cast
 import typer
 from rich.table import Table
 
+from lmpress.api import evaluate, evaluate_tasks
 from lmpress.cli.common import (
     DataOpt,
     DeviceOpt,
@@ -38,6 +39,7 @@ from lmpress.cli.common import (
     metrics_table,
 )
 from lmpress.data import Split
+from lmpress.track import record_run
 
 
 @app.command("eval")
@@ -78,9 +80,6 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per forward for --tasks")] = 8,
 ) -> None:
     """Evaluate a model on held-out text (quality, size, speed, memory) or on standard tasks (--tasks)."""
-    from lmpress.api import evaluate
-    from lmpress.track import record_run
-
     _setup(threads, quiet or as_json)
     tracking = _track_options(track, runs_dir, tracking_uri)
     if tasks is not None:
@@ -183,9 +182,6 @@ def _eval_tasks(
     quiet: bool,
     kw: dict[str, Any],
 ) -> None:
-    from lmpress.api import evaluate_tasks
-    from lmpress.track import record_run
-
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     result = evaluate_tasks(
         model,

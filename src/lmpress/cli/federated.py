@@ -33,6 +33,10 @@ from lmpress.cli.common import (
 )
 from lmpress.cli.compress import print_compressed
 from lmpress.errors import LmpressError
+from lmpress.federated.local import join, parse_address
+from lmpress.federated.stage import Serve
+from lmpress.recipe import load_recipe
+from lmpress.track import tracked_compress
 
 federated_app = typer.Typer(
     help="Federated recovery across machines: serve a federation, or join one with local text.",
@@ -77,11 +81,6 @@ def serve_cmd(
 
     Prints where the compressed model and the teacher are for the clients to copy, and the join
     command; a restarted server resumes after its last completed round (same -o, same recipe)."""
-    from lmpress.federated.local import parse_address
-    from lmpress.federated.stage import Serve
-    from lmpress.recipe import load_recipe
-    from lmpress.track import tracked_compress
-
     _setup(threads, quiet or as_json)
     host, port = parse_address(address)
     certs = _tls(insecure, certificates)
@@ -121,8 +120,6 @@ def join_cmd(
 ) -> None:
     """Join a federation with this machine's text: train locally each round, send back only the
     trainable parameters. Runs until interrupted (Ctrl-C); one node can serve several federations."""
-    from lmpress.federated.local import join
-
     _setup(threads)
     certs = _tls(insecure, certificates)
     code = join(address, data, model, teacher, name or data.resolve().name, certs, threads)

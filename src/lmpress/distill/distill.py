@@ -34,7 +34,9 @@ from lmpress.distill.train import TrainConfig, TrainResult, train
 from lmpress.distill.trainable import Codes, make_trainable, restore_compressed
 from lmpress.errors import TrainError
 from lmpress.evaluation import quality
+from lmpress.io import load_model
 from lmpress.method import Context, Method, MethodConfig, StageReport
+from lmpress.quant import rtn
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +157,6 @@ def _same_tokenizer(a: object, b: object) -> bool:
 def load_teacher(config: DistillConfig, student: nn.Module, ctx: Context) -> nn.Module:
     """The frozen teacher in eval mode: the original, or ``config.teacher``; quantized if asked."""
     if config.teacher is not None:
-        from lmpress.io import load_model
-
         loaded = load_model(config.teacher, device=str(ctx.device))
         if loaded.tokenizer is None or not _same_tokenizer(loaded.tokenizer, ctx.tokenizer):
             raise TrainError(
@@ -174,8 +174,6 @@ def load_teacher(config: DistillConfig, student: nn.Module, ctx: Context) -> nn.
             f"{student.config.vocab_size}; distillation needs the same tokenizer"  # type: ignore[union-attr]
         )
     if config.teacher_bits is not None:
-        from lmpress.quant import rtn
-
         teacher = copy.deepcopy(teacher)
         held = rtn.RTNConfig(bits=config.teacher_bits, mse_clip=True)  # type: ignore[call-arg]
         rtn.apply(teacher, held, ctx)

@@ -18,6 +18,7 @@ from torch import nn
 
 from lmpress.distill.distill import DistillConfig, distill_model
 from lmpress.method import Context, Method, StageReport
+from lmpress.quant import gptq, rtn
 from lmpress.quant.base import WeightQuantConfig
 
 
@@ -34,8 +35,6 @@ class QATConfig(WeightQuantConfig, DistillConfig):  # type: ignore[misc]
 
 
 def apply(model: nn.Module, config: QATConfig, ctx: Context) -> StageReport:
-    from lmpress.quant import gptq, rtn
-
     quant_fields = set(WeightQuantConfig.model_fields) - {"method"}
     grid = config.model_dump(include=quant_fields)
     if config.init == "gptq":

@@ -34,11 +34,13 @@ from lmpress.export.gguf_vocab import tokenizer_metadata
 from lmpress.export.walk import Part, count_types, model_parts
 from lmpress.formats import ggml, ggml_bytes
 from lmpress.formats.gguf_file import BF16, F16, F32, U32, TensorSpec, write_gguf
+from lmpress.formats.packing import decode_codes, decode_zeros
 from lmpress.io.files import clean_stale
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml_fit
+from lmpress.quant.base import GRID_FALLBACK, replace_module
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +110,6 @@ def exact_gguf_type(layer: QuantLinear | QuantEmbedding) -> str | None:
 def _zeros(layer: QuantLinear | QuantEmbedding) -> Tensor:
     if isinstance(layer, QuantLinear):
         return layer.zeros()
-    from lmpress.formats.packing import decode_zeros
 
     return decode_zeros(layer.qzeros, None, layer.bits, tuple(layer.scales.shape), layer.scales.device)  # type: ignore[arg-type]
 
@@ -116,7 +117,6 @@ def _zeros(layer: QuantLinear | QuantEmbedding) -> Tensor:
 def _codes(layer: QuantLinear | QuantEmbedding) -> Tensor:
     if isinstance(layer, QuantLinear):
         return layer.codes()
-    from lmpress.formats.packing import decode_codes
 
     return decode_codes(layer.qweight, layer.bits, layer.embedding_dim, layer.symmetric)
 
@@ -225,8 +225,6 @@ def _describe(m: QuantLinear | QuantEmbedding) -> str:
 def requantize_layers(model: nn.Module, type_name: str) -> dict[str, tuple[nn.Module, str]]:
     """Swap every quantized layer that has no exact GGUF type for a GGUF layer of ``type_name``
     (rounded from the weight it computes with); returns name -> (the original layer, what changed)."""
-    from lmpress.quant.base import replace_module
-
     swapped: dict[str, tuple[nn.Module, str]] = {}
     for name, m in list(model.named_modules()):
         if not isinstance(m, QuantLinear | QuantEmbedding) or exact_gguf_type(m) is not None:
@@ -264,7 +262,6 @@ def _fits(type_name: str, width: int, name: str) -> str:
     t = ggml.ggml_type(type_name)
     if width % t.block == 0:
         return t.name
-    from lmpress.quant.base import GRID_FALLBACK
 
     fb = GRID_FALLBACK.get(t.name)
     if fb and width % 32 == 0:
@@ -343,8 +340,6 @@ def export_gguf(
     try:
         return _write(model, meta, path, parts, spec, swapped, kl)
     finally:
-        from lmpress.quant.base import replace_module
-
         for module_name, (original, _) in swapped.items():  # the caller's model as it was
             replace_module(model, module_name, original)
 

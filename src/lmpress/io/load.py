@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import is_supported, unknown_architecture
+from lmpress.arch import is_supported, replace_module, unknown_architecture
+from lmpress.arch.widths import apply_structure
 from lmpress.errors import ModelLoadError
 from lmpress.io.consistency import check_finite_weights, check_model_dir, check_plausible
 from lmpress.io.files import META_FILE, check_safetensors, read_config
@@ -262,8 +263,6 @@ def _restore(
     """Build the architecture from its config, swap in the saved layer types, load the tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from lmpress.arch import replace_module
-
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if dtype == "auto":
         dtype = getattr(config, "dtype", None) or torch.float32
@@ -276,8 +275,6 @@ def _restore(
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # so that tied keys are recognized below
     if structure is not None:
-        from lmpress.arch.widths import apply_structure
-
         apply_structure(model, structure)
     for name, fmt in modules.items():
         if fmt.get("format") in LAYER_FORMATS:

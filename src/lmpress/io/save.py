@@ -14,17 +14,17 @@ import torch
 from torch import nn
 
 from lmpress.arch import Adapter, is_supported
+from lmpress.arch.widths import needs_structure_record
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import no_transformers_bars
 from lmpress.nn import CompressedLayer
 from lmpress.progress import phase
+from lmpress.version import __version__
 
 
 def library_versions() -> dict[str, str]:
     import safetensors
     import transformers
-
-    from lmpress.version import __version__
 
     return {
         "lmpress": __version__,
@@ -77,8 +77,6 @@ def save(
     model: nn.Module, tokenizer: Any, out: Path, meta: dict[str, Any] | None = None, overwrite: bool = False
 ) -> Path:
     """Write a self-describing model directory atomically; returns ``out``."""
-    from lmpress.arch.widths import needs_structure_record
-
     record = {
         "format_version": FORMAT_VERSION,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

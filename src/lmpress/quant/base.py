@@ -16,15 +16,20 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from lmpress.arch import is_conv1d, linear_weight, replace_module
+from lmpress.arch import Adapter, is_conv1d, linear_weight, replace_module
+from lmpress.calib import blockwise, collect, outside_stats
 from lmpress.errors import LmpressError
 from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized
 from lmpress.method import Context, MethodConfig, StageReport
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
+from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml_fit
+from lmpress.quant.grid import quantize
+from lmpress.quant.mix import MIX_BASE, mix_layer_types
 from lmpress.select import Patterns, matches, select
+from lmpress.streaming import each_block, outside_units, resident
 
 
 class QuantError(LmpressError):
@@ -80,7 +85,6 @@ def with_mix(model: nn.Module, config: C) -> C:
     recipe's own, which win), and ``grid`` set to the mix's base type."""
     if config.mix is None:
         return config
-    from lmpress.quant.mix import MIX_BASE, mix_layer_types
 
     extra = [
         Override.model_validate({"targets": [n], "grid": t}) for n, t in mix_layer_types(model, config.mix).items()
@@ -224,8 +228,6 @@ def _add(total: dict[str, int], counts: dict[str, int]) -> None:
 
 def units_of(model: nn.Module, names: Iterable[str]) -> list[str]:
     """The streaming units (`lmpress.streaming.outside_units`) that hold the modules ``names``."""
-    from lmpress.streaming import outside_units
-
     units = outside_units(model)
     return [u for u in units if any(n == u or n.startswith(u + ".") for n in names)]
 
@@ -240,9 +242,6 @@ def quantize_each_block(
     """`quantize_layers` on the layers named ``layers``, one decoder block at a time
     (`lmpress.streaming.each_block`: a streamed model holds one block in memory), then the layers
     outside the blocks. Names, not modules: each replaced layer's weights are freed as it goes."""
-    from lmpress.arch import Adapter
-    from lmpress.streaming import each_block, resident
-
     adapter = Adapter(model)
     layers = set(layers)
     counts: dict[str, int] = {}
@@ -260,9 +259,6 @@ def quantize_each_block(
 
 def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str, int]:
     """`_quantize_embeddings` with the embeddings and the head in memory (a streamed model)."""
-    from lmpress.arch import Adapter
-    from lmpress.streaming import resident
-
     if config.embedding_bits is None and config.embedding_grid is None:
         return {}
     adapter = Adapter(model)
@@ -276,9 +272,6 @@ def _quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[st
     A head tied to the embeddings gets its own `QuantLinear` with the same codes, and the config is
     untied, so the saved model reloads as it ran.
     """
-    from lmpress.nn.quant_embedding import QuantEmbedding
-    from lmpress.quant.grid import quantize
-
     if config.embedding_bits is None and config.embedding_grid is None:
         return {}
     embed = model.get_input_embeddings()  # type: ignore[operator]
@@ -338,11 +331,6 @@ def quantize_calibrated(
     ``embedding_bits``; with ``calibrate_outside`` the head is quantized like a block's layers
     (``per_block(-1, ...)``) on its inputs from the already-quantized model's forward.
     """
-    from lmpress.arch import Adapter
-    from lmpress.calib import blockwise, collect
-    from lmpress.quant.grid import quantize
-    from lmpress.streaming import resident
-
     t0 = time.perf_counter()
     config = with_mix(model, config)
     targets = list(targeted_layers(model, config))  # names: a replaced layer's old weights must not stay alive
@@ -373,8 +361,6 @@ def quantize_calibrated(
     in_blocks = {n for i in range(adapter.num_blocks) for n in adapter.block_linears(i)}
     outside = {n: model.get_submodule(n) for n in targets if n not in handled and n not in in_blocks}
     if outside and calibrate_outside:  # the head: calibrated on what the quantized blocks hand it
-        from lmpress.calib import outside_stats
-
         stats = outside_stats(model, calib.windows, outside, make_stats, batch_size)
         with resident(model, units_of(model, outside), changed=True):
             count(quantize_layers(model, outside, config, per_block(-1, outside, stats)))

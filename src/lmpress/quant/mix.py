@@ -18,6 +18,7 @@ from lmpress.arch import Adapter, linear_weight
 MixName = Literal["q2_k", "q3_k_m", "q4_0", "q4_k_m", "q5_k_m", "q8_0"]
 MIX_BASE = {"q2_k": "q2_k", "q3_k_m": "q3_k", "q4_0": "q4_0", "q4_k_m": "q4_k", "q5_k_m": "q5_k", "q8_0": "q8_0"}
 
+
 def use_more_bits(i: int, n: int) -> bool:
     """llama.cpp's choice of layers that get more bits: the first and last eighth, and every third between."""
     return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
