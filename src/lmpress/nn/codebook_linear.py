@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.formats.packing import pack, packed_width, unpack
-from lmpress.nn.base import CompressedLayer
+from lmpress.nn.base import CompressedLayer, dense_params, dtype_name, layer_record, with_bias
 
 
 class CodebookLinear(CompressedLayer):
@@ -79,9 +79,7 @@ class CodebookLinear(CompressedLayer):
         layer.codebook.copy_(codebook.to(codebook_dtype))
         if scales is not None and layer.scales is not None:
             layer.scales.copy_(scales.to(codebook_dtype))
-        if bias is not None and layer.bias is not None:
-            layer.bias.data.copy_(bias.detach())
-        return layer
+        return with_bias(layer, bias)
 
     def indices(self) -> Tensor:
         """(out, in) int64 indices into the codebook."""
@@ -113,19 +111,16 @@ class CodebookLinear(CompressedLayer):
         return nn.functional.linear(x, self.dense_weight(x.dtype), bias)
 
     def num_logical_params(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+        return dense_params(self.in_features, self.out_features, self.bias is not None)
 
     def lmpress_format(self) -> dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bits": self.bits,
-            "per_channel": self.per_channel,
-            "bias": self.bias is not None,
-            "row_scale": self.scales is not None,
-            "codebook_dtype": str(self.codebook.dtype).removeprefix("torch."),
-        }
+        return layer_record(
+            self,
+            *("in_features", "out_features", "bits", "per_channel"),
+            bias=self.bias is not None,
+            row_scale=self.scales is not None,
+            codebook_dtype=dtype_name(self.codebook.dtype),
+        )
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> CodebookLinear:

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.formats import ggml, ggml_bytes
-from lmpress.nn.base import CompressedLayer
-from lmpress.nn.quant_linear import INT4_KERNEL_ROWS, int4_layout
+from lmpress.nn.base import CompressedLayer, EmbeddingTable, dense_params, dtype_name, with_bias
+from lmpress.nn.quant_linear import int4_layout, int4_matmul
 
 
 class GGUFLinear(CompressedLayer):
@@ -54,10 +54,7 @@ class GGUFLinear(CompressedLayer):
         dtype = bias.dtype if bias is not None else torch.float32
         layer = cls(in_f, out_f, b.type.name, bias is not None, dtype, b.codes.device)
         layer.blocks.copy_(ggml_bytes.pack(b))
-        if bias is not None:
-            assert layer.bias is not None
-            layer.bias.data.copy_(bias.detach())
-        return layer
+        return with_bias(layer, bias)
 
     @property
     def bits(self) -> int:
@@ -70,13 +67,10 @@ class GGUFLinear(CompressedLayer):
         """The weight this layer represents.  (out, in)"""
         return ggml.dequantize(self.ggml_blocks()).to(dtype)
 
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """`dequantize_weight`: the weight this layer represents.  (out, in)"""
-        return self.dequantize_weight(dtype)
+    dense_weight = dequantize_weight
 
     def num_logical_params(self) -> int:
-        bias = self.out_features if self.bias is not None else 0
-        return bias if self.tied_to else self.in_features * self.out_features + bias
+        return dense_params(self.in_features, self.out_features, self.bias is not None, bool(self.tied_to))
 
     def lmpress_format(self) -> dict[str, Any]:
         return {
@@ -97,14 +91,6 @@ class GGUFLinear(CompressedLayer):
     def forget_kernel(self) -> None:
         """Drop the prepared kernel layout (prepared again on the next forward)."""
         self._kernel = None
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.forget_kernel()
-        super()._load_from_state_dict(*args, **kwargs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> GGUFLinear:
-        self.forget_kernel()
-        return super()._apply(fn, recurse)  # type: ignore[return-value]
 
     def kernel_path(self) -> str:
         t = self.gtype
@@ -129,11 +115,8 @@ class GGUFLinear(CompressedLayer):
         path, prepared = self._kernel
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        if path == "int4" and x2.shape[0] < INT4_KERNEL_ROWS:
-            packed, sz = prepared
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.gtype.sub, sz)
-        elif path == "int4":
-            y = nn.functional.linear(x2.to(torch.bfloat16), self.dequantize_weight(torch.bfloat16))
+        if path == "int4":
+            y = int4_matmul(x2, prepared, self.gtype.sub, self.dequantize_weight)
         else:
             y = nn.functional.linear(x2, self.dequantize_weight(x.dtype))
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
@@ -143,7 +126,7 @@ class GGUFLinear(CompressedLayer):
         return f"in={self.in_features}, out={self.out_features}, type={self.gtype.name}, bias={self.bias is not None}"
 
 
-class GGUFEmbedding(CompressedLayer):
+class GGUFEmbedding(EmbeddingTable, CompressedLayer):
     """Embedding table held as one GGUF block type's bytes; lookups dequantize the gathered rows."""
 
     FORMAT = "gguf_embedding"
@@ -183,21 +166,6 @@ class GGUFEmbedding(CompressedLayer):
         raw = self.blocks[ids]
         return ggml.dequantize(ggml_bytes.unpack(raw, self.gtype, self.embedding_dim)).to(dtype or self.out_dtype)
 
-    @property
-    def weight(self) -> Tensor:
-        """The whole table dequantized.  (vocab, dim)"""
-        return self._rows(torch.arange(self.num_embeddings, device=self.blocks.device))
-
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The whole table dequantized, in ``dtype``.  (vocab, dim)"""
-        return self._rows(torch.arange(self.num_embeddings, device=self.blocks.device), dtype)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
-
-    def num_logical_params(self) -> int:
-        return self.num_embeddings * self.embedding_dim
-
     def lmpress_format(self) -> dict[str, Any]:
         return {
             "format": self.FORMAT,
@@ -205,16 +173,12 @@ class GGUFEmbedding(CompressedLayer):
             "num_embeddings": self.num_embeddings,
             "embedding_dim": self.embedding_dim,
             "padding_idx": self.padding_idx,
-            "dtype": str(self.out_dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.out_dtype),
         }
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> GGUFEmbedding:
         return cls(fmt["num_embeddings"], fmt["embedding_dim"], fmt["type"], dtype, fmt["padding_idx"])
-
-    def _apply(self, fn: Any, recurse: bool = True) -> GGUFEmbedding:
-        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype
-        return super()._apply(fn, recurse)  # type: ignore[return-value]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, type={self.gtype.name}"

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.base import LAYER_FORMATS, CompressedLayer
+from lmpress.nn.base import LAYER_FORMATS, CompressedLayer, dtype_name
 
 
 def tensor_device(module: nn.Module) -> torch.device:
@@ -63,7 +63,7 @@ class LoRALinear(CompressedLayer):
         return {
             "format": self.FORMAT,
             "rank": self.rank,
-            "dtype": str(self.lora_a.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.lora_a.dtype),
             "base": self.base.lmpress_format(),
         }
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.nn.base import CompressedLayer
+from lmpress.nn.base import CompressedLayer, layer_record, with_bias
 
 
 class LowRankLinear(CompressedLayer):
@@ -41,9 +41,7 @@ class LowRankLinear(CompressedLayer):
         layer = cls(v.shape[1], u.shape[0], u.shape[1], bias is not None, dtype, u.device)
         layer.u.data.copy_(u)
         layer.v.data.copy_(v)
-        if bias is not None and layer.bias is not None:
-            layer.bias.data.copy_(bias.detach())
-        return layer
+        return with_bias(layer, bias)
 
     @property
     def rank(self) -> int:
@@ -60,13 +58,7 @@ class LowRankLinear(CompressedLayer):
         return self.rank * (self.in_features + self.out_features) + (self.out_features if self.bias is not None else 0)
 
     def lmpress_format(self) -> dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self.rank,
-            "bias": self.bias is not None,
-        }
+        return layer_record(self, "in_features", "out_features", "rank", bias=self.bias is not None)
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> LowRankLinear:

@@ -18,10 +18,10 @@ from torch import Tensor
 
 from lmpress.formats.grid import Quantized, dequantize, n_groups
 from lmpress.formats.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width
-from lmpress.nn.base import CompressedLayer, keep_scale_dtype
+from lmpress.nn.base import CompressedLayer, EmbeddingTable, dtype_name, layer_record
 
 
-class QuantEmbedding(CompressedLayer):
+class QuantEmbedding(EmbeddingTable, CompressedLayer):
     """Embedding lookup over packed integer codes with per-row-group scales and zero points."""
 
     FORMAT = "quant_embedding"
@@ -44,7 +44,7 @@ class QuantEmbedding(CompressedLayer):
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
         self.padding_idx = padding_idx
-        self.out_dtype = dtype  # follows model.to(dtype), see _apply
+        self.out_dtype = dtype  # follows model.to(dtype): `EmbeddingTable._apply`
         G = n_groups(embedding_dim, group_size)
         self.register_buffer(
             "qweight", torch.zeros(num_embeddings, packed_width(embedding_dim, bits), dtype=torch.uint8)
@@ -73,33 +73,9 @@ class QuantEmbedding(CompressedLayer):
         zeros = decode_zeros(qzeros, None, self.bits, (ids.numel(), self.scales.shape[1]), ids.device)
         return dequantize(codes, self.scales[ids], zeros, self.group_size, dtype or self.out_dtype)
 
-    @property
-    def weight(self) -> Tensor:
-        """The whole table dequantized (for code that reads ``embed.weight``).  (vocab, dim)"""
-        return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device))
-
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The whole table dequantized, in ``dtype``.  (vocab, dim)"""
-        return self._rows(torch.arange(self.num_embeddings, device=self.qweight.device), dtype)
-
-    def forward(self, ids: Tensor) -> Tensor:
-        return self._rows(ids.reshape(-1)).view(*ids.shape, self.embedding_dim)
-
-    def num_logical_params(self) -> int:
-        return self.num_embeddings * self.embedding_dim
-
     def lmpress_format(self) -> dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "num_embeddings": self.num_embeddings,
-            "embedding_dim": self.embedding_dim,
-            "padding_idx": self.padding_idx,
-            "dtype": str(self.out_dtype).removeprefix("torch."),
-            "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
-        }
+        names = ("bits", "group_size", "symmetric", "num_embeddings", "embedding_dim", "padding_idx")
+        return layer_record(self, *names, dtype=dtype_name(self.out_dtype), scale_dtype=dtype_name(self.scales.dtype))
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> QuantEmbedding:
@@ -113,10 +89,6 @@ class QuantEmbedding(CompressedLayer):
             getattr(torch, fmt["scale_dtype"]),
             fmt["padding_idx"],
         )
-
-    def _apply(self, fn: Any, recurse: bool = True) -> QuantEmbedding:
-        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype  # what .to() does to float tensors
-        return keep_scale_dtype(self, lambda: super(QuantEmbedding, self)._apply(fn, recurse))  # type: ignore[no-any-return]
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, group={self.group_size}"

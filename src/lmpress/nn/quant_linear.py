@@ -29,6 +29,7 @@ there.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from lmpress.formats.grid import Quantized, dequantize, n_groups
 from lmpress.formats.packing import decode_codes, decode_zeros, encode_codes, pack, packed_width, unpack_float
 from lmpress.heap import trim_heap
-from lmpress.nn.base import CompressedLayer, keep_scale_dtype
+from lmpress.nn.base import CompressedLayer, dense_params, dtype_name, keep_scale_dtype, layer_record, with_bias
 
 INT4_GROUPS = (32, 64, 128, 256)
 # PyTorch's weight-only CPU kernels are matrix-vector kernels whose time grows with the rows; from
@@ -126,10 +127,7 @@ class QuantLinear(CompressedLayer):
             layer.fzeros.copy_(q.zeros.to(scale_dtype))
         elif layer.qzeros is not None:
             layer.qzeros.copy_(pack(q.zeros.round().to(torch.uint8), q.bits))
-        if bias is not None:
-            assert layer.bias is not None
-            layer.bias.data.copy_(bias.detach())
-        return layer
+        return with_bias(layer, bias)
 
     # ---- storage ------------------------------------------------------------------------------
 
@@ -192,29 +190,22 @@ class QuantLinear(CompressedLayer):
             w.sub_(self.zeros().to(dtype)[..., None]).mul_(s)
         return w.view(self.out_features, self.in_features)
 
-    def dense_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """`dequantize_weight`: the weight this layer represents.  (out, in)"""
-        return self.dequantize_weight(dtype)
+    dense_weight = dequantize_weight
 
     def num_logical_params(self) -> int:
         """Weights this layer represents; a head tied to the embeddings adds none of its own."""
-        bias = self.out_features if self.bias is not None else 0
-        return bias if self.tied_to else self.in_features * self.out_features + bias
+        return dense_params(self.in_features, self.out_features, self.bias is not None, bool(self.tied_to))
 
     def lmpress_format(self) -> dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "scale_dtype": str(self.scales.dtype).removeprefix("torch."),
-            "float_zeros": self.float_zeros,
-            "act_bits": self.act_bits,
-            "tied_to": self.tied_to,
-        }
+        return layer_record(
+            self,
+            *("bits", "group_size", "symmetric", "in_features", "out_features"),
+            bias=self.bias is not None,
+            scale_dtype=dtype_name(self.scales.dtype),
+            float_zeros=self.float_zeros,
+            act_bits=self.act_bits,
+            tied_to=self.tied_to,
+        )
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> QuantLinear:
@@ -247,8 +238,6 @@ class QuantLinear(CompressedLayer):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
-        self.materialize()
-        self._kernel = None  # device or dtype may change: prepare again
         return keep_scale_dtype(self, lambda: super(QuantLinear, self)._apply(fn, recurse))
 
     # ---- forward ------------------------------------------------------------------------------
@@ -298,11 +287,8 @@ class QuantLinear(CompressedLayer):
         elif path == "w8a8":
             wT, s_w = prepared
             y = int8_matmul(x2, wT, s_w)
-        elif path == "int4" and x2.shape[0] < INT4_KERNEL_ROWS:
-            packed, sz = prepared
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, self.group_size, sz)
         elif path == "int4":
-            y = nn.functional.linear(x2.to(torch.bfloat16), self.dequantize_weight(torch.bfloat16))
+            y = int4_matmul(x2, prepared, self.group_size, self.dequantize_weight)
         else:
             y = nn.functional.linear(x2, self.dequantize_weight(x.dtype))
         y = y.to(x.dtype).view(*shape[:-1], self.out_features)
@@ -331,6 +317,18 @@ def int4_layout(codes: Tensor, scale: Tensor, zf: Tensor) -> tuple[Tensor, Tenso
         )
     sz = torch.stack([scale, zf], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)  # (G, out, 2)
     return packed, sz
+
+
+def int4_matmul(
+    x2: Tensor, prepared: tuple[Tensor, Tensor], group: int | None, weight: Callable[[torch.dtype], Tensor]
+) -> Tensor:
+    """``x2`` (rows, in) times a weight in the int4 kernel layout ``prepared`` (`int4_layout`), in
+    bfloat16: PyTorch's int4 kernel under INT4_KERNEL_ROWS rows, else one GEMM of ``weight(bf16)``.
+    -> (rows, out)"""
+    if x2.shape[0] < INT4_KERNEL_ROWS:
+        packed, sz = prepared
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), packed, group, sz)  # type: ignore[no-any-return]
+    return nn.functional.linear(x2.to(torch.bfloat16), weight(torch.bfloat16))
 
 
 def int4_codes(packed: Tensor, out_features: int, in_features: int, block_n: int) -> Tensor:

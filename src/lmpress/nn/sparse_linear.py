@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from lmpress.formats.grid import Quantized, dequantize, n_groups
 from lmpress.formats.packing import decode_zeros, pack, packed_width, unpack
-from lmpress.nn.base import CompressedLayer, keep_scale_dtype
+from lmpress.nn.base import CompressedLayer, dense_params, dtype_name, keep_scale_dtype, layer_record, with_bias
 
 # torch.sparse CSR matmul beats dense F.linear on this CPU only when few weights are kept
 CSR_MAX_DENSITY = 0.1
@@ -125,10 +125,7 @@ class SparseLinear(CompressedLayer):
             layer.scales.copy_(q.scales.to(scale_dtype))
             if layer.qzeros is not None:
                 layer.qzeros.copy_(pack(q.zeros.round().to(torch.uint8), q.bits))
-        if bias is not None:
-            assert layer.bias is not None
-            layer.bias.data.copy_(bias.detach())
-        return layer
+        return with_bias(layer, bias)
 
     # ---- storage ------------------------------------------------------------------------------
 
@@ -173,25 +170,25 @@ class SparseLinear(CompressedLayer):
     def num_dense_params(self) -> int:
         """The weights of the matrix the layer represents, pruned ones included (for bits per
         weight that compare with a dense layer's)."""
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
+        return dense_params(self.in_features, self.out_features, self.bias is not None)
 
     @property
     def density(self) -> float:
         return self.nnz / (self.in_features * self.out_features)
 
     def lmpress_format(self) -> dict[str, Any]:
-        return {
-            "format": self.FORMAT,
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "nnz": self.nnz,
-            "pattern": self.pattern,
-            "bias": self.bias is not None,
-            "bits": self.bits,
-            "group_size": self.group_size,
-            "symmetric": self.symmetric,
-            "scale_dtype": str(self.scales.dtype).removeprefix("torch.") if self.scales is not None else None,
-        }
+        return layer_record(
+            self,
+            "in_features",
+            "out_features",
+            "nnz",
+            "pattern",
+            bias=self.bias is not None,
+            bits=self.bits,
+            group_size=self.group_size,
+            symmetric=self.symmetric,
+            scale_dtype=dtype_name(self.scales.dtype) if self.scales is not None else None,
+        )
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> SparseLinear:
@@ -213,12 +210,7 @@ class SparseLinear(CompressedLayer):
         """Drop the prepared kernel layout (prepared again on the next forward)."""
         self._kernel = None
 
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self.forget_kernel()
-        super()._load_from_state_dict(*args, **kwargs)
-
     def _apply(self, fn: Any, recurse: bool = True) -> SparseLinear:
-        self.forget_kernel()  # device or dtype may change: prepare again
         return keep_scale_dtype(self, lambda: super(SparseLinear, self)._apply(fn, recurse))  # type: ignore[no-any-return]
 
     # ---- forward ------------------------------------------------------------------------------
