@@ -310,6 +310,19 @@ def _quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[st
     return {f"embedding w{config.embedding_bits}g{config.embedding_group_size or 'row'}": 1}
 
 
+def quantize_weights(
+    model: nn.Module, config: WeightQuantConfig, fn: QuantizeFn, float_zeros: bool = False
+) -> StageReport:
+    """The loop every calibration-free weight quantizer shares: ``fn`` quantizes each targeted
+    layer (`quantize_each_block`), then the embeddings follow ``embedding_bits``."""
+    t0 = time.perf_counter()
+    config = with_mix(model, config)
+    layers = list(targeted_layers(model, config))  # names only: replaced layers are freed
+    counts = quantize_each_block(model, layers, config, fn, float_zeros)
+    counts.update(quantize_embeddings(model, config))
+    return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
+
+
 BlockQuantizer = Callable[[int, dict[str, nn.Module], dict[str, Any]], QuantizeFn]
 
 

@@ -16,7 +16,6 @@ clipped start + zero refinement 0.87 / 0.80 / 0.60.
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 import torch
@@ -28,14 +27,7 @@ from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized, n_groups, quantize_with
 from lmpress.method import Context, Method, StageReport
 from lmpress.quant import ggml_fit
-from lmpress.quant.base import (
-    LayerSettings,
-    WeightQuantConfig,
-    quantize_each_block,
-    quantize_embeddings,
-    targeted_layers,
-    with_mix,
-)
+from lmpress.quant.base import LayerSettings, WeightQuantConfig, quantize_weights
 from lmpress.quant.grid import clip_search
 
 
@@ -115,10 +107,6 @@ def hqq_gguf(weight: Tensor, t: ggml.GGMLType, config: HQQConfig) -> ggml.GGMLBl
 
 
 def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
-    t0 = time.perf_counter()
-    config = with_mix(model, config)
-    layers = list(targeted_layers(model, config))  # names only: replaced layers are freed
-
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
         if s.grid is not None:
             return hqq_gguf(linear_weight(module), ggml.ggml_type(s.grid), config)
@@ -126,9 +114,7 @@ def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
             linear_weight(module), s.bits, s.group_size, config.iters, config.p, config.beta, config.kappa
         )
 
-    counts = quantize_each_block(model, layers, config, fn, float_zeros=True)
-    counts.update(quantize_embeddings(model, config))
-    return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
+    return quantize_weights(model, config, fn, float_zeros=True)
 
 
 METHOD = Method(

@@ -7,7 +7,6 @@ MSE-optimal clipped range with ``mse_clip``) and stored packed in a `QuantLinear
 
 from __future__ import annotations
 
-import time
 from typing import Literal
 
 from torch import nn
@@ -17,14 +16,7 @@ from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
 from lmpress.quant import ggml_fit
-from lmpress.quant.base import (
-    LayerSettings,
-    WeightQuantConfig,
-    quantize_each_block,
-    quantize_embeddings,
-    targeted_layers,
-    with_mix,
-)
+from lmpress.quant.base import LayerSettings, WeightQuantConfig, quantize_weights
 from lmpress.quant.grid import quantize
 
 
@@ -36,18 +28,12 @@ class RTNConfig(WeightQuantConfig):
 
 
 def apply(model: nn.Module, config: RTNConfig, ctx: Context) -> StageReport:
-    t0 = time.perf_counter()
-    config = with_mix(model, config)
-    layers = list(targeted_layers(model, config))  # names only: replaced layers are freed
-
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
         if s.grid is not None:
             return ggml_fit.quantize(linear_weight(module).detach(), s.grid)
         return quantize(linear_weight(module).detach(), s.bits, s.group_size, s.symmetric, config.mse_clip)
 
-    counts = quantize_each_block(model, layers, config, fn)
-    counts.update(quantize_embeddings(model, config))
-    return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
+    return quantize_weights(model, config, fn)
 
 
 METHOD = Method(
