@@ -250,7 +250,9 @@ def outside_stats(
     logits are computed."""
     windows = shard_windows(windows)
     if stream_of(model) is not None:
-        return _streamed_outside_stats(model, windows, layers, make, batch_size)
+        if set(layers) - {Adapter(model).head()[0]}:
+            raise ValueError(f"streamed calibration reaches only the head after the blocks, not {sorted(layers)}")
+        return _streamed_head_stats(model, windows, make, batch_size)
     stats = {name: make(m) for name, m in layers.items()}
     seen: set[str] = set()
 
@@ -276,19 +278,13 @@ def outside_stats(
 
 
 @torch.no_grad()
-def _streamed_outside_stats(
-    model: nn.Module,
-    windows: Tensor,
-    layers: Mapping[str, nn.Module],
-    make: Callable[[nn.Module], Any],
-    batch_size: int,
+def _streamed_head_stats(
+    model: nn.Module, windows: Tensor, make: Callable[[nn.Module], Any], batch_size: int
 ) -> dict[str, Any]:
     """`outside_stats` for a streamed model: carry the windows through the blocks one at a time,
     then through the final norm to the head (the only layer after the blocks lmpress targets)."""
     adapter = Adapter(model)
     head_name, _ = adapter.head()
-    if set(layers) - {head_name}:
-        raise ValueError(f"streamed calibration reaches only the head after the blocks, not {sorted(layers)}")
     inputs = first_block_inputs(model, windows, batch_size)
     for i in range(adapter.num_blocks):
         with resident(model, [adapter.block_name(i)]):
