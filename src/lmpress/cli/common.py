@@ -4,6 +4,7 @@ code 2, logging and thread set-up, and the metrics table."""
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 import math
@@ -11,9 +12,10 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, TypeVar, get_type_hints
 
 import typer
 from rich.console import Console
@@ -76,6 +78,68 @@ QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress bars 
 SamplesOpt = Annotated[
     int, typer.Option("--samples", min=0, help="generation samples from both models, for the report")
 ]
+
+
+@dataclass(frozen=True)
+class LoadFlags:
+    """How a command loads its models: `lmpress.load`'s options (``**asdict(load)``)."""
+
+    device: DeviceOpt = "auto"
+    dtype: DtypeOpt = "auto"
+    allow_pickle: PickleOpt = False
+    trust_remote_code: RemoteOpt = False
+
+
+@dataclass(frozen=True)
+class RunFlags:
+    """What every command that runs models shares: its output, its threads, its run record."""
+
+    as_json: JsonOpt = False
+    threads: ThreadsOpt = 0
+    track: TrackOpt = None
+    runs_dir: RunsDirOpt = None
+    tracking_uri: TrackingUriOpt = None
+    quiet: QuietOpt = False
+
+    @property
+    def progress(self) -> bool:
+        """Progress bars and log lines: neither with --json nor with --quiet."""
+        return not (self.as_json or self.quiet)
+
+    def setup(self) -> None:
+        """Logging and threads, before any work (`_setup`)."""
+        _setup(self.threads, not self.progress)
+
+    def tracking(self, runs_dir: Path | None = None) -> TrackOptions:
+        """Where the run is recorded; ``runs_dir``: the command's own default for --runs-dir."""
+        return _track_options(self.track, self.runs_dir or runs_dir, self.tracking_uri)
+
+
+def option_groups(fn: F) -> F:
+    """Let a command take a group of options as one parameter (``*, run: RunFlags``):
+    Typer sees the group's fields as options in its place, and the command gets the group."""
+    sig = inspect.signature(fn, eval_str=True)
+    groups = {p.name: p.annotation for p in sig.parameters.values() if p.annotation in (LoadFlags, RunFlags)}
+    params: list[inspect.Parameter] = []
+    for p in sig.parameters.values():
+        if p.name in groups:
+            hints = get_type_hints(p.annotation, include_extras=True)
+            params += [
+                inspect.Parameter(f.name, p.kind, default=f.default, annotation=hints[f.name])
+                for f in fields(p.annotation)
+            ]
+        else:
+            params.append(p)
+
+    @functools.wraps(fn)
+    def wrapper(**kwargs: Any) -> Any:
+        for name, group in groups.items():
+            kwargs[name] = group(**{f.name: kwargs.pop(f.name) for f in fields(group)})
+        return fn(**kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=params)  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {p.name: p.annotation for p in params}
+    return wrapper  # type: ignore[return-value]
 
 
 def one_line(text: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,32 +12,29 @@ from lmpress.api import load
 from lmpress.cli.common import (
     CalibOpt,
     DataOpt,
-    DeviceOpt,
-    DtypeOpt,
     JsonOpt,
+    LoadFlags,
     ModelArg,
     PatternOpt,
     PickleOpt,
     QuietOpt,
     RemoteOpt,
-    RunsDirOpt,
+    RunFlags,
     SamplesOpt,
     SeqLenOpt,
     SpeedOpt,
     TextFieldOpt,
     ThreadsOpt,
-    TrackingUriOpt,
-    TrackOpt,
     WindowsOpt,
     _data_options,
     _print_json,
     _setup,
-    _track_options,
     app,
     console,
     handles_errors,
     metrics_table,
     model_dir,
+    option_groups,
 )
 from lmpress.export import ExportError, check_export_output, check_export_source, default_output, export
 from lmpress.export.registry import DEFAULT_FORMAT, EXPORTERS, exporter
@@ -54,6 +52,7 @@ _OUTPUT_HELP = f"file ({_FILES}) or directory ({_DIRS}) to write"
 
 @app.command()
 @handles_errors
+@option_groups
 def compress(
     model: ModelArg = "builtin",
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe YAML file or preset name")] = ...,  # type: ignore[assignment]
@@ -63,21 +62,14 @@ def compress(
     seq_len: SeqLenOpt = None,
     max_windows: WindowsOpt = None,
     calib_windows: CalibOpt = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    *,
+    load: LoadFlags,
     run_eval: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original")] = True,
     speed: SpeedOpt = True,
-    as_json: JsonOpt = False,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-    threads: ThreadsOpt = 0,
     pattern: PatternOpt = "**/*",
     text_field: TextFieldOpt = "text",
-    track: TrackOpt = None,
-    runs_dir: RunsDirOpt = None,
-    tracking_uri: TrackingUriOpt = None,
+    run: RunFlags,
     samples: SamplesOpt = 3,
-    quiet: QuietOpt = False,
     export_to: Annotated[
         str | None,
         typer.Option(
@@ -106,9 +98,9 @@ def compress(
 
     Post-training recipes (quantization without training) stream when -o is given: the model is
     read from its safetensors files one block at a time, so memory follows one block, not the model."""
-    _setup(threads, quiet or as_json)
+    run.setup()
     export_path = _export_path(export_to, output, overwrite, model_dir(model))
-    tracking = _track_options(track, runs_dir, tracking_uri)
+    tracking = run.tracking()
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
 
     result, run_dir = tracked_compress(
@@ -120,17 +112,14 @@ def compress(
         ),
         output=output,
         overwrite=overwrite,
-        device=device,
-        dtype=dtype,
         run_eval=run_eval,
         measure_speed=speed,
-        progress=not (as_json or quiet),
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        progress=run.progress,
         samples=samples if run_eval else 0,
         max_memory=max_memory,
         stream=None if stream else False,
         clients=[Path(c) for arg in clients or [] for c in arg.split(",") if c] or None,
+        **asdict(load),
     )
     exported = None
     if export_to is not None and export_path is not None and result.output is not None:
@@ -140,7 +129,7 @@ def compress(
             raise ExportError(
                 f"{e} (the compressed model is saved in {result.output}; export it with lmpress export)"
             ) from None
-    print_compressed(result, run_dir, exported, as_json)
+    print_compressed(result, run_dir, exported, run.as_json)
 
 
 def print_compressed(result: Any, run_dir: Path | None, exported: dict[str, Any] | None, as_json: bool) -> None:

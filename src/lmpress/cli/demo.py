@@ -8,21 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from lmpress.cli.common import (
-    JsonOpt,
-    QuietOpt,
-    RunsDirOpt,
-    SpeedOpt,
-    ThreadsOpt,
-    TrackingUriOpt,
-    TrackOpt,
-    _print_json,
-    _setup,
-    _track_options,
-    app,
-    console,
-    handles_errors,
-)
+from lmpress.cli.common import JsonOpt, RunFlags, SpeedOpt, _print_json, app, console, handles_errors, option_groups
 from lmpress.data_options import DataOptions
 from lmpress.demo import run_demo
 from lmpress.report import write_report
@@ -63,6 +49,7 @@ def demo_table(rows: list[dict[str, Any]]) -> Table:
 
 @app.command("demo")
 @handles_errors
+@option_groups
 def demo_cmd(
     presets: Annotated[str, typer.Option(help="comma-separated presets to run")] = ",".join(
         ("w8", "w8a8", "w4", "sparse50", "w4-sparse", "edge")
@@ -75,21 +62,17 @@ def demo_cmd(
         typer.Option("--max-windows", min=1, help="evaluation windows [default: 32, or $LMPRESS_MAX_WINDOWS if fewer]"),
     ] = None,
     speed: SpeedOpt = True,
-    as_json: JsonOpt = False,
-    threads: ThreadsOpt = 0,
-    track: TrackOpt = None,
-    runs_dir: RunsDirOpt = None,
-    tracking_uri: TrackingUriOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    run: RunFlags,
 ) -> None:
     """Compress the built-in model with several presets, compare them in one table, write the report."""
-    _setup(threads, quiet or as_json)
-    tracking = _track_options(track, runs_dir or out_dir / "runs", tracking_uri)
+    run.setup()
+    tracking = run.tracking(out_dir / "runs")
     if max_windows is None:  # LMPRESS_MAX_WINDOWS makes the demo quick, as every command
         max_windows = min(32, DataOptions().eval_windows or 32)
     names = [n.strip() for n in presets.split(",") if n.strip()]
-    result = run_demo(names, out_dir, tracking, max_windows, progress=not (as_json or quiet), measure_speed=speed)
-    if as_json:
+    result = run_demo(names, out_dir, tracking, max_windows, progress=run.progress, measure_speed=speed)
+    if run.as_json:
         _print_json({"rows": result.rows, "runs": [str(p) for p in result.run_dirs], "report": str(result.report)})
         return
     console.print(demo_table(result.rows))

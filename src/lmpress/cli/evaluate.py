@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -11,32 +12,23 @@ from rich.table import Table
 from lmpress.api import evaluate, evaluate_tasks
 from lmpress.cli.common import (
     DataOpt,
-    DeviceOpt,
-    DtypeOpt,
-    JsonOpt,
+    LoadFlags,
     ModelArg,
     PatternOpt,
-    PickleOpt,
-    QuietOpt,
-    RemoteOpt,
-    RunsDirOpt,
+    RunFlags,
     SeqLenOpt,
     SpeedOpt,
     SplitName,
     TextFieldOpt,
-    ThreadsOpt,
-    TrackingUriOpt,
-    TrackOpt,
     WindowsOpt,
     _data_options,
     _fail,
     _print_json,
-    _setup,
-    _track_options,
     app,
     console,
     handles_errors,
     metrics_table,
+    option_groups,
 )
 from lmpress.data import Split
 from lmpress.track import record_run
@@ -44,6 +36,7 @@ from lmpress.track import record_run
 
 @app.command("eval")
 @handles_errors
+@option_groups
 def eval_cmd(
     model: ModelArg = "builtin",
     reference: Annotated[str | None, typer.Option(help="model to compare against (KL, top-1 agreement)")] = None,
@@ -52,19 +45,12 @@ def eval_cmd(
     seq_len: SeqLenOpt = None,
     max_windows: WindowsOpt = None,
     tokenizer: Annotated[str | None, typer.Option(help="take the tokenizer from this model directory")] = None,
-    device: DeviceOpt = "auto",
-    dtype: DtypeOpt = "auto",
+    *,
+    load: LoadFlags,
     speed: SpeedOpt = True,
-    as_json: JsonOpt = False,
-    allow_pickle: PickleOpt = False,
-    trust_remote_code: RemoteOpt = False,
-    threads: ThreadsOpt = 0,
     pattern: PatternOpt = "**/*",
     text_field: TextFieldOpt = "text",
-    track: TrackOpt = None,
-    runs_dir: RunsDirOpt = None,
-    tracking_uri: TrackingUriOpt = None,
-    quiet: QuietOpt = False,
+    run: RunFlags,
     tasks: Annotated[
         str | None,
         typer.Option(
@@ -80,8 +66,8 @@ def eval_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="sequences per forward for --tasks")] = 8,
 ) -> None:
     """Evaluate a model on held-out text (quality, size, speed, memory) or on standard tasks (--tasks)."""
-    _setup(threads, quiet or as_json)
-    tracking = _track_options(track, runs_dir, tracking_uri)
+    run.setup()
+    tracking = run.tracking()
     if tasks is not None:
         given = {"--data": data != "stdlib", "--split": split != SplitName.eval, "--seq-len": seq_len is not None}
         given["--max-windows"] = max_windows is not None
@@ -96,16 +82,9 @@ def eval_cmd(
             num_fewshot,
             limit,
             batch_size,
-            as_json,
+            run,
             tracking,
-            quiet,
-            kw={
-                "device": device,
-                "dtype": dtype,
-                "tokenizer": tokenizer,
-                "allow_pickle": allow_pickle,
-                "trust_remote_code": trust_remote_code,
-            },
+            kw={"tokenizer": tokenizer, **asdict(load)},
         )
         return
     result = evaluate(
@@ -113,13 +92,10 @@ def eval_cmd(
         _data_options(data, pattern, text_field, seq_len=seq_len, eval_windows=max_windows),
         reference=reference,
         split=cast(Split, split.value),
-        device=device,
-        dtype=dtype,
         tokenizer=tokenizer,
         measure_speed=speed,
-        progress=not (as_json or quiet),
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
+        progress=run.progress,
+        **asdict(load),
     )
     record = {
         "source_model": model,
@@ -128,7 +104,7 @@ def eval_cmd(
         "data": result.data.to_dict(),
     }
     run_dir = record_run(tracking, "eval", Path(model).name or model, record)
-    if as_json:
+    if run.as_json:
         _print_json({**result.to_dict(), "run_dir": str(run_dir) if run_dir else None})
         return
     m = result.data
@@ -177,9 +153,8 @@ def _eval_tasks(
     num_fewshot: int | None,
     limit: int | None,
     batch_size: int,
-    as_json: bool,
+    run: RunFlags,
     tracking: Any,
-    quiet: bool,
     kw: dict[str, Any],
 ) -> None:
     names = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -191,7 +166,7 @@ def _eval_tasks(
         num_fewshot=num_fewshot,
         limit=limit,
         batch_size=batch_size,
-        progress=not (as_json or quiet),
+        progress=run.progress,
         **kw,
     )
     ref = result.reference_scores
@@ -202,7 +177,7 @@ def _eval_tasks(
         "tasks": result.to_dict(),
     }
     run_dir = record_run(tracking, "eval", Path(model).name or model, record)
-    if as_json:
+    if run.as_json:
         _print_json({**result.to_dict(), "run_dir": str(run_dir) if run_dir else None})
         return
     shots = f", {num_fewshot}-shot" if num_fewshot else ""

@@ -18,18 +18,13 @@ import typer
 
 from lmpress.cli.common import (
     DataOpt,
-    JsonOpt,
     ModelArg,
-    QuietOpt,
-    RunsDirOpt,
-    ThreadsOpt,
-    TrackingUriOpt,
-    TrackOpt,
+    RunFlags,
     WindowsOpt,
     _data_options,
     _setup,
-    _track_options,
     handles_errors,
+    option_groups,
 )
 from lmpress.cli.compress import print_compressed
 from lmpress.errors import LmpressError
@@ -56,6 +51,7 @@ def _tls(insecure: bool, certificates: Path | None) -> Path | None:
 
 @federated_app.command("serve")
 @handles_errors
+@option_groups
 def serve_cmd(
     model: ModelArg = "builtin",
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="recipe YAML with a federated stage")] = ...,  # type: ignore[assignment]
@@ -70,25 +66,21 @@ def serve_cmd(
     data: DataOpt = "stdlib",
     max_windows: WindowsOpt = None,
     run_eval: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original")] = True,
-    as_json: JsonOpt = False,
-    threads: ThreadsOpt = 0,
-    track: TrackOpt = None,
-    runs_dir: RunsDirOpt = None,
-    tracking_uri: TrackingUriOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    run: RunFlags,
 ) -> None:
     """Run a recipe whose federated stage trains on clients that join from other machines.
 
     Prints where the compressed model and the teacher are for the clients to copy, and the join
     command; a restarted server resumes after its last completed round (same -o, same recipe)."""
-    _setup(threads, quiet or as_json)
+    run.setup()
     host, port = parse_address(address)
     certs = _tls(insecure, certificates)
     parsed = load_recipe(recipe)
     if not any(s.method == "federated" for s in parsed.stages):
         raise LmpressError(f"recipe {recipe} has no federated stage; add one (see docs/recipes.md)")
     result, run_dir = tracked_compress(
-        _track_options(track, runs_dir, tracking_uri),
+        run.tracking(),
         model,
         parsed,
         _data_options(data, "**/*", "text", eval_windows=max_windows),
@@ -96,10 +88,10 @@ def serve_cmd(
         overwrite=overwrite,
         run_eval=run_eval,
         measure_speed=False,
-        progress=not (as_json or quiet),
+        progress=run.progress,
         serve=Serve(host, port, certs, wait),
     )
-    print_compressed(result, run_dir, None, as_json)
+    print_compressed(result, run_dir, None, run.as_json)
 
 
 @federated_app.command("join")

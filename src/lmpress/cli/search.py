@@ -13,23 +13,17 @@ import lmpress
 from lmpress.cli.common import (
     DataOpt,
     DeviceOpt,
-    JsonOpt,
     ModelArg,
-    QuietOpt,
-    RunsDirOpt,
+    RunFlags,
     SeqLenOpt,
-    ThreadsOpt,
-    TrackingUriOpt,
-    TrackOpt,
     WindowsOpt,
     _data_options,
     _print_json,
-    _setup,
-    _track_options,
     app,
     console,
     handles_errors,
     metrics_table,
+    option_groups,
 )
 from lmpress.errors import LmpressError
 from lmpress.recipe import load_yaml_file
@@ -67,6 +61,7 @@ def _capped_trials(trials: int) -> int:
 
 @app.command("search")
 @handles_errors
+@option_groups
 def search_cmd(
     model: ModelArg = "builtin",
     max_bytes: Annotated[str | None, typer.Option("--max-bytes", help="size budget, e.g. 40MB")] = None,
@@ -108,15 +103,11 @@ def search_cmd(
         bool,
         typer.Option("--save-pareto", help="compress, evaluate and save every Pareto recipe under STUDY_DIR/pareto"),
     ] = False,
-    as_json: JsonOpt = False,
-    threads: ThreadsOpt = 0,
-    track: TrackOpt = None,
-    runs_dir: RunsDirOpt = None,
-    tracking_uri: TrackingUriOpt = None,
-    quiet: QuietOpt = False,
+    *,
+    run: RunFlags,
 ) -> None:
     """Find the best recipe under a size, quality or speed budget (Optuna; resumable, shareable)."""
-    _setup(threads, quiet or as_json)
+    run.setup()
     trials = _capped_trials(trials)
     try:
         raw_space = load_yaml_file(space, "search space") if space is not None else {}  # the recipe limits
@@ -149,10 +140,10 @@ def search_cmd(
         overwrite=overwrite,
         device=device,
         save_pareto=save_pareto,
-        tracking=_track_options(track, runs_dir, tracking_uri),
-        progress=not (as_json or quiet),
+        tracking=run.tracking(),
+        progress=run.progress,
     )
-    if as_json:
+    if run.as_json:
         _print_json(outcome.to_dict())
         return
     _print_outcome(outcome)
