@@ -30,6 +30,26 @@ from lmpress.method import Context
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a whole model is loaded: `lmpress.io.load_model`'s options."""
+
+    device: str = "auto"
+    dtype: str = "auto"
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass(frozen=True)
+class Measuring:
+    """How a source measures the result against the original: speed too (``speed``), with progress
+    bars, and ``samples`` greedy continuations by each model."""
+
+    speed: bool = True
+    progress: bool = False
+    samples: int = 0
+
+
 @dataclass
 class Measured:
     """What a run measured: each model's metrics (``"original"``, ``"compressed"``), generation
@@ -79,22 +99,20 @@ class WholeSource:
         model: str | Path | LoadedModel,
         why: str | None,
         data: DataOptions,
-        *,
-        device: str = "auto",
-        dtype: str = "auto",
-        allow_pickle: bool = False,
-        trust_remote_code: bool = False,
+        load: LoadOptions,
+        measuring: Measuring,
         announce: bool = True,
-        measure_speed: bool = True,
-        progress: bool = False,
-        samples: int = 0,
     ) -> None:
         self.given, self.why, self.data = model, why, data
         self.name = model.source if isinstance(model, LoadedModel) else str(model)
         self.load_model = partial(
-            load_model, device=device, dtype=dtype, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+            load_model,
+            device=load.device,
+            dtype=load.dtype,
+            allow_pickle=load.allow_pickle,
+            trust_remote_code=load.trust_remote_code,
         )
-        self.announce, self.measure_speed, self.progress, self.samples = announce, measure_speed, progress, samples
+        self.measuring, self.announce = measuring, announce
         self.loaded: LoadedModel | None = None
         self.teacher: nn.Module | None = None
         self.device = torch.device("cpu")
@@ -120,8 +138,8 @@ class WholeSource:
         original, self.teacher = self.teacher, None
         if eval_data is not None and original is not None:
             measured.metrics = self._quality(model, original, eval_data, ctx.token_map)
-        if self.samples and original is not None:
-            prompts = self.data.prompts(self.samples)
+        if self.measuring.samples and original is not None:
+            prompts = self.data.prompts(self.measuring.samples)
             measured.samples = {
                 "prompts": prompts,
                 "original": generate_samples(original, self.loaded.tokenizer, prompts),
@@ -145,7 +163,7 @@ class WholeSource:
             w = w[covered]
         if not len(w):
             return {}
-        measure = partial(evaluate, measure_speed=self.measure_speed, progress=self.progress)
+        measure = partial(evaluate, measure_speed=self.measuring.speed, progress=self.measuring.progress)
         return {
             "original": measure(original, w, saved_dir=self.loaded.path),
             "compressed": measure(model, w, reference=original, token_map=token_map),

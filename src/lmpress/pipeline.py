@@ -27,7 +27,7 @@ from lmpress.errors import ModelLoadError
 from lmpress.io import LoadedModel, load_model, resolve_device, update_meta
 from lmpress.io.files import created_parents
 from lmpress.method import Context
-from lmpress.model_source import ModelSource, WholeSource
+from lmpress.model_source import LoadOptions, Measuring, ModelSource, WholeSource
 from lmpress.preflight import Plan, preflight
 from lmpress.recipe import Recipe
 from lmpress.registry import methods
@@ -178,19 +178,9 @@ def compress_model(
         ", ".join(s.method for s in plan.recipe.stages),
         f" into {output}" if output is not None else "",
     )
-    source = open_source(
-        model,
-        plan,
-        output,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        announce=not isinstance(model, LoadedModel) and stream is not False,
-        measure_speed=measure_speed,
-        progress=progress,
-        samples=samples,
-    )
+    load = LoadOptions(device, dtype, allow_pickle, trust_remote_code)
+    announce = not isinstance(model, LoadedModel) and stream is not False
+    source = open_source(model, plan, output, load, Measuring(measure_speed, progress, samples), announce)
     work_dir = work_dir or work_dir_for(output)
     return compress_source(source, plan, output, overwrite, run_eval, progress, work_dir, clients, serve)
 
@@ -199,15 +189,9 @@ def open_source(
     model: str | Path | LoadedModel,
     plan: Plan,
     output: Path | None,
-    *,
-    device: str,
-    dtype: str,
-    allow_pickle: bool,
-    trust_remote_code: bool,
+    load: LoadOptions,
+    measuring: Measuring,
     announce: bool,
-    measure_speed: bool,
-    progress: bool,
-    samples: int,
 ) -> ModelSource:
     """The source of a checked run: streamed when it can stream, else whole. ``announce``: say why
     it does not stream (where it could have: a model named by path, streaming not turned off)."""
@@ -219,26 +203,12 @@ def open_source(
             plan.tokenizer,
             plan.data,
             output,
-            device=resolve_device(device),
-            dtype=dtype,
+            device=resolve_device(load.device),
+            dtype=load.dtype,
             budget=plan.budget,
-            measure_speed=measure_speed,
-            progress=progress,
-            samples=samples,
+            measuring=measuring,
         )
-    return WholeSource(
-        model,
-        plan.why_whole,
-        plan.data,
-        device=device,
-        dtype=dtype,
-        allow_pickle=allow_pickle,
-        trust_remote_code=trust_remote_code,
-        announce=announce,
-        measure_speed=measure_speed,
-        progress=progress,
-        samples=samples,
-    )
+    return WholeSource(model, plan.why_whole, plan.data, load, measuring, announce)
 
 
 def compress_source(

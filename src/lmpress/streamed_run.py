@@ -33,7 +33,7 @@ from lmpress.io.files import clean_stale, work_place
 from lmpress.io.tensors import read_header, read_tensor
 from lmpress.memory import Budget
 from lmpress.method import Context
-from lmpress.model_source import Measured
+from lmpress.model_source import Measured, Measuring
 from lmpress.streaming import close, open_streamed, save_streamed_dir
 
 log = logging.getLogger(__name__)
@@ -143,13 +143,10 @@ class StreamedSource:
         device: torch.device,
         dtype: str,
         budget: Budget,
-        measure_speed: bool,
-        progress: bool,
-        samples: int,
+        measuring: Measuring,
     ) -> None:
         self.path, self.name, self.tokenizer, self.data, self.output = path, name, tokenizer, data, output
-        self.device, self.dtype, self.budget = device, dtype, budget
-        self.measure_speed, self.progress, self.samples = measure_speed, progress, samples
+        self.device, self.dtype, self.budget, self.measuring = device, dtype, budget, measuring
         self.spill_root: Path | None = None
         self.models: list[nn.Module] = []  # open streamed models, closed by `close`
         self.original_key: str | None = None  # the original's metrics in the cache
@@ -175,15 +172,16 @@ class StreamedSource:
         hidden_key = hashlib.sha256(data_key.encode()).hexdigest()[:32]
         cached_hidden = _cached_hidden(hidden_key)
         original = self._open()
+        progress = self.measuring.progress
         mine, theirs, hidden = evaluation.streamed_quality(
-            model, eval_data.windows, reference=original, progress=self.progress, reference_hidden=cached_hidden
+            model, eval_data.windows, reference=original, progress=progress, reference_hidden=cached_hidden
         )
         close(original)
         self.models.remove(original)
         assert theirs is not None and hidden is not None
         if cached_hidden is None:
             _store_hidden(hidden_key, hidden)
-        self.original_key = hashlib.sha256(f"{data_key}:{self.measure_speed}".encode()).hexdigest()[:32]
+        self.original_key = hashlib.sha256(f"{data_key}:{self.measuring.speed}".encode()).hexdigest()[:32]
         return Measured({"original": {**(_cached(self.original_key) or {}), **theirs}, "compressed": mine})
 
     def save(self, model: nn.Module, tokenizer: Any, output: Path, meta: dict[str, Any], overwrite: bool) -> None:
@@ -195,11 +193,11 @@ class StreamedSource:
         metrics = measured.metrics
         metrics["compressed"].update(streamed_size(model, output))
         metrics["original"].update(streamed_size(model_params_of(self.path, self.dtype), self.path))
-        prompts = self.data.prompts(self.samples) if self.samples else []
+        prompts = self.data.prompts(self.measuring.samples) if self.measuring.samples else []
         texts: dict[str, list[str]] = {}
         for role, where in (("original", self.path), ("compressed", output)):
             m = metrics[role]
-            timed = not self.measure_speed or "decode_tokens_per_s" in m  # the original's, from the cache
+            timed = not self.measuring.speed or "decode_tokens_per_s" in m  # the original's, from the cache
             if timed and not prompts:
                 continue
             if not self.budget.holds_whole(weight_bytes(where)):

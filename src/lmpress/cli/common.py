@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar, get_type_hints
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +24,7 @@ from rich.table import Table
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError
 from lmpress.io import resolve_path
+from lmpress.model_source import LoadOptions
 from lmpress.track import TrackOptions
 
 app = typer.Typer(
@@ -81,25 +82,15 @@ SamplesOpt = Annotated[
 
 
 @dataclass(frozen=True)
-class LoadFlags:
-    """How a command loads its models: `lmpress.load`'s options (``**asdict(load)``)."""
-
-    device: DeviceOpt = "auto"
-    dtype: DtypeOpt = "auto"
-    allow_pickle: PickleOpt = False
-    trust_remote_code: RemoteOpt = False
-
-
-@dataclass(frozen=True)
 class RunFlags:
     """What every command that runs models shares: its output, its threads, its run record."""
 
-    as_json: JsonOpt = False
-    threads: ThreadsOpt = 0
-    track: TrackOpt = None
-    runs_dir: RunsDirOpt = None
-    tracking_uri: TrackingUriOpt = None
-    quiet: QuietOpt = False
+    as_json: bool = False
+    threads: int = 0
+    track: bool | None = None
+    runs_dir: Path | None = None
+    tracking_uri: str | None = None
+    quiet: bool = False
 
     @property
     def progress(self) -> bool:
@@ -115,21 +106,36 @@ class RunFlags:
         return _track_options(self.track, self.runs_dir or runs_dir, self.tracking_uri)
 
 
+# the groups a command can take as one parameter (`option_groups`): each field's option; the
+# defaults are the group's own
+OPTION_GROUPS: dict[type, dict[str, Any]] = {
+    LoadOptions: {"device": DeviceOpt, "dtype": DtypeOpt, "allow_pickle": PickleOpt, "trust_remote_code": RemoteOpt},
+    RunFlags: {
+        "as_json": JsonOpt,
+        "threads": ThreadsOpt,
+        "track": TrackOpt,
+        "runs_dir": RunsDirOpt,
+        "tracking_uri": TrackingUriOpt,
+        "quiet": QuietOpt,
+    },
+}
+
+
 def option_groups(fn: F) -> F:
-    """Let a command take a group of options as one parameter (``*, run: RunFlags``):
-    Typer sees the group's fields as options in its place, and the command gets the group."""
+    """Let a command take a group of options as one parameter (``*, run: RunFlags``): Typer sees
+    the group's fields as options in its place (`OPTION_GROUPS`), and the command gets the group."""
     sig = inspect.signature(fn, eval_str=True)
-    groups = {p.name: p.annotation for p in sig.parameters.values() if p.annotation in (LoadFlags, RunFlags)}
+    groups = {p.name: p.annotation for p in sig.parameters.values() if p.annotation in OPTION_GROUPS}
     params: list[inspect.Parameter] = []
     for p in sig.parameters.values():
-        if p.name in groups:
-            hints = get_type_hints(p.annotation, include_extras=True)
-            params += [
-                inspect.Parameter(f.name, p.kind, default=f.default, annotation=hints[f.name])
-                for f in fields(p.annotation)
-            ]
-        else:
+        if p.name not in groups:
             params.append(p)
+            continue
+        options = OPTION_GROUPS[p.annotation]
+        params += [
+            inspect.Parameter(f.name, p.kind, default=f.default, annotation=options[f.name])
+            for f in fields(p.annotation)
+        ]
 
     @functools.wraps(fn)
     def wrapper(**kwargs: Any) -> Any:

@@ -13,7 +13,6 @@ from lmpress.cli.common import (
     CalibOpt,
     DataOpt,
     JsonOpt,
-    LoadFlags,
     ModelArg,
     PatternOpt,
     PickleOpt,
@@ -38,6 +37,7 @@ from lmpress.cli.common import (
 )
 from lmpress.export import ExportError, check_export_output, check_export_source, default_output, export
 from lmpress.export.registry import DEFAULT_FORMAT, EXPORTERS, exporter
+from lmpress.model_source import LoadOptions
 from lmpress.recipe import load_recipe
 from lmpress.track import tracked_compress
 
@@ -63,7 +63,7 @@ def compress(
     max_windows: WindowsOpt = None,
     calib_windows: CalibOpt = None,
     *,
-    load: LoadFlags,
+    load: LoadOptions,
     run_eval: Annotated[bool, typer.Option("--eval/--no-eval", help="evaluate against the original")] = True,
     speed: SpeedOpt = True,
     pattern: PatternOpt = "**/*",

@@ -12,7 +12,6 @@ from rich.table import Table
 from lmpress.api import evaluate, evaluate_tasks
 from lmpress.cli.common import (
     DataOpt,
-    LoadFlags,
     ModelArg,
     PatternOpt,
     RunFlags,
@@ -31,6 +30,7 @@ from lmpress.cli.common import (
     option_groups,
 )
 from lmpress.data import Split
+from lmpress.model_source import LoadOptions
 from lmpress.track import record_run
 
 
@@ -46,7 +46,7 @@ def eval_cmd(
     max_windows: WindowsOpt = None,
     tokenizer: Annotated[str | None, typer.Option(help="take the tokenizer from this model directory")] = None,
     *,
-    load: LoadFlags,
+    load: LoadOptions,
     speed: SpeedOpt = True,
     pattern: PatternOpt = "**/*",
     text_field: TextFieldOpt = "text",
