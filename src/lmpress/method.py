@@ -54,9 +54,7 @@ class Context:
 
     def calib_data(self) -> TokenData:
         if self._calib is None:
-            if self.calibration is None:
-                raise RuntimeError("this stage needs calibration data but none was given")
-            self._calib = self.calibration()
+            self._calib = _first_use("calibration", self.calibration)
         return self._calib
 
     def retokenize(self, tokenizer: Any, mapping: Tensor) -> None:
@@ -72,10 +70,14 @@ class Context:
 
     def train_data(self) -> TokenData:
         if self._train is None:
-            if self.training is None:
-                raise RuntimeError("this stage needs training data but none was given")
-            self._train = self.training()
+            self._train = _first_use("training", self.training)
         return self._train
+
+
+def _first_use(what: str, load: Callable[[], TokenData] | None) -> TokenData:
+    if load is None:
+        raise RuntimeError(f"this stage needs {what} data but none was given")
+    return load()
 
 
 StageReport = dict[str, Any]

@@ -22,6 +22,14 @@ from lmpress.nn.base import CompressedLayer, EmbeddingTable, dense_params, dtype
 from lmpress.nn.quant_linear import int4_layout, int4_matmul
 
 
+def _block_type(type_name: str, width: int, what: str) -> ggml.GGMLType:
+    """The GGUF block type ``type_name``, whose blocks must tile a row of ``width`` (``what``)."""
+    t = ggml.ggml_type(type_name)
+    if width % t.block:
+        raise ValueError(f"{t.name} needs {what} divisible by {t.block}, got {width}")
+    return t
+
+
 class GGUFLinear(CompressedLayer):
     """Linear layer holding one GGUF block type's bytes (llama.cpp's Q4_K, Q6_K, Q8_0 ...)."""
 
@@ -38,9 +46,7 @@ class GGUFLinear(CompressedLayer):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.gtype = ggml.ggml_type(type_name)
-        if in_features % self.gtype.block:
-            raise ValueError(f"{self.gtype.name} needs in_features divisible by {self.gtype.block}, got {in_features}")
+        self.gtype = _block_type(type_name, in_features, "in_features")
         self.in_features, self.out_features = in_features, out_features
         self.tied_to: str | None = None
         rb = self.gtype.row_bytes(in_features)
@@ -142,9 +148,7 @@ class GGUFEmbedding(EmbeddingTable, CompressedLayer):
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.gtype = ggml.ggml_type(type_name)
-        if embedding_dim % self.gtype.block:
-            raise ValueError(f"{self.gtype.name} needs a width divisible by {self.gtype.block}, got {embedding_dim}")
+        self.gtype = _block_type(type_name, embedding_dim, "a width")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = padding_idx
         self.out_dtype = dtype
