@@ -114,7 +114,7 @@ def test_layer_without_calibration_tokens(
                 stats[name] = make(layers[name])  # as if no token reached it
         return stats
 
-    monkeypatch.setattr("lmpress.calib.collect", starve_v_proj)
+    monkeypatch.setattr("lmpress.quant.base.collect", starve_v_proj)  # where GPTQ's calibration calls it
     data = DataOptions(source=text_file, seq_len=64, eval_windows=2, calib_windows=8)
     with pytest.raises(LmpressError, match=r"layer model.layers.0.self_attn.v_proj received no calibration tokens"):
         compress(tiny_model_dir("llama"), {"stages": [{"method": "gptq"}]}, data, run_eval=False)
