@@ -16,7 +16,7 @@ from lmpress.sources import load_documents
 
 torch.set_num_threads(int(os.environ.get("LMPRESS_TEST_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))))
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi", "gemma")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi", "gemma", "qwen3")
 
 
 @pytest.fixture(autouse=True)
@@ -93,6 +93,15 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "max_position_embeddings": 512,
         },
         "gemma": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+        },
+        "qwen3": {
             "hidden_size": 64,
             "intermediate_size": 128,
             "num_hidden_layers": 2,

@@ -10,7 +10,17 @@ from lmpress.arch import Adapter, is_conv1d, linear_weight
 from lmpress.errors import ModelLoadError
 from tests.conftest import TINY_ARCHS, tiny_config
 
-EXPECTED_LINEARS = {"llama": 7, "mistral": 7, "qwen2": 7, "gpt2": 4, "opt": 6, "gpt_neox": 4, "phi": 6, "gemma": 7}
+EXPECTED_LINEARS = {
+    "llama": 7,
+    "mistral": 7,
+    "qwen2": 7,
+    "gpt2": 4,
+    "opt": 6,
+    "gpt_neox": 4,
+    "phi": 6,
+    "gemma": 7,
+    "qwen3": 7,
+}
 
 
 @pytest.mark.parametrize("arch", TINY_ARCHS)
