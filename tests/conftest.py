@@ -16,7 +16,7 @@ from lmpress.sources import load_documents
 
 torch.set_num_threads(int(os.environ.get("LMPRESS_TEST_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))))
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi", "gemma", "qwen3")
+TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi", "gemma", "qwen3", "gemma2", "smollm3")
 
 
 @pytest.fixture(autouse=True)
@@ -101,6 +101,17 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "head_dim": 16,
             "max_position_embeddings": 512,
         },
+        "gemma2": {  # a window shorter than the tests' texts, so the sliding layer differs from the full one
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 32,
+        },
         "qwen3": {
             "hidden_size": 64,
             "intermediate_size": 128,
@@ -109,6 +120,16 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "num_key_value_heads": 2,
             "head_dim": 16,
             "max_position_embeddings": 512,
+        },
+        "smollm3": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "pad_token_id": None,
         },
     }
     return AutoConfig.for_model(arch, **common, **kw[arch])

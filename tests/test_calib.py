@@ -28,6 +28,22 @@ def test_blockwise_outputs_match_the_model(arch: str) -> None:
     assert hooks == 0  # every hook removed
 
 
+def test_each_layer_type_runs_with_its_own_mask() -> None:
+    """Gemma 2's sliding-window and full layers: each block runs with its own type's mask, so on
+    windows longer than the window every block's inputs are still the model's hidden states."""
+    torch.manual_seed(0)
+    config = tiny_config("gemma2", 300)
+    config.num_hidden_layers = 3
+    config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+    model = AutoModelForCausalLM.from_config(config).eval()
+    windows = torch.randint(0, 300, (3, 2 * config.sliding_window), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(input_ids=windows, output_hidden_states=True).hidden_states
+    for i, _block, inputs in blockwise(model, windows, batch_size=2):
+        torch.testing.assert_close(torch.cat(inputs.hidden), expected[i], rtol=1e-4, atol=1e-5)
+    assert model.config.layer_types[0] == "sliding_attention"  # relabelled only while capturing
+
+
 def test_input_stats_match_direct_formulas() -> None:
     torch.manual_seed(0)
     x1, x2 = torch.randn(2, 5, 8), torch.randn(3, 8)

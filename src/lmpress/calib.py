@@ -3,7 +3,8 @@
 GPTQ, AWQ, SparseGPT, Wanda, activation-aware SVD and structured importance all need the same
 thing: the inputs of each block, statistics of each linear layer's inputs, and the block's outputs
 after it is compressed. `blockwise` captures what the first block receives (hidden states plus
-whatever else the model passes it: attention mask, position ids, rotary embeddings; no cache), then
+whatever else the model passes it: attention mask, position ids, rotary embeddings; no cache; in a
+model whose layers attend differently, as ``config.layer_types`` lists them, those of each type), then
 yields each block with its inputs; when the caller has compressed the block, the driver runs it
 again to produce the next block's inputs. Peak memory is one block's activations for the
 calibration set plus one block's weights. Hooks are removed on every exit path.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Any
 
@@ -32,10 +33,22 @@ class BlockInputs:
     hidden: list[Tensor]  # per batch: (B, T, D)
     args: list[tuple[Any, ...]]  # per batch: further positional arguments
     kwargs: list[dict[str, Any]]  # per batch: the other arguments (mask, positions, rotary)
+    # a model whose layers differ in attention (sliding-window and full layers, each with its own
+    # mask and rotary: Gemma 2/3): each block's type, and the kwargs of each type
+    layer_types: tuple[str, ...] = ()
+    by_type: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
     @property
     def n_tokens(self) -> int:
         return sum(h.shape[0] * h.shape[1] for h in self.hidden)
+
+    def at(self, i: int) -> BlockInputs:
+        """These inputs as block ``i`` receives them (its layer type's mask and rotary)."""
+        return replace(self, kwargs=self.by_type[self.layer_types[i]]) if self.by_type else self
+
+    def through(self, i: int, block: nn.Module) -> BlockInputs:
+        """The next block's inputs: block ``i``'s outputs on these."""
+        return replace(self, hidden=run_block(block, self.at(i)))
 
 
 @dataclass
@@ -160,8 +173,30 @@ def first_block_inputs(model: nn.Module, windows: Tensor, batch_size: int) -> Bl
     stream = stream_of(model)
     if stream is not None:
         with resident(model, adapter.embeddings()):
-            return _first_block_inputs(model, adapter, windows, batch_size, stream.device)
-    return _first_block_inputs(model, adapter, windows, batch_size, next(model.parameters()).device)
+            return _typed_inputs(model, adapter, windows, batch_size, stream.device)
+    return _typed_inputs(model, adapter, windows, batch_size, next(model.parameters()).device)
+
+
+def _typed_inputs(
+    model: nn.Module, adapter: Adapter, windows: Tensor, batch_size: int, device: torch.device
+) -> BlockInputs:
+    """The first block's inputs; where ``config.layer_types`` names more than one type, also the
+    kwargs the first block would get were it of each type (the model's forward picks the mask and
+    rotary by that list, so the first entry is relabelled for each capture)."""
+    config = model.config  # type: ignore[union-attr]
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    types = list(getattr(config, "layer_types", None) or [])
+    inputs = _first_block_inputs(model, adapter, windows, batch_size, device)
+    if len(set(types)) < 2 or len(types) != adapter.num_blocks:
+        return inputs
+    by_type = {}
+    try:
+        for t in dict.fromkeys(types):
+            config.layer_types = [t, *types[1:]]
+            by_type[t] = _first_block_inputs(model, adapter, windows, batch_size, device).kwargs
+    finally:
+        config.layer_types = types
+    return replace(inputs, layer_types=tuple(types), by_type=by_type)
 
 
 def _first_block_inputs(
@@ -288,7 +323,7 @@ def _streamed_head_stats(
     inputs = first_block_inputs(model, windows, batch_size)
     for i in range(adapter.num_blocks):
         with resident(model, [adapter.block_name(i)]):
-            inputs = BlockInputs(run_block(adapter.blocks()[i], inputs), inputs.args, inputs.kwargs)
+            inputs = inputs.through(i, adapter.blocks()[i])
     norm_name, norm = adapter.final_norm()
     with resident(model, [norm_name, head_name]):
         stats = {head_name: make(model.get_submodule(head_name))}
@@ -311,7 +346,7 @@ def blockwise(
         for i in track(range(adapter.num_blocks), "calibrating blocks", enabled=progress):
             with resident(model, [adapter.block_name(i)], changed=True):
                 block = adapter.blocks()[i]
-                yield i, block, inputs
-                inputs = BlockInputs(run_block(block, inputs), inputs.args, inputs.kwargs)
+                yield i, block, inputs.at(i)
+                inputs = inputs.through(i, block)
     finally:
         model.train(was_training)

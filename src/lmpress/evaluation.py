@@ -10,7 +10,7 @@ agreement are computed on the same positions.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lmpress.arch import Adapter
-from lmpress.calib import BlockInputs, first_block_inputs, run_block
+from lmpress.calib import first_block_inputs, run_block
 from lmpress.errors import EvaluationError
 from lmpress.io import weight_bytes
 from lmpress.progress import phase, track
@@ -180,7 +180,7 @@ def streamed_quality(
     for i in track(range(adapters[0].num_blocks), "evaluating blocks", enabled=progress):
         for k, (m, a) in enumerate(zip(through, adapters, strict=False)):
             with resident(m, [a.block_name(i)]):
-                inputs[k] = BlockInputs(run_block(a.blocks()[i], inputs[k]), inputs[k].args, inputs[k].kwargs)
+                inputs[k] = replace(inputs[k], hidden=run_block(a.blocks()[i], inputs[k].at(i)))
     hidden = [inp.hidden for inp in inputs]
     if reference is not None and reference_hidden is not None:
         hidden.append(reference_hidden)

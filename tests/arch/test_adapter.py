@@ -20,6 +20,7 @@ EXPECTED_LINEARS = {
     "phi": 6,
     "gemma": 7,
     "qwen3": 7,
+    "smollm3": 7,
 }
 
 

@@ -74,7 +74,7 @@ def test_supported_lists() -> None:
     assert registry.supported_architectures() == sorted(specs())
     assert set(TINY_ARCHS) <= set(specs())
     assert supporting("onnx") == ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
-    assert supporting("hidden_prunable") == ["llama", "mistral", "qwen2", "qwen3"]
+    assert supporting("hidden_prunable") == ["llama", "mistral", "qwen2", "qwen3", "smollm3"]
     assert spec_for("gpt_neox").gguf is not None and spec_for("gpt_neox").gguf.arch == "gptneox"
     assert spec_for("opt").gguf is None
 
@@ -143,3 +143,15 @@ def test_a_new_family_is_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         registry.specs.cache_clear()
         sys.modules.pop("lmpress.arch.families.tinyfam", None)
     assert not registry.is_supported("tinyfam")
+
+
+def test_smollm3_layers_without_rope_llama_cpp_would_rotate_are_refused() -> None:
+    """llama.cpp's smollm3 skips rope on every fourth layer only; another pattern is refused."""
+    from lmpress.errors import ExportError
+
+    config = tiny_config("smollm3", 256)
+    gguf = spec_for("smollm3").gguf
+    assert gguf is not None and "smollm3.block_count" in gguf.metadata(config, 256)
+    config.no_rope_layers = [1, 0]
+    with pytest.raises(ExportError, match="every fourth layer"):
+        gguf.metadata(config, 256)

@@ -181,7 +181,21 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
 
 
 @needs_llama
-@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gpt2", "gpt_neox", "phi", "gemma", "qwen3"])
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "llama",
+        "mistral",
+        "qwen2",
+        "gpt2",
+        "gpt_neox",
+        "phi",
+        "gemma",
+        "qwen3",
+        "smollm3",
+        "gemma2",
+    ],
+)
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
     """Each family, dense and with 8-bit codes (GPT-2's Conv1D transposed), matches in llama.cpp."""
     src = trained_dir(arch)

@@ -62,6 +62,8 @@ ROLE_NAMES = {
     "attn_k_norm": "attn_k_norm",
     "position_embd": "position_embd",
     "attn_qkv": "attn_qkv",
+    "attn_post_norm": "post_attention_norm",  # a post-norm: normalizes the attention's output (Gemma 2/3)
+    "ffn_post_norm": "post_ffw_norm",  # normalizes the MLP's output
 }
 
 
