@@ -16,7 +16,20 @@ from lmpress.sources import load_documents
 
 torch.set_num_threads(int(os.environ.get("LMPRESS_TEST_THREADS", os.environ.get("OMP_NUM_THREADS", "2"))))
 
-TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2", "opt", "gpt_neox", "phi", "gemma", "qwen3", "gemma2", "smollm3")
+TINY_ARCHS = (
+    "llama",
+    "mistral",
+    "qwen2",
+    "gpt2",
+    "opt",
+    "gpt_neox",
+    "phi",
+    "gemma",
+    "qwen3",
+    "gemma2",
+    "gemma3_text",
+    "smollm3",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -111,6 +124,18 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "max_position_embeddings": 512,
             "query_pre_attn_scalar": 16,
             "sliding_window": 32,
+        },
+        "gemma3_text": {  # a local and a global layer, each with its own rotary base
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "query_pre_attn_scalar": 16,
+            "sliding_window": 32,
+            "layer_types": ["sliding_attention", "full_attention"],
         },
         "qwen3": {
             "hidden_size": 64,

@@ -194,6 +194,7 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "qwen3",
         "smollm3",
         "gemma2",
+        "gemma3_text",
     ],
 )
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
