@@ -29,6 +29,7 @@ TINY_ARCHS = (
     "gemma2",
     "gemma3_text",
     "smollm3",
+    "olmo2",
 )
 
 
@@ -155,6 +156,15 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "head_dim": 16,
             "max_position_embeddings": 512,
             "pad_token_id": None,
+        },
+        "olmo2": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
         },
     }
     return AutoConfig.for_model(arch, **common, **kw[arch])

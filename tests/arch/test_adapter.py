@@ -21,6 +21,7 @@ EXPECTED_LINEARS = {
     "gemma": 7,
     "qwen3": 7,
     "smollm3": 7,
+    "olmo2": 7,
     "gemma2": 7,
     "gemma3_text": 7,
 }

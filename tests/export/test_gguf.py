@@ -193,6 +193,7 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "gemma",
         "qwen3",
         "smollm3",
+        "olmo2",
         "gemma2",
         "gemma3_text",
     ],

@@ -68,6 +68,9 @@ class Spec:
     linears: dict[str, str]  # block-relative path -> role, attention first, in the order they compute
     norms: tuple[Norm, ...]  # block-relative
     qkv: QKVLayout = "separate"
+    # what the optional attn_q_norm / attn_k_norm normalize: each head (Qwen3) or the whole
+    # projection output, all heads at once (OLMo 2), which loses a head's rows with the head
+    qk_norm: Literal["head", "projection"] = "head"
     conv1d: bool = False  # GPT-2: linear weights stored (in, out)
     # (previous op, linears reading its output): a per-channel scale can move from the linears'
     # input columns into the previous op's outputs (a norm, or a linear followed by nothing or by a
@@ -119,8 +122,9 @@ class Spec:
     @property
     def hidden_prunable(self) -> bool:
         """Hidden channels can be removed: the config can state the head width apart from the
-        hidden size, and nothing reads the hidden size from the config at run time."""
-        return self.head_dim_in_config and not self.embed_scale
+        hidden size, and nothing reads the hidden size from the config at run time (nor a q/k norm
+        over a whole projection, which can be as wide as the hidden size)."""
+        return self.head_dim_in_config and not self.embed_scale and self.qk_norm == "head"
 
     def token_embedding(self) -> str:
         return next(iter(self.embeddings))

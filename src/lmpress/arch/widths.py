@@ -104,6 +104,12 @@ def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
         slice_linear(lin[0], rows=_span(q_heads, hd))
         slice_linear(lin[1], rows=_span(keep, hd))
         slice_linear(lin[2], rows=_span(keep, hd))
+        if adapter.spec.qk_norm == "projection":  # norms over the whole q / k outputs lose the same rows
+            for role, rows in (("attn_q_norm", _span(q_heads, hd)), ("attn_k_norm", _span(keep, hd))):
+                if adapter.has_role(i, role):
+                    norm = adapter.role(i, role)
+                    weight: Tensor = norm.weight  # type: ignore[assignment]
+                    norm.weight = nn.Parameter(weight.detach()[rows].clone())
     slice_linear(lin[-1], cols=_span(q_heads, hd))
     for attr in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(attn, attr, None), int):
