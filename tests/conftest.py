@@ -28,6 +28,7 @@ TINY_ARCHS = (
     "qwen3",
     "gemma2",
     "gemma3_text",
+    "starcoder2",
     "smollm3",
     "olmo2",
 )
@@ -137,6 +138,14 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "query_pre_attn_scalar": 16,
             "sliding_window": 32,
             "layer_types": ["sliding_attention", "full_attention"],
+        },
+        "starcoder2": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
         },
         "qwen3": {
             "hidden_size": 64,

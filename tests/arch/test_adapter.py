@@ -24,6 +24,7 @@ EXPECTED_LINEARS = {
     "olmo2": 7,
     "gemma2": 7,
     "gemma3_text": 7,
+    "starcoder2": 6,
 }
 
 

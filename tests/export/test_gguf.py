@@ -196,6 +196,7 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "olmo2",
         "gemma2",
         "gemma3_text",
+        "starcoder2",
     ],
 )
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
