@@ -31,6 +31,7 @@ TINY_ARCHS = (
     "starcoder2",
     "smollm3",
     "olmo2",
+    "granite",
 )
 
 
@@ -174,6 +175,19 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "num_key_value_heads": 2,
             "head_dim": 16,
             "max_position_embeddings": 512,
+        },
+        "granite": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "embedding_multiplier": 6.0,
+            "residual_multiplier": 0.5,
+            "attention_multiplier": 0.2,
+            "logits_scaling": 4.0,
         },
     }
     return AutoConfig.for_model(arch, **common, **kw[arch])

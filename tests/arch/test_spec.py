@@ -74,7 +74,7 @@ def test_supported_lists() -> None:
     assert registry.supported_architectures() == sorted(specs())
     assert set(TINY_ARCHS) <= set(specs())
     assert supporting("onnx") == ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
-    assert supporting("hidden_prunable") == ["llama", "mistral", "qwen2", "qwen3", "smollm3"]
+    assert supporting("hidden_prunable") == ["granite", "llama", "mistral", "qwen2", "qwen3", "smollm3"]
     assert spec_for("gpt_neox").gguf is not None and spec_for("gpt_neox").gguf.arch == "gptneox"
     assert spec_for("opt").gguf is None
 
