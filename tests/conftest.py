@@ -32,6 +32,7 @@ TINY_ARCHS = (
     "smollm3",
     "olmo2",
     "granite",
+    "ministral",
 )
 
 
@@ -188,6 +189,17 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "residual_multiplier": 0.5,
             "attention_multiplier": 0.2,
             "logits_scaling": 4.0,
+        },
+        "ministral": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "max_position_embeddings": 512,
+            "sliding_window": 512,
+            "layer_types": ["sliding_attention", "full_attention"],
         },
     }
     return AutoConfig.for_model(arch, **common, **kw[arch])

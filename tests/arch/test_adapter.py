@@ -23,6 +23,7 @@ EXPECTED_LINEARS = {
     "smollm3": 7,
     "olmo2": 7,
     "granite": 7,
+    "ministral": 7,
     "gemma2": 7,
     "gemma3_text": 7,
     "starcoder2": 6,

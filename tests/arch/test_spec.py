@@ -74,7 +74,7 @@ def test_supported_lists() -> None:
     assert registry.supported_architectures() == sorted(specs())
     assert set(TINY_ARCHS) <= set(specs())
     assert supporting("onnx") == ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
-    assert supporting("hidden_prunable") == ["granite", "llama", "mistral", "qwen2", "qwen3", "smollm3"]
+    assert supporting("hidden_prunable") == ["granite", "llama", "ministral", "mistral", "qwen2", "qwen3", "smollm3"]
     assert spec_for("gpt_neox").gguf is not None and spec_for("gpt_neox").gguf.arch == "gptneox"
     assert spec_for("opt").gguf is None
 
@@ -155,3 +155,14 @@ def test_smollm3_layers_without_rope_llama_cpp_would_rotate_are_refused() -> Non
     config.no_rope_layers = [1, 0]
     with pytest.raises(ExportError, match="every fourth layer"):
         gguf.metadata(config, 256)
+
+
+def test_ministral_sliding_window_is_the_gguf_context() -> None:
+    """llama.cpp's llama attends over its whole context: a window shorter than the context becomes it."""
+    config = tiny_config("ministral", 256)
+    gguf = spec_for("ministral").gguf
+    assert gguf is not None and gguf.metadata(config, 256)["llama.context_length"].value == 512
+    config.sliding_window = 128
+    assert gguf.metadata(config, 256)["llama.context_length"].value == 128
+    config.layer_types = ["full_attention", "full_attention"]
+    assert gguf.metadata(config, 256)["llama.context_length"].value == 512

@@ -195,6 +195,7 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "smollm3",
         "olmo2",
         "granite",
+        "ministral",
         "gemma2",
         "gemma3_text",
         "starcoder2",
