@@ -29,6 +29,7 @@ TINY_ARCHS = (
     "gemma2",
     "gemma3_text",
     "starcoder2",
+    "stablelm",
     "smollm3",
     "olmo2",
     "granite",
@@ -148,6 +149,15 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
             "max_position_embeddings": 512,
+        },
+        "stablelm": {
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 512,
+            "use_qkv_bias": True,
         },
         "qwen3": {
             "hidden_size": 64,

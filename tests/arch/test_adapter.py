@@ -27,6 +27,7 @@ EXPECTED_LINEARS = {
     "gemma2": 7,
     "gemma3_text": 7,
     "starcoder2": 6,
+    "stablelm": 7,
 }
 
 

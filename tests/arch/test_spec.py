@@ -118,6 +118,28 @@ def test_fold_into_a_one_plus_w_norm_keeps_the_function() -> None:
     torch.testing.assert_close(lin(norm(x_hat)).detach(), before, atol=1e-5, rtol=1e-5)
 
 
+def test_a_parallel_block_folds_into_the_norm_both_sublayers_read() -> None:
+    """StableLM with a parallel residual: one norm feeds attention and MLP, so its scale group takes
+    q, k, v, gate and up, the absent second norm has none, and folding keeps the model's function."""
+    torch.manual_seed(0)
+    config = tiny_config("stablelm", 256)
+    config.use_parallel_residual = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    a = Adapter(model)
+    groups = {name.split(".", 3)[-1]: set(linears) for name, _, linears in a.scale_groups(0)}
+    assert "post_attention_layernorm" not in groups
+    reads = {n.rsplit(".", 1)[-1] for n in groups["input_layernorm"]}
+    assert reads == {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    ids = torch.randint(0, 256, (2, 12))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        for i in range(a.num_blocks):
+            for name, prev, linears in a.scale_groups(i):
+                width = linear_weight(next(iter(linears.values()))).shape[1]
+                fold_scales(prev, linears, torch.rand(width) + 0.5, a.norm_kind(name))
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=1e-4, atol=1e-4)
+
+
 def test_a_new_family_is_one_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A module dropped into the families package is found by every consumer, with no other edit."""
     from lmpress.arch import families

@@ -199,6 +199,7 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "gemma2",
         "gemma3_text",
         "starcoder2",
+        "stablelm",
     ],
 )
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -216,6 +217,34 @@ def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tm
         ids = tokenize_documents(docs, loaded.tokenizer)[:200].tolist()
         kl = _llama_check(out, r.model, loaded.tokenizer, ids)
         assert kl < KL_MAX, (arch, recipe, kl)
+
+
+@needs_llama
+def test_per_head_norms_and_a_parallel_residual_in_llama_cpp(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """StableLM 2 12B's layout: a LayerNorm per query and key head, written stacked (heads, head_dim),
+    and the MLP reading the attention's norm (no ffn_norm written), as llama.cpp's stablelm reads them."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config("stablelm", len(tokenizer))
+    config.qk_layernorm, config.use_parallel_residual, config.initializer_range = True, True, 0.2
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # per-head norms that differ, so the order of the stacked rows matters
+        for name, p in model.named_parameters():
+            if "layernorm.norms" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + (1 if name.endswith("weight") else 0))
+    out = tmp_path / "stablelm.gguf"
+    export(LoadedModel(model, tokenizer, "stablelm", tmp_path), "gguf", out)
+    tensors = _reader_tensors(out)
+    assert "blk.0.attn_q_norm.weight" in tensors and "blk.0.ffn_norm.weight" not in tensors
+    k_norm = np.asarray(tensors["blk.1.attn_k_norm.weight"].data)  # type: ignore[attr-defined]
+    want = torch.stack([n.weight for n in model.model.layers[1].self_attn.k_layernorm.norms])
+    assert np.array_equal(k_norm.reshape(want.shape), want.detach().numpy())
+    docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
+    ids = tokenize_documents(docs, tokenizer)[:200].tolist()
+    assert _llama_check(out, model, tokenizer, ids) < KL_MAX
 
 
 def test_a_layer_without_an_exact_type_is_refused_or_requantized(tmp_path: Path) -> None:

@@ -89,7 +89,7 @@ class Adapter:
         """
         post_norm = not self.spec.is_pre_norm(self.model.config)
         out = []
-        for prev_rel, linear_rels in self.spec.scale_groups:
+        for prev_rel, linear_rels in self.spec.scale_groups_for(self.model.config):
             if post_norm and prev_rel in self.spec.norm_paths:
                 continue
             prev_name = f"{self.block_name(i)}.{prev_rel}"

@@ -83,6 +83,9 @@ class Spec:
     tied_by_default: bool = False  # tie_word_embeddings when config.json does not say
     rotary_emb: str = ""  # the module that computes rotary cos/sin for the whole model, where there is one
     pre_norm_key: str | None = None  # a config flag that, when false, puts the norms after the sublayers
+    # a config flag that, when true, feeds the MLP from the attention's norm (StableLM's parallel
+    # residual): the first norm's scale group takes the second's linears, and the second norm is absent
+    parallel_key: str | None = None
     gguf: GGUF | None = None
     onnx: Literal["llama", "gpt2"] | None = None  # the graph lmpress's ONNX writer builds for it
     onnx_refuse: Callable[[Any], str | None] = field(default=lambda config: None)  # why not, for a config
@@ -138,6 +141,15 @@ class Spec:
 
     def is_pre_norm(self, config: Any) -> bool:
         return self.pre_norm_key is None or bool(getattr(config, self.pre_norm_key, True))
+
+    def scale_groups_for(self, config: Any) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The scale groups of a model with ``config``: where ``parallel_key`` is set in it, the first
+        norm's group takes the linears of the second norm's group (one norm feeds both sublayers)."""
+        if self.parallel_key is None or not getattr(config, self.parallel_key, False):
+            return self.scale_groups
+        (first, reads), (second, more) = [g for g in self.scale_groups if g[0] in self.norm_paths][:2]
+        merged = {first: (first, reads + more)}
+        return tuple(merged.get(g[0], g) for g in self.scale_groups if g[0] != second)
 
     def gguf_row_order(self, role: str, rows: int, config: Any) -> Tensor | None:
         """How llama.cpp orders the output rows of a projection, as indices into the model's rows

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from lmpress.arch import Adapter, NormKind, is_conv1d, supporting
@@ -88,6 +89,10 @@ def _family_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Par
 
 def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None, kind: NormKind) -> list[Part]:
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
+    heads = getattr(norm, "norms", None)
+    if weight is None and isinstance(heads, nn.ModuleList):  # one norm per head (StableLM): (heads, head_dim)
+        weight = torch.stack([h.weight for h in heads])
+        bias = torch.stack([h.bias for h in heads]) if getattr(heads[0], "bias", None) is not None else None
     assert isinstance(weight, Tensor)
     out = [Part(role, name, norm, "norm", block, weight, norm_kind=kind)]
     if isinstance(bias, Tensor):
