@@ -183,7 +183,7 @@ def _typed_inputs(
     """The first block's inputs; where ``config.layer_types`` names more than one type, also the
     kwargs the first block would get were it of each type (the model's forward picks the mask and
     rotary by that list, so the first entry is relabelled for each capture)."""
-    config = model.config  # type: ignore[union-attr]
+    config: Any = model.config
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
     types = list(getattr(config, "layer_types", None) or [])
     inputs = _first_block_inputs(model, adapter, windows, batch_size, device)

@@ -91,8 +91,9 @@ def _norm_parts(role: str, name: str, norm: nn.Module, block: int | None, kind: 
     weight, bias = getattr(norm, "weight", None), getattr(norm, "bias", None)
     heads = getattr(norm, "norms", None)
     if weight is None and isinstance(heads, nn.ModuleList):  # one norm per head (StableLM): (heads, head_dim)
-        weight = torch.stack([h.weight for h in heads])
-        bias = torch.stack([h.bias for h in heads]) if getattr(heads[0], "bias", None) is not None else None
+        weight = torch.stack([h.get_parameter("weight") for h in heads])
+        has_bias = getattr(heads[0], "bias", None) is not None
+        bias = torch.stack([h.get_parameter("bias") for h in heads]) if has_bias else None
     assert isinstance(weight, Tensor)
     out = [Part(role, name, norm, "norm", block, weight, norm_kind=kind)]
     if isinstance(bias, Tensor):
