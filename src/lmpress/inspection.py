@@ -6,7 +6,10 @@ dense-equivalent, the recipe, each stage's report, the metrics against the origi
 it was calibrated and evaluated on. A plain Hugging Face directory shows its architecture and
 tensors; an export what its exporter reads (`lmpress.export.base.Exporter.contents`): a GGUF
 file its metadata and tensor types (llama.cpp's names), an ONNX directory its initializers by the
-operator that uses them (``MatMulNBits``, ``MatMulInteger``, dense).
+operator that uses them (``MatMulNBits``, ``MatMulInteger``, dense). A directory also shows how
+lmpress reads its model (`layout`): the family's spec or, without one, what was found by structure
+(`lmpress.arch.discover`), the blocks, one block's linears with their roles, and what each class of
+method can do with it.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmpress.arch import Adapter
 from lmpress.errors import ModelLoadError
 from lmpress.export.base import Exporter
 from lmpress.export.registry import exporter_for
 from lmpress.io import META_FILE, check_safetensors, check_weights, read_config, resolve_path, weight_bytes
 from lmpress.io.meta import read_meta, show
+from lmpress.preflight import meta_adapter
 
-__all__ = ["FormatGroup", "Inspection", "inspect_model"]
+__all__ = ["FormatGroup", "Inspection", "capabilities", "inspect_model", "layout"]
 
 # safetensors dtype -> bytes per element (for counting elements from byte ranges)
 _ST_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
@@ -55,6 +60,7 @@ class Inspection:
     formats: list[FormatGroup]
     bytes_on_disk: int
     meta: dict[str, Any] = field(default_factory=dict)
+    layout: dict[str, Any] = field(default_factory=dict)  # how lmpress reads the model (`layout`)
 
     @property
     def parameters(self) -> int:
@@ -84,6 +90,7 @@ class Inspection:
             "bits_per_weight": self.bits_per_weight,
             "bits_per_kept_weight": self.bits_per_kept_weight,
             "formats": [{**asdict(g), "bits_per_weight": g.bits_per_weight} for g in self.formats],
+            **({"layout": self.layout} if self.layout else {}),
             **self.meta,
         }
 
@@ -220,6 +227,50 @@ def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     return arch
 
 
+NEEDS_SPEC = "needs a spec"
+
+
+def capabilities(adapter: Adapter) -> dict[str, str]:
+    """What each class of method can do with the model: "yes", "needs a spec" (a model lmpress
+    reads by structure: the method needs roles), or why not for this family."""
+    spec = adapter.spec
+
+    def where(has: bool) -> str:
+        return "yes" if has else NEEDS_SPEC if spec.generic else "not for this family"
+
+    return {
+        "quantize (rtn gptq hqq)": "yes",
+        "prune (magnitude wanda sparsegpt n:m)": "yes",
+        "lowrank cluster drop_blocks vocab cast": "yes",
+        "awq/smoothquant": where(bool(spec.scale_groups)),
+        "structured/share": where(not spec.generic),
+        "hidden": where(spec.hidden_prunable),
+        "stream": "yes" if spec.final_norm is not None else "no: loads whole",
+        "gguf export": where(spec.gguf is not None),
+        "onnx export": where(spec.onnx is not None),
+        "compressed-tensors export": "yes",
+    }
+
+
+def layout(path: Path) -> dict[str, Any]:
+    """How lmpress reads the model in ``path`` (its architecture built on the meta device, no
+    weights read): family, blocks, one block's linears and their roles, `capabilities`."""
+    adapter = meta_adapter(path)
+    if isinstance(adapter, str):
+        return {"family": None, "why": adapter}
+    spec = adapter.spec
+    prefix = adapter.block_name(0) + "."
+    return {
+        "family": None if spec.generic else spec.name,
+        "generic": spec.generic,
+        "blocks": spec.blocks,
+        "num_blocks": adapter.num_blocks,
+        "linears": {n.removeprefix(prefix): r for n, r in adapter.linear_roles(0).items()},
+        "final_norm": spec.final_norm.path if spec.final_norm is not None else None,
+        "can": capabilities(adapter),
+    }
+
+
 def _exported(path: Path, exporter: Exporter) -> Inspection:
     """An export's contents as its exporter reads them, grouped by storage format."""
     contents = exporter.contents(path)
@@ -256,4 +307,5 @@ def inspect_model(source: str | Path) -> Inspection:
             f"{str(e)[:60]}); re-run the compression"
         ) from None
     kind = "lmpress" if (path / META_FILE).is_file() else "huggingface"
-    return Inspection(str(source), kind, _architecture(path, meta), formats, weight_bytes(path), meta)
+    arch = _architecture(path, meta)
+    return Inspection(str(source), kind, arch, formats, weight_bytes(path), meta, layout(path))

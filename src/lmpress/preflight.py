@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from lmpress.arch import is_supported
+from lmpress.arch import Adapter, is_supported
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
 from lmpress.federated.core import check_clients
@@ -148,11 +149,41 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
     if not any(path.glob("*.safetensors")):
         return "its weights are not safetensors"
     if not is_supported(read_config(path).get("model_type")):
-        return "lmpress does not know its block layout"
+        why = _generic_layout(path)
+        if why is not None:
+            return why
     registry = methods()
     for i, stage in enumerate(recipe.stages, 1):
         if stage.method not in registry or not registry[stage.method].streams:
             return f"stage {i} ({stage.method}) needs the whole model"
+    return None
+
+
+def meta_adapter(path: Path) -> Adapter | str:
+    """The `Adapter` of ``path``'s architecture built on the meta device (no weights read), or why
+    there is none (transformers cannot build it; lmpress has no spec and finds no blocks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM  # at first use: importing it takes seconds
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # the whole load reports what is wrong with it
+        return "lmpress does not know its block layout"
+    try:
+        return Adapter(model)
+    except ModelLoadError:
+        return "lmpress has no spec for it and finds no decoder blocks in it"
+
+
+def _generic_layout(path: Path) -> str | None:
+    """Why a model without a spec cannot stream (None: its blocks and the module between them and
+    the head are found by structure, `lmpress.arch.discover`)."""
+    adapter = meta_adapter(path)
+    if isinstance(adapter, str):
+        return adapter
+    if adapter.spec.final_norm is None:
+        return "lmpress has no spec for it and cannot tell what runs between its blocks and its logits"
     return None
 
 

@@ -186,6 +186,7 @@ def plan(members: dict[tuple[Part, int], Member], config: ShareConfig, total: in
 def apply(model: nn.Module, config: ShareConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     adapter = Adapter(model)
+    adapter.require_roles("share", "attention and MLP layers", "use lowrank or cluster")
     check_groups(adapter, config)
     parts = sorted({g.part for g in config.groups}) if config.groups else config.parts
     members: dict[tuple[Part, int], Member] = {}

@@ -6,20 +6,23 @@ ONNX writer call it); `Adapter` finds those parts in a loaded model. Everything 
 never spelling a module path or a family name itself.
 """
 
-from lmpress.arch.adapter import Adapter, is_conv1d, linear_weight, replace_module
+from lmpress.arch.adapter import Adapter, linear_weight, replace_module
 from lmpress.arch.config import CONFIG_KEYS, POSITION_KEYS, Shapes
+from lmpress.arch.discover import GENERIC_ROLE, discover, is_conv1d, is_linear
 from lmpress.arch.registry import (
     is_supported,
     spec_for,
     specs,
     supported_architectures,
     supporting,
+    transformers_knows,
     unknown_architecture,
 )
 from lmpress.arch.spec import GGUF, Norm, NormKind, Spec, rope_permutation
 
 __all__ = [
     "CONFIG_KEYS",
+    "GENERIC_ROLE",
     "GGUF",
     "POSITION_KEYS",
     "Adapter",
@@ -27,7 +30,9 @@ __all__ = [
     "NormKind",
     "Shapes",
     "Spec",
+    "discover",
     "is_conv1d",
+    "is_linear",
     "is_supported",
     "linear_weight",
     "replace_module",
@@ -36,5 +41,6 @@ __all__ = [
     "specs",
     "supported_architectures",
     "supporting",
+    "transformers_knows",
     "unknown_architecture",
 ]

@@ -3,21 +3,19 @@
 Methods, exporters and streaming ask an `Adapter` for "the blocks", "the attention projections of
 block i", "the norm in front of these linears and its kind" or "the module whose role is attn_v",
 and never spell a path themselves. GPT-2's transposed ``Conv1D`` is handled here too
-(`linear_weight`).
+(`linear_weight`). A model whose family has no spec gets the one `lmpress.arch.discover` reads
+from its structure (blocks and linears, no roles); what needs roles refuses it
+(`Adapter.require_roles`).
 """
 
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from lmpress.arch.registry import spec_for
-from lmpress.arch.spec import NormKind
-from lmpress.errors import ModelLoadError
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """GPT-2's ``Conv1D``: a linear layer whose weight is stored transposed, (in, out)."""
-    return type(module).__name__ == "Conv1D"
+from lmpress.arch.discover import discover, is_conv1d
+from lmpress.arch.registry import is_supported, spec_for
+from lmpress.arch.spec import NormKind, Spec
+from lmpress.errors import LmpressError, ModelLoadError
 
 
 def linear_weight(module: nn.Module) -> Tensor:
@@ -32,13 +30,25 @@ class Adapter:
 
     def __init__(self, model: nn.Module) -> None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        self.spec = spec_for(model_type)
         self.model = model
         self.model_type: str = str(model_type)
+        self.spec = spec_for(model_type) if is_supported(model_type) else _discovered(model)
+        if self.spec.generic:
+            return
+        assert self.spec.final_norm is not None
         for path in (self.spec.blocks, self.spec.final_norm.path, *self.spec.embeddings):
             self._get(path)
         for name in (*self.spec.attention, *self.spec.mlp):
             self._get(f"{self.spec.blocks}.0.{name}")
+
+    def require_roles(self, what: str, needs: str, instead: str, error: type[LmpressError] = LmpressError) -> None:
+        """Refuse ``what`` for a model without a spec, in one line: what it ``needs`` lmpress to
+        know and what to do ``instead``; nothing for a model whose family has a spec."""
+        if self.spec.generic:
+            raise error(
+                f"{what} needs lmpress to know the {self.model_type} family's {needs} (no spec in "
+                f"lmpress/arch/families); {instead}, or add a spec"
+            )
 
     def _get(self, path: str) -> nn.Module:
         try:
@@ -61,7 +71,13 @@ class Adapter:
         return f"{self.spec.blocks}.{i}"
 
     def _block_modules(self, i: int, names: tuple[str, ...]) -> dict[str, nn.Module]:
-        return {f"{self.block_name(i)}.{n}": self._get(f"{self.block_name(i)}.{n}") for n in names}
+        out = {}
+        for n in names:
+            name = f"{self.block_name(i)}.{n}"
+            if self.spec.generic and not self._has(name):  # a hybrid model's blocks differ
+                continue
+            out[name] = self._get(name)
+        return out
 
     def attention_linears(self, i: int) -> dict[str, nn.Module]:
         """Full name -> module of block i's attention projections (q, k, v, o or fused qkv, o)."""
@@ -71,6 +87,8 @@ class Adapter:
         return self._block_modules(i, self.spec.mlp)
 
     def block_linears(self, i: int) -> dict[str, nn.Module]:
+        if self.spec.generic:  # no attention or MLP roles: every linear found, by position
+            return self._block_modules(i, tuple(self.spec.linears))
         return {**self.attention_linears(i), **self.mlp_linears(i)}
 
     def linears(self) -> dict[str, nn.Module]:
@@ -122,7 +140,11 @@ class Adapter:
 
     def linear_roles(self, i: int) -> dict[str, str]:
         """Full name -> role (``attn_q``, ``ffn_down`` ...) of block i's linear projections."""
-        return {f"{self.block_name(i)}.{p}": r for p, r in self.spec.linears.items()}
+        return {
+            f"{self.block_name(i)}.{p}": r
+            for p, r in self.spec.linears.items()
+            if not self.spec.generic or self._has(f"{self.block_name(i)}.{p}")
+        }
 
     def role_name(self, i: int, role: str) -> str:
         """Full name of block i's module with ``role`` (a linear or a norm)."""
@@ -167,6 +189,12 @@ class Adapter:
         raise ModelLoadError(f"{self.model_type} model has no output head; lmpress needs a causal LM")
 
     def final_norm(self) -> tuple[str, nn.Module]:
+        """Name and module of what runs between the last block and the head."""
+        if self.spec.final_norm is None:
+            raise ModelLoadError(
+                f"{self.model_type} model: lmpress has no spec for it and cannot tell what runs between its "
+                "blocks and its logits; load it whole"
+            )
         return self.spec.final_norm.path, self._get(self.spec.final_norm.path)
 
     def non_embedding_parameters(self) -> int:
@@ -179,6 +207,16 @@ class Adapter:
                 seen.add(id(p))
                 n += p.numel()
         return n
+
+
+def _discovered(model: nn.Module) -> Spec:
+    """The generic spec of a model without one, found once and kept on the model (a later stage
+    sees the same blocks and linears, whatever it replaced them with)."""
+    spec = model.__dict__.get("_lmpress_spec")
+    if not isinstance(spec, Spec):
+        spec = discover(model)
+        model.__dict__["_lmpress_spec"] = spec
+    return spec
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -1,5 +1,6 @@
 """Every family lmpress knows, by ``config.json`` ``model_type``: found in `lmpress.arch.families`,
-one module per family, so that adding a family is adding one file."""
+one module per family, so that adding a family is adding one file. A model_type without a spec
+that transformers builds is opened by its structure (`lmpress.arch.discover`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,13 @@ def is_supported(model_type: object) -> bool:
     return isinstance(model_type, str) and model_type in specs()
 
 
+def transformers_knows(model_type: object) -> bool:
+    """transformers has a config class for ``model_type`` (it may build it without a spec here)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # importing it takes seconds
+
+    return isinstance(model_type, str) and model_type in CONFIG_MAPPING
+
+
 def spec_for(model_type: object) -> Spec:
     """The spec of a model_type, or the one-line error that lists the supported ones."""
     if not is_supported(model_type):
@@ -42,10 +50,11 @@ def supported_architectures() -> list[str]:
     return sorted(specs())
 
 
-def unknown_architecture(model_type: object) -> ModelLoadError:
+def unknown_architecture(model_type: object, why: str = "lmpress has no spec for it") -> ModelLoadError:
     return ModelLoadError(
-        f"unknown architecture {model_type!r} (config.json model_type); lmpress supports: "
+        f"unknown architecture {model_type!r} (config.json model_type): {why}; lmpress supports: "
         + ", ".join(supported_architectures())
+        + " by spec, and other transformers decoders by their structure"
     )
 
 

@@ -21,8 +21,10 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-# LayerNorm (mean and variance, optional bias), RMSNorm (y = w * x / rms), RMSNorm over 1 + w (Gemma)
-NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_1p"]
+# LayerNorm (mean and variance, optional bias), RMSNorm (y = w * x / rms), RMSNorm over 1 + w (Gemma);
+# unknown: a module found by structure in a model without a spec (`lmpress.arch.discover`), never
+# folded into or exported
+NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_1p", "unknown"]
 # separate q/k/v projections; one fused projection whose rows are [q | k | v] (GPT-2); one whose rows
 # are per-head [q_h | k_h | v_h] triples (GPT-NeoX)
 QKVLayout = Literal["separate", "concat", "per_head"]
@@ -64,7 +66,7 @@ class Spec:
     model_types: tuple[str, ...]  # the config.json model_type values this spec describes
     blocks: str  # the ModuleList of decoder blocks
     embeddings: dict[str, str]  # path -> role; the token embedding first, then learned positions
-    final_norm: Norm
+    final_norm: Norm | None  # None: a generic spec that could not tell which module follows the blocks
     linears: dict[str, str]  # block-relative path -> role, attention first, in the order they compute
     norms: tuple[Norm, ...]  # block-relative
     qkv: QKVLayout = "separate"
@@ -89,6 +91,9 @@ class Spec:
     gguf: GGUF | None = None
     onnx: Literal["llama", "gpt2"] | None = None  # the graph lmpress's ONNX writer builds for it
     onnx_refuse: Callable[[Any], str | None] = field(default=lambda config: None)  # why not, for a config
+    # found by structure (`lmpress.arch.discover`), not declared: every linear's role is unknown
+    # ("linear"), and there are no norms, scale groups, config keys or runtime names
+    generic: bool = False
 
     @property
     def name(self) -> str:
@@ -135,7 +140,7 @@ class Spec:
     def norm_kind(self, path: str) -> NormKind | None:
         """The kind of the block norm at block-relative ``path`` (or the final norm), else None."""
         for n in (*self.norms, self.final_norm):
-            if n.path == path:
+            if n is not None and n.path == path:
                 return n.kind
         return None
 

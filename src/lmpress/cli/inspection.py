@@ -39,6 +39,23 @@ def _architecture_line(arch: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def layout_lines(layout: dict[str, Any]) -> list[str]:
+    """How lmpress reads the model: its family, blocks, one block's linears, what methods can do."""
+    if not layout:
+        return []
+    if layout.get("family") is None and not layout.get("generic"):
+        return [f"family: none found ({layout.get('why')})"]
+    family = "generic (no spec): found by structure" if layout["generic"] else f"{layout['family']} (spec)"
+    after = f", then {layout['final_norm']}" if layout.get("final_norm") else ""
+    linears = ", ".join(p if r == "linear" else f"{p} {r}" for p, r in layout["linears"].items())
+    return [
+        f"family: {family}",
+        f"blocks: {layout['blocks']} x {layout['num_blocks']}{after}",
+        "block linears" + (" (roles unknown)" if layout["generic"] else "") + f": {linears}",
+        "methods: " + "; ".join(f"{k}: {v}" for k, v in layout["can"].items()),
+    ]
+
+
 def _scalar_items(report: dict[str, Any], skip: tuple[str, ...] = ("stage", "method")) -> str:
     items = []
     for k, v in report.items():
@@ -59,6 +76,8 @@ def print_inspection(found: Any) -> None:
     console.print(f"[bold]{escape(found.source)}[/] ({kinds.get(found.kind, found.kind + ' directory')})")
     if found.architecture:
         console.print(escape(_architecture_line(found.architecture)))
+    for line in layout_lines(found.layout):
+        console.print(escape(line))
     table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False)
     for name, justify in (("storage", "left"), ("modules", "right"), ("weights", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]

@@ -75,6 +75,7 @@ def _family_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Par
         for name, role in adapter.linear_roles(i).items():
             parts += _linear_parts(model, name, role, i, densify, seen)
     norm_name, norm = adapter.final_norm()
+    assert adapter.spec.final_norm is not None  # a spec's, never a generic one
     parts += _norm_parts("output_norm", norm_name, norm, None, adapter.spec.final_norm.kind)
     head_name, head = adapter.head()
     if not _tied(head, token_embd):
@@ -147,6 +148,7 @@ def _check_uniform(parts: list[Part], model: nn.Module) -> None:
 def model_parts(model: nn.Module, densify: bool = False) -> list[Part]:
     """Every tensor-holding part of a supported model, in the order a runtime file lists them."""
     adapter = Adapter(model)
+    adapter.require_roles("export", "layer and norm roles", "keep the lmpress directory", ExportError)
     if adapter.spec.gguf is None and adapter.spec.onnx is None:
         raise ExportError(
             f"{adapter.model_type} models are not exported yet; lmpress exports "

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import is_supported, replace_module, unknown_architecture
+from lmpress.arch import is_supported, replace_module, transformers_knows, unknown_architecture
 from lmpress.arch.widths import apply_structure
 from lmpress.errors import ModelLoadError
 from lmpress.io.consistency import check_finite_weights, check_model_dir, check_plausible
@@ -165,8 +165,8 @@ def load_model(
     path = resolve_path(source)
     config = read_config(path)
     model_type = config.get("model_type")
-    if not is_supported(model_type) and not trust_remote_code:
-        raise unknown_architecture(model_type)
+    if not (is_supported(model_type) or trust_remote_code or transformers_knows(model_type)):
+        raise unknown_architecture(model_type, "neither lmpress nor transformers knows it")
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     check_weights(path, allow_pickle)

@@ -166,7 +166,9 @@ def densify_sparse(model: nn.Module) -> int:
 
 def sequential_groups(adapter: Adapter, i: int) -> list[dict[str, nn.Module]]:
     """Block i's linears in the order their inputs become available: q/k/v, the attention output,
-    the MLP inputs, the MLP output."""
+    the MLP inputs, the MLP output. A model without a spec: one group (their order is unknown)."""
+    if adapter.spec.generic:
+        return [adapter.block_linears(i)]
     attn, mlp = list(adapter.attention_linears(i).items()), list(adapter.mlp_linears(i).items())
     return [dict(g) for g in (attn[:-1], attn[-1:], mlp[:-1], mlp[-1:]) if g]
 

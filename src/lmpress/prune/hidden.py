@@ -87,6 +87,7 @@ def _slice_vector(m: nn.Module, attr: str, keep: Tensor) -> None:
 def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     adapter = Adapter(model)
+    adapter.require_roles("hidden", "norms, heads and the config keys of its widths", "use drop_blocks", PruneError)
     if not adapter.spec.hidden_prunable:
         raise PruneError(
             f"hidden: removing hidden channels is supported for {', '.join(supporting('hidden_prunable'))}, not "

@@ -190,6 +190,9 @@ def apply(model: nn.Module, config: StructuredConfig, ctx: Context) -> StageRepo
     if not (config.attention or config.mlp):
         raise PruneError("structured: set attention or mlp (or both) to true")
     adapter = Adapter(model)
+    adapter.require_roles(
+        "structured", "attention heads and MLP neurons", "use magnitude, wanda or sparsegpt", PruneError
+    )
     before = adapter.non_embedding_parameters()
     scores = importance(model, config, ctx)
     keep_units, keep_neuron_idx, _ = plan(adapter, scores, config)

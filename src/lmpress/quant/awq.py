@@ -24,7 +24,14 @@ from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized, quantize_with
 from lmpress.method import Context, Method, StageReport
 from lmpress.quant import ggml_fit
-from lmpress.quant.base import LayerSettings, QuantizeFn, WeightQuantConfig, quantize_calibrated, settings_for
+from lmpress.quant.base import (
+    LayerSettings,
+    QuantError,
+    QuantizeFn,
+    WeightQuantConfig,
+    quantize_calibrated,
+    settings_for,
+)
 from lmpress.quant.grid import clip_search, quantize
 
 
@@ -144,6 +151,7 @@ def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], sc: Tensor, kind
 
 def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
     adapter = Adapter(model)
+    adapter.require_roles("awq", "norms and the layers they feed", "use gptq, rtn or hqq", QuantError)
     alphas: dict[str, float] = {}
 
     def per_block(i: int, layers: dict[str, nn.Module], acts: dict[str, Activations]) -> QuantizeFn:

@@ -48,6 +48,9 @@ def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
     smoothed: list[str] = []
     if config.smooth_alpha is not None:
         adapter = Adapter(model)
+        adapter.require_roles(
+            "w8a8 with smooth_alpha", "norms and the layers they feed", "set smooth_alpha: null", QuantError
+        )
         calib = ctx.calib_data()
         for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
             # smooth a group if any of its readers is quantized; fold into all of them
