@@ -28,11 +28,13 @@ def test_blockwise_outputs_match_the_model(arch: str) -> None:
     assert hooks == 0  # every hook removed
 
 
-def test_each_layer_type_runs_with_its_own_mask() -> None:
-    """Gemma 2's sliding-window and full layers: each block runs with its own type's mask, so on
-    windows longer than the window every block's inputs are still the model's hidden states."""
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+def test_each_layer_type_runs_with_its_own_mask(arch: str) -> None:
+    """Sliding-window and full layers (Gemma 3's each with its own rotary base): each block runs with
+    its own type's mask and rotary, so on windows longer than the window every block's inputs are
+    still the model's hidden states."""
     torch.manual_seed(0)
-    config = tiny_config("gemma2", 300)
+    config = tiny_config(arch, 300)
     config.num_hidden_layers = 3
     config.layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
     model = AutoModelForCausalLM.from_config(config).eval()
