@@ -120,5 +120,5 @@ def test_hidden_channels_removed_everywhere_load_in_plain_transformers(
 
 def test_hidden_refuses_families_with_position_embeddings(tiny_model_dir: Callable[..., Path], text_file: Path) -> None:
     data = DataOptions(source=text_file, seq_len=32, eval_windows=16, calib_windows=16)
-    with pytest.raises(LmpressError, match="hidden: removing hidden channels is supported for llama"):
+    with pytest.raises(LmpressError, match="hidden: removing hidden channels is supported for granite, llama"):
         compress(tiny_model_dir("gpt2"), {"stages": [{"method": "hidden"}]}, data, run_eval=False)
