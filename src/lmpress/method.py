@@ -94,3 +94,6 @@ class Method:
     summary: str
     needs_teacher: bool = False  # the stage trains against the original model
     streams: bool = False  # works on a streamed model, one block in memory (`lmpress.streaming`)
+    # for a config, what the stage needs a family spec for: (what, needs, instead) as
+    # `lmpress.arch.roles_refusal` words it, checked before any work; None: nothing
+    needs_roles: Callable[[Any], tuple[str, str, str] | None] = lambda config: None

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import Adapter, is_supported
+from lmpress.arch import Adapter, is_supported, roles_refusal
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
 from lmpress.federated.core import check_clients
@@ -29,6 +29,7 @@ from lmpress.io import (
 )
 from lmpress.io.consistency import check_model_dir, check_plausible, check_seq_len
 from lmpress.memory import Budget, estimate, parse_size
+from lmpress.quant.mix import mix_roles
 from lmpress.recipe import Recipe, load_recipe
 from lmpress.registry import methods
 from lmpress.sources import check_source
@@ -83,6 +84,7 @@ def preflight(
             check_clients([Path(c) for c in clients], stage)  # type: ignore[arg-type]
     data = DataOptions.of(data)
     path, tokenizer = check_inputs(model, data, output, overwrite, allow_pickle, trust_remote_code)
+    check_roles(model, recipe)
     why = why_whole(model, recipe, output) if stream is not False else "streaming was turned off"
     if stream and why is not None:
         raise LmpressError(f"cannot stream this run: {why}")
@@ -135,6 +137,22 @@ def check_inputs(
         tokenizer = None
         check_seq_len(_config_dict(model.model), data.seq_len, model.source)  # type: ignore[union-attr]
     return source, tokenizer
+
+
+def check_roles(model: str | Path | LoadedModel, recipe: Recipe) -> None:
+    """Refuse, before any work, a stage that needs a family spec the model's family lacks (AWQ's
+    scale folding, structured pruning, ``mix:`` ...): the line its apply would give mid-run."""
+    if isinstance(model, LoadedModel):
+        model_type = getattr(getattr(model.model, "config", None), "model_type", None)
+    else:
+        model_type = read_config(resolve_path(model)).get("model_type")
+    if is_supported(model_type):
+        return
+    for stage in recipe.stages:
+        mix = getattr(stage, "mix", None)
+        roles = methods()[stage.method].needs_roles(stage) or (mix_roles(mix) if mix else None)
+        if roles is not None:
+            raise LmpressError(roles_refusal(str(model_type), roles))
 
 
 def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | None) -> str | None:

@@ -182,11 +182,14 @@ def plan(members: dict[tuple[Part, int], Member], config: ShareConfig, total: in
     return [g for g in groups if len(g) > 1]
 
 
+ROLES = ("share", "attention and MLP layers", "use lowrank or cluster")
+
+
 @torch.no_grad()
 def apply(model: nn.Module, config: ShareConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     adapter = Adapter(model)
-    adapter.require_roles("share", "attention and MLP layers", "use lowrank or cluster")
+    adapter.require_roles(*ROLES)
     check_groups(adapter, config)
     parts = sorted({g.part for g in config.groups}) if config.groups else config.parts
     members: dict[tuple[Part, int], Member] = {}
@@ -246,4 +249,10 @@ def apply(model: nn.Module, config: ShareConfig, ctx: Context) -> StageReport:
     }
 
 
-METHOD = Method("share", ShareConfig, apply, "cross-layer weight sharing: similar blocks' attention/MLP use one set")
+METHOD = Method(
+    "share",
+    ShareConfig,
+    apply,
+    "cross-layer weight sharing: similar blocks' attention/MLP use one set",
+    needs_roles=lambda config: ROLES,
+)

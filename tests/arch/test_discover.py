@@ -153,7 +153,7 @@ def test_awq_is_refused_in_one_line(generic_dir, text_file: Path, tmp_path: Path
     recipe = tmp_path / "awq.yaml"
     recipe.write_text("stages:\n  - method: awq\n    bits: 4\n    group_size: 32\n")
     out = run_cli(capsys, "compress", src, "-r", recipe, "--data", text_file, "-o", tmp_path / "out", *FAST)
-    assert_refused(out, "awq needs lmpress to know the helium family's norms", "add a spec", after_work=True)
+    assert_refused(out, "awq needs lmpress to know the helium family's norms", "add a spec")
     assert not (tmp_path / "out").exists()
 
 

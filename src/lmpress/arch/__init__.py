@@ -6,7 +6,7 @@ ONNX writer call it); `Adapter` finds those parts in a loaded model. Everything 
 never spelling a module path or a family name itself.
 """
 
-from lmpress.arch.adapter import Adapter, linear_weight, replace_module
+from lmpress.arch.adapter import Adapter, linear_weight, replace_module, roles_refusal
 from lmpress.arch.config import CONFIG_KEYS, POSITION_KEYS, Shapes
 from lmpress.arch.discover import GENERIC_ROLE, discover, is_conv1d, is_linear
 from lmpress.arch.registry import (
@@ -36,6 +36,7 @@ __all__ = [
     "is_supported",
     "linear_weight",
     "replace_module",
+    "roles_refusal",
     "rope_permutation",
     "spec_for",
     "specs",

@@ -25,6 +25,16 @@ def linear_weight(module: nn.Module) -> Tensor:
     return w.T if is_conv1d(module) else w
 
 
+def roles_refusal(model_type: str, roles: tuple[str, str, str]) -> str:
+    """The one line that refuses a step needing roles for a family without a spec: ``roles`` is
+    (what, what it needs lmpress to know, what to do instead)."""
+    what, needs, instead = roles
+    return (
+        f"{what} needs lmpress to know the {model_type} family's {needs} (no spec in "
+        f"lmpress/arch/families); {instead}, or add a spec"
+    )
+
+
 class Adapter:
     """Finds the parts of one loaded model: blocks, projections, embeddings, head and norms."""
 
@@ -45,10 +55,7 @@ class Adapter:
         """Refuse ``what`` for a model without a spec, in one line: what it ``needs`` lmpress to
         know and what to do ``instead``; nothing for a model whose family has a spec."""
         if self.spec.generic:
-            raise error(
-                f"{what} needs lmpress to know the {self.model_type} family's {needs} (no spec in "
-                f"lmpress/arch/families); {instead}, or add a spec"
-            )
+            raise error(roles_refusal(self.model_type, (what, needs, instead)))
 
     def _get(self, path: str) -> nn.Module:
         try:

@@ -84,10 +84,13 @@ def _slice_vector(m: nn.Module, attr: str, keep: Tensor) -> None:
         setattr(m, attr, nn.Parameter(t.detach()[keep].clone()))
 
 
+ROLES = ("hidden", "norms, heads and the config keys of its widths", "use drop_blocks")
+
+
 def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     adapter = Adapter(model)
-    adapter.require_roles("hidden", "norms, heads and the config keys of its widths", "use drop_blocks", PruneError)
+    adapter.require_roles(*ROLES, PruneError)
     if not adapter.spec.hidden_prunable:
         raise PruneError(
             f"hidden: removing hidden channels is supported for {', '.join(supporting('hidden_prunable'))}, not "
@@ -147,4 +150,10 @@ def apply(model: nn.Module, config: HiddenConfig, ctx: Context) -> StageReport:
     }
 
 
-METHOD = Method("hidden", HiddenConfig, apply, "remove hidden (embedding) channels everywhere: a narrower dense model")
+METHOD = Method(
+    "hidden",
+    HiddenConfig,
+    apply,
+    "remove hidden (embedding) channels everywhere: a narrower dense model",
+    needs_roles=lambda config: ROLES,
+)

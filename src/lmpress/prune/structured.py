@@ -185,14 +185,15 @@ def _spread(scores: list[BlockScores], total: int, most: list[int], get: Callabl
     return out
 
 
+ROLES = ("structured", "attention heads and MLP neurons", "use magnitude, wanda or sparsegpt")
+
+
 def apply(model: nn.Module, config: StructuredConfig, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     if not (config.attention or config.mlp):
         raise PruneError("structured: set attention or mlp (or both) to true")
     adapter = Adapter(model)
-    adapter.require_roles(
-        "structured", "attention heads and MLP neurons", "use magnitude, wanda or sparsegpt", PruneError
-    )
+    adapter.require_roles(*ROLES, PruneError)
     before = adapter.non_embedding_parameters()
     scores = importance(model, config, ctx)
     keep_units, keep_neuron_idx, _ = plan(adapter, scores, config)
@@ -220,5 +221,9 @@ def apply(model: nn.Module, config: StructuredConfig, ctx: Context) -> StageRepo
 
 
 METHOD = Method(
-    "structured", StructuredConfig, apply, "remove attention heads (KV groups) and MLP neurons: a smaller dense model"
+    "structured",
+    StructuredConfig,
+    apply,
+    "remove attention heads (KV groups) and MLP neurons: a smaller dense model",
+    needs_roles=lambda config: ROLES,
 )

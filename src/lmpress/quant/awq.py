@@ -149,9 +149,12 @@ def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], sc: Tensor, kind
         w.mul_(sc.to(w.dtype)[None, :])
 
 
+ROLES = ("awq", "norms and the layers they feed", "use gptq, rtn or hqq")  # what a generic model lacks
+
+
 def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
     adapter = Adapter(model)
-    adapter.require_roles("awq", "norms and the layers they feed", "use gptq, rtn or hqq", QuantError)
+    adapter.require_roles(*ROLES, QuantError)
     alphas: dict[str, float] = {}
 
     def per_block(i: int, layers: dict[str, nn.Module], acts: dict[str, Activations]) -> QuantizeFn:
@@ -195,5 +198,10 @@ def apply(model: nn.Module, config: AWQConfig, ctx: Context) -> StageReport:
 
 
 METHOD = Method(
-    "awq", AWQConfig, apply, "AWQ: activation-aware scaling and clipping, folded into the model", streams=True
+    "awq",
+    AWQConfig,
+    apply,
+    "AWQ: activation-aware scaling and clipping, folded into the model",
+    streams=True,
+    needs_roles=lambda config: ROLES,
 )

@@ -47,10 +47,15 @@ def mix_type(mix: str, role: str, i: int, n: int, gqa: int = 1) -> str | None:
     return None
 
 
+def mix_roles(mix: str) -> tuple[str, str, str]:
+    """What ``mix`` needs a family spec for (`lmpress.arch.roles_refusal`)."""
+    return f"mix: {mix}", "layer roles (attn_v, ffn_down ...)", "give one grid without mix"
+
+
 def mix_layer_types(model: nn.Module, mix: str) -> dict[str, str]:
     """Module name -> GGUF type for the layers ``mix`` does not leave at its base type."""
     adapter = Adapter(model)
-    adapter.require_roles(f"mix: {mix}", "layer roles (attn_v, ffn_down ...)", "give one grid without mix")
+    adapter.require_roles(*mix_roles(mix))
     n = adapter.num_blocks
     config = model.config  # type: ignore[union-attr]
     heads = int(getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or 1)

@@ -42,15 +42,16 @@ def smooth_scales(act_max: torch.Tensor, weight_max: torch.Tensor, alpha: float)
     return (act_max.clamp(min=1e-5).pow(alpha) / weight_max.clamp(min=1e-5).pow(1 - alpha)).clamp(min=1e-5)
 
 
+ROLES = ("w8a8 with smooth_alpha", "norms and the layers they feed", "set smooth_alpha: null")
+
+
 def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
     t0 = time.perf_counter()
     targets = list(targeted_layers(model, config))  # names only: replaced layers are freed
     smoothed: list[str] = []
     if config.smooth_alpha is not None:
         adapter = Adapter(model)
-        adapter.require_roles(
-            "w8a8 with smooth_alpha", "norms and the layers they feed", "set smooth_alpha: null", QuantError
-        )
+        adapter.require_roles(*ROLES, QuantError)
         calib = ctx.calib_data()
         for i, block, inputs in blockwise(model, calib.windows, config.calib_batch_size, ctx.progress):
             # smooth a group if any of its readers is quantized; fold into all of them
@@ -93,5 +94,10 @@ def apply(model: nn.Module, config: W8A8Config, ctx: Context) -> StageReport:
 
 
 METHOD = Method(
-    "w8a8", W8A8Config, apply, "int8 weights x dynamic int8 activations (SmoothQuant), int8 matmul", streams=True
+    "w8a8",
+    W8A8Config,
+    apply,
+    "int8 weights x dynamic int8 activations (SmoothQuant), int8 matmul",
+    streams=True,
+    needs_roles=lambda config: ROLES if config.smooth_alpha is not None else None,
 )
