@@ -40,7 +40,7 @@ def apply(model: nn.Module, config: ScaleConfig, ctx: Context) -> StageReport:
     return {"layers": len(layers)}
 
 
-METHOD = Method("scale_weights", ScaleConfig, apply, "scale every block linear's weight", streams=True)
+METHOD = Method("scale_weights", ScaleConfig, apply, "scale every block linear's weight")
 
 
 @pytest.fixture
