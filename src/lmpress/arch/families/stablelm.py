@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lmpress.arch.families.llama import LLAMA
 from lmpress.arch.gguf_keys import partial_rotary, rope_settings, rope_theta, shape_keys
 from lmpress.arch.spec import GGUF, Norm, Spec
 from lmpress.errors import ExportError
@@ -40,27 +41,14 @@ SPECS = (
         blocks="model.layers",
         embeddings={"model.embed_tokens": "token_embd"},
         final_norm=Norm("model.norm", "output_norm", "layernorm"),
-        linears={
-            "self_attn.q_proj": "attn_q",
-            "self_attn.k_proj": "attn_k",
-            "self_attn.v_proj": "attn_v",
-            "self_attn.o_proj": "attn_output",
-            "mlp.gate_proj": "ffn_gate",
-            "mlp.up_proj": "ffn_up",
-            "mlp.down_proj": "ffn_down",
-        },
+        linears=LLAMA.linears,  # the same projections and roles
         norms=(
             Norm("input_layernorm", "attn_norm", "layernorm"),
             Norm("post_attention_layernorm", "ffn_norm", "layernorm", optional=True),
             Norm("self_attn.q_layernorm", "attn_q_norm", "layernorm", optional=True),
             Norm("self_attn.k_layernorm", "attn_k_norm", "layernorm", optional=True),
         ),
-        scale_groups=(
-            ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-            ("self_attn.v_proj", ("self_attn.o_proj",)),
-            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
-            ("mlp.up_proj", ("mlp.down_proj",)),
-        ),
+        scale_groups=LLAMA.scale_groups,
         parallel_key="use_parallel_residual",
         rotary_emb="model.rotary_emb",
         gguf=GGUF("stablelm", gguf_metadata),
