@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lmpress.arch import Adapter, is_supported, roles_refusal
+from lmpress.arch.kinds import NotADecoderError, kind_refusal
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
 from lmpress.federated.core import check_clients
@@ -126,6 +127,8 @@ def check_inputs(
     if source is not None:  # sizes a config could not hold, windows past its positions, weights that
         config = read_config(source)  # disagree with the config: before any work and any line of progress
         check_plausible(config, source / "config.json")
+        if (refusal := kind_refusal(config, trust_remote_code)) is not None:  # an encoder, an encoder-decoder
+            raise refusal
         check_seq_len(config, data.seq_len, model)
         if not (source / META_FILE).is_file():
             check_weights(source, allow_pickle)
@@ -148,6 +151,8 @@ def check_roles(model: str | Path | LoadedModel, recipe: Recipe) -> None:
         model_type = read_config(resolve_path(model)).get("model_type")
     if is_supported(model_type):
         return
+    if not isinstance(model, LoadedModel) and isinstance(refusal := _built(resolve_path(model)), NotADecoderError):
+        raise refusal  # blocks without attention
     for stage in recipe.stages:
         mix = getattr(stage, "mix", None)
         roles = methods()[stage.method].needs_roles(stage) or (mix_roles(mix) if mix else None)
@@ -180,18 +185,33 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
 def meta_adapter(path: Path) -> Adapter | str:
     """The `Adapter` of ``path``'s architecture built on the meta device (no weights read), or why
     there is none (transformers cannot build it; lmpress has no spec and finds no blocks)."""
+    built = _built(path)
+    if isinstance(built, NotADecoderError):
+        return str(built)
+    if built is None:
+        return "lmpress does not know its block layout"
+    if isinstance(built, ModelLoadError):
+        return "lmpress has no spec for it and finds no decoder blocks in it"
+    return built
+
+
+def _built(path: Path) -> Adapter | ModelLoadError | None:
+    """``path``'s `Adapter` on the meta device, the error building it gave (`NotADecoderError`: a model
+    lmpress does not compress), or None (transformers cannot build it)."""
     from transformers import AutoConfig, AutoModelForCausalLM  # at first use: importing it takes seconds
 
     try:
         config = AutoConfig.from_pretrained(path)
+        if (refusal := kind_refusal(config.to_dict())) is not None:
+            return refusal
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config)
     except Exception:  # the whole load reports what is wrong with it
-        return "lmpress does not know its block layout"
+        return None
     try:
         return Adapter(model)
-    except ModelLoadError:
-        return "lmpress has no spec for it and finds no decoder blocks in it"
+    except ModelLoadError as e:
+        return e
 
 
 def _generic_layout(path: Path) -> str | None:

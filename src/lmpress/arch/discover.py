@@ -14,13 +14,15 @@ the model is compressed whole.
 
 What needs no roles (round-to-nearest, GPTQ, HQQ, unstructured pruning, low-rank, clustering,
 dropping blocks, casting) works on this; what does needs a spec, and says so
-(`Adapter.require_roles`).
+(`Adapter.require_roles`). Blocks without any attention (a state-space model) are refused
+(`lmpress.arch.kinds`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
+from lmpress.arch.kinds import has_attention, no_attention
 from lmpress.arch.registry import unknown_architecture
 from lmpress.arch.spec import Norm, Spec
 
@@ -59,6 +61,8 @@ def discover(model: nn.Module) -> Spec:
     if blocks is None or embed_name is None:
         what = LOOKED_FOR if blocks is None else "input embeddings (get_input_embeddings())"
         raise unknown_architecture(model_type, f"lmpress has no spec for it and found no {what} in it")
+    if not has_attention(model.get_submodule(blocks)):
+        raise no_attention(model_type)
     head_name = names.get(id(_called(model, "get_output_embeddings")))
     embeddings = {embed_name: "token_embd"}
     for name, m in model.named_modules():  # learned positions and the like: needed before block 0

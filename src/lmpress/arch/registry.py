@@ -54,7 +54,7 @@ def unknown_architecture(model_type: object, why: str = "lmpress has no spec for
     return ModelLoadError(
         f"unknown architecture {model_type!r} (config.json model_type): {why}; lmpress supports: "
         + ", ".join(supported_architectures())
-        + " by spec, and other transformers decoders by their structure"
+        + " by spec, and other transformers decoders by their structure (docs/architectures.md)"
     )
 
 

@@ -39,12 +39,15 @@ def _architecture_line(arch: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+FAMILIES = "every family and what lmpress does with it: docs/architectures.md"
+
+
 def layout_lines(layout: dict[str, Any]) -> list[str]:
     """How lmpress reads the model: its family, blocks, one block's linears, what methods can do."""
     if not layout:
         return []
     if layout.get("family") is None and not layout.get("generic"):
-        return [f"family: none found ({layout.get('why')})"]
+        return [f"family: none found ({layout.get('why')})", FAMILIES]
     family = "generic (no spec): found by structure" if layout["generic"] else f"{layout['family']} (spec)"
     after = f", then {layout['final_norm']}" if layout.get("final_norm") else ""
     linears = ", ".join(p if r == "linear" else f"{p} {r}" for p, r in layout["linears"].items())
@@ -53,6 +56,7 @@ def layout_lines(layout: dict[str, Any]) -> list[str]:
         f"blocks: {layout['blocks']} x {layout['num_blocks']}{after}",
         "block linears" + (" (roles unknown)" if layout["generic"] else "") + f": {linears}",
         "methods: " + "; ".join(f"{k}: {v}" for k, v in layout["can"].items()),
+        FAMILIES,
     ]
 
 

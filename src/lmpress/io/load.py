@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from lmpress.arch import is_supported, replace_module, transformers_knows, unknown_architecture
+from lmpress.arch.kinds import kind_refusal
 from lmpress.arch.widths import apply_structure
 from lmpress.errors import ModelLoadError
 from lmpress.io.consistency import check_finite_weights, check_model_dir, check_plausible
@@ -167,6 +168,8 @@ def load_model(
     model_type = config.get("model_type")
     if not (is_supported(model_type) or trust_remote_code or transformers_knows(model_type)):
         raise unknown_architecture(model_type, "neither lmpress nor transformers knows it")
+    if (refusal := kind_refusal(config, trust_remote_code)) is not None:
+        raise refusal
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype)
     check_weights(path, allow_pickle)
