@@ -8,10 +8,13 @@ building it.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from lmpress.arch.registry import is_supported, spec_for
+
+log = logging.getLogger(__name__)
 
 # size -> the config keys that spell it, in the order they are read
 CONFIG_KEYS: dict[str, tuple[str, ...]] = {
@@ -45,6 +48,9 @@ class Shapes:
     kv_dim: int
     tied: bool
     gated: bool  # a gated MLP (Llama) has three projections, else two
+    # a model without a spec: its block's linear parameters as transformers builds it (the discovered
+    # linears of block 0, `lmpress.arch.discover`), instead of the count from the sizes; None: counted
+    discovered: int | None = None
 
     @classmethod
     def of(cls, config: dict[str, Any]) -> Shapes:
@@ -56,6 +62,7 @@ class Shapes:
         kv = int(config.get("num_key_value_heads") or heads)
         model_type = config.get("model_type")
         spec = spec_for(model_type) if is_supported(model_type) else None
+        discovered = _discovered_block(config) if spec is None else None
         return cls(
             h,
             layers,
@@ -65,10 +72,13 @@ class Shapes:
             kv * head_dim,
             bool(config.get("tie_word_embeddings", spec is not None and spec.tied_by_default)),
             spec is not None and spec.gated,
+            discovered,
         )
 
     @property
     def block_params(self) -> int:
+        if self.discovered is not None:
+            return self.discovered
         attn = self.hidden * (self.q_dim + 2 * self.kv_dim) + self.q_dim * self.hidden
         return attn + (3 if self.gated else 2) * self.hidden * self.intermediate
 
@@ -79,3 +89,35 @@ class Shapes:
     @property
     def params(self) -> int:
         return self.layers * self.block_params + self.outside_params
+
+
+def _discovered_block(config: dict[str, Any]) -> int | None:
+    """The weights of block 0's linears (`lmpress.arch.discover`) in the model transformers builds
+    from ``config`` on the meta device (no memory), where it builds one; None where it cannot (no
+    model_type it knows, remote code, sizes it refuses)."""
+    import torch
+    from transformers import AutoConfig
+
+    from lmpress.arch.discover import block_linears, find_blocks
+    from lmpress.arch.multimodal import auto_class
+
+    try:
+        settings = {k: v for k, v in config.items() if k != "model_type"}
+        built = AutoConfig.for_model(str(config.get("model_type")), **settings)
+        with torch.device("meta"):
+            model = auto_class(built).from_config(built)
+    except Exception as e:  # any refusal of the config: the sizes' count stands
+        log.debug("no model built from %s's config: %s", config.get("model_type"), e)
+        return None
+    blocks = find_blocks(model)
+    if blocks is None:
+        return None
+    first = model.get_submodule(blocks)[0]
+    total = 0
+    for path in block_linears(model.get_submodule(blocks)):
+        try:
+            m = first.get_submodule(path)
+        except AttributeError:  # a hybrid model's block 0 lacks this kind's linears
+            continue
+        total += sum(p.numel() for p in m.parameters())
+    return total
