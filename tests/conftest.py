@@ -34,6 +34,9 @@ TINY_ARCHS = (
     "olmo2",
     "granite",
     "ministral",
+    "gptj",
+    "cohere",
+    "cohere2",
 )
 
 
@@ -105,6 +108,14 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "logits_scaling": 4.0,
         },
         "ministral": {**gqa16, "sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"]},
+        "gptj": {"n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4, "n_positions": 512, "rotary_dim": 8},
+        "cohere": {**gqa, "logit_scale": 0.25},
+        "cohere2": {
+            **gqa,
+            "logit_scale": 0.25,
+            "sliding_window": 32,
+            "layer_types": ["sliding_attention", "full_attention"],
+        },  # partial rotary (gptj); a window shorter than the tests' texts, rotary only on the sliding layer
     }
     return AutoConfig.for_model(arch, **common, **kw[arch])
 

@@ -28,7 +28,7 @@ def test_blockwise_outputs_match_the_model(arch: str) -> None:
     assert hooks == 0  # every hook removed
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3_text", "cohere2"])
 def test_each_layer_type_runs_with_its_own_mask(arch: str) -> None:
     """Sliding-window and full layers (Gemma 3's each with its own rotary base): each block runs with
     its own type's mask and rotary, so on windows longer than the window every block's inputs are

@@ -28,6 +28,9 @@ EXPECTED_LINEARS = {
     "gemma3_text": 7,
     "starcoder2": 6,
     "stablelm": 7,
+    "gptj": 6,
+    "cohere": 7,
+    "cohere2": 7,
 }
 
 

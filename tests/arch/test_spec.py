@@ -92,6 +92,13 @@ def test_gguf_row_orders() -> None:
     perm = spec_for("gpt_neox").gguf_row_order("attn_qkv", 12, Cfg())
     assert perm is not None and perm.tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
 
+    class GPTJ:  # two heads of 8, the first 4 dimensions of each rotary: neighbouring pairs -> halves
+        n_embd, n_head, rotary_dim = 16, 2, 4
+
+    perm = spec_for("gptj").gguf_row_order("attn_k", 16, GPTJ())
+    assert perm is not None and perm.tolist() == [0, 2, 1, 3, 4, 5, 6, 7, 8, 10, 9, 11, 12, 13, 14, 15]
+    assert spec_for("gptj").gguf_row_order("attn_v", 16, GPTJ()) is None
+
 
 def test_fold_into_a_one_plus_w_norm_keeps_the_function() -> None:
     """A scale folded into a norm that multiplies by 1 + w (Gemma) leaves the block's output as it was."""

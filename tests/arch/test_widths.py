@@ -27,3 +27,29 @@ def test_q_k_norms_over_the_whole_projection_lose_the_removed_heads() -> None:
     ids = torch.randint(0, 256, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, model(ids).logits)
+
+
+def test_q_k_norms_with_a_weight_row_per_head_lose_the_removed_heads() -> None:
+    """Cohere's q/k LayerNorms hold one weight row per head: cutting a unit keeps the rows of the
+    kept heads, and the cut model computes what the whole one does without the removed heads."""
+    torch.manual_seed(0)
+    config = tiny_config("cohere", 256)
+    config.use_qk_norm = True
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "_norm" in name:
+                p.copy_(torch.randn_like(p))
+    a = Adapter(model)
+    q_norm = a.role(0, "attn_q_norm").weight.detach().clone()  # (4 heads, 16)
+    k_norm = a.role(0, "attn_k_norm").weight.detach().clone()  # (2 key/value heads, 16)
+    ids = torch.randint(0, 256, (1, 12))
+    with torch.no_grad():
+        for i in range(a.num_blocks):  # the whole model without unit 0's heads: their output columns zeroed
+            a.role(i, "attn_output").weight[:, :32] = 0
+        want = model(ids).logits
+        for i in range(a.num_blocks):
+            keep_attention_units(a, i, [1])  # the second key/value head and its two query heads
+        assert torch.equal(a.role(0, "attn_q_norm").weight, q_norm[2:])
+        assert torch.equal(a.role(0, "attn_k_norm").weight, k_norm[1:])
+        torch.testing.assert_close(model(ids).logits, want)

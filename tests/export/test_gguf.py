@@ -200,6 +200,9 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "gemma3_text",
         "starcoder2",
         "stablelm",
+        "gptj",
+        "cohere",
+        "cohere2",
     ],
 )
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
@@ -242,6 +245,37 @@ def test_per_head_norms_and_a_parallel_residual_in_llama_cpp(tokenizer, tmp_path
     k_norm = np.asarray(tensors["blk.1.attn_k_norm.weight"].data)  # type: ignore[attr-defined]
     want = torch.stack([n.weight for n in model.model.layers[1].self_attn.k_layernorm.norms])
     assert np.array_equal(k_norm.reshape(want.shape), want.detach().numpy())
+    docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
+    ids = tokenize_documents(docs, tokenizer)[:200].tolist()
+    assert _llama_check(out, model, tokenizer, ids) < KL_MAX
+
+
+@needs_llama
+def test_command_r_q_k_norms_in_llama_cpp(tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Command R+'s layout: a LayerNorm weight row per query and key head, written (heads, head_dim);
+    llama.cpp's command-r reads them only in models of 64 layers or more, so fewer are refused."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config("cohere", len(tokenizer))
+    config.use_qk_norm, config.initializer_range = True, 0.2
+    torch.manual_seed(0)
+    two_layers = LoadedModel(AutoModelForCausalLM.from_config(config), tokenizer, "cohere", tmp_path)
+    with pytest.raises(ExportError, match="Cohere with q/k norms in 2 layers: llama.cpp's command-r reads"):
+        export(two_layers, "gguf", tmp_path / "x.gguf")
+    assert not list(tmp_path.iterdir())
+    config.num_hidden_layers = 64
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # per-head norms that differ, so the order of the rows matters
+        for name, p in model.named_parameters():
+            if "_norm" in name:
+                p.copy_(torch.randn_like(p) * 0.5 + 1)
+    out = tmp_path / "command-r.gguf"
+    export(LoadedModel(model, tokenizer, "cohere", tmp_path), "gguf", out)
+    k_norm = np.asarray(_reader_tensors(out)["blk.1.attn_k_norm.weight"].data)  # type: ignore[attr-defined]
+    want = model.model.layers[1].self_attn.k_norm.weight.detach().numpy()  # (key/value heads, head_dim)
+    assert np.array_equal(k_norm.reshape(want.shape), want)
     docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
     ids = tokenize_documents(docs, tokenizer)[:200].tolist()
     assert _llama_check(out, model, tokenizer, ids) < KL_MAX

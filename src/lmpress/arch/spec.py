@@ -50,13 +50,18 @@ class GGUF:
     ``metadata(config, n_vocab)``: llama.cpp's keys for a config (refusing, with an `ExportError`,
     what its architecture cannot run). ``permute_qk``: llama.cpp's converter reorders the query and
     key rows of this family for its rotary layout. ``rope_freqs``: llama3 rope is written as the
-    ``rope_freqs.weight`` tensor.
+    ``rope_freqs.weight`` tensor. ``row_order(role, rows, config)``: the family's own order of a
+    projection's rows (None: the same), where it is written as an architecture whose rotary pairs
+    dimensions differently (GPT-J's neighbouring pairs as ``phi2``'s halves). ``zero_biases``: roles
+    whose bias the architecture requires, written as zeros where the model has none.
     """
 
     arch: str
     metadata: Callable[[Any, int], dict[str, Any]]
     permute_qk: bool = False
     rope_freqs: bool = False
+    row_order: Callable[[str, int, Any], Tensor | None] | None = None
+    zero_biases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,8 @@ class Spec:
         """How llama.cpp orders the output rows of a projection, as indices into the model's rows
         (None: the same). Llama q/k: the rotary halves interleaved per head; GPT-NeoX's fused
         q/k/v: per-head [q k v] triples regrouped as all q, all k, all v."""
+        if self.gguf is not None and self.gguf.row_order is not None:
+            return self.gguf.row_order(role, rows, config)
         heads = getattr(config, "num_attention_heads", 0)
         if self.gguf is not None and self.gguf.permute_qk and role in ("attn_q", "attn_k"):
             kv_heads = getattr(config, "num_key_value_heads", None) or heads

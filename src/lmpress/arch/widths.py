@@ -110,6 +110,11 @@ def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
                     norm = adapter.role(i, role)
                     weight: Tensor = norm.weight  # type: ignore[assignment]
                     norm.weight = nn.Parameter(weight.detach()[rows].clone())
+        for role, heads in (("attn_q_norm", q_heads), ("attn_k_norm", keep)):  # a weight row per head (Cohere)
+            head_norm = adapter.role(i, role) if adapter.has_role(i, role) else None
+            per_head = getattr(head_norm, "weight", None)
+            if head_norm is not None and isinstance(per_head, Tensor) and per_head.dim() == 2:
+                head_norm.weight = nn.Parameter(per_head.detach()[heads].clone())
     slice_linear(lin[-1], cols=_span(q_heads, hd))
     for attr in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(attn, attr, None), int):

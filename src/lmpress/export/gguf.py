@@ -346,6 +346,15 @@ def export_gguf(
             replace_module(model, module_name, original)
 
 
+def _zero_bias(plan: _Plan, gname: str, module: nn.Module) -> list[TensorSpec]:
+    """The zero bias an architecture requires of a linear that has none (nothing where it has one)."""
+    if isinstance(getattr(module, "bias", None), Tensor):
+        return []
+    name, zeros = gname.removesuffix(".weight") + ".bias", torch.zeros(_shape(module)[0])
+    plan.report_types[name] = "f32"
+    return [TensorSpec(name, tuple(zeros.shape), F32, zeros.numel() * 4, _f32_of(zeros))]
+
+
 def _write(
     model: nn.Module,
     meta: dict[str, Any],
@@ -371,6 +380,8 @@ def _write(
             continue
         perm = spec.gguf_row_order(p.role, _shape(p.module)[0], config) if p.kind == "linear" else None
         specs.append(plan.spec(gname, p, perm))
+        if p.kind == "linear" and spec.gguf is not None and p.role in spec.gguf.zero_biases:
+            specs += _zero_bias(plan, gname, p.module)
         if p.role == "token_embd" and factors is not None:
             specs.append(
                 TensorSpec("rope_freqs.weight", tuple(factors.shape), F32, factors.numel() * 4, _f32_of(factors))
