@@ -148,6 +148,7 @@ def special_metadata(tokenizer: Any) -> dict[str, Any]:
 # ---- byte-fallback BPE (Llama 2, Mistral): llama.cpp's SentencePiece model ----------------------
 
 SPACE = "\u2581"  # SentencePiece's visible space
+SPACE_SPLIT = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
 BYTE_TOKEN = re.compile(r"^<0x([0-9A-F]{2})>$")
 # text a converted tokenizer must split as llama.cpp does, besides each token's own text
 SPM_SAMPLES = (
@@ -156,6 +157,15 @@ SPM_SAMPLES = (
     "  leading spaces,   runs   of spaces, trailing  ",
     "Zürich, naïve café, 東京, Москва, 123456789, 3.14159, emoji 🙂 and symbols ©™",
 )
+# code, prose, accents, emoji, CJK, digit runs and whitespace runs in one text; the export checks it
+# with the tokenizer's special tokens inside, the tests check it in llama.cpp itself
+MIXED_TEXT = (
+    "def parse(line: str) -> dict[str, int]:\n"
+    "    return {k: int(v) for k, v in (p.split('=') for p in line.split())}\n\n"
+    "The quick brown fox didn't jump; it walked 1,234,567 steps in 2026 (about 89.5%).  Café crème, naïve "
+    "façade, Zürich, São Paulo, Ærøskøbing; 日本語のテキスト, 中文分词, 한국어; emoji 🙂🚀👍🏽 and ©™.\n"
+    "\t\tindented\r\n    four spaces,   three, \n\n\n x=0x1F; y=00012345678901234567890"
+)
 
 
 def _space_prefix(tok: dict[str, Any]) -> tuple[bool, bool]:
@@ -163,7 +173,9 @@ def _space_prefix(tok: dict[str, Any]) -> tuple[bool, bool]:
     does so also before text that starts with a space); refuses whitespace handling that llama.cpp's
     SentencePiece tokenizer does not reproduce."""
     norm, pre = tok.get("normalizer"), tok.get("pre_tokenizer")
-    if norm is not None and pre is None:  # the legacy form: Prepend("▁") then Replace(" ", "▁")
+    if pre == SPACE_SPLIT:  # transformers 5's Gemma: splits on spaces the normalizer has already replaced
+        pre = None
+    if norm is not None and pre is None:  # the legacy form: [Prepend("▁")], Replace(" ", "▁")
         steps = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
         kinds = [s.get("type") for s in steps]
         replace = [s for s in steps if s.get("type") == "Replace"]
@@ -180,8 +192,9 @@ def _space_prefix(tok: dict[str, Any]) -> tuple[bool, bool]:
         prefix = meta.get("prepend_scheme", "always") != "never"
         if prefix:
             log.warning(
-                "the tokenizer does not prefix a space to text that already starts with one; llama.cpp does "
-                "(as SentencePiece itself does), so such text gets one more leading space token there"
+                "the tokenizer does not prefix a space to text that already starts with one%s; llama.cpp "
+                "does (as SentencePiece itself does), so such text gets one more leading space token there",
+                " nor to text after a special token" if meta.get("prepend_scheme") == "first" else "",
             )
         return prefix, not prefix
     raise ExportError(
@@ -249,6 +262,46 @@ def spm_tokenize(text: str, ids: dict[str, int], scores: list[float], byte_ids: 
     return out
 
 
+def _byte_ids(vocab: dict[str, int]) -> list[int]:
+    """The id of each byte's token ``<0xXX>``; for an ASCII byte without one, its character's token, as
+    llama.cpp falls back to (Gemma's converted tokenizers have "\\t" in place of <0x09>)."""
+    byte_ids = [-1] * 256
+    for text, i in vocab.items():
+        if (m := BYTE_TOKEN.match(text)) is not None:
+            byte_ids[int(m.group(1), 16)] = i
+    for b in range(128):
+        if byte_ids[b] < 0 and chr(b) in vocab:
+            byte_ids[b] = vocab[chr(b)]
+    if -1 in byte_ids:
+        raise ExportError(f"the byte-fallback tokenizer lacks the byte token <0x{byte_ids.index(-1):02X}>")
+    return byte_ids
+
+
+def spm_encode(
+    text: str, ids: dict[str, int], scores: list[float], byte_ids: list[int], prefix: bool, added: dict[str, int]
+) -> list[int]:
+    """llama.cpp's SentencePiece tokenization of text that may hold added tokens (``llama_vocab::tokenize``
+    with special tokens parsed): the text is cut at each added token, longest first, and each piece
+    between them is tokenized on its own, with the space prefix where it starts the text or follows a
+    token."""
+    parts: list[str | int] = [text]
+    for content in sorted(added, key=lambda c: -len(c.encode())):
+        cut: list[str | int] = []
+        for part in parts:
+            if isinstance(part, int) or content not in part:
+                cut.append(part)
+                continue
+            for k, piece in enumerate(part.split(content)):
+                cut += ([added[content]] if k else []) + ([piece] if piece else [])
+        parts = cut
+    out: list[int] = []
+    after_token = True
+    for part in parts:
+        out += [part] if isinstance(part, int) else spm_tokenize(part, ids, scores, byte_ids, prefix and after_token)
+        after_token = isinstance(part, int)
+    return out
+
+
 def spm_metadata(tokenizer: Any, tok: dict[str, Any], n_vocab: int) -> dict[str, Any]:
     """The ``tokenizer.ggml.*`` keys of a byte-fallback BPE tokenizer (Llama 2, Mistral) as llama.cpp's
     ``llama`` (SentencePiece) model: tokens, scores derived from the merge ranks, and token types; the
@@ -257,12 +310,7 @@ def spm_metadata(tokenizer: Any, tok: dict[str, Any], n_vocab: int) -> dict[str,
     model = tok["model"]
     prefix, leading_space_exact = _space_prefix(tok)
     vocab, added = _vocabulary(tok, n_vocab)
-    byte_ids = [-1] * 256
-    for text, i in model["vocab"].items():
-        if (m := BYTE_TOKEN.match(text)) is not None:
-            byte_ids[int(m.group(1), 16)] = i
-    if -1 in byte_ids:
-        raise ExportError(f"the byte-fallback tokenizer lacks the byte token <0x{byte_ids.index(-1):02X}>")
+    byte_ids = _byte_ids(model["vocab"])
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
     unk = model.get("unk_token") or getattr(tokenizer, "unk_token", None)
@@ -278,12 +326,15 @@ def spm_metadata(tokenizer: Any, tok: dict[str, Any], n_vocab: int) -> dict[str,
     scores = spm_scores(model, n_vocab)
     plain = {t: i for t, i in model["vocab"].items() if i < n_vocab}
     own = [t.replace(SPACE, " ") for t in plain if not BYTE_TOKEN.match(t) and t not in added]
-    samples = [*SPM_SAMPLES, *own]
-    if not leading_space_exact:  # text that starts with a space is split differently there (warned)
+    samples = [*SPM_SAMPLES, MIXED_TEXT, *own]
+    if leading_space_exact:  # the mixed text around the special tokens, with spaces an lstrip or rstrip would eat
+        specials = " ".join([t for t, a in added.items() if a.get("special")][:64])
+        samples.append(f"{MIXED_TEXT[:80]} {specials} \n{MIXED_TEXT[80:]}")
+    else:  # text that starts with a space, or follows a special token, is split differently there (warned)
         samples = [t.lstrip(" ") for t in samples if t.strip(" ")]
     expected = tokenizer(samples, add_special_tokens=False)["input_ids"]
     for text, want in zip(samples, expected, strict=True):
-        got = spm_tokenize(text, plain, scores, byte_ids, prefix)
+        got = spm_encode(text, plain, scores, byte_ids, prefix, {t: vocab[t] for t in added})
         if got != want:
             raise ExportError(
                 f"llama.cpp's SentencePiece tokenizer would split {text[:40]!r} differently "
