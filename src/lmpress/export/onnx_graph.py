@@ -109,25 +109,41 @@ class Graph:
 # ---- op patterns -----------------------------------------------------------------------------------
 
 
-def rotate(g: Graph, x: str, rope: tuple[str, str], dim: int) -> str:
-    """x * cos + rotate_half(x) * sin, as transformers' Llama."""
+def rotate(g: Graph, x: str, rope: tuple[str, str], dim: int, rot: int | None = None) -> str:
+    """x * cos + rotate_half(x) * sin, as transformers' Llama, over the first ``rot`` of the ``dim``
+    channels of each head (partial rotary: the rest pass through). x: (B, H, S, dim)."""
     cos, sin = rope
-    x1, x2 = g.ops("Split", [x, g.const([dim // 2, dim // 2])], 2, axis=-1)
+    rot = rot or dim
+    if rot < dim:
+        x, rest = g.ops("Split", [x, g.const([rot, dim - rot])], 2, axis=-1)
+    x1, x2 = g.ops("Split", [x, g.const([rot // 2, rot // 2])], 2, axis=-1)
     rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+    out = g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+    return out if rot == dim else g.op("Concat", [out, rest], axis=-1)
 
 
-def causal_mask(g: Graph) -> str:
-    """(B, 1, S, T) additive mask: causal over the cache and the new tokens, and attention_mask's padding."""
+def causal_mask(g: Graph, window: int | None = None) -> str:
+    """(B, 1, S, T) additive mask: causal over the cache and the new tokens, and attention_mask's
+    padding; with a ``window``, a key also lies fewer than ``window`` places before its query (as
+    transformers' sliding_window_overlay: kv > q - window)."""
     T = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(1)], axis=0)
     S = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)
     past = g.op("Sub", [T, S])
     keys = g.op("Range", [g.const(0), T, g.const(1)])  # (T,)
     queries = g.op("Unsqueeze", [g.op("Range", [past, T, g.const(1)]), g.const([1])])  # (S, 1)
     causal = g.op("LessOrEqual", [keys, queries])  # (S, T)
+    if window is not None:
+        near = g.op("Greater", [keys, g.op("Sub", [queries, g.const(window)])])  # (S, T)
+        causal = g.op("And", [causal, near])
     keep = g.op("Cast", [g.op("Unsqueeze", ["attention_mask", g.const([1, 2])])], to=g.onnx.TensorProto.BOOL)
     allowed = g.op("And", [g.op("Unsqueeze", [causal, g.const([0, 1])]), keep])  # (B, 1, S, T)
     return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(NEG, np.float32)])
+
+
+def soft_cap(g: Graph, x: str, cap: float) -> str:
+    """cap * tanh(x / cap) (Gemma 2's soft-capping of attention scores and logits)."""
+    capped = g.op("Tanh", [g.op("Div", [x, g.const(cap, np.float32)])])
+    return g.op("Mul", [capped, g.const(cap, np.float32)])
 
 
 def gelu_tanh(g: Graph, x: str) -> str:
@@ -139,3 +155,24 @@ def gelu_tanh(g: Graph, x: str) -> str:
         "Mul",
         [g.op("Mul", [x, g.const(0.5, np.float32)]), g.op("Add", [g.op("Tanh", [inner]), g.const(1.0, np.float32)])],
     )
+
+
+def gelu_erf(g: Graph, x: str) -> str:
+    """The exact GELU: 0.5 x (1 + erf(x / sqrt(2)))."""
+    erf = g.op("Erf", [g.op("Mul", [x, g.const(1.0 / math.sqrt(2.0), np.float32)])])
+    return g.op("Mul", [g.op("Mul", [x, g.const(0.5, np.float32)]), g.op("Add", [erf, g.const(1.0, np.float32)])])
+
+
+def silu(g: Graph, x: str) -> str:
+    return g.op("Mul", [x, g.op("Sigmoid", [x])])
+
+
+# transformers' activation modules (ACT2CLS) -> the nodes computing them
+ACTIVATIONS = {
+    "SiLUActivation": silu,
+    "SiLU": silu,
+    "GELUTanh": gelu_tanh,
+    "NewGELUActivation": gelu_tanh,
+    "GELUActivation": gelu_erf,
+    "GELU": gelu_erf,
+}

@@ -114,7 +114,6 @@ class LayerBuilder:
         self.g = Graph(data)
         self.model: Any = model
         self.adapter = Adapter(model)
-        self.head_norms = False  # Qwen3: an RMSNorm over each query and key head
         self.densify = densify
         self.formats: dict[str, str] = {}
         self.densified: list[str] = []
@@ -180,15 +179,37 @@ class LayerBuilder:
         self.formats[name] = "MatMulInteger w8a8"
         return g.op("Mul", [g.op("Mul", [acc, s_x]), s_w])
 
-    def rms_norm(self, x: str, norm: Any, name: str) -> str:
+    def norm(self, x: str, norm: Any, name: str, kind: str) -> str:
+        """The norm at ``name`` of ``kind`` (its spec's `NormKind`) over the last axis of ``x``."""
+        if kind == "layernorm":
+            return self.layer_norm(x, norm, name)
+        if kind in ("rmsnorm", "rmsnorm_1p"):
+            return self.rms_norm(x, norm, name, one_plus=kind == "rmsnorm_1p")
+        raise ExportError(f"{name}: a {kind} norm is not in lmpress's ONNX graph; export GGUF instead")
+
+    def rms_norm(self, x: str, norm: Any, name: str, one_plus: bool = False) -> str:
+        """x / rms(x) * w, or * (1 + w) (Gemma: the sum in float32, as transformers computes it)."""
         g = self.g
         eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+        w = norm.weight.float()
+        w = 1.0 + w if one_plus else w
         var = g.op("ReduceMean", [g.op("Mul", [x, x])], axes=[-1], keepdims=1)
         inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, np.float32)])])])
-        return g.op("Mul", [g.op("Mul", [x, inv]), g.init(f"{name}.weight", to_numpy(norm.weight.float()))])
+        return g.op("Mul", [g.op("Mul", [x, inv]), g.init(f"{name}.weight", to_numpy(w))])
 
     def layer_norm(self, x: str, norm: Any, name: str) -> str:
+        """LayerNorm, or StableLM's one LayerNorm per head (a ``norms`` list; x: (B, H, S, D)),
+        written as one LayerNormalization and the heads' weights stacked (H, 1, D)."""
         g = self.g
-        w = g.init(f"{name}.weight", to_numpy(norm.weight.float()))
-        b = g.init(f"{name}.bias", to_numpy(norm.bias.float()))
-        return g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=float(norm.eps))
+        if isinstance(getattr(norm, "norms", None), nn.ModuleList):
+            first = norm.norms[0]
+            if any(getattr(n, "bias", None) is not None for n in norm.norms):
+                raise ExportError(f"{name}: per-head LayerNorms with biases are not in lmpress's ONNX graph")
+            ones = g.init(f"{name}.ones", np.ones(first.weight.shape[0], np.float32))
+            y = g.op("LayerNormalization", [x, ones], axis=-1, epsilon=float(first.eps))
+            stacked = torch.stack([n.weight.float() for n in norm.norms])[:, None, :]  # (H, 1, D)
+            return g.op("Mul", [y, g.init(f"{name}.weight", to_numpy(stacked))])
+        inputs = [x, g.init(f"{name}.weight", to_numpy(norm.weight.float()))]
+        if getattr(norm, "bias", None) is not None:
+            inputs.append(g.init(f"{name}.bias", to_numpy(norm.bias.float())))
+        return g.op("LayerNormalization", inputs, axis=-1, epsilon=float(norm.eps))

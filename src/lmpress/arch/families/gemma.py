@@ -33,7 +33,7 @@ GEMMA = replace(
     embed_scale=True,
     tied_by_default=True,
     gguf=GGUF("gemma", gguf_metadata),
-    onnx=None,
+    onnx="llama",
 )
 
 SPECS = (GEMMA,)

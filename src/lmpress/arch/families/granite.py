@@ -34,7 +34,7 @@ GRANITE = replace(
     LLAMA,
     model_types=("granite",),
     gguf=GGUF("granite", gguf_metadata, permute_qk=True),
-    onnx=None,  # the llama graph has none of the multipliers
+    onnx="llama",
 )
 
 SPECS = (GRANITE,)

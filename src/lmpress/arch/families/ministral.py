@@ -27,7 +27,7 @@ MINISTRAL = replace(
     LLAMA,
     model_types=("ministral",),
     gguf=GGUF("llama", gguf_metadata, permute_qk=True, rope_freqs=True),
-    onnx=None,
+    onnx="llama",
 )
 
 SPECS = (MINISTRAL,)

@@ -28,8 +28,8 @@ OLMO2 = replace(
         ("self_attn.v_proj", ("self_attn.o_proj",)),
         ("mlp.up_proj", ("mlp.down_proj",)),
     ),
-    gguf=GGUF("olmo2", lambda config, n_vocab: rms_metadata(config, "olmo2", n_vocab)),
-    onnx=None,  # the llama graph has pre-norms
+    gguf=GGUF("olmo2", lambda config, n_vocab: rms_metadata(config, "olmo2", n_vocab), tied_output=True),
+    onnx="llama",
 )
 
 SPECS = (OLMO2,)

@@ -34,7 +34,7 @@ SMOLLM3 = replace(
     model_types=("smollm3",),
     tied_by_default=True,
     gguf=GGUF("smollm3", gguf_metadata, permute_qk=True),
-    onnx=None,  # the llama graph applies rope in every layer
+    onnx="llama",
 )
 
 SPECS = (SMOLLM3,)

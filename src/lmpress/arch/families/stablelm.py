@@ -51,6 +51,7 @@ SPECS = (
         scale_groups=LLAMA.scale_groups,
         parallel_key="use_parallel_residual",
         rotary_emb="model.rotary_emb",
-        gguf=GGUF("stablelm", gguf_metadata),
+        gguf=GGUF("stablelm", gguf_metadata, tied_output=True),
+        onnx="llama",
     ),
 )

@@ -62,5 +62,6 @@ SPECS = (
         tied_by_default=True,
         rotary_emb="model.rotary_emb",
         gguf=GGUF("starcoder2", gguf_metadata),
+        onnx="llama",
     ),
 )
