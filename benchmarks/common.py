@@ -94,3 +94,25 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+MODELS = {
+    "builtin": "Built-in model",
+    "smollm2": "SmolLM2-135M-Instruct (real, converted from its Q4_1 GGUF: 4-bit g32 flatters every method)",
+}
+
+
+def bench_model(name: str) -> Any:
+    """The model a quality benchmark runs on: ``builtin`` or ``smollm2`` (`benchmarks/real_model.py`)."""
+    from lmpress.io.load import load_model
+
+    if name == "smollm2":
+        from benchmarks.real_model import obtain
+
+        return load_model(obtain())
+    return load_model(name)
+
+
+def results_name(base: str, model: str) -> str:
+    """The results file and README section of a benchmark run on ``model``: ``quant``, ``quant_smollm2``."""
+    return base if model == "builtin" else f"{base}_{model}"

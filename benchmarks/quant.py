@@ -18,17 +18,19 @@ from typing import Any
 import torch
 
 from benchmarks.common import (
+    MODELS,
     RESULTS,
+    bench_model,
     export_windows,
     machine,
     markdown_table,
+    results_name,
     saved_bytes,
     split_windows,
     timed,
     write_results,
 )
 from lmpress.evaluation import count_parameters, quality
-from lmpress.io.load import load_model
 from lmpress.method import Context
 from lmpress.pipeline import run_stages
 from lmpress.recipe import parse_recipe
@@ -50,12 +52,12 @@ def main() -> None:
     ap.add_argument("--eval-windows", type=int, default=200)
     ap.add_argument("--calib-windows", type=int, default=128)
     ap.add_argument("--methods", default="rtn,gptq,awq,hqq")
-    ap.add_argument("--model", default="builtin")
+    ap.add_argument("--model", default="builtin", choices=sorted(MODELS))
     ap.add_argument("--export-data", type=Path, help="write the eval/calib windows for quant_peers.py and stop")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
-    loaded = load_model(args.model)
+    loaded = bench_model(args.model)
     original, tok = loaded.model, loaded.tokenizer
     eval_data = split_windows(tok, "eval", args.eval_windows)
     calib = split_windows(tok, "calib", args.calib_windows)
@@ -112,14 +114,14 @@ def main() -> None:
         "calib": calib.manifest.to_dict(),
         "rows": rows,
     }
-    peers = RESULTS / "quant_peers.json"
+    peers = RESULTS / f"{results_name('quant_peers', args.model)}.json"
     if peers.exists():  # measured by quant_peers.py on the same windows, in the peer environment
         payload["peers"] = json.loads(peers.read_text())
         rows += [r for r in payload["peers"]["rows"] if "error" not in r]
-    write_results("quant", payload, _table(rows, eval_data.manifest.to_dict()))
+    write_results(results_name("quant", args.model), payload, _table(rows, eval_data.manifest.to_dict(), args.model))
 
 
-def _table(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> str:
+def _table(rows: list[dict[str, Any]], manifest: dict[str, Any], model: str) -> str:
     base = rows[0]["perplexity"]
     body = [
         [
@@ -149,12 +151,13 @@ def _table(rows: list[dict[str, Any]], manifest: dict[str, Any]) -> str:
         "peak RSS MiB",
     ]
     note = (
-        f"Built-in model, `stdlib` eval split ({manifest['windows']} windows x {manifest['seq_len']} tokens, "
+        f"{MODELS[model]}, `stdlib` eval split ({manifest['windows']} windows x {manifest['seq_len']} tokens, "
         f"sha256 {manifest['sha256'][:12]}); embeddings and head unquantized unless the setting says so; peers "
         "(from `quant_peers.py`, same windows and calibration tokens) have no lmpress byte count. "
-        "`python -m benchmarks.quant`."
+        f"`python -m benchmarks.quant --model {model}`."
     )
-    return "## Quantization quality\n\n" + note + "\n\n" + markdown_table(head, body)
+    title = "Quantization quality" + ("" if model == "builtin" else ": " + MODELS[model].split(" (")[0])
+    return f"## {title}\n\n" + note + "\n\n" + markdown_table(head, body)
 
 
 if __name__ == "__main__":
