@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import Adapter, is_supported, roles_refusal
+from lmpress.arch import Adapter, has_spec, is_supported, roles_refusal, text_model_type
 from lmpress.arch.kinds import NotADecoderError, kind_refusal
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
@@ -146,10 +146,12 @@ def check_roles(model: str | Path | LoadedModel, recipe: Recipe) -> None:
     """Refuse, before any work, a stage that needs a family spec the model's family lacks (AWQ's
     scale folding, structured pruning, ``mix:`` ...): the line its apply would give mid-run."""
     if isinstance(model, LoadedModel):
-        model_type = getattr(getattr(model.model, "config", None), "model_type", None)
+        config = getattr(model.model, "config", None)
+        model_type = getattr(config, "model_type", None)
     else:
-        model_type = read_config(resolve_path(model)).get("model_type")
-    if is_supported(model_type):
+        config = read_config(resolve_path(model))
+        model_type = config.get("model_type")
+    if has_spec(config):  # its own family's spec, or its text decoder's (a multimodal model)
         return
     if not isinstance(model, LoadedModel) and isinstance(refusal := _built(resolve_path(model)), NotADecoderError):
         raise refusal  # blocks without attention
@@ -171,7 +173,10 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
         return "the model is an lmpress directory (its compressed layers load whole)"
     if not any(path.glob("*.safetensors")):
         return "its weights are not safetensors"
-    if not is_supported(read_config(path).get("model_type")):
+    config = read_config(path)
+    if text_model_type(config) is not None:
+        return "a multimodal model (its vision tower beside the language model) loads whole"
+    if not is_supported(config.get("model_type")):
         why = _generic_layout(path)
         if why is not None:
             return why

@@ -13,6 +13,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from lmpress.arch.discover import discover, is_conv1d
+from lmpress.arch.multimodal import language_model_spec, text_model_type
 from lmpress.arch.registry import is_supported, spec_for
 from lmpress.arch.spec import NormKind, Spec
 from lmpress.errors import LmpressError, ModelLoadError
@@ -42,7 +43,10 @@ class Adapter:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         self.model = model
         self.model_type: str = str(model_type)
-        self.spec = spec_for(model_type) if is_supported(model_type) else _discovered(model)
+        self.spec = spec_for(model_type) if is_supported(model_type) else _unlisted(model)
+        # a multimodal model's language model: what lmpress compresses, beside what it keeps as is
+        multimodal = text_model_type(getattr(model, "config", None)) is not None
+        self.language_model = self.spec.blocks.rpartition(".")[0] if multimodal else None
         if self.spec.generic:
             return
         assert self.spec.final_norm is not None
@@ -56,6 +60,13 @@ class Adapter:
         know and what to do ``instead``; nothing for a model whose family has a spec."""
         if self.spec.generic:
             raise error(roles_refusal(self.model_type, (what, needs, instead)))
+
+    def is_text(self, name: str) -> bool:
+        """The module ``name`` belongs to the text model: any module of a text-only model; in a
+        multimodal one, the language model and the head, not the vision tower or the projector."""
+        if self.language_model is None:
+            return True
+        return any(name == p or name.startswith(p + ".") for p in (self.language_model, self.head()[0]))
 
     def _get(self, path: str) -> nn.Module:
         try:
@@ -216,12 +227,13 @@ class Adapter:
         return n
 
 
-def _discovered(model: nn.Module) -> Spec:
-    """The generic spec of a model without one, found once and kept on the model (a later stage
-    sees the same blocks and linears, whatever it replaced them with)."""
+def _unlisted(model: nn.Module) -> Spec:
+    """The spec of a model whose model_type has none: its text decoder's, under its language model
+    (a multimodal model, `lmpress.arch.multimodal`), else the generic one found by structure, kept
+    on the model (a later stage sees the same blocks and linears, whatever it replaced them with)."""
     spec = model.__dict__.get("_lmpress_spec")
     if not isinstance(spec, Spec):
-        spec = discover(model)
+        spec = language_model_spec(model) or discover(model)
         model.__dict__["_lmpress_spec"] = spec
     return spec
 

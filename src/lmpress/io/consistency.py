@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from lmpress.arch import CONFIG_KEYS, POSITION_KEYS, Shapes
+from lmpress.arch import CONFIG_KEYS, POSITION_KEYS, Shapes, auto_class
 from lmpress.errors import ModelLoadError
 from lmpress.io.tensors import read_header
 
@@ -128,12 +128,12 @@ def _stored_tensors(path: Path) -> dict[str, _Stored]:
 def _meta_model(path: Path, trust_remote_code: bool) -> torch.nn.Module | None:
     """The architecture of ``path``'s config, built on the meta device; None if transformers cannot
     build it (the load that follows reports why)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+            model = auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
         model.tie_weights()  # a tied head shares the embeddings' tensor: saved once, not missing
         return model  # type: ignore[no-any-return]
     except Exception as e:

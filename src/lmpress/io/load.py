@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import is_supported, replace_module, transformers_knows, unknown_architecture
+from lmpress.arch import auto_class, is_supported, replace_module, transformers_knows, unknown_architecture
 from lmpress.arch.kinds import kind_refusal
 from lmpress.arch.widths import apply_structure
 from lmpress.errors import ModelLoadError
@@ -205,11 +205,12 @@ def no_transformers_bars() -> Iterator[None]:
 
 
 def _from_pretrained(path: Path, dtype: torch.dtype | str, trust_remote_code: bool) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
     try:
-        with no_transformers_bars():
-            return AutoModelForCausalLM.from_pretrained(  # type: ignore[no-any-return]
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        with no_transformers_bars():  # the causal LM class, or a multimodal model's own (`arch.auto_class`)
+            return auto_class(config).from_pretrained(  # type: ignore[no-any-return]
                 path, dtype=dtype, trust_remote_code=trust_remote_code, use_safetensors=None, low_cpu_mem_usage=True
             )
     except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
@@ -264,7 +265,7 @@ def _restore(
     shared: dict[str, str] | None = None,
 ) -> nn.Module:
     """Build the architecture from its config, swap in the saved layer types, load the tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     if dtype == "auto":
@@ -275,7 +276,7 @@ def _restore(
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     with no_init_weights(), parameters_on_meta():  # parameters come from the files (assigned below)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = auto_class(config).from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
     model.tie_weights()  # so that tied keys are recognized below
     if structure is not None:
         apply_structure(model, structure)

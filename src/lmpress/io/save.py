@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import Adapter, is_supported
+from lmpress.arch import Adapter, has_spec
 from lmpress.arch.widths import needs_structure_record
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import no_transformers_bars
@@ -39,7 +39,7 @@ def module_formats(model: nn.Module, described: dict[str, dict[str, Any]] | None
     """Per-module storage format: compressed layers describe themselves (or are in ``described``,
     recorded while a streamed model's unit was in memory), the rest are dense."""
     formats: dict[str, dict[str, Any]] = {}
-    adapter = Adapter(model) if is_supported(getattr(model.config, "model_type", None)) else None
+    adapter = Adapter(model) if has_spec(model.config) else None
     named = dict(adapter.linears()) if adapter else {}
     if adapter:
         named.update(adapter.embeddings())

@@ -16,7 +16,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from lmpress.arch import Adapter, is_conv1d, linear_weight, replace_module
+from lmpress.arch import Adapter, has_spec, is_conv1d, linear_weight, replace_module
 from lmpress.calib import blockwise, collect, outside_stats
 from lmpress.errors import LmpressError
 from lmpress.formats import ggml
@@ -120,8 +120,10 @@ def grid_settings(name: str, in_features: int, grid: str) -> LayerSettings:
 
 
 def linear_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every ``nn.Linear`` and GPT-2 ``Conv1D`` of the model, by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+    """Every ``nn.Linear`` and GPT-2 ``Conv1D`` of the model's text part, by name (a multimodal
+    model's vision tower and projector are kept as they are)."""
+    text = Adapter(model).is_text if has_spec(getattr(model, "config", None)) else lambda name: True
+    return {n: m for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_conv1d(m)) and text(n)}
 
 
 def targeted_layers(model: nn.Module, config: MethodConfig) -> dict[str, nn.Module]:

@@ -1,0 +1,95 @@
+"""Multimodal checkpoints (Gemma 3 4B+, LLaVA, Mistral 3 ...) whose text decoder is a family lmpress knows.
+
+Such a model wraps a text decoder of a known family (``config.text_config.model_type``: ``gemma3_text``,
+``llama``, ``mistral`` ...) beside a vision tower and a projector. Its decoder's spec applies with every
+path moved under the language model (``model.layers`` becomes ``model.language_model.layers``): the
+text spec's paths all start with its causal LM's base model (``model.``), which here is the module
+``get_decoder()`` returns. The head is found as in any model (``get_output_embeddings()``). The vision
+tower and the projector are in no spec, so no method, calibration or export ever reaches them: they are
+loaded, kept and saved as they are. transformers builds such a model with its image-text-to-text
+class (`auto_class`), which is also the class that loads the saved directory again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from torch import nn
+
+from lmpress.arch.registry import is_supported, spec_for
+from lmpress.arch.spec import Norm, Spec
+
+TEXT_CONFIG_KEY = "text_config"  # where transformers' multimodal configs keep the decoder's config
+
+
+def text_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The text decoder's part of a ``config.json`` dict: its ``text_config`` where it has one whose
+    family lmpress knows (and none of its own), else the config itself."""
+    text = config.get(TEXT_CONFIG_KEY)
+    if is_supported(config.get("model_type")) or not isinstance(text, dict):
+        return config
+    return text if is_supported(text.get("model_type")) else config
+
+
+def text_model_type(config: Any) -> str | None:
+    """The family whose spec applies to a multimodal ``config`` (a dict or a transformers config):
+    its text decoder's model_type where lmpress has that spec and none for the wrapper; else None."""
+    if isinstance(config, dict):
+        model_type, text = config.get("model_type"), config.get(TEXT_CONFIG_KEY)
+        text_type = text.get("model_type") if isinstance(text, dict) else None
+    else:
+        model_type = getattr(config, "model_type", None)
+        get_text = getattr(config, "get_text_config", None)
+        text = get_text(decoder=True) if callable(get_text) else config
+        text_type = None if text is config else getattr(text, "model_type", None)
+    if is_supported(model_type) or not is_supported(text_type):
+        return None
+    return str(text_type)
+
+
+def has_spec(config: Any) -> bool:
+    """lmpress has a spec for this config (a dict or a transformers config): its own family's, or
+    its text decoder's for a multimodal one."""
+    model_type = config.get("model_type") if isinstance(config, dict) else getattr(config, "model_type", None)
+    return is_supported(model_type) or text_model_type(config) is not None
+
+
+def language_model_spec(model: nn.Module) -> Spec | None:
+    """The text decoder's spec with its paths under the language model, for a multimodal model
+    whose decoder's family lmpress knows; None for any other model."""
+    text_type = text_model_type(getattr(model, "config", None))
+    get_decoder = getattr(model, "get_decoder", None)
+    if text_type is None or not callable(get_decoder):
+        return None
+    decoder = get_decoder()
+    lm = next((name for name, m in model.named_modules() if m is decoder and name), None)
+    spec = spec_for(text_type)
+    base = spec.blocks.split(".", 1)[0] + "."
+    paths = [spec.blocks, *spec.embeddings, *([spec.final_norm.path] if spec.final_norm else [])]
+    if lm is None or not all(p.startswith(base) for p in [*paths, *([spec.rotary_emb] if spec.rotary_emb else [])]):
+        return None
+
+    def moved(path: str) -> str:
+        return f"{lm}.{path[len(base) :]}" if path else path
+
+    final = spec.final_norm
+    return replace(
+        spec,
+        blocks=moved(spec.blocks),
+        embeddings={moved(p): r for p, r in spec.embeddings.items()},
+        final_norm=None if final is None else Norm(moved(final.path), final.role, final.kind, final.optional),
+        rotary_emb=moved(spec.rotary_emb),
+    )
+
+
+def auto_class(config: Any) -> Any:
+    """The transformers auto class that builds ``config``'s model whole: the causal LM one where it
+    maps the config (every text decoder; Gemma 3's multimodal class too), else the image-text-to-text
+    one where that maps it (LLaVA, Mistral 3, PaliGemma ...), else the causal LM one (which says why not)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping:
+            return auto
+    return AutoModelForCausalLM

@@ -1,0 +1,152 @@
+"""Multimodal checkpoints whose text decoder lmpress knows (Gemma 3 4B+, LLaVA over Llama): the
+language model is compressed, the vision tower and the projector are kept bit for bit, and the saved
+directory loads whole again, in lmpress and in transformers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForImageTextToText
+
+import lmpress
+from lmpress.arch import Adapter
+from lmpress.data_options import DataOptions
+from lmpress.errors import LmpressError, ModelLoadError
+from lmpress.io import load_model
+from lmpress.pipeline import compress
+
+TEXT = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 512,
+}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2}
+VISION |= {"image_size": 28, "patch_size": 14}
+GEMMA3_TEXT = {"query_pre_attn_scalar": 16, "sliding_window": 32}
+GEMMA3_TEXT |= {"layer_types": ["sliding_attention", "full_attention"]}  # a local and a global layer
+
+
+def multimodal_config(model_type: str, vocab: int):  # type: ignore[no-untyped-def]
+    """A tiny image-text model: Gemma 3 (Gemma 3 text + SigLIP) or LLaVA (Llama + CLIP)."""
+    image_tokens = {"image_token_index": vocab - 1}
+    if model_type == "gemma3":
+        return AutoConfig.for_model(
+            "gemma3",
+            text_config={**TEXT, **GEMMA3_TEXT, "vocab_size": vocab},
+            vision_config={**VISION, "model_type": "siglip_vision_model"},
+            mm_tokens_per_image=4,
+            boi_token_index=vocab - 3,
+            eoi_token_index=vocab - 2,
+            **image_tokens,
+        )
+    return AutoConfig.for_model(
+        "llava",
+        text_config={**TEXT, "model_type": "llama", "vocab_size": vocab},
+        vision_config={**VISION, "model_type": "clip_vision_model", "projection_dim": 32},
+        **image_tokens,
+    )
+
+
+@pytest.fixture
+def multimodal_dir(tmp_path: Path, tokenizer) -> Callable[[str], Path]:  # type: ignore[no-untyped-def]
+    def make(model_type: str) -> Path:
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(multimodal_config(model_type, len(tokenizer)))
+        out = tmp_path / model_type
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        return out
+
+    return make
+
+
+def _stored(path: Path, keep: Callable[[str], bool]) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            out.update({k: st.get_tensor(k) for k in st.keys() if keep(k)})  # noqa: SIM118
+    return out
+
+
+def _vision(name: str) -> bool:
+    return "vision_tower" in name or "multi_modal_projector" in name
+
+
+IDS = torch.arange(40)[None] % 300
+STAGES = {
+    "rtn": {"method": "rtn", "bits": 4, "group_size": 32},
+    "gptq": {"method": "gptq", "bits": 4, "group_size": 32},
+}
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "llava"])
+@pytest.mark.parametrize("method", list(STAGES))
+def test_language_model_compressed_vision_kept_reloads_whole(  # type: ignore[no-untyped-def]
+    model_type: str, method: str, multimodal_dir, text_file: Path, tmp_path: Path
+) -> None:
+    src = multimodal_dir(model_type)
+    data = DataOptions(source=text_file, seq_len=32, eval_windows=4, calib_windows=8)
+    r = compress(src, {"stages": [STAGES[method]]}, data, output=tmp_path / "o", measure_speed=False)
+    adapter = Adapter(r.model)
+    assert adapter.spec.blocks == "model.language_model.layers"
+    assert all(not isinstance(m, nn.Linear) for m in adapter.linears().values())
+    assert len(adapter.linears()) == 2 * 7
+    vision = {n: type(m) for n, m in r.model.named_modules() if _vision(n) and "proj" in n.rpartition(".")[2]}
+    assert vision and set(vision.values()) == {nn.Linear}  # not one layer of the vision part compressed
+    assert r.metrics["compressed"]["kl"] < 0.05
+    saved = AutoConfig.from_pretrained(tmp_path / "o")
+    assert saved.model_type == model_type and saved.vision_config is not None
+    reloaded = lmpress.load(tmp_path / "o").model
+    assert type(reloaded) is type(r.model)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, r.model(input_ids=IDS).logits)
+    before = _stored(src, _vision)
+    after = {k: v for k, v in reloaded.state_dict().items() if _vision(k)}
+    assert len(before) == len(after) > 10
+    for k, v in before.items():  # the file's names are the legacy ones save_pretrained writes
+        assert torch.equal(after[k if k in after else f"model.{k}"], v), k
+
+
+def test_dense_result_loads_in_transformers(multimodal_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A result stored dense (here pruned) is a plain checkpoint: transformers' image-text-to-text
+    class loads it whole with the same text logits."""
+    src = multimodal_dir("gemma3")
+    data = DataOptions(source=text_file, seq_len=32, eval_windows=4, calib_windows=8)
+    stage = {"method": "magnitude", "sparsity": 0.5, "storage": "dense"}
+    r = compress(src, {"stages": [stage]}, data, output=tmp_path / "o", measure_speed=False)
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "o")
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=IDS).logits, r.model(input_ids=IDS).logits)
+    q_proj = plain.model.language_model.layers[0].self_attn.q_proj.weight
+    assert (q_proj == 0).float().mean() == 0.5
+    assert _stored(src, _vision).keys() == _stored(tmp_path / "o", _vision).keys()
+    assert all(torch.equal(v, _stored(tmp_path / "o", _vision)[k]) for k, v in _stored(src, _vision).items())
+
+
+def test_streaming_is_refused_in_one_line(multimodal_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src = multimodal_dir("llava")
+    with pytest.raises(LmpressError, match="cannot stream this run: a multimodal model"):
+        compress(src, {"stages": [STAGES["gptq"]]}, DataOptions(source=text_file), output=tmp_path / "o", stream=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_broken_checkpoint_is_caught(multimodal_dir, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The config-vs-weights check reads a multimodal checkpoint too: a language-model tensor the
+    config implies but the files lack is named before anything is built."""
+    from safetensors.torch import save_file
+
+    src = multimodal_dir("llava")
+    state = _stored(src, lambda k: True)
+    del state["language_model.model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"implies tensor model\.language_model\.layers\.1\.mlp\.down_proj"):
+        load_model(src)
