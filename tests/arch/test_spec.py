@@ -44,9 +44,13 @@ def tiny(request: pytest.FixtureRequest) -> nn.Module:
 def test_spec_names_every_linear_and_norm_of_a_block(tiny: nn.Module) -> None:
     """No linear or norm of a block is left without a role, and each norm is of its declared kind."""
     a = Adapter(tiny)
+    found = set()
+    for block in a.blocks():  # a hybrid family's blocks have only their own kind's optional linears
+        linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
+        assert linears == {p for p in a.spec.linears if p not in a.spec.optional_linears or p in linears}
+        found |= linears
+    assert found == set(a.spec.linears)
     block = a.blocks()[0]
-    linears = {n for n, m in block.named_modules() if isinstance(m, nn.Linear) or is_conv1d(m)}
-    assert linears == set(a.spec.linears)
     norms = {n for n, m in block.named_modules() if "Norm" in type(m).__name__}
     assert norms == {n.path for n in a.spec.norms if not n.optional or n.path in norms}
     for name, module in a.block_norms(0).items():
@@ -55,7 +59,7 @@ def test_spec_names_every_linear_and_norm_of_a_block(tiny: nn.Module) -> None:
     assert a.norm_kind(a.final_norm()[0]) == a.spec.final_norm.kind
     assert computes(a.final_norm()[1], a.spec.final_norm.kind)
     roles = a.linear_roles(1)
-    assert len(roles) == len(a.spec.linears) and all(n.startswith(a.block_name(1) + ".") for n in roles)
+    assert len(roles) == len(a.block_linears(1)) and all(n.startswith(a.block_name(1) + ".") for n in roles)
     for name, role in roles.items():
         assert a.role_name(1, role) == name and a.role(1, role) is tiny.get_submodule(name)
 
@@ -65,7 +69,7 @@ def test_spec_config_keys_and_widths(tiny: nn.Module) -> None:
     config = tiny.config
     mlp_out = linear_weight(tiny.get_submodule(f"{a.block_name(0)}.{a.spec.mlp[-1]}"))
     assert mlp_out.shape[1] == (getattr(config, a.spec.mlp_width_key, None) or 4 * config.hidden_size)
-    assert a.spec.gated == (len(a.spec.mlp) == 3)
+    assert a.spec.gated == (len(a.spec.mlp) == 3 or a.spec.gate_up)  # Phi-3: gate and up fused
     assert a.embedding_roles()[a.spec.token_embedding()] == "token_embd"
     assert tiny.get_submodule(a.spec.token_embedding()) is tiny.get_input_embeddings()
 
@@ -73,7 +77,10 @@ def test_spec_config_keys_and_widths(tiny: nn.Module) -> None:
 def test_supported_lists() -> None:
     assert registry.supported_architectures() == sorted(specs())
     assert set(TINY_ARCHS) <= set(specs())
-    assert supporting("onnx") == ["gpt2", "llama", "mistral", "qwen2", "qwen3"]
+    assert supporting("onnx") == [
+        *("gemma", "gemma2", "gemma3_text", "gpt2", "granite", "llama", "ministral", "mistral"),
+        *("olmo2", "qwen2", "qwen3", "smollm3", "stablelm", "starcoder2"),
+    ]
     assert supporting("hidden_prunable") == ["granite", "llama", "ministral", "mistral", "qwen2", "qwen3", "smollm3"]
     assert spec_for("gpt_neox").gguf is not None and spec_for("gpt_neox").gguf.arch == "gptneox"
     assert spec_for("opt").gguf is None

@@ -168,6 +168,89 @@ def test_families(trained_dir: Callable[[str], Path], tokenizer: object, tmp_pat
         assert _kl_in_ort(loaded, out, ids) < KL_MAX, src
 
 
+# each family's tiny model with what sets it apart from Llama visible in 48 tokens: windows shorter
+# than the text, soft-caps that bite, a layer without rope, StableLM's per-head norms and parallel residual
+FAMILY_CONFIGS: dict[str, dict[str, object]] = {
+    "gemma3_text": {},  # a local (window 32) and a global layer, each with its rope base; 1 + w norms
+    "qwen3": {},
+    "smollm3": {"no_rope_layers": [1, 0]},
+    "granite": {},
+    "ministral": {"sliding_window": 16},
+    "olmo2": {},
+    "gemma2": {"attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3},
+    "gemma": {},
+    "starcoder2": {"sliding_window": 16},
+    "stablelm": {"qk_layernorm": True, "use_parallel_residual": True},
+}
+TRANSFORMERS_ATOL = 1e-4  # the issue's bound on the logits, float32
+
+
+def _family_dir(arch: str, tokenizer: object, tmp_path: Path) -> Path:
+    """A tiny random model of ``arch`` whose norms are not all ones (their weights and the order of
+    StableLM's stacked per-head norms matter)."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    config = tiny_config(arch, len(tokenizer))  # type: ignore[arg-type]
+    for key, value in FAMILY_CONFIGS[arch].items():
+        setattr(config, key, value)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    out = tmp_path / arch
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)  # type: ignore[attr-defined]
+    return out
+
+
+def _decode(ort_model: OnnxModel, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+    """ONNX Runtime's logits over ``ids``: the first ``prompt`` tokens at once, then one a step with the cache."""
+    out = ort_model(input_ids=ids[:, :prompt], use_cache=True)
+    logits = [out.logits]
+    for t in range(prompt, ids.shape[1]):
+        out = ort_model(input_ids=ids[:, t : t + 1], past_key_values=out.past_key_values, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
+
+
+@pytest.mark.parametrize("arch", FAMILY_CONFIGS)
+def test_families_decode_in_onnx_runtime_as_in_transformers(arch: str, tokenizer: object, tmp_path: Path) -> None:
+    """Dense: ONNX Runtime with its cache (40 tokens, then 8 one at a time) gives transformers'
+    float32 logits within 1e-4. RTN W4: MatMulNBits everywhere, within KL_MAX of lmpress's forward."""
+    src = _family_dir(arch, tokenizer, tmp_path)
+    loaded = lmpress.load(src, device="cpu")
+    ids = torch.randint(0, len(tokenizer), (1, 48), generator=torch.Generator().manual_seed(1))  # type: ignore[arg-type]
+    export(loaded, "onnx", tmp_path / "dense")
+    with torch.no_grad():
+        ours = exact_fp32(loaded.model)(input_ids=ids).logits
+    theirs = _decode(OnnxModel(tmp_path / "dense"), ids, 40)
+    assert (theirs - ours).abs().max() < TRANSFORMERS_ATOL, (arch, (theirs - ours).abs().max())
+
+    w4 = compress([{"method": "rtn", "bits": 4, "group_size": 16}], src)
+    report = export(w4, "onnx", tmp_path / "w4")
+    n_linears = 2 * (6 if arch == "starcoder2" else 7)
+    assert report.type_counts().get("MatMulNBits w4 g16") == n_linears, report.formats
+    assert _kl_in_ort(w4, tmp_path / "w4", ids) < KL_MAX
+
+
+def test_what_the_onnx_graph_cannot_compute_is_refused(tokenizer: object, tmp_path: Path) -> None:
+    """Gemma 3 attending both ways, and an MLP activation the graph lacks: one line, nothing written."""
+    src = _family_dir("gemma3_text", tokenizer, tmp_path)
+    loaded = lmpress.load(src, device="cpu")
+    loaded.model.config.use_bidirectional_attention = True
+    with pytest.raises(ExportError, match="ONNX export of Gemma 3 with use_bidirectional_attention set"):
+        export(loaded, "onnx", tmp_path / "x")
+    loaded.model.config.use_bidirectional_attention = False
+    loaded.model.model.layers[1].mlp.act_fn = torch.nn.Mish()
+    with pytest.raises(ExportError, match=r"layers\.1\.mlp: no activation lmpress's ONNX graph computes among .*Mish"):
+        export(loaded, "onnx", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_quantized_sparse_layers_densify_to_exact_zeros(held_out: torch.Tensor, tmp_path: Path) -> None:
     loaded = compress([{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "bits": 4, "group_size": 128}])
     with pytest.raises(ExportError, match="no sparse MatMul.*--densify"):

@@ -48,6 +48,15 @@ def gguf_metadata(config: Any, n_vocab: int) -> dict[str, Any]:
     return meta
 
 
+def onnx_refuse(config: Any) -> str | None:
+    """transformers' Gemma 3 ignores ``attn_logit_softcapping`` (ONNX would cap) and attends both
+    ways with ``use_bidirectional_attention`` (ONNX attends causally)."""
+    for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+        if getattr(config, key, None):
+            return f"ONNX export of Gemma 3 with {key} set: lmpress's ONNX graph attends causally, scores uncapped"
+    return None
+
+
 GEMMA3 = replace(
     GEMMA2,
     model_types=("gemma3_text",),
@@ -57,6 +66,7 @@ GEMMA3 = replace(
         Norm("self_attn.k_norm", "attn_k_norm", "rmsnorm_1p"),
     ),
     gguf=GGUF("gemma3", gguf_metadata),
+    onnx_refuse=onnx_refuse,
 )
 
 SPECS = (GEMMA3,)
