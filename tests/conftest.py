@@ -34,6 +34,8 @@ TINY_ARCHS = (
     "olmo2",
     "granite",
     "ministral",
+    "phi3",
+    "lfm2",
     "gptj",
     "cohere",
     "cohere2",
@@ -108,6 +110,8 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "logits_scaling": 4.0,
         },
         "ministral": {**gqa16, "sliding_window": 512, "layer_types": ["sliding_attention", "full_attention"]},
+        "phi3": {**gqa, "partial_rotary_factor": 0.75, "pad_token_id": None},  # Phi-4-mini's rotary share
+        "lfm2": {**gqa, "layer_types": ["conv", "full_attention"], "block_auto_adjust_ff_dim": False},
         "gptj": {"n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4, "n_positions": 512, "rotary_dim": 8},
         "cohere": {**gqa, "logit_scale": 0.25},
         "cohere2": {

@@ -47,7 +47,16 @@ CAST_RTN = {"name": "bf16-rtn", "stages": [{"method": "cast", "dtype": "bfloat16
 
 
 @pytest.mark.parametrize(
-    ("arch", "recipe"), [("llama", GPTQ_HEAD), ("gpt2", GPTQ_HEAD), ("qwen2", AWQ_GGUF), ("llama", CAST_RTN)]
+    ("arch", "recipe"),
+    [
+        ("llama", GPTQ_HEAD),
+        ("gpt2", GPTQ_HEAD),
+        ("qwen2", AWQ_GGUF),
+        ("llama", CAST_RTN),
+        ("lfm2", AWQ_GGUF),
+        ("phi3", AWQ_GGUF),
+        ("cohere2", AWQ_GGUF),  # logits scaled after the head: the streamed evaluation scales them too
+    ],
 )
 def test_streamed_equals_whole(tiny_model_dir, text_file: Path, tmp_path: Path, arch: str, recipe: dict) -> None:  # type: ignore[no-untyped-def]
     src = tiny_model_dir(arch)

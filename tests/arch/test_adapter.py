@@ -28,6 +28,8 @@ EXPECTED_LINEARS = {
     "gemma3_text": 7,
     "starcoder2": 6,
     "stablelm": 7,
+    "phi3": 4,  # fused qkv and gate_up
+    "lfm2": 7,  # block 1 attends; block 0 convolves: in, out and the MLP's three
     "gptj": 6,
     "cohere": 7,
     "cohere2": 7,
@@ -48,7 +50,7 @@ def test_adapter_finds_parts(arch: str) -> None:
         assert w.ndim == 2 and 64 in w.shape
         assert is_conv1d(m) == (arch == "gpt2")
     # (out, in): feeding x of width in through the module matches x @ w.T (+ bias)
-    first = next(iter(a.attention_linears(0).values()))
+    first = next(iter(a.block_linears(0).values()))
     w = linear_weight(first)
     x = torch.randn(3, w.shape[1])
     bias = first.bias if first.bias is not None else 0
@@ -56,7 +58,7 @@ def test_adapter_finds_parts(arch: str) -> None:
     assert a.head()[1] is model.get_output_embeddings()
     assert model.get_input_embeddings() in a.embeddings().values()
     assert 0 < a.non_embedding_parameters() < sum(p.numel() for p in model.parameters())
-    assert len(a.linears()) == 2 * EXPECTED_LINEARS[arch]
+    assert len(a.linears()) == {"lfm2": 12}.get(arch, 2 * EXPECTED_LINEARS[arch])
 
 
 def test_unknown_architecture_is_a_clear_error() -> None:

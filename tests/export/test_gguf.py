@@ -63,8 +63,8 @@ def _lmpress_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
         return model.float()(torch.tensor([ids])).logits[0].float()  # type: ignore[no-any-return]
 
 
-def _llama(path: Path) -> object:
-    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=512, verbose=False, n_threads=2)  # type: ignore[union-attr]
+def _llama(path: Path, n_ctx: int = 512) -> object:
+    return llama_cpp.Llama(model_path=str(path), logits_all=True, n_ctx=n_ctx, verbose=False, n_threads=2)  # type: ignore[union-attr]
 
 
 def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
@@ -72,9 +72,9 @@ def _kl(ref: torch.Tensor, other: torch.Tensor) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def _llama_check(path: Path, model: torch.nn.Module, tokenizer: object, ids: list[int]) -> float:
+def _llama_check(path: Path, model: torch.nn.Module, tokenizer: object, ids: list[int], n_ctx: int = 512) -> float:
     """Tokenization identical, and the mean per-token KL of llama.cpp's logits from lmpress's."""
-    llm = _llama(path)
+    llm = _llama(path, n_ctx)
     text = tokenizer.decode(ids)  # type: ignore[attr-defined]
     assert (
         llm.tokenize(text.encode(), add_bos=False, special=False)
@@ -200,6 +200,8 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "gemma3_text",
         "starcoder2",
         "stablelm",
+        "phi3",
+        "lfm2",
         "gptj",
         "cohere",
         "cohere2",
@@ -248,6 +250,40 @@ def test_per_head_norms_and_a_parallel_residual_in_llama_cpp(tokenizer, tmp_path
     docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
     ids = tokenize_documents(docs, tokenizer)[:200].tolist()
     assert _llama_check(out, model, tokenizer, ids) < KL_MAX
+
+
+@needs_llama
+def test_phi3_long_rope_in_llama_cpp(trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
+    """Phi-3.5 / Phi-4-mini's LongRoPE: short factors up to the original context, long ones beyond,
+    cos/sin scaled by the attention factor; llama.cpp reads the factors as tensors and picks them by
+    its context size (short in a context of the original 256, long in 512, where transformers takes
+    the long ones for the 300-token sequence)."""
+    from transformers import AutoModelForCausalLM
+
+    src = trained_dir("phi3")
+    loaded = lmpress.load(src, device="cpu")
+    config = loaded.model.config.to_dict()
+    n = int(16 * config["rope_parameters"]["partial_rotary_factor"]) // 2  # rotary frequencies per head
+    torch.manual_seed(0)
+    short, long = (1 + torch.rand(n)).tolist(), (4 + 8 * torch.rand(n)).tolist()
+    rope = {"rope_type": "longrope", "short_factor": short, "long_factor": long, "rope_theta": 10000.0}
+    config.update(max_position_embeddings=1024, original_max_position_embeddings=256)
+    config["rope_parameters"] = {**config["rope_parameters"], **rope, "original_max_position_embeddings": 256}
+    model = AutoModelForCausalLM.from_pretrained(src, config=type(loaded.model.config).from_dict(config)).eval()
+    out = tmp_path / "phi35.gguf"
+    export(LoadedModel(model, loaded.tokenizer, "phi3.5", src), "gguf", out)
+    tensors, fields = _reader_tensors(out), gguf.GGUFReader(str(out)).fields
+    for name, factors in (("rope_factors_short.weight", short), ("rope_factors_long.weight", long)):
+        assert np.allclose(np.asarray(tensors[name].data), factors)  # type: ignore[attr-defined]
+    attn_factor = float(fields["phi3.rope.scaling.attn_factor"].parts[-1][0])
+    assert attn_factor == pytest.approx(model.model.rotary_emb.attention_scaling) and attn_factor > 1
+    assert int(fields["phi3.rope.scaling.original_context_length"].parts[-1][0]) == 256
+    docs = [d for d in load_documents("stdlib") if d.path == "json/decoder.py"]
+    ids = tokenize_documents(docs, loaded.tokenizer)[:300].tolist()
+    assert _llama_check(out, model, loaded.tokenizer, ids[:200], n_ctx=256) < KL_MAX  # short factors
+    assert _llama_check(out, model, loaded.tokenizer, ids, n_ctx=512) < KL_MAX  # long factors
+    swapped = _llama_check(out, model, loaded.tokenizer, ids[:200], n_ctx=512)  # long in llama.cpp only
+    assert swapped > 10 * KL_MAX  # the factors matter: a mix-up would show
 
 
 @needs_llama

@@ -53,7 +53,10 @@ class Adapter:
         for path in (self.spec.blocks, self.spec.final_norm.path, *self.spec.embeddings):
             self._get(path)
         for name in (*self.spec.attention, *self.spec.mlp):
-            self._get(f"{self.spec.blocks}.0.{name}")
+            if name not in self.spec.optional_linears:
+                self._get(f"{self.spec.blocks}.0.{name}")
+            elif not any(self._has(f"{self.block_name(i)}.{name}") for i in range(self.num_blocks)):
+                self._get(f"{self.spec.blocks}.0.{name}")  # no block has it: the layout differs
 
     def require_roles(self, what: str, needs: str, instead: str, error: type[LmpressError] = LmpressError) -> None:
         """Refuse ``what`` for a model without a spec, in one line: what it ``needs`` lmpress to
@@ -92,7 +95,7 @@ class Adapter:
         out = {}
         for n in names:
             name = f"{self.block_name(i)}.{n}"
-            if self.spec.generic and not self._has(name):  # a hybrid model's blocks differ
+            if self._absent(n, name):  # a hybrid model's blocks differ
                 continue
             out[name] = self._get(name)
         return out
@@ -116,12 +119,22 @@ class Adapter:
             out.update(self.block_linears(i))
         return out
 
+    def block_tensors(self, i: int) -> dict[str, str]:
+        """Full name -> role of block i's float parameters that no method compresses (`Spec.tensors`)."""
+        out = {}
+        for path, role in self.spec.tensors.items():
+            name = f"{self.block_name(i)}.{path}"
+            if self._has(name.rpartition(".")[0]):
+                out[name] = role
+        return out
+
     def scale_groups(self, i: int) -> list[tuple[str, nn.Module, dict[str, nn.Module]]]:
         """(previous op name, previous op, {linear name: linear}) of block i whose scales can be folded.
 
         Only groups whose members are all still dense (an earlier stage may have replaced one) and
-        whose previous op's output width equals the linears' input width; norm groups are dropped
-        for post-norm OPT models (the norm there is not in front of the linears).
+        whose previous op's output width equals the linears' input width, or whose previous op is a
+        fused projection with rows the linears read (`Spec.read_rows`: then an `OutputRows` of it);
+        norm groups are dropped for post-norm OPT models (the norm there is not in front of the linears).
         """
         post_norm = not self.spec.is_pre_norm(self.model.config)
         out = []
@@ -129,12 +142,18 @@ class Adapter:
             if post_norm and prev_rel in self.spec.norm_paths:
                 continue
             prev_name = f"{self.block_name(i)}.{prev_rel}"
-            prev = self._get(prev_name)
             linears = self._block_modules(i, linear_rels)
+            if not linears or self._absent(prev_rel, prev_name):  # a block of another kind
+                continue
+            prev = self._get(prev_name)
             dense = [prev, *linears.values()] if prev_rel not in self.spec.norm_paths else list(linears.values())
             if not all(isinstance(m, nn.Linear) or is_conv1d(m) for m in dense):
                 continue
             width = linear_weight(prev).shape[0]  # a norm's weight is (width,)
+            reads = {int(linear_weight(m).shape[1]) for m in linears.values()}
+            rows = self.spec.read_rows(prev_rel, width, reads.pop()) if len(reads) == 1 else None
+            if rows is not None and prev_rel not in self.spec.norm_paths:
+                prev, width = OutputRows(prev, rows), rows.stop - rows.start
             if all(linear_weight(m).shape[1] == width for m in linears.values()):
                 out.append((prev_name, prev, linears))
         return out
@@ -149,6 +168,10 @@ class Adapter:
             out[name] = self._get(name)
         return out
 
+    def _absent(self, rel: str, name: str) -> bool:
+        """Block-relative linear ``rel`` (full ``name``) is one only some blocks have, and not here."""
+        return (self.spec.generic or rel in self.spec.optional_linears) and not self._has(name)
+
     def _has(self, path: str) -> bool:
         try:
             self.model.get_submodule(path)
@@ -161,7 +184,7 @@ class Adapter:
         return {
             f"{self.block_name(i)}.{p}": r
             for p, r in self.spec.linears.items()
-            if not self.spec.generic or self._has(f"{self.block_name(i)}.{p}")
+            if not self._absent(p, f"{self.block_name(i)}.{p}")
         }
 
     def role_name(self, i: int, role: str) -> str:
@@ -225,6 +248,18 @@ class Adapter:
                 seen.add(id(p))
                 n += p.numel()
         return n
+
+
+class OutputRows(nn.Module):
+    """Some output rows of a fused linear, as the previous op of a scale group (Phi-3's up half of
+    gate_up_proj): ``weight`` (rows, in) and ``bias`` are views of the linear's, so a scale folded
+    into them is folded into the linear."""
+
+    def __init__(self, linear: nn.Module, rows: slice) -> None:
+        super().__init__()
+        self.weight = linear_weight(linear).detach()[rows]
+        bias = getattr(linear, "bias", None)
+        self.bias = bias.detach()[rows] if isinstance(bias, Tensor) else None
 
 
 def _unlisted(model: nn.Module) -> Spec:

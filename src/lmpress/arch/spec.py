@@ -25,10 +25,14 @@ from torch import Tensor
 # unknown: a module found by structure in a model without a spec (`lmpress.arch.discover`), never
 # folded into or exported
 NormKind = Literal["layernorm", "rmsnorm", "rmsnorm_1p", "unknown"]
-# separate q/k/v projections; one fused projection whose rows are [q | k | v] (GPT-2); one whose rows
-# are per-head [q_h | k_h | v_h] triples (GPT-NeoX)
+# separate q/k/v projections; one fused projection whose rows are [q | k | v], the query heads then
+# the key/value heads (GPT-2, Phi-3's grouped-query qkv_proj); one whose rows are per key/value head
+# [q × heads per group | k | v] (GPT-NeoX: one query head per group, [q_h | k_h | v_h] triples)
 QKVLayout = Literal["separate", "concat", "per_head"]
 ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output")
+# a block that mixes tokens with a gated short convolution instead (LFM2): its input and output
+# projections stand where attention's do (`Spec.attention`)
+SHORTCONV_ROLES = ("shortconv_in_proj", "shortconv_out_proj")
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_down")
 
 
@@ -53,7 +57,9 @@ class GGUF:
     ``rope_freqs.weight`` tensor. ``row_order(role, rows, config)``: the family's own order of a
     projection's rows (None: the same), where it is written as an architecture whose rotary pairs
     dimensions differently (GPT-J's neighbouring pairs as ``phi2``'s halves). ``zero_biases``: roles
-    whose bias the architecture requires, written as zeros where the model has none.
+    whose bias the architecture requires, written as zeros where the model has none. ``tied_output``:
+    the architecture reads ``output.weight`` even where the head is tied to the embeddings (llama.cpp's
+    gptneox, phi2, stablelm, olmo2): a tied head is written as a copy of the table.
     """
 
     arch: str
@@ -62,6 +68,12 @@ class GGUF:
     rope_freqs: bool = False
     row_order: Callable[[str, int, Any], Tensor | None] | None = None
     zero_biases: tuple[str, ...] = ()
+    tied_output: bool = False
+    # name -> tensor: tensors llama.cpp reads that the config defines (Phi-3's long-rope factors)
+    config_tensors: Callable[[Any], dict[str, Tensor]] | None = None
+    # role -> tensor name, where the architecture names a part apart from the shared vocabulary
+    # (llama.cpp's lfm2 calls its final norm token_embd_norm)
+    names: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -74,10 +86,22 @@ class Spec:
     final_norm: Norm | None  # None: a generic spec that could not tell which module follows the blocks
     linears: dict[str, str]  # block-relative path -> role, attention first, in the order they compute
     norms: tuple[Norm, ...]  # block-relative
+    # block-relative paths of the linears only some blocks have: a model whose blocks are of several
+    # kinds (LFM2's attention and short-convolution layers) has in each block only its kind's
+    optional_linears: tuple[str, ...] = ()
+    # block-relative path of a parameter -> role: float tensors no method compresses, kept as they
+    # are and exported (LFM2's depthwise convolution kernels)
+    tensors: dict[str, str] = field(default_factory=dict)
     qkv: QKVLayout = "separate"
     # what the optional attn_q_norm / attn_k_norm normalize: each head (Qwen3) or the whole
     # projection output, all heads at once (OLMo 2), which loses a head's rows with the head
     qk_norm: Literal["head", "projection"] = "head"
+    # the MLP's gate and up projections are one linear whose rows are [gate | up] (Phi-3's gate_up_proj,
+    # llama.cpp's ffn_up of twice the width): a neuron is a row of each half
+    gate_up: bool = False
+    # the attention splits its fused qkv by the config's head count at run time (Phi-3): a block
+    # with fewer heads gets a config of its own (`lmpress.arch.widths.keep_attention_units`)
+    heads_from_config: bool = False
     conv1d: bool = False  # GPT-2: linear weights stored (in, out)
     # (previous op, linears reading its output): a per-channel scale can move from the linears'
     # input columns into the previous op's outputs (a norm, or a linear followed by nothing or by a
@@ -89,6 +113,9 @@ class Spec:
     embed_scale: bool = False  # the model multiplies the token embeddings by sqrt(hidden) (from its config)
     tied_by_default: bool = False  # tie_word_embeddings when config.json does not say
     rotary_emb: str = ""  # the module that computes rotary cos/sin for the whole model, where there is one
+    # what the model's forward does to the head's output (Cohere's logit_scale), for a run that applies
+    # the head itself (a streamed evaluation): (config, logits) -> logits
+    logits_after_head: Callable[[Any, Tensor], Tensor] | None = None
     pre_norm_key: str | None = None  # a config flag that, when false, puts the norms after the sublayers
     # a config flag that, when true, feeds the MLP from the attention's norm (StableLM's parallel
     # residual): the first norm's scale group takes the second's linears, and the second norm is absent
@@ -106,8 +133,9 @@ class Spec:
 
     @property
     def attention(self) -> tuple[str, ...]:
-        """Block-relative paths of the attention projections (q, k, v, o or fused qkv, o)."""
-        return tuple(p for p, r in self.linears.items() if r in ATTENTION_ROLES)
+        """Block-relative paths of the attention projections (q, k, v, o or fused qkv, o), and of a
+        short convolution's (in, out) where a block mixes tokens with one instead."""
+        return tuple(p for p, r in self.linears.items() if r in ATTENTION_ROLES + SHORTCONV_ROLES)
 
     @property
     def mlp(self) -> tuple[str, ...]:
@@ -130,7 +158,7 @@ class Spec:
     @property
     def gated(self) -> bool:
         """A gated MLP (gate, up, down) rather than two projections."""
-        return "ffn_gate" in self.linears.values()
+        return self.gate_up or "ffn_gate" in self.linears.values()
 
     @property
     def hidden_prunable(self) -> bool:
@@ -164,16 +192,37 @@ class Spec:
     def gguf_row_order(self, role: str, rows: int, config: Any) -> Tensor | None:
         """How llama.cpp orders the output rows of a projection, as indices into the model's rows
         (None: the same). Llama q/k: the rotary halves interleaved per head; GPT-NeoX's fused
-        q/k/v: per-head [q k v] triples regrouped as all q, all k, all v."""
+        q/k/v: per-head [q k v] triples regrouped as all q, all k, all v (`group_order`)."""
         if self.gguf is not None and self.gguf.row_order is not None:
             return self.gguf.row_order(role, rows, config)
         heads = getattr(config, "num_attention_heads", 0)
         if self.gguf is not None and self.gguf.permute_qk and role in ("attn_q", "attn_k"):
             kv_heads = getattr(config, "num_key_value_heads", None) or heads
             return rope_permutation(rows, heads if role == "attn_q" else kv_heads)
-        if self.qkv == "per_head" and role == "attn_qkv":
-            return torch.arange(rows).view(heads, 3, rows // heads // 3).transpose(0, 1).reshape(-1)
+        if self.qkv == "per_head" and role == "attn_qkv":  # a family with fewer groups: its GGUF.row_order
+            return group_order(rows, heads, heads)
         return None
+
+    def read_rows(self, path: str, rows: int, width: int) -> slice | None:
+        """The output rows of the fused projection at block-relative ``path`` (``rows`` of them) that
+        the next linear, ``width`` inputs wide, reads and a per-channel scale can fold into: the up
+        half of a fused gate/up (down reads up · act(gate), linear in up; the gate half is behind the
+        activation), the v rows of a [q | k | v] projection where every query head has its own
+        key/value head (o reads attention-weighted sums of v). None elsewhere (grouped-query v)."""
+        role = self.linears.get(path)
+        if role == "ffn_up" and self.gate_up and rows == 2 * width:
+            return slice(width, rows)
+        if role == "attn_qkv" and self.qkv == "concat" and rows == 3 * width:
+            return slice(2 * width, rows)
+        return None
+
+
+def group_order(rows: int, heads: int, kv_heads: int) -> Tensor:
+    """Rows of a projection laid out per key/value group, [q × heads/kv_heads | k | v] each, as
+    indices that regroup them into [all q | all k | all v].  -> (rows,)"""
+    per = heads // kv_heads
+    idx = torch.arange(rows).view(kv_heads, per + 2, rows // (heads + 2 * kv_heads))  # (group, head, dim)
+    return torch.cat([idx[:, :per].reshape(-1), idx[:, per].reshape(-1), idx[:, per + 1].reshape(-1)])
 
 
 def rope_permutation(rows: int, n_head: int) -> Tensor:

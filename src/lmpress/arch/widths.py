@@ -2,9 +2,10 @@
 
 An attention *unit* is one key/value head with the query heads that share it (grouped-query
 attention), or one head where every head has its own keys and values. Removing a unit removes its
-rows from the query/key/value projections and its columns from the output projection; removing a
-neuron removes its row from every MLP input projection (gate, up / fc1) and its column from the
-output projection. The result is a smaller *dense* block that runs through the family's own
+rows from the query/key/value projections (separate, fused as [q | k | v], or fused per key/value
+group as [q… | k | v]) and its columns from the output projection; removing a neuron removes its
+row from every MLP input projection (gate, up / fc1; both halves of a fused gate/up) and its column
+from the output projection. The result is a smaller *dense* block that runs through the family's own
 forward (the attention modules read the head count from the weights, or from the attributes
 updated here).
 
@@ -15,6 +16,7 @@ express) reloads through lmpress.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -64,8 +66,8 @@ def attention_counts(adapter: Adapter, i: int) -> tuple[int, int]:
     hd = head_dim(adapter, i)
     lin = list(adapter.attention_linears(i).values())
     n_q = linear_shape(lin[-1])[1] // hd  # the output projection's input
-    if adapter.spec.fused_qkv:
-        return n_q, n_q
+    if adapter.spec.fused_qkv:  # n_q + 2 n_kv heads of rows, in either layout
+        return n_q, (linear_shape(lin[0])[0] // hd - n_q) // 2
     return n_q, linear_shape(lin[1])[0] // hd  # k_proj
 
 
@@ -93,13 +95,13 @@ def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
     q_heads = [h for g in keep for h in range(g * per, (g + 1) * per)]
     lin = list(adapter.attention_linears(i).values())
     attn = _attention_module(adapter, i)
-    if adapter.spec.qkv == "concat":  # one projection: [q | k | v], each n_q * hd wide
-        E = n_q * hd
-        rows = torch.cat([_span(q_heads, hd, 0), _span(q_heads, hd, E), _span(q_heads, hd, 2 * E)])
-        slice_linear(lin[0], rows=rows)
-        attn.split_size = len(q_heads) * hd  # type: ignore[assignment]
-    elif adapter.spec.qkv == "per_head":  # one projection: per head [q_h | k_h | v_h]
-        slice_linear(lin[0], rows=_span(q_heads, 3 * hd))
+    if adapter.spec.qkv == "concat":  # one projection: [q | k | v], n_q, n_kv and n_kv heads wide
+        k0, v0 = n_q * hd, (n_q + n_kv) * hd
+        slice_linear(lin[0], rows=torch.cat([_span(q_heads, hd), _span(keep, hd, k0), _span(keep, hd, v0)]))
+        if hasattr(attn, "split_size"):  # GPT-2 splits by it
+            attn.split_size = len(q_heads) * hd  # type: ignore[assignment]
+    elif adapter.spec.qkv == "per_head":  # one projection: per key/value group [q × per | k | v]
+        slice_linear(lin[0], rows=_span(keep, (per + 2) * hd))
     else:  # separate q, k, v
         slice_linear(lin[0], rows=_span(q_heads, hd))
         slice_linear(lin[1], rows=_span(keep, hd))
@@ -121,14 +123,18 @@ def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
             setattr(attn, attr, len(q_heads))
     if isinstance(getattr(attn, "num_key_value_heads", None), int):
         attn.num_key_value_heads = len(keep)  # type: ignore[assignment]
+    if adapter.spec.heads_from_config and attn.config.num_attention_heads != len(q_heads):
+        attn.config = copy.copy(attn.config)  # this block's own, the model's config unchanged
+        attn.config.num_attention_heads = len(q_heads)
 
 
 def keep_neurons(adapter: Adapter, i: int, keep: Tensor) -> None:
     """Keep only MLP neurons ``keep`` of block i."""
     keep = keep.sort().values
+    rows = torch.cat([keep, keep + mlp_width(adapter, i)]) if adapter.spec.gate_up else keep  # [gate | up]
     lin = list(adapter.mlp_linears(i).values())
     for m in lin[:-1]:
-        slice_linear(m, rows=keep)
+        slice_linear(m, rows=rows)
     slice_linear(lin[-1], cols=keep)
 
 
@@ -165,6 +171,10 @@ def uniform_config_update(model: nn.Module) -> bool:
             return False
         cfg.head_dim = head_dim(Adapter(model), 0)
         cfg.num_attention_heads, cfg.num_key_value_heads = s["heads"], s["kv_heads"]
+        if spec_for(cfg.model_type).heads_from_config:  # the blocks' own configs are the model's again
+            adapter = Adapter(model)
+            for i in range(adapter.num_blocks):
+                _attention_module(adapter, i).config = cfg
     if s["mlp"] != cfg_s["mlp"]:
         setattr(cfg, spec_for(cfg.model_type).mlp_width_key, s["mlp"])
     return True
@@ -172,8 +182,9 @@ def uniform_config_update(model: nn.Module) -> bool:
 
 def needs_structure_record(model: nn.Module) -> list[dict[str, int]] | None:
     """Per-block widths to save beside the weights, or None when the config already describes them."""
-    if not is_supported(getattr(model.config, "model_type", None)):
-        return None
+    model_type = getattr(model.config, "model_type", None)
+    if not is_supported(model_type) or spec_for(model_type).optional_linears:  # blocks of several kinds:
+        return None  # never cut (structured refuses them)
     structure = block_structure(model)
     expected = config_structure(model)
     return None if all(s == expected for s in structure) else structure

@@ -64,6 +64,9 @@ ROLE_NAMES = {
     "attn_qkv": "attn_qkv",
     "attn_post_norm": "post_attention_norm",  # a post-norm: normalizes the attention's output (Gemma 2/3)
     "ffn_post_norm": "post_ffw_norm",  # normalizes the MLP's output
+    "shortconv_in_proj": "shortconv.in_proj",  # LFM2's convolution blocks
+    "shortconv_out_proj": "shortconv.out_proj",
+    "shortconv_conv": "shortconv.conv",
 }
 
 
@@ -166,7 +169,7 @@ class _Plan:
 
     def spec(self, name: str, part: Part, rows_perm: Tensor | None) -> TensorSpec:
         m = part.module
-        if part.kind in ("norm", "bias"):
+        if part.kind in ("norm", "bias", "tensor"):
             vec = part.tensor
             assert vec is not None
             if part.norm_kind == "rmsnorm_1p":  # llama.cpp's RMSNorm multiplies by the stored weight
@@ -287,19 +290,22 @@ def _shape(m: nn.Module) -> tuple[int, int]:
     return m.out_features, m.in_features  # type: ignore[return-value]
 
 
-def rope_factors(model: nn.Module) -> Tensor | None:
-    """llama3 rope as llama.cpp reads it (``rope_freqs.weight``): the factor each rotary frequency is
-    divided by, from the frequencies the model itself computes with; None for other rope types."""
+def rope_tensors(model: nn.Module, spec: Spec) -> dict[str, Tensor]:
+    """The rope tensors llama.cpp reads beside the weights: those the family makes of its config
+    (Phi-3's long-rope factors), and llama3 rope as ``rope_freqs.weight``: the factor each rotary
+    frequency is divided by, from the frequencies the model itself computes with."""
     config: Any = model.config
+    gguf = spec.gguf
+    out = dict(gguf.config_tensors(config)) if gguf is not None and gguf.config_tensors is not None else {}
     rope_type, rope = rope_settings(config)
-    if rope_type != "llama3":
-        return None
+    if gguf is None or not gguf.rope_freqs or rope_type != "llama3":
+        return out
     inv_freq = next((f for m in model.modules() if isinstance(f := getattr(m, "inv_freq", None), Tensor)), None)
     if inv_freq is None:
         raise ExportError("llama3 rope: the model has no rotary module with inv_freq")
     dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     base = 1.0 / (rope_theta(config, rope) ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
-    return (base / inv_freq.double()).float()
+    return {**out, "rope_freqs.weight": (base / inv_freq.double()).float()}
 
 
 def export_gguf(
@@ -367,9 +373,10 @@ def _write(
     plan = _Plan(model)
     specs = []
     config = model.config  # type: ignore[union-attr]
-    factors = rope_factors(model) if spec.gguf is not None and spec.gguf.rope_freqs else None
+    extra = rope_tensors(model, spec)  # written after the token embedding
+    names = spec.gguf.names if spec.gguf is not None else {}
     for p in parts:
-        base = ROLE_NAMES[p.role]
+        base = names.get(p.role) or ROLE_NAMES[p.role]
         gname = (f"blk.{p.block}." if p.block is not None else "") + base + (".bias" if p.kind == "bias" else ".weight")
         if p.kind == "bias":
             assert p.tensor is not None
@@ -382,11 +389,9 @@ def _write(
         specs.append(plan.spec(gname, p, perm))
         if p.kind == "linear" and spec.gguf is not None and p.role in spec.gguf.zero_biases:
             specs += _zero_bias(plan, gname, p.module)
-        if p.role == "token_embd" and factors is not None:
-            specs.append(
-                TensorSpec("rope_freqs.weight", tuple(factors.shape), F32, factors.numel() * 4, _f32_of(factors))
-            )
-            plan.report_types["rope_freqs.weight"] = "f32"
+        for tname, t in extra.items() if p.role == "token_embd" else ():
+            specs.append(TensorSpec(tname, tuple(t.shape), F32, t.numel() * 4, _f32_of(t)))
+            plan.report_types[tname] = "f32"
     path = Path(path)
     clean_stale(path)  # a file a killed export of the same path left
     size = write_gguf(path, meta, specs)

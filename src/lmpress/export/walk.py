@@ -29,7 +29,9 @@ class Part:
     role: str
     module_name: str
     module: nn.Module
-    kind: str  # "linear", "embedding", "norm" (tensor: the norm's weight), "bias" (tensor: a linear's bias)
+    # "linear", "embedding", "norm" (tensor: the norm's weight), "bias" (tensor: a linear's bias),
+    # "tensor" (a float parameter written as it is: LFM2's convolution kernels)
+    kind: str
     block: int | None = None
     tensor: Tensor | None = None
     conv1d: bool = False  # GPT-2's Conv1D: the weight is stored (in, out)
@@ -74,11 +76,15 @@ def _family_parts(model: nn.Module, adapter: Adapter, densify: bool) -> list[Par
                 parts += _norm_parts(n.role, adapter.role_name(i, n.role), adapter.role(i, n.role), i, n.kind)
         for name, role in adapter.linear_roles(i).items():
             parts += _linear_parts(model, name, role, i, densify, seen)
+        for name, role in adapter.block_tensors(i).items():  # as a matrix: one row per channel
+            owner = model.get_submodule(name.rpartition(".")[0])
+            parts.append(Part(role, name, owner, "tensor", i, model.get_parameter(name).flatten(1)))
     norm_name, norm = adapter.final_norm()
     assert adapter.spec.final_norm is not None  # a spec's, never a generic one
     parts += _norm_parts("output_norm", norm_name, norm, None, adapter.spec.final_norm.kind)
     head_name, head = adapter.head()
-    if not _tied(head, token_embd):
+    gguf = adapter.spec.gguf
+    if not _tied(head, token_embd) or (gguf is not None and gguf.tied_output):  # the table again where read
         check_layer(head_name, head, densify)
         parts.append(Part("output", head_name, head, "linear"))
         bias = getattr(head, "bias", None)

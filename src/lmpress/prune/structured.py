@@ -104,6 +104,7 @@ def unit_costs(adapter: Adapter, i: int) -> tuple[int, int]:
     attn_params = sum(linear_weight(m).numel() + _bias_size(m) for m in lin) - _bias_size(lin[-1])
     mlp = list(adapter.mlp_linears(i).values())
     per_neuron = sum(int(linear_weight(m).shape[1]) + (1 if _bias_size(m) else 0) for m in mlp[:-1])
+    per_neuron *= 2 if adapter.spec.gate_up else 1  # a row in each half of a fused gate/up
     per_neuron += int(linear_weight(mlp[-1]).shape[0])
     return attn_params // n_kv, per_neuron
 
@@ -194,6 +195,11 @@ def apply(model: nn.Module, config: StructuredConfig, ctx: Context) -> StageRepo
         raise PruneError("structured: set attention or mlp (or both) to true")
     adapter = Adapter(model)
     adapter.require_roles(*ROLES, PruneError)
+    if adapter.spec.optional_linears:
+        raise PruneError(
+            f"structured: {adapter.model_type} blocks are of several kinds (attention and others) whose widths "
+            "lmpress does not cut apart; use magnitude, wanda or sparsegpt"
+        )
     before = adapter.non_embedding_parameters()
     scores = importance(model, config, ctx)
     keep_units, keep_neuron_idx, _ = plan(adapter, scores, config)
