@@ -158,6 +158,12 @@ def quality(
 HEAD_POSITIONS = 64  # positions whose logits a streamed evaluation holds at once
 
 
+def after_head(adapter: Adapter, logits: Tensor) -> Tensor:
+    """The head's output as the model's own forward hands it on (Cohere's logit_scale applied)."""
+    fn = adapter.spec.logits_after_head
+    return logits if fn is None else fn(adapter.model.config, logits)
+
+
 @torch.no_grad()
 def streamed_quality(
     model: nn.Module,
@@ -197,8 +203,8 @@ def streamed_quality(
                     t1 = min(t0 + HEAD_POSITIONS, predicted)
                     target = windows[w : w + 1, t0 + 1 : t1 + 1]  # (1, t)
                     logits = [
-                        m.get_submodule(e[1])(m.get_submodule(e[0])(h[b][r : r + 1, t0:t1])).float()
-                        for m, e, h in zip(models, ends, hidden, strict=True)
+                        after_head(a, m.get_submodule(e[1])(m.get_submodule(e[0])(h[b][r : r + 1, t0:t1]))).float()
+                        for m, a, e, h in zip(models, adapters, ends, hidden, strict=True)
                     ]  # [(1, t, V)]
                     target = target.to(logits[0].device)
                     for lg, which in zip(logits, ("the compressed model", "the original"), strict=False):

@@ -80,6 +80,7 @@ COHERE = Spec(
     scale_groups=PARALLEL_SCALE_GROUPS,
     tied_by_default=True,
     rotary_emb="model.rotary_emb",
+    logits_after_head=lambda config, logits: logits * config.logit_scale,
     gguf=GGUF("command-r", gguf_metadata),
 )
 
