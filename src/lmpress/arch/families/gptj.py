@@ -79,6 +79,6 @@ SPECS = (
         ),
         mlp_width_key="n_inner",  # None: 4 * n_embd
         rotary_emb="transformer.rotary_emb",
-        gguf=GGUF("phi2", gguf_metadata, row_order=row_order, zero_biases=("attn_output",)),
+        gguf=GGUF("phi2", gguf_metadata, row_order=row_order, zero_biases=("attn_output",), tied_output=True),
     ),
 )
