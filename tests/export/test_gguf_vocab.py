@@ -173,6 +173,19 @@ def test_gemma_is_sentencepiece_without_a_space_prefix(styles: Callable[[str], A
     assert types[:7] == [3, 3, 3, 2, 3, 3, 3] and types[7:263] == [6] * 256 and set(types[263:]) == {1}
 
 
+def test_gemma_tab_token_in_place_of_its_byte(styles: Callable[[str], Any]) -> None:
+    """transformers' Gemma converter writes "\\t" where SentencePiece has <0x09>: llama.cpp falls back to
+    that token for the byte, and so does the export's check."""
+    from transformers import GemmaTokenizer
+
+    model = json.loads(styles("spm-gemma").backend_tokenizer.to_str())["model"]
+    vocab = {("\t" if t == "<0x09>" else t): i for t, i in model["vocab"].items()}
+    merges = [tuple(m) for m in model["merges"]]
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, extra_special_tokens=GEMMA_SPECIALS[5:])  # type: ignore[arg-type]
+    meta = tokenizer_metadata(tok, len(tok))
+    assert meta["tokenizer.ggml.tokens"][7 + 9] == "\t" and meta["tokenizer.ggml.token_type"][7 + 9] == 1
+
+
 def test_a_tokenizer_that_splits_the_mixed_text_differently_is_refused(styles: Callable[[str], Any]) -> None:
     """A special token that eats the spaces after it (rstrip), which llama.cpp's does not: refused in one
     line naming the text, before anything is written."""
@@ -210,3 +223,39 @@ def test_gemma3_with_its_tokenizer_in_llama_cpp(
     with torch.no_grad():
         ref = loaded.model.float()(torch.tensor([ids])).logits[0]
     assert kl(ref, ours) < 1e-3
+
+
+VOCABS = os.environ.get("LMPRESS_LLAMA_CPP_VOCABS")  # llama.cpp's models/ (its source tree, not the wheel)
+
+
+@needs_llama
+@pytest.mark.skipif(not VOCABS, reason="set LMPRESS_LLAMA_CPP_VOCABS to llama.cpp's models/ directory")
+def test_gemma_real_vocabulary(tmp_path: Path) -> None:
+    """Gemma's 262k vocabulary and merges (llama.cpp's ggml-vocab-gemma-4.gguf) as a Gemma-3-style
+    transformers tokenizer: it splits llama.cpp's own test texts as llama.cpp's reference does, and
+    lmpress's SentencePiece export of it splits them and the mixed text in llama.cpp as transformers does
+    (a minute or two: the export checks every token's own text)."""
+    from tokenizers import AddedToken
+    from transformers import GemmaTokenizer
+
+    import gguf
+
+    src = Path(str(VOCABS)) / "ggml-vocab-gemma-4.gguf"
+    fields = gguf.GGUFReader(src).fields
+    tokens, types = fields["tokenizer.ggml.tokens"].contents(), fields["tokenizer.ggml.token_type"].contents()
+    merges = [tuple(m.split(" ")) for m in fields["tokenizer.ggml.merges"].contents()]
+    added = [AddedToken(t, special=k == 3, normalized=False) for t, k in zip(tokens, types, strict=True) if k in (3, 4)]
+    tok = GemmaTokenizer(
+        vocab={t: i for i, t in enumerate(tokens)},
+        merges=merges,  # type: ignore[arg-type]
+        extra_special_tokens=[a for a in added[5:] if a.special],
+    )
+    tok.add_tokens([a for a in added if not a.special])
+    texts = Path(f"{src}.inp").read_text().split("\n__ggml_vocab_test__\n")
+    reference = [[int(i) for i in line.split()] for line in Path(f"{src}.out").read_text().strip("\n").split("\n")]
+    assert tok(texts, add_special_tokens=False)["input_ids"] == reference
+    texts.append(f"<|turn>user\n{MIXED_TEXT}<turn|>\n")
+    with _llama(_vocab_gguf(tok, tmp_path / "gemma.gguf"), vocab_only=True) as llm:
+        assert [llm.tokenize(t.encode(), add_bos=False, special=True) for t in texts] == tok(
+            texts, add_special_tokens=False
+        )["input_ids"]
