@@ -123,9 +123,10 @@ def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
             setattr(attn, attr, len(q_heads))
     if isinstance(getattr(attn, "num_key_value_heads", None), int):
         attn.num_key_value_heads = len(keep)  # type: ignore[assignment]
-    if adapter.spec.heads_from_config and attn.config.num_attention_heads != len(q_heads):
-        attn.config = copy.copy(attn.config)  # this block's own, the model's config unchanged
-        attn.config.num_attention_heads = len(q_heads)
+    if adapter.spec.heads_from_config and getattr(attn.config, "num_attention_heads", None) != len(q_heads):
+        config: Any = copy.copy(attn.config)  # this block's own, the model's config unchanged
+        config.num_attention_heads = len(q_heads)
+        attn.config = config
 
 
 def keep_neurons(adapter: Adapter, i: int, keep: Tensor) -> None:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import logging
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,24 @@ __all__ = ["EXPORTER", "GGUFExporter", "read_gguf"]
 
 _NO_LLAMA_CPP = "running a GGUF file needs llama.cpp: pip install 'lmpress[gguf]' (builds llama-cpp-python)"
 _NUMBERS = ("layers", "hidden", "heads", "kv_heads", "intermediate", "context")
+# llama.cpp gives these tokens of a model whose general.name says Phi-3 their Phi-3 attributes
+# (llama-vocab.cpp), and stops loading where the vocabulary lacks one
+_PHI3_NAMED = re.compile("phi-?3", re.IGNORECASE)
+_PHI3_TOKENS = ("</s>", "<unk>", "<s>", "<|endoftext|>")
+
+log = logging.getLogger(__name__)
+
+
+def file_name(name: str, tokenizer: Any) -> str:
+    """The ``general.name`` to write: ``name``, without "phi3" where llama.cpp would look for Phi-3's
+    tokens in a vocabulary that lacks them (a Phi-3 model over another tokenizer)."""
+    vocab = tokenizer.get_vocab() if callable(getattr(tokenizer, "get_vocab", None)) else {}
+    missing = [t for t in _PHI3_TOKENS if t not in vocab]
+    if not _PHI3_NAMED.search(name) or not missing:
+        return name
+    safe = _PHI3_NAMED.sub("phi", name)
+    log.info("GGUF name %r written as %r: llama.cpp looks for %s in a model named Phi-3", name, safe, missing)
+    return safe
 
 
 class GGUFExporter(Exporter):
@@ -46,7 +66,7 @@ class GGUFExporter(Exporter):
             model,
             tokenizer,
             path,
-            name=options.name,
+            name=file_name(options.name, tokenizer),
             requantize=options.requantize,
             densify=options.densify,
             kl_windows=windows,

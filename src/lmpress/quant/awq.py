@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from lmpress.arch import Adapter, NormKind, is_conv1d, linear_weight
+from lmpress.arch.adapter import OutputRows
 from lmpress.formats import ggml
 from lmpress.formats.grid import Quantized, quantize_with
 from lmpress.method import Context, Method, StageReport
@@ -136,7 +137,7 @@ def fold_scales(prev: nn.Module, linears: dict[str, nn.Module], sc: Tensor, kind
     bias = getattr(prev, "bias", None)
     assert isinstance(weight, Tensor)
     sc_prev = sc.to(weight.dtype)
-    if isinstance(prev, nn.Linear) or is_conv1d(prev):
+    if isinstance(prev, nn.Linear | OutputRows) or is_conv1d(prev):  # a linear, or rows of a fused one
         linear_weight(prev).div_(sc_prev[:, None])
     elif kind == "rmsnorm_1p":  # y = (1 + weight) * x_hat: (1 + w') = (1 + w) / s
         weight.add_(1).div_(sc_prev).sub_(1)
