@@ -81,7 +81,20 @@ def test_each_method_compresses_every_linear_and_reloads_identically(
         assert torch.equal(load_model(tmp_path / "o").model(input_ids=ids).logits, r.model(input_ids=ids).logits)
 
 
-gguf = pytest.importorskip("gguf")
+def test_compressed_tensors_loads_in_transformers(
+    tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    """The W4 linears of both block kinds as compressed-tensors, the kernels dense: transformers
+    computes lmpress's logits (measured KL 2e-8)."""
+    pytest.importorskip("compressed_tensors")
+    from tests.export.test_compressed_tensors import KL_MAX, _check_in_transformers
+
+    data = DataOptions(source=text_file, seq_len=32, eval_windows=4, calib_windows=8)
+    compress(tiny_model_dir("lfm2"), {"stages": [STAGES["gptq"]]}, data, output=tmp_path / "o", measure_speed=False)
+    loaded = load_model(tmp_path / "o")
+    report = export(loaded, "compressed-tensors", tmp_path / "ct")
+    assert report.type_counts() == {"w4 g32 asym": 12}  # 5 linears in the convolution block, 7 in the attention one
+    assert _check_in_transformers(loaded, tmp_path / "ct", torch.arange(64)[None] % 500) < KL_MAX
 
 
 def _field(reader: object, key: str) -> list[int]:
@@ -99,6 +112,7 @@ def test_hybrid_layout_in_llama_cpp(stage: dict[str, object], kl_max: float, tok
     llama.cpp's lfm2 reads each block's kind from head_count_kv and computes lmpress's logits."""
     from tests.export.test_gguf import _llama_check
 
+    gguf = pytest.importorskip("gguf")
     pytest.importorskip("llama_cpp")
     torch.manual_seed(0)
     src = tmp_path / "src"
