@@ -20,6 +20,7 @@ from lmpress.errors import LmpressError, ModelLoadError
 from lmpress.io import load_model
 from lmpress.nn import CompressedLayer
 from lmpress.pipeline import compress
+from lmpress.sources import load_documents
 
 TEXT = {
     "hidden_size": 64,
@@ -153,3 +154,24 @@ def test_a_broken_checkpoint_is_caught(multimodal_dir, tmp_path: Path) -> None: 
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"implies tensor model\.language_model\.layers\.1\.mlp\.down_proj"):
         load_model(src)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "llava"])
+def test_gguf_is_the_text_part_in_llama_cpp(model_type: str, multimodal_dir, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The GGUF file is the language model and head (llama.cpp keeps the vision part in its own
+    mmproj file); llama.cpp's logits are lmpress's own of the compressed multimodal model."""
+    from lmpress.export import export
+    from lmpress.io import LoadedModel
+    from tests.export.test_gguf import KL_MAX, _llama_check, _reader_tensors
+
+    pytest.importorskip("llama_cpp")
+    src = multimodal_dir(model_type)
+    stage = {"method": "gptq", "bits": 4, "group_size": 32, "symmetric": True}  # q4_0 exactly
+    r = lmpress.compress(src, {"stages": [stage]}, DataOptions(calib_windows=4), run_eval=False)
+    out = tmp_path / "m.gguf"
+    export(LoadedModel(r.model, tokenizer, model_type, src), "gguf", out)
+    names = set(_reader_tensors(out))
+    assert "blk.1.attn_q.weight" in names and not any(n.startswith(("v.", "mm.")) for n in names)
+    assert len(names) == 1 + 2 * (9 if model_type == "llava" else 13) + 1 + (model_type == "llava")
+    ids = tokenizer(next(d.text for d in load_documents("stdlib") if d.path == "json/decoder.py")[:2000])["input_ids"]
+    assert _llama_check(out, r.model, tokenizer, ids[:200]) < KL_MAX

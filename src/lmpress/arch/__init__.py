@@ -9,7 +9,14 @@ never spelling a module path or a family name itself.
 from lmpress.arch.adapter import Adapter, linear_weight, replace_module, roles_refusal
 from lmpress.arch.config import CONFIG_KEYS, POSITION_KEYS, Shapes
 from lmpress.arch.discover import GENERIC_ROLE, discover, is_conv1d, is_linear
-from lmpress.arch.multimodal import auto_class, has_spec, language_model_spec, text_config, text_model_type
+from lmpress.arch.multimodal import (
+    auto_class,
+    has_spec,
+    language_model_spec,
+    text_config,
+    text_model,
+    text_model_type,
+)
 from lmpress.arch.registry import (
     is_supported,
     spec_for,
@@ -47,6 +54,7 @@ __all__ = [
     "supported_architectures",
     "supporting",
     "text_config",
+    "text_model",
     "text_model_type",
     "transformers_knows",
     "unknown_architecture",

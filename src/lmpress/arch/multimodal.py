@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 
 from lmpress.arch.registry import is_supported, spec_for
@@ -93,3 +94,24 @@ def auto_class(config: Any) -> Any:
         if type(config) in auto._model_mapping:
             return auto
     return AutoModelForCausalLM
+
+
+def text_model(model: nn.Module) -> nn.Module:
+    """A multimodal model's text part as its decoder family's causal LM, made of the model's own
+    language model and head (no tensor copied): what a text-only runtime runs (llama.cpp keeps the
+    vision part in a separate ``mmproj`` file). Any other model as it is."""
+    spec = language_model_spec(model)
+    if spec is None:
+        return model
+    from transformers import AutoModelForCausalLM
+
+    config: Any = model.config
+    text = config.get_text_config(decoder=True)
+    with torch.device("meta"):
+        view = AutoModelForCausalLM.from_config(text)
+    setattr(view, spec_for(text.model_type).blocks.split(".", 1)[0], model.get_decoder())  # type: ignore[operator]
+    view.set_output_embeddings(model.get_output_embeddings())  # type: ignore[operator]
+    view.config.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))  # a head lmpress untied
+    if any(t.is_meta for t in view.state_dict().values()):  # the causal LM holds more than decoder and head
+        return model
+    return view.eval()

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmpress.arch import Spec, is_conv1d, is_supported, spec_for, supporting
+from lmpress.arch import Spec, is_conv1d, is_supported, spec_for, supporting, text_model
 from lmpress.arch.gguf_keys import rope_settings, rope_theta
 from lmpress.errors import ExportError
 from lmpress.export.gguf_vocab import tokenizer_metadata
@@ -319,7 +319,8 @@ def export_gguf(
     kl_windows: Tensor | None = None,
 ) -> GGUFReport:
     """Write ``model`` (with its tokenizer) as a GGUF file at ``path``; refuses before writing
-    anything when a module has no GGUF form."""
+    anything when a module has no GGUF form. A multimodal model is written as its text part."""
+    model = text_model(model)
     config = model.config  # type: ignore[union-attr]
     model_type = getattr(config, "model_type", None)
     spec = spec_for(model_type) if is_supported(model_type) else None
