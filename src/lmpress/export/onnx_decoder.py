@@ -30,6 +30,24 @@ from lmpress.export.onnx_attention import AttentionPlan, Dims, Rope, attention, 
 from lmpress.export.onnx_graph import ACTIVATIONS, Graph, causal_mask, soft_cap
 from lmpress.export.onnx_layers import LayerBuilder
 
+# the linears the rotary graph computes with: separate q, k, v, o; gate (optional), up, down
+ROLES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def check_layout(b: LayerBuilder) -> None:
+    """Refuse, in one line, a spec whose blocks hold what this graph does not compute."""
+    spec = b.adapter.spec
+    lacking = sorted(set(spec.linears.values()) - set(ROLES))
+    if getattr(spec, "gate_up", False):  # one linear whose rows are [gate | up]
+        lacking.append("a fused gate/up projection")
+    if not spec.rotary_emb:
+        lacking.append("attention without a rotary embedding module")
+    if lacking:
+        raise ExportError(
+            f"ONNX export of {b.adapter.model_type}: {', '.join(lacking)} is not in lmpress's ONNX graph; "
+            "export GGUF instead"
+        )
+
 
 @dataclass(frozen=True)
 class BlockPlan:
@@ -120,7 +138,7 @@ def _scaled(g: Graph, x: str, factor: float) -> str:
 def _mlp(b: LayerBuilder, h: str, i: int, plan: BlockPlan) -> str:
     a, g = b.adapter, b.g
     act = ACTIVATIONS[plan.activation]
-    if a.spec.gated:
+    if "ffn_gate" in a.spec.linears.values():
         gate, up = b.linear(h, a.role_name(i, "ffn_gate")), b.linear(h, a.role_name(i, "ffn_up"))
         inner = g.op("Mul", [act(g, gate), up])
     else:
@@ -136,8 +154,6 @@ def block(
     a, g = b.adapter, b.g
     plan = block_plan(b, i, d)
     h = _norm(b, x, i, "attn_norm")
-    if a.spec.fused_qkv:
-        raise ExportError(f"{a.model_type}: a fused q/k/v projection is not in lmpress's rotary ONNX graph")
     qkv = tuple(b.linear(h, a.role_name(i, r)) for r in ("attn_q", "attn_k", "attn_v"))
     p = plan.attention
     if p.window not in masks:
@@ -190,6 +206,7 @@ def _logits(b: LayerBuilder, x: str, d: Dims, embed: nn.Embedding, table: str) -
 
 def rotary_decoder(b: LayerBuilder, d: Dims) -> tuple[str, list[str]]:
     """The whole graph: embeddings, the blocks with their cache, the logits."""
+    check_layout(b)
     g, a = b.g, b.adapter
     embed_name, embed = next(iter(a.embeddings().items()))
     if not isinstance(embed, nn.Embedding):
