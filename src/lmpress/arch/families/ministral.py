@@ -1,7 +1,7 @@
 """Ministral (8B-2410): Mistral's layout with each layer's attention full or sliding-window
 (``layer_types``). llama.cpp runs it as ``llama`` (its converter names the checkpoint Mistral),
 attending over its whole context: a model with sliding layers is written with the window as its
-context length, within which the two attend alike. The llama ONNX graph has no window."""
+context length, within which the two attend alike. ONNX computes the window, a mask per layer type."""
 
 from __future__ import annotations
 
