@@ -243,7 +243,9 @@ def capabilities(adapter: Adapter) -> dict[str, str]:
         "prune (magnitude wanda sparsegpt n:m)": "yes",
         "lowrank cluster drop_blocks vocab cast": "yes",
         "awq/smoothquant": where(bool(spec.scale_groups)),
-        "structured/share": where(not spec.generic),
+        "structured/share": "share only: structured cuts blocks of one kind"
+        if spec.optional_linears
+        else where(not spec.generic),
         "hidden": where(spec.hidden_prunable),
         "stream": "yes" if spec.final_norm is not None else "no: loads whole",
         "gguf export": where(spec.gguf is not None),
