@@ -30,6 +30,7 @@ from lmpress.calib import InputStats, blockwise, collect
 from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.nn.codebook_linear import CodebookLinear
 from lmpress.quant.base import QuantError, check_finite, replace_module, targeted_layers
+from lmpress.quant.damping import inverse_factor, with_damping
 from lmpress.select import Patterns
 
 
@@ -102,11 +103,7 @@ def assign_with_feedback(W: Tensor, H: Tensor, centroids: Tensor, damp: float, b
     H[dead, dead] = 1
     perm = torch.argsort(torch.diag(H), descending=True)
     W, H = W[:, perm], H[perm][:, perm]
-    H += damp * torch.diag(H).mean() * torch.eye(in_f, dtype=H.dtype, device=H.device)
-    try:
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    except RuntimeError:
-        raise QuantError("cluster: the input Hessian is not positive definite; raise damp or give more text") from None
+    Hinv, _ = with_damping(lambda lam: inverse_factor(H, lam), damp, "cluster", QuantError)
     book = centroids.double().expand(out_f, -1)
     idx = torch.zeros(out_f, in_f, dtype=torch.long, device=W.device)
     for i1 in range(0, in_f, block_size):

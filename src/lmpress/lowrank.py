@@ -30,6 +30,7 @@ from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.nn.lowrank_linear import LowRankLinear
 from lmpress.prune.masks import PruneError
 from lmpress.quant.base import replace_module, targeted_layers
+from lmpress.quant.damping import damp_scale, with_damping
 from lmpress.select import Patterns
 
 
@@ -68,16 +69,16 @@ class Spectrum:
 
 
 def whitening(H: Tensor, damp: float) -> Tensor:
-    """Lower Cholesky factor L of H + damp·mean(diag H)·I, so that H ≈ L Lᵀ.  (in, in)"""
+    """Lower Cholesky factor L of H + λ·mean(diag H)·I, so that H ≈ L Lᵀ, λ = damp raised until it
+    factors (`lmpress.quant.damping`).  (in, in)"""
     H = H.double()
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    for extra in (damp, 10 * damp, 100 * damp):
-        L, info = torch.linalg.cholesky_ex(H + extra * H.diagonal().mean().clamp(min=1e-12) * eye)
-        if int(info) == 0:
-            return L
-    raise PruneError(
-        "lowrank: the input statistics are not positive definite; raise damp or give more calibration text"
-    )
+
+    def factor(lam: float) -> Tensor | None:
+        L, info = torch.linalg.cholesky_ex(H + lam * damp_scale(H) * eye)
+        return L if int(info) == 0 else None
+
+    return with_damping(factor, damp, "lowrank", PruneError)[0]
 
 
 def spectrum(weight: Tensor, L: Tensor | None) -> Spectrum:

@@ -22,6 +22,7 @@ from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
 from lmpress.prune.base import PruneConfig, Pruned, prune_model
 from lmpress.prune.masks import PruneError, mask_from_scores, parse_pattern
+from lmpress.quant.damping import inverse_factor, with_damping
 from lmpress.quant.grid import find_grid
 
 
@@ -54,14 +55,7 @@ def sparsegpt_prune(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(in_f, device=H.device)
-    try:
-        L = torch.linalg.cholesky(H)
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
-    except RuntimeError:
-        raise PruneError(
-            "SparseGPT: the Hessian is not positive definite; raise damp or give more calibration text"
-        ) from None
+    Hinv, _ = with_damping(lambda lam: inverse_factor(H, lam), damp, "SparseGPT", PruneError)
     q = None
     if bits is not None:  # one grid per group from the unpruned weights, fixed up front
         scales, zeros = find_grid(W, bits, group_size, symmetric)

@@ -26,6 +26,7 @@ from lmpress.formats.grid import Quantized
 from lmpress.method import Context, Method, StageReport
 from lmpress.quant import ggml_fit
 from lmpress.quant.base import LayerSettings, QuantError, QuantizeFn, WeightQuantConfig, quantize_calibrated
+from lmpress.quant.damping import with_damping
 from lmpress.quant.grid import find_grid
 
 
@@ -47,7 +48,7 @@ class GPTQConfig(WeightQuantConfig):
 SUB_BLOCK = 16  # columns whose errors reach each other at once (within a lazy block of ``block_size``)
 
 
-def gptq_quantize(
+def gptq_solve(
     weight: Tensor,
     H: Tensor,
     bits: int,
@@ -59,7 +60,8 @@ def gptq_quantize(
     mse_clip: bool = False,
     grid: tuple[Tensor, Tensor] | None = None,
     consume: bool = False,
-) -> Quantized:
+    what: str = "GPTQ",
+) -> tuple[Quantized, float]:
     """Quantize (out, in) ``weight`` given its input Hessian ``H`` (in, in).
 
     ``consume``: ``H`` is not needed afterwards; its memory is freed once the working copy exists,
@@ -68,7 +70,8 @@ def gptq_quantize(
 
     ``grid``: a fixed (scale, zero) per group, (out, G) each, to round on instead of one found
     from the weights (a GGUF type's grid, whose stored parts are chosen before the codes).
-    Returns codes and grids in the original column order. Pure tensor math; float32 throughout.
+    Returns codes and grids in the original column order, and the damping the Hessian took (``damp``,
+    raised until it factors; ``what`` names the layer in the warning). Pure tensor math; float32 throughout.
     """
     W = weight.detach().float()  # (out, in)
     in_f = W.shape[1]
@@ -80,7 +83,7 @@ def gptq_quantize(
     # each (in, in) step frees the one before, so at most two Hessian-sized matrices live at once
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W = W[:, perm].masked_fill(dead[perm][None, :], 0)  # (out, in)
-    Hinv = _inverse_factor(H, perm, dead, damp, consume)  # (in, in) upper
+    Hinv, used = _inverse_factor(H, perm, dead, damp, consume, what)  # (in, in) upper
     group_of = (perm // group_size if group_size is not None else torch.zeros_like(perm)).tolist()  # original group
     # columns as rows from here on: one column is one contiguous row of Wt, and the error of a
     # column updates whole contiguous rows of the columns after it
@@ -90,7 +93,12 @@ def gptq_quantize(
     settings = _Rounding(bits, group_size, symmetric, mse_clip, static)
     codes = _quantize_columns(Wt, Hinv, st, zt, group_of, settings, block_size)  # (in, out)
     inv = torch.argsort(perm)
-    return Quantized(codes[inv].T.contiguous(), st.T.contiguous(), zt.T.contiguous(), bits, group_size)
+    return Quantized(codes[inv].T.contiguous(), st.T.contiguous(), zt.T.contiguous(), bits, group_size), used
+
+
+def gptq_quantize(weight: Tensor, H: Tensor, bits: int, *args: object, **kwargs: object) -> Quantized:
+    """`gptq_solve`'s codes and grids, without the damping it took."""
+    return gptq_solve(weight, H, bits, *args, **kwargs)[0]  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -129,28 +137,37 @@ def _initial_grid(
     return scales, zeros
 
 
-def _inverse_factor(H: Tensor, perm: Tensor, dead: Tensor, damp: float, consume: bool) -> Tensor:
-    """U, the upper Cholesky factor of the damped H⁻¹ (H⁻¹ = UᵀU), in the column order ``perm``.
+def _inverse_factor(
+    H: Tensor, perm: Tensor, dead: Tensor, damp: float, consume: bool, what: str = "GPTQ"
+) -> tuple[Tensor, float]:
+    """(U, λ): U the upper Cholesky factor of the damped H⁻¹ (H⁻¹ = UᵀU), in the column order
+    ``perm``, and the damping λ it took (``damp``, raised where H + λ·mean·I does not factor:
+    `lmpress.quant.damping`).
 
     With J the reversal of the columns and J H J = L Lᵀ, U = J L⁻¹ J: one factorization and one
     triangular inverse, not a factorization, an inverse and a second factorization. The working
-    copy is H permuted and reversed at once; with ``consume`` the caller's H is freed once it exists.
+    copy is H permuted and reversed at once, factored in place (refilled from H for a larger λ);
+    with ``consume`` the caller's H is freed once the factor exists.
     """
     in_f = H.shape[0]
     rev = perm.flip(0)
-    Hp = H.detach().float()[rev[:, None], rev[None, :]]  # (in, in)
+    info = torch.empty(0, dtype=torch.int32, device=H.device)
+
+    def factor(lam: float) -> Tensor | None:  # a failed try's copy is freed before the next is made
+        Hp = H.detach().float()[rev[:, None], rev[None, :]]  # (in, in): H reversed, damped, then its factor L
+        d = Hp.diagonal()
+        d.masked_fill_(dead[rev], 1)
+        d.add_(lam * torch.mean(d))
+        L, ok = torch.linalg.cholesky_ex(Hp, out=(Hp, info))
+        return L if int(ok) == 0 else None
+
+    L, lam = with_damping(factor, damp, what, QuantError)
     if consume:
         H.set_()  # type: ignore[call-overload]  # the caller's H is empty from here on: its storage is freed
-    d = Hp.diagonal()
-    d.masked_fill_(dead[rev], 1)
-    d.add_(damp * torch.mean(d))
-    L, info = torch.linalg.cholesky_ex(Hp, out=(Hp, torch.empty(0, dtype=torch.int32, device=Hp.device)))
-    if int(info) != 0:
-        raise QuantError("GPTQ: the Hessian is not positive definite; raise damp or give more calibration text")
-    Linv = torch.empty(in_f, in_f, device=Hp.device)
+    Linv = torch.empty(in_f, in_f, device=L.device)
     lower_triangular_inverse(L, Linv)
-    del L, Hp, d
-    return Linv.flip((0, 1))  # (in, in) upper
+    del L
+    return Linv.flip((0, 1)), lam  # (in, in) upper
 
 
 def _quantize_columns(
@@ -253,7 +270,7 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
             users[id(stats[name])] -= 1
             # a GGUF type's stored scales come first (Hessian-weighted fit), then GPTQ chooses the codes on them
             b = ggml_fit.fit_grid(W, ggml.ggml_type(s.grid), importance=torch.diag(H)) if s.grid else None
-            q = gptq_quantize(
+            q, damps[name] = gptq_solve(
                 W,
                 H,
                 s.bits,
@@ -265,6 +282,7 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
                 config.mse_clip,
                 grid=ggml.grid_of(b) if b is not None else None,
                 consume=users[id(stats[name])] == 0,  # the last layer reading these statistics
+                what=f"GPTQ {name}",
             )
             if b is None:
                 return q
@@ -273,9 +291,11 @@ def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
 
         return fn
 
-    return quantize_calibrated(
+    damps: dict[str, float] = {}  # layer -> the damping its Hessian took
+    report = quantize_calibrated(
         model, config, ctx, make_stats, per_block, config.calib_batch_size, calibrate_outside=config.head == "gptq"
     )
+    return {**report, "damp": damps, "damp_raised": sorted(n for n, d in damps.items() if d != config.damp)}
 
 
 METHOD = Method(
