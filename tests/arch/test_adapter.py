@@ -64,6 +64,7 @@ def test_adapter_finds_parts(arch: str) -> None:
 def test_unknown_architecture_is_a_clear_error() -> None:
     model = torch.nn.Linear(2, 2)
     with pytest.raises(
-        ModelLoadError, match="unknown architecture None.*supports: gemma, gemma2, gemma3_text, gpt2, gpt_neox"
+        ModelLoadError,
+        match="unknown architecture None.*supports: cohere, cohere2, gemma, gemma2, gemma3_text, gpt2, gpt_neox, gptj,",
     ):
         Adapter(model)
