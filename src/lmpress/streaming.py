@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from lmpress.arch import Adapter
 from lmpress.errors import ModelLoadError
 from lmpress.heap import trim_heap, tune_malloc
+from lmpress.io.consistency import checkpoint_names
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import _tied_keys
 from lmpress.io.save import hide_from_plain_loaders, library_versions, module_formats, save_companions
@@ -290,11 +291,15 @@ def open_streamed(
 
 def _renames(model: nn.Module, ckpt: set[str]) -> dict[str, str]:
     """Model key -> checkpoint key where a checkpoint names tensors differently (a checkpoint saved
-    without the base model's prefix, or renamed the way ``save_pretrained`` renames)."""
+    without the base model's prefix, or renamed the way ``save_pretrained`` renames: GPT-NeoX's
+    untied head is saved as ``embed_out``, the module is ``lm_head``)."""
     own = _slots(model, "")
+    converted = checkpoint_names(model, sorted(ckpt)) or {}  # file name -> model name
+    out = {m: f for f, m in converted.items() if m != f and m in own and m not in ckpt}
     prefix = getattr(model, "base_model_prefix", "")
-    out = {}
     for k in own:
+        if k in out:
+            continue
         if k in ckpt:
             continue
         if prefix and k.startswith(prefix + ".") and k[len(prefix) + 1 :] in ckpt:

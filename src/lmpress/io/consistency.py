@@ -141,7 +141,7 @@ def _meta_model(path: Path, trust_remote_code: bool) -> torch.nn.Module | None:
         return None
 
 
-def _renamed(model: torch.nn.Module, names: list[str]) -> dict[str, str] | None:
+def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str] | None:
     """File name -> model name under transformers' checkpoint conversions (GPT-NeoX's ``embed_out``
     is ``lm_head``); None where a conversion merges tensors (fused experts): then names do not map
     one to one and only the loader can check them."""
@@ -193,7 +193,7 @@ def check_against_weights(path: Path, config: dict[str, Any], trust_remote_code:
     model = _meta_model(path, trust_remote_code)
     if model is None:
         return
-    mapping = _renamed(model, list(stored))
+    mapping = checkpoint_names(model, list(stored))
     if mapping is None:
         return
     expected = model.state_dict(keep_vars=True)

@@ -40,6 +40,6 @@ SPECS = (
             ("input_layernorm", ("attention.query_key_value",)),
             ("post_attention_layernorm", ("mlp.dense_h_to_4h",)),
         ),
-        gguf=GGUF("gptneox", gguf_metadata),
+        gguf=GGUF("gptneox", gguf_metadata, tied_output=True),
     ),
 )

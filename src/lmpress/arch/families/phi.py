@@ -39,6 +39,6 @@ SPECS = (
             ("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1")),
             ("self_attn.v_proj", ("self_attn.dense",)),
         ),
-        gguf=GGUF("phi2", gguf_metadata),
+        gguf=GGUF("phi2", gguf_metadata, tied_output=True),
     ),
 )

@@ -19,8 +19,6 @@ from lmpress.formats.gguf_file import U32
 def gguf_metadata(config: Any, n_vocab: int) -> dict[str, Any]:
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ExportError(f"StableLM with activation {config.hidden_act!r}: llama.cpp's stablelm uses SiLU")
-    if getattr(config, "tie_word_embeddings", False):
-        raise ExportError("StableLM with a tied head: llama.cpp's stablelm reads its own output tensor")
     rope_type, rope = rope_settings(config)
     if rope_type != "default":
         raise ExportError(f"StableLM with rope scaling {rope_type!r} is not exported to GGUF; export default rope")
