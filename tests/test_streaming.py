@@ -23,6 +23,7 @@ from lmpress.pipeline import compress
 from lmpress.preflight import why_whole
 from lmpress.recipe import load_recipe
 from lmpress.sources import load_documents
+from tests.conftest import TINY_ARCHS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,6 +82,26 @@ def test_streamed_equals_whole(tiny_model_dir, text_file: Path, tmp_path: Path, 
     a = runs[False].model(input_ids=ids).logits
     b = runs[True].model(input_ids=ids).logits
     torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("arch", TINY_ARCHS)
+def test_streamed_evaluation_equals_whole(arch: str, tiny_model_dir, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Block by block, every family measures what its own forward computes: what it does after the
+    head (Granite's logit scaling, Gemma 2's soft-capping, Cohere's logit scale) included."""
+    from transformers import AutoModelForCausalLM
+
+    from lmpress.evaluation import quality, streamed_quality
+    from lmpress.streaming import close, open_streamed
+
+    src = tiny_model_dir(arch)
+    windows = torch.randint(0, len(tokenizer), (2, 48), generator=torch.Generator().manual_seed(0))
+    want = quality(AutoModelForCausalLM.from_pretrained(src).eval(), windows)
+    streamed = open_streamed(src)
+    try:
+        got, _, _ = streamed_quality(streamed, windows)
+    finally:
+        close(streamed)
+    assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
 
 
 def test_sharded_in_and_out_load_in_transformers(tiny_model_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -13,6 +13,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
+import torch
+from torch import Tensor
+
 from lmpress.arch.families.gemma import GEMMA
 from lmpress.arch.gguf_keys import check_gelu, rms_metadata
 from lmpress.arch.spec import GGUF, Norm
@@ -90,11 +93,19 @@ SANDWICH_SCALE_GROUPS = (
     ("mlp.up_proj", ("mlp.down_proj",)),
 )
 
+
+def softcap_logits(config: Any, logits: Tensor) -> Tensor:
+    """The final logits soft-capped as Gemma 2 and 3's forward does (none where the config says none)."""
+    cap = getattr(config, "final_logit_softcapping", None)
+    return logits if cap is None else torch.tanh(logits / cap) * cap
+
+
 GEMMA2 = replace(
     GEMMA,
     model_types=("gemma2",),
     norms=SANDWICH,
     scale_groups=SANDWICH_SCALE_GROUPS,
+    logits_after_head=softcap_logits,
     gguf=GGUF("gemma2", gguf_metadata),
 )
 

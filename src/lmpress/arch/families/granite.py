@@ -33,6 +33,7 @@ def gguf_metadata(config: Any, n_vocab: int) -> dict[str, Any]:
 GRANITE = replace(
     LLAMA,
     model_types=("granite",),
+    logits_after_head=lambda config, logits: logits / config.logits_scaling,
     gguf=GGUF("granite", gguf_metadata, permute_qk=True),
     onnx="llama",
 )
