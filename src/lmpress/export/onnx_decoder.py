@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from lmpress.errors import ExportError
@@ -180,13 +179,13 @@ def tied_head(g: Graph, x: str, table: str, d: Dims) -> str:
     return g.op("Reshape", [logits, g.op("Concat", [lead, g.const([d.vocab])], axis=0)])
 
 
-def _embed_scale(b: LayerBuilder, embed: nn.Embedding) -> float:
-    """What the model multiplies its token embeddings by: sqrt(hidden) in the embeddings' dtype
-    (the spec's ``embed_scale``: Gemma, rounded as transformers rounds it), or the config's
-    ``embedding_multiplier`` (Granite), else 1."""
+def _embed_scale(b: LayerBuilder) -> float:
+    """What the model multiplies its token embeddings by: sqrt(hidden) (the spec's ``embed_scale``:
+    Gemma; in float32, as the model computes in float32), or the config's ``embedding_multiplier``
+    (Granite), else 1."""
     config = b.model.config
     if b.adapter.spec.embed_scale:
-        return float(torch.tensor(math.sqrt(config.hidden_size), dtype=embed.weight.dtype).float())
+        return math.sqrt(config.hidden_size)
     return float(getattr(config, "embedding_multiplier", None) or 1.0)
 
 
@@ -215,7 +214,7 @@ def rotary_decoder(b: LayerBuilder, d: Dims) -> tuple[str, list[str]]:
         )
     table = g.stored(f"{embed_name}.weight", embed.weight)
     x = g.to_float(g.op("Gather", [table, "input_ids"], axis=0), embed.weight)
-    x = _scaled(g, x, _embed_scale(b, embed))
+    x = _scaled(g, x, _embed_scale(b))
     masks: dict[int | None, str] = {}
     ropes: dict[str, Rope] = {}
     presents = []
