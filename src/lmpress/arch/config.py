@@ -12,6 +12,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from lmpress.arch.discover import block_linears, find_blocks
+from lmpress.arch.multimodal import auto_class
 from lmpress.arch.registry import is_supported, spec_for
 
 log = logging.getLogger(__name__)
@@ -95,11 +99,7 @@ def _discovered_block(config: dict[str, Any]) -> int | None:
     """The weights of block 0's linears (`lmpress.arch.discover`) in the model transformers builds
     from ``config`` on the meta device (no memory), where it builds one; None where it cannot (no
     model_type it knows, remote code, sizes it refuses)."""
-    import torch
-    from transformers import AutoConfig
-
-    from lmpress.arch.discover import block_linears, find_blocks
-    from lmpress.arch.multimodal import auto_class
+    from transformers import AutoConfig  # at first use: importing it takes seconds
 
     try:
         settings = {k: v for k, v in config.items() if k != "model_type"}
