@@ -1,8 +1,9 @@
 """The tokenizer as llama.cpp reads it: the ``tokenizer.ggml.*`` keys of a GGUF file.
 
-Byte-fallback BPE tokenizers (Llama 2, Mistral: SentencePiece converted to tokenizer.json) are written
-as llama.cpp's ``llama`` model, whose merging follows token scores; the scores come from the merge
-ranks and the result is checked against the tokenizer before anything is written.
+Byte-fallback BPE tokenizers (Llama 2, Mistral, Gemma: SentencePiece converted to tokenizer.json) are
+written as llama.cpp's ``llama`` model, whose merging follows token scores, with a space prefix or (Gemma)
+without; the scores come from the merge ranks, and the split of every token's own text and of a mixed
+text with the special tokens in it is checked against the tokenizer before anything is written.
 
 Byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, the built-in one) are written as llama.cpp's
 ``gpt2`` model: the tokens in id order, their types, the merges and a named pre-tokenizer, which
@@ -281,11 +282,13 @@ def spm_encode(
     text: str, ids: dict[str, int], scores: list[float], byte_ids: list[int], prefix: bool, added: dict[str, int]
 ) -> list[int]:
     """llama.cpp's SentencePiece tokenization of text that may hold added tokens (``llama_vocab::tokenize``
-    with special tokens parsed): the text is cut at each added token, longest first, and each piece
-    between them is tokenized on its own, with the space prefix where it starts the text or follows a
-    token."""
+    with special tokens parsed): the text is cut at each added token (``added`` is ordered longest first),
+    and each piece between them is tokenized on its own, with the space prefix where it starts the text or
+    follows a token."""
     parts: list[str | int] = [text]
-    for content in sorted(added, key=lambda c: -len(c.encode())):
+    for content in added:
+        if content not in text:
+            continue
         cut: list[str | int] = []
         for part in parts:
             if isinstance(part, int) or content not in part:
@@ -303,7 +306,7 @@ def spm_encode(
 
 
 def spm_metadata(tokenizer: Any, tok: dict[str, Any], n_vocab: int) -> dict[str, Any]:
-    """The ``tokenizer.ggml.*`` keys of a byte-fallback BPE tokenizer (Llama 2, Mistral) as llama.cpp's
+    """The ``tokenizer.ggml.*`` keys of a byte-fallback BPE tokenizer (Llama 2, Mistral, Gemma) as llama.cpp's
     ``llama`` (SentencePiece) model: tokens, scores derived from the merge ranks, and token types; the
     split of every token's own text and of a few samples is checked against the tokenizer's before
     anything is written."""
@@ -333,8 +336,13 @@ def spm_metadata(tokenizer: Any, tok: dict[str, Any], n_vocab: int) -> dict[str,
     else:  # text that starts with a space, or follows a special token, is split differently there (warned)
         samples = [t.lstrip(" ") for t in samples if t.strip(" ")]
     expected = tokenizer(samples, add_special_tokens=False)["input_ids"]
+    longest_first = {t: vocab[t] for t in sorted(added, key=lambda t: -len(t.encode()))}
+    any_added = re.compile("|".join(map(re.escape, longest_first)) or "(?!)")
     for text, want in zip(samples, expected, strict=True):
-        got = spm_encode(text, plain, scores, byte_ids, prefix, {t: vocab[t] for t in added})
+        if any_added.search(text):
+            got = spm_encode(text, plain, scores, byte_ids, prefix, longest_first)
+        else:
+            got = spm_tokenize(text, plain, scores, byte_ids, prefix)
         if got != want:
             raise ExportError(
                 f"llama.cpp's SentencePiece tokenizer would split {text[:40]!r} differently "
