@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmpress.arch import Shapes
+from lmpress.arch import Shapes, text_config
 from lmpress.errors import LmpressError
 
 PROCESS_BYTES = 400 * 2**20  # python + torch + transformers + lmpress, measured: ~260 MB resident
@@ -80,7 +80,7 @@ def estimate(
     training: bool = False,
 ) -> Estimate:
     """The peak of compressing a model with ``config`` whose weights take ``weight_bytes``."""
-    s = Shapes.of(config)
+    s = Shapes.of(text_config(config))  # a multimodal model: its text decoder's sizes
     per_param = weight_bytes / max(s.params, 1)  # bytes per weight as stored (2 for bf16)
     act = 4  # activations and solves in float32
     block = int(s.block_params * per_param)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import Adapter, has_spec, is_supported, roles_refusal, text_model_type
+from lmpress.arch import Adapter, auto_class, has_spec, roles_refusal
 from lmpress.arch.kinds import NotADecoderError, kind_refusal
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
@@ -174,9 +174,7 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
     if not any(path.glob("*.safetensors")):
         return "its weights are not safetensors"
     config = read_config(path)
-    if text_model_type(config) is not None:
-        return "a multimodal model (its vision tower beside the language model) loads whole"
-    if not is_supported(config.get("model_type")):
+    if not has_spec(config):
         why = _generic_layout(path)
         if why is not None:
             return why
@@ -203,14 +201,14 @@ def meta_adapter(path: Path) -> Adapter | str:
 def _built(path: Path) -> Adapter | ModelLoadError | None:
     """``path``'s `Adapter` on the meta device, the error building it gave (`NotADecoderError`: a model
     lmpress does not compress), or None (transformers cannot build it)."""
-    from transformers import AutoConfig, AutoModelForCausalLM  # at first use: importing it takes seconds
+    from transformers import AutoConfig  # at first use: importing it takes seconds
 
     try:
         config = AutoConfig.from_pretrained(path)
         if (refusal := kind_refusal(config.to_dict())) is not None:
             return refusal
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config)
+            model = auto_class(config).from_config(config)
     except Exception:  # the whole load reports what is wrong with it
         return None
     try:

@@ -29,7 +29,8 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from lmpress.arch import Adapter
+from lmpress.arch import Adapter, auto_class
+from lmpress.arch.multimodal import kept_modules
 from lmpress.errors import ModelLoadError
 from lmpress.heap import trim_heap, tune_malloc
 from lmpress.io.consistency import checkpoint_names
@@ -204,7 +205,8 @@ class Stream:
         adapter = Adapter(self.model)
         blocks = [adapter.block_name(i) for i in range(adapter.num_blocks)]
         head, _ = adapter.head()
-        return [*adapter.embeddings(), *blocks, adapter.final_norm()[0], head]
+        kept = kept_modules(self.model, (adapter.language_model, head)) if adapter.language_model else []
+        return [*adapter.embeddings(), *blocks, adapter.final_norm()[0], head, *kept]  # kept: a vision tower
 
 
 def stream_of(model: nn.Module) -> Stream | None:
@@ -256,7 +258,7 @@ def open_streamed(
 
     ``work``: where the spills go (a temporary directory by default; removed by `close`).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM  # at first use: importing it takes seconds
+    from transformers import AutoConfig  # at first use: importing it takes seconds
 
     source = Checkpoint(path)
     tune_malloc()
@@ -269,7 +271,7 @@ def open_streamed(
     except ImportError:  # transformers < 5
         from transformers.modeling_utils import no_init_weights  # type: ignore[attr-defined,no-redef]
     with no_init_weights(), parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = auto_class(config).from_config(config, dtype=dtype)
     model.tie_weights()  # skipped at construction while both sides are on meta
     model.eval()
     spill = Path(tempfile.mkdtemp(prefix="lmpress-stream-", dir=work))

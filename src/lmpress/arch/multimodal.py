@@ -6,8 +6,10 @@ path moved under the language model (``model.layers`` becomes ``model.language_m
 text spec's paths all start with its causal LM's base model (``model.``), which here is the module
 ``get_decoder()`` returns. The head is found as in any model (``get_output_embeddings()``). The vision
 tower and the projector are in no spec, so no method, calibration or export ever reaches them: they are
-loaded, kept and saved as they are. transformers builds such a model with its image-text-to-text
-class (`auto_class`), which is also the class that loads the saved directory again.
+loaded, kept and saved as they are (a streamed run reads and writes them as units of their own,
+`kept_modules`). transformers builds such a model with its image-text-to-text class (`auto_class`),
+which is also the class that loads the saved directory again; a text-only runtime gets the text part
+as its family's causal LM (`text_model`: GGUF for llama.cpp, whose vision part is a separate file).
 """
 
 from __future__ import annotations
@@ -115,3 +117,23 @@ def text_model(model: nn.Module) -> nn.Module:
     if any(t.is_meta for t in view.state_dict().values()):  # the causal LM holds more than decoder and head
         return model
     return view.eval()
+
+
+def kept_modules(model: nn.Module, text: tuple[str, ...]) -> list[str]:
+    """The modules of a multimodal model outside its ``text`` modules (its language model and head)
+    that hold saved tensors, as large as they come (``model.vision_tower``, ``model.multi_modal_projector``):
+    what lmpress keeps as it is, read and written whole."""
+    out: list[str] = []
+
+    def walk(prefix: str, module: nn.Module) -> None:
+        for name, child in module.named_children():
+            full = prefix + name
+            if full in text:
+                continue
+            if any(t.startswith(full + ".") for t in text):
+                walk(full + ".", child)
+            elif next(iter(child.state_dict()), None) is not None:
+                out.append(full)
+
+    walk("", model)
+    return out
