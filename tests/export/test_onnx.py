@@ -238,7 +238,15 @@ def test_families_decode_in_onnx_runtime_as_in_transformers(arch: str, tokenizer
 
 
 def test_what_the_onnx_graph_cannot_compute_is_refused(tokenizer: object, tmp_path: Path) -> None:
-    """Gemma 3 attending both ways, and an MLP activation the graph lacks: one line, nothing written."""
+    """A family without a graph (OPT), Gemma 3 attending both ways, an MLP activation the graph
+    lacks: one line, nothing written."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_config
+
+    opt = AutoModelForCausalLM.from_config(tiny_config("opt", len(tokenizer)))  # type: ignore[arg-type]
+    with pytest.raises(ExportError, match="opt models have no graph in lmpress's ONNX export for ONNX Runtime"):
+        export(LoadedModel(opt, tokenizer, "opt", tmp_path), "onnx", tmp_path / "x")
     src = _family_dir("gemma3_text", tokenizer, tmp_path)
     loaded = lmpress.load(src, device="cpu")
     loaded.model.config.use_bidirectional_attention = True

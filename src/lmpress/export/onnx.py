@@ -108,7 +108,8 @@ def build_graph(model: nn.Module, densify: bool = False, data: Any = None) -> tu
     spec = spec_for(model_type) if is_supported(model_type) else None
     if spec is None or spec.onnx is None:
         raise ExportError(
-            f"{model_type} models are not exported to onnx yet; lmpress exports {', '.join(supporting('onnx'))}"
+            f"{model_type} models have no graph in lmpress's ONNX export for ONNX Runtime; it writes "
+            f"{', '.join(supporting('onnx'))}; export to compressed-tensors instead"
         )
     refusal = spec.onnx_refuse(model.config)
     if refusal is not None:
