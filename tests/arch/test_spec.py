@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from lmpress.arch import Adapter, is_conv1d, linear_weight, registry, spec_for, specs, supporting
+from lmpress.arch.spec import group_order
 from lmpress.quant.awq import fold_scales
 from tests.conftest import TINY_ARCHS, tiny_config
 
@@ -98,6 +99,8 @@ def test_gguf_row_orders() -> None:
     assert spec_for("qwen2").gguf_row_order("attn_q", 8, Cfg()) is None
     perm = spec_for("gpt_neox").gguf_row_order("attn_qkv", 12, Cfg())
     assert perm is not None and perm.tolist() == [0, 1, 6, 7, 2, 3, 8, 9, 4, 5, 10, 11]
+    # fewer key/value groups than heads (Falcon's layout): per group [q q | k | v], heads of 2 rows
+    assert group_order(16, 4, 2).tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15]
 
     class GPTJ:  # two heads of 8, the first 4 dimensions of each rotary: neighbouring pairs -> halves
         n_embd, n_head, rotary_dim = 16, 2, 4

@@ -121,8 +121,9 @@ def keep_attention_units(adapter: Adapter, i: int, keep: list[int]) -> None:
     for attr in ("num_heads", "num_attention_heads"):
         if isinstance(getattr(attn, attr, None), int):
             setattr(attn, attr, len(q_heads))
-    if isinstance(getattr(attn, "num_key_value_heads", None), int):
-        attn.num_key_value_heads = len(keep)  # type: ignore[assignment]
+    for attr in ("num_key_value_heads", "num_kv_heads"):  # the second: Falcon's
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, len(keep))
     if adapter.spec.heads_from_config and getattr(attn.config, "num_attention_heads", None) != len(q_heads):
         config: Any = copy.copy(attn.config)  # this block's own, the model's config unchanged
         config.num_attention_heads = len(q_heads)
