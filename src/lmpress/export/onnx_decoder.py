@@ -41,6 +41,8 @@ def check_layout(b: LayerBuilder) -> None:
         lacking.append("a fused gate/up projection")
     if not spec.rotary_emb:
         lacking.append("attention without a rotary embedding module")
+    if not spec.is_pre_norm(b.model.config):
+        lacking.append(f"{spec.pre_norm_key} false (norms after the sublayers)")
     if lacking:
         raise ExportError(
             f"ONNX export of {b.adapter.model_type}: {', '.join(lacking)} is not in lmpress's ONNX graph; "
@@ -153,7 +155,7 @@ def block(
     a, g = b.adapter, b.g
     plan = block_plan(b, i, d)
     h = _norm(b, x, i, "attn_norm")
-    qkv = tuple(b.linear(h, a.role_name(i, r)) for r in ("attn_q", "attn_k", "attn_v"))
+    q, k, v = (b.linear(h, a.role_name(i, r)) for r in ("attn_q", "attn_k", "attn_v"))
     p = plan.attention
     if p.window not in masks:
         masks[p.window] = causal_mask(g, p.window)
@@ -162,7 +164,7 @@ def block(
         if p.rope not in ropes:
             ropes[p.rope] = rope_tables(b.model, g, p.rope)
         rope = ropes[p.rope]
-    out, pk, pv = attention(b, (qkv[0], qkv[1], qkv[2]), i, d, p, masks[p.window], rope)
+    out, pk, pv = attention(b, (q, k, v), i, d, p, masks[p.window], rope)
     out = _norm(b, b.linear(out, a.role_name(i, "attn_output")), i, "attn_post_norm")
     out = _scaled(g, out, plan.residual)
     if plan.parallel:
@@ -198,7 +200,8 @@ def _logits(b: LayerBuilder, x: str, d: Dims, embed: nn.Embedding, table: str) -
     head_name, head = a.head()
     tied = getattr(head, "weight", None) is embed.weight
     logits = tied_head(g, x, g.to_float(table, embed.weight), d) if tied else b.linear(x, head_name)
-    logits = _scaled(g, logits, 1.0 / float(getattr(config, "logits_scaling", None) or 1.0))
+    divisor = float(getattr(config, "logits_scaling", None) or 1.0)
+    logits = logits if divisor == 1.0 else g.op("Div", [logits, g.const(divisor, np.float32)])
     cap = getattr(config, "final_logit_softcapping", None)
     return logits if cap is None else soft_cap(g, logits, float(cap))
 
