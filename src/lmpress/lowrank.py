@@ -40,7 +40,7 @@ class LowRankConfig(MethodConfig):
     method: Literal["lowrank"] = "lowrank"
     target: float = Field(0.2, gt=0, lt=1)  # share of the targeted layers' parameters to remove
     whiten: bool = True  # activation-aware (SVD-LLM); false: plain truncated SVD of the weights
-    damp: float = Field(0.01, gt=0, le=1)  # added to H's diagonal, as a share of its mean
+    damp: float = Field(0.01, gt=0, le=1)  # added to H's diagonal, as a share of its mean (x10 up to 1 till it factors)
     targets: Patterns = ["re:.*"]
     ignore: Patterns = ["lm_head"]
     calib_batch_size: int = Field(8, ge=1)

@@ -35,7 +35,7 @@ COMMON = {
     "ce_weight": "weight of cross-entropy on the next token",
     "grad_clip": "gradient norm clipping",
     "eval_every": "steps between held-out evaluations (early stopping, best keeping)",
-    "damp": "added to the Hessian's diagonal, as a share of its mean",
+    "damp": "added to the Hessian's diagonal, as a share of its mean (raised x10 up to 1 where it does not factor)",
     "mse_clip": "search the clipping range that minimizes the rounding error",
     "act_order": "quantize columns in order of decreasing Hessian diagonal",
     "text_field": "JSONL field holding the text",
