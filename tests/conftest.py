@@ -39,6 +39,8 @@ TINY_ARCHS = (
     "gptj",
     "cohere",
     "cohere2",
+    "gpt_bigcode",
+    "falcon",
 )
 
 
@@ -120,6 +122,14 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
             "sliding_window": 32,
             "layer_types": ["sliding_attention", "full_attention"],
         },  # partial rotary (gptj); a window shorter than the tests' texts, rotary only on the sliding layer
+        "gpt_bigcode": {"n_embd": 64, "n_inner": 128, "n_layer": 2, "n_head": 4, "n_positions": 512},  # multi-query
+        "falcon": {  # Falcon-40B's layout: grouped key/value heads, a norm per sublayer, in parallel
+            **{k: v for k, v in small.items() if k != "intermediate_size"},
+            "ffn_hidden_size": 128,
+            "num_kv_heads": 2,
+            "new_decoder_architecture": True,
+            "num_ln_in_parallel_attn": 2,
+        },
     }
     return AutoConfig.for_model(arch, **common, **kw[arch])
 

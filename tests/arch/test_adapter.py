@@ -33,6 +33,8 @@ EXPECTED_LINEARS = {
     "gptj": 6,
     "cohere": 7,
     "cohere2": 7,
+    "gpt_bigcode": 4,
+    "falcon": 4,
 }
 
 

@@ -205,6 +205,8 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "gptj",
         "cohere",
         "cohere2",
+        "gpt_bigcode",
+        "falcon",
     ],
 )
 def test_families_in_llama_cpp(arch: str, trained_dir: Callable[[str], Path], tmp_path: Path) -> None:

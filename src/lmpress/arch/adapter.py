@@ -169,8 +169,10 @@ class Adapter:
         return out
 
     def _absent(self, rel: str, name: str) -> bool:
-        """Block-relative linear ``rel`` (full ``name``) is one only some blocks have, and not here."""
-        return (self.spec.generic or rel in self.spec.optional_linears) and not self._has(name)
+        """Block-relative linear ``rel`` (full ``name``) is one only some blocks have, or a norm only
+        some models of the family have (Falcon's), and not here."""
+        optional = rel in self.spec.optional_linears or any(n.optional and n.path == rel for n in self.spec.norms)
+        return (self.spec.generic or optional) and not self._has(name)
 
     def _has(self, path: str) -> bool:
         try:
