@@ -183,3 +183,28 @@ def test_gguf_is_the_text_part_in_llama_cpp(model_type: str, multimodal_dir, tok
     assert len(names) == 1 + 2 * (9 if model_type == "llava" else 13) + 1 + (model_type == "llava")
     ids = tokenizer(next(d.text for d in load_documents("stdlib") if d.path == "json/decoder.py")[:2000])["input_ids"]
     assert _llama_check(out, r.model, tokenizer, ids[:200]) < KL_MAX
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "llava"])
+def test_compressed_tensors_in_transformers(model_type: str, multimodal_dir, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The compressed-tensors checkpoint quantizes the language model's linears only (the vision
+    part is listed as ignored) and transformers' image-text class loads it whole: lmpress's logits."""
+    pytest.importorskip("compressed_tensors")
+    from lmpress.export import export
+    from lmpress.io import LoadedModel
+    from tests.export.helpers import exact_fp32, kl
+
+    src = multimodal_dir(model_type)
+    r = lmpress.compress(src, {"stages": [STAGES["gptq"]]}, DataOptions(calib_windows=4), run_eval=False)
+    out = tmp_path / "ct"
+    report = export(LoadedModel(r.model, tokenizer, model_type, src), "compressed-tensors", out)
+    assert report.type_counts() == {"w4 g32 asym": 2 * 7}
+    theirs = AutoModelForImageTextToText.from_pretrained(out, dtype=torch.float32)
+    assert type(theirs) is type(r.model)
+    text = next(d.text for d in load_documents("stdlib") if d.path == "json/decoder.py")
+    ids = torch.tensor(tokenizer(text[:3000])["input_ids"][:128])[None]
+    with torch.no_grad():
+        assert kl(exact_fp32(r.model)(input_ids=ids).logits, theirs(input_ids=ids).logits) < 1e-5
+    before = _stored(src, _vision)
+    state = theirs.state_dict()
+    assert all(torch.equal(state[k if k.startswith("model.") else f"model.{k}"], v) for k, v in before.items())

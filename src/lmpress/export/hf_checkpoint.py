@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from lmpress.arch import auto_class
 from lmpress.errors import ExportError
 from lmpress.io.load import _tied_keys as tied_keys
 
@@ -23,10 +24,8 @@ def check_shapes(model: nn.Module, tensors: dict[str, Tensor], schemes: Collecti
     """The tensors fit the model transformers builds from the config (per-block widths, for
     example, do not): refuse before writing, naming the first module that does not fit.
     ``schemes``: the quantized modules (their shape is ``weight_shape``)."""
-    from transformers import AutoModelForCausalLM
-
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(model.config)
+        skeleton = auto_class(model.config).from_config(model.config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     tied = set(tied_keys(skeleton))
     for key, shape in expected.items():
