@@ -208,3 +208,23 @@ def test_compressed_tensors_in_transformers(model_type: str, multimodal_dir, tok
     before = _stored(src, _vision)
     state = theirs.state_dict()
     assert all(torch.equal(state[k if k.startswith("model.") else f"model.{k}"], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "llava"])
+def test_onnx_is_the_text_part_in_onnx_runtime(model_type: str, multimodal_dir, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The ONNX graph is the language model and head; ONNX Runtime computes lmpress's text logits."""
+    pytest.importorskip("onnxruntime")
+    from lmpress.export import export
+    from lmpress.export.onnx_runtime import OnnxModel
+    from lmpress.io import LoadedModel
+    from tests.export.helpers import exact_fp32, kl
+
+    src = multimodal_dir(model_type)
+    r = lmpress.compress(src, {"stages": [STAGES["rtn"]]}, DataOptions(calib_windows=4), run_eval=False)
+    out = tmp_path / "onnx"
+    export(LoadedModel(r.model, tokenizer, model_type, src), "onnx", out)
+    text = next(d.text for d in load_documents("stdlib") if d.path == "json/decoder.py")
+    ids = torch.tensor(tokenizer(text[:3000])["input_ids"][:128])[None]
+    with torch.no_grad():
+        ours = exact_fp32(r.model)(input_ids=ids).logits
+    assert kl(ours, OnnxModel(out)(input_ids=ids).logits) < 1e-5

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import is_supported, spec_for, supporting
+from lmpress.arch import is_supported, spec_for, supporting, text_model
 from lmpress.errors import ExportError
 from lmpress.evaluation import count_parameters
 from lmpress.export.onnx_attention import AttentionPlan, Dims, attention, default_scaling, dims
@@ -148,8 +148,9 @@ def export_onnx(
     model: nn.Module, tokenizer: Any, out: Path, *, densify: bool = False, overwrite: bool = False
 ) -> OnnxReport:
     """Write ``model`` as ``out/model.onnx`` (weights beside it in ``model.onnx.data`` when large),
-    with its tokenizer and config (atomically)."""
+    with its tokenizer and config (atomically). A multimodal model is written as its text part."""
     onnx = onnx_package()
+    model = text_model(model)
     params = count_parameters(model)
     external = 4 * params > EXTERNAL_DATA_BYTES  # float32 bounds every tensor written
     with atomic_dir(out, overwrite) as tmp:
