@@ -10,28 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from lmpress.data import tokenize_documents
 from lmpress.export import ExportError, export
 from lmpress.io.load import LoadedModel
 from lmpress.sources import load_documents
-from tests.conftest import tiny_config
+from tests.arch.test_qkv_groups import FALCON_7B, MULTI_HEAD, layout_model
 from tests.export.test_gguf import KL_MAX, _llama_check, _reader_tensors, needs_llama
-
-ONE_NORM = {"new_decoder_architecture": False, "num_ln_in_parallel_attn": None, "num_kv_heads": None}
-FALCON_7B = {**ONE_NORM, "multi_query": True}
-MULTI_HEAD = {**ONE_NORM, "multi_query": False}
-
-
-def _model(arch: str, vocab: int, changes: dict[str, Any]) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    base = tiny_config(arch, vocab)
-    given = {k: v for k, v in base.to_dict().items() if k != "num_key_value_heads"}  # derived from the others
-    config = type(base)(**{**given, **changes, "initializer_range": 0.2})
-    torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).eval()
 
 
 @needs_llama
@@ -41,7 +26,7 @@ def _model(arch: str, vocab: int, changes: dict[str, Any]) -> torch.nn.Module:
     ids=["falcon-7b", "falcon-multi-head", "bigcode-multi-head"],
 )
 def test_qkv_layouts_in_llama_cpp(arch: str, changes: dict[str, Any], kv_heads: int, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    model = _model(arch, len(tokenizer), changes)
+    model = layout_model(arch, len(tokenizer), changes, init=0.2)
     assert model.config.num_key_value_heads == kv_heads
     out = tmp_path / f"{arch}.gguf"
     export(LoadedModel(model, tokenizer, arch, tmp_path), "gguf", out)
@@ -61,7 +46,7 @@ def test_qkv_layouts_in_llama_cpp(arch: str, changes: dict[str, Any], kv_heads: 
     ],
 )
 def test_falcon_gguf_refusals(changes: dict[str, Any], says: str, tokenizer, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    model = _model("falcon", len(tokenizer), changes)
+    model = layout_model("falcon", len(tokenizer), changes)
     out = tmp_path / "falcon.gguf"
     with pytest.raises(ExportError, match=says) as e:
         export(LoadedModel(model, tokenizer, "falcon", tmp_path), "gguf", out)
