@@ -137,6 +137,20 @@ def test_dense_result_loads_in_transformers(multimodal_dir, text_file: Path, tmp
 
 
 @pytest.mark.parametrize("model_type", ["gemma3", "llava"])
+def test_structured_rewrites_the_text_config(model_type: str, multimodal_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Structured pruning narrows the language model's MLPs; the widths go into ``text_config``, so
+    transformers' image-text class loads the result as it is, with the same logits."""
+    src = multimodal_dir(model_type)
+    data = DataOptions(source=text_file, seq_len=32, eval_windows=4, calib_windows=8)
+    r = compress(src, {"stages": [{"method": "structured"}]}, data, output=tmp_path / "o", measure_speed=False)
+    saved = AutoConfig.from_pretrained(tmp_path / "o")
+    assert saved.get_text_config(decoder=True).intermediate_size < TEXT["intermediate_size"]
+    plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "o")
+    with torch.no_grad():
+        assert torch.equal(plain(input_ids=IDS).logits, r.model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "llava"])
 def test_streamed_equals_whole(model_type: str, multimodal_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """Streamed block by block from the files (the vision tower read and written as one unit of its
     own), the result is the whole run's, tensor for tensor."""

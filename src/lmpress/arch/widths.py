@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from lmpress.arch import Adapter, is_conv1d, is_supported, linear_weight, spec_for
+from lmpress.arch import Adapter, is_conv1d, is_supported, linear_weight, spec_for, text_model_type
 
 
 def slice_linear(m: nn.Module, rows: Tensor | None = None, cols: Tensor | None = None) -> None:
@@ -150,9 +150,16 @@ def block_structure(model: nn.Module) -> list[dict[str, int]]:
     return out
 
 
+def text_config_of(model: nn.Module) -> Any:
+    """The config holding the decoder's widths: the model's own, or a multimodal model's text
+    config where lmpress knows its family (`lmpress.arch.multimodal`)."""
+    config: Any = model.config
+    return config.get_text_config(decoder=True) if text_model_type(config) is not None else config
+
+
 def config_structure(model: nn.Module) -> dict[str, int]:
     """The widths a freshly built model of this config has."""
-    cfg: Any = model.config
+    cfg: Any = text_config_of(model)
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     key = spec_for(cfg.model_type).mlp_width_key
@@ -167,7 +174,7 @@ def uniform_config_update(model: nn.Module) -> bool:
     if any(s != structure[0] for s in structure):
         return False
     s, cfg_s = structure[0], config_structure(model)
-    cfg: Any = model.config
+    cfg: Any = text_config_of(model)
     if (s["heads"], s["kv_heads"]) != (cfg_s["heads"], cfg_s["kv_heads"]):
         if not spec_for(cfg.model_type).head_dim_in_config:
             return False
@@ -184,7 +191,7 @@ def uniform_config_update(model: nn.Module) -> bool:
 
 def needs_structure_record(model: nn.Module) -> list[dict[str, int]] | None:
     """Per-block widths to save beside the weights, or None when the config already describes them."""
-    model_type = getattr(model.config, "model_type", None)
+    model_type = getattr(text_config_of(model), "model_type", None)
     if not is_supported(model_type) or spec_for(model_type).optional_linears:  # blocks of several kinds:
         return None  # never cut (structured refuses them)
     structure = block_structure(model)
