@@ -344,6 +344,19 @@ def test_unrepresentable_models_are_refused(stage: dict[str, object], match: str
     assert not list(tmp_path.iterdir())
 
 
+def test_widths_the_config_cannot_state_are_refused(
+    tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
+) -> None:
+    """Phi-3 with fewer heads in every block: its config cannot say so (transformers' rope checks
+    read hidden_size / heads), so lmpress reloads it from its record, and no runtime file can hold it."""
+    data = lmpress.DataOptions(source=text_file, seq_len=64, calib_windows=4)
+    stage = {"method": "structured", "target": 0.5, "multiple_of": 8}
+    lmpress.compress(tiny_model_dir("phi3"), {"stages": [stage]}, data, output=tmp_path / "s", run_eval=False)
+    with pytest.raises(ExportError, match=r"heads': 2.*which its config cannot state.*attention: false"):
+        export(tmp_path / "s", "gguf", tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 def test_densify_writes_sparse_layers_exactly(tmp_path: Path) -> None:
     loaded = _compress({"method": "magnitude", "sparsity": 0.5})
     out = tmp_path / "s.gguf"

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.arch import Adapter, NormKind, is_conv1d, supporting
+from lmpress.arch.widths import block_structure, needs_structure_record
 from lmpress.errors import ExportError
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
@@ -149,6 +150,11 @@ def _check_uniform(parts: list[Part], model: nn.Module) -> None:
                 "(structured with uniform: false); runtime files need the same widths in every block: "
                 "prune with uniform: true"
             )
+    if needs_structure_record(model) is not None:  # one set of widths, but not the config's (Phi-3's heads)
+        raise ExportError(
+            f"{getattr(model.config, 'model_type', 'this')} blocks have {block_structure(model)[0]}, which its config "
+            "cannot state; runtime files read the widths from the config: prune with attention: false"
+        )
 
 
 def model_parts(model: nn.Module, densify: bool = False) -> list[Part]:
