@@ -57,6 +57,8 @@ CAST_RTN = {"name": "bf16-rtn", "stages": [{"method": "cast", "dtype": "bfloat16
         ("lfm2", AWQ_GGUF),
         ("phi3", AWQ_GGUF),
         ("cohere2", AWQ_GGUF),  # logits scaled after the head: the streamed evaluation scales them too
+        ("falcon", AWQ_GGUF),  # scales folded into a norm per sublayer
+        ("gpt_bigcode", AWQ_GGUF),  # learned positions, multi-query attention
     ],
 )
 def test_streamed_equals_whole(tiny_model_dir, text_file: Path, tmp_path: Path, arch: str, recipe: dict) -> None:  # type: ignore[no-untyped-def]
