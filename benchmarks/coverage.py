@@ -39,7 +39,7 @@ import torch
 
 import lmpress
 from benchmarks.common import RESULTS, machine, markdown_table, write_results
-from lmpress.arch.kinds import kind_refusal
+from lmpress.arch.kinds import has_attention, kind_refusal
 from lmpress.arch.registry import specs
 from lmpress.errors import LmpressError
 
@@ -138,15 +138,16 @@ def spec_key(model_type: str) -> str:
     return ""
 
 
-def tiny_config(model_type: str, vocab: int) -> Any:
-    """The tests' tiny config of the family where they have one, else the small sizes (`SMALL`)."""
+def tiny_config(model_type: str, vocab: int, layers: int = 2) -> Any:
+    """The tests' tiny config of the family where they have one, else the small sizes (`SMALL`) with
+    ``layers`` blocks."""
     from tests import conftest
     from transformers import AutoConfig
 
     if model_type in conftest.TINY_ARCHS:
         return conftest.tiny_config(model_type, vocab)
     default = AutoConfig.for_model(model_type)
-    kw = {k: v for k, v in SMALL.items() if hasattr(default, k)}
+    kw = {k: v for k, v in {**SMALL, "num_hidden_layers": layers}.items() if hasattr(default, k)}
     return AutoConfig.for_model(model_type, vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
 
 
@@ -196,14 +197,21 @@ def build(model_type: str, tokenizer: Any, root: Path) -> Path:
     from transformers import AutoModelForCausalLM
 
     try:
-        config = tiny_config(model_type, len(tokenizer))
+        for layers in (2, 4):  # a hybrid whose first attention layer is the fourth: four blocks
+            config = tiny_config(model_type, len(tokenizer), layers)
+            with torch.device("meta"):  # counted before any memory is taken: some composite configs are huge
+                meta = AutoModelForCausalLM.from_config(config)
+            if has_attention(meta):
+                break
+        n = sum(p.numel() for p in meta.parameters())
+        if n > MAX_PARAMS:
+            raise LmpressError(f"not built tiny: {n / 1e6:.0f}M parameters with the small sizes (a composite config)")
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(config)
+    except LmpressError:
+        raise
     except Exception as e:
         raise LmpressError(f"transformers cannot build it from its config class: {first_line(e)}") from None
-    n = sum(p.numel() for p in model.parameters())
-    if n > MAX_PARAMS:
-        raise LmpressError(f"not built tiny: {n / 1e6:.0f}M parameters with the small sizes (a composite config)")
     out = root / model_type
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
@@ -220,7 +228,7 @@ def run_family(model_type: str, tokenizer: Any, text: Path, root: Path) -> dict[
     cells: dict[str, dict[str, str]] = {}
     refusal = cell(lambda: str(kind_refusal(tiny_config(model_type, len(tokenizer)).to_dict()) or ""))
     if refusal.get("ok"):  # not a decoder: said as lmpress says it, whatever its size
-        return {"built": "", "cells": {"gptq": {"refused": refusal["ok"]}}, "seconds": 0.0}
+        return {"built": "", "cells": {"rtn": {"refused": refusal["ok"]}}, "seconds": 0.0}
     built = cell(lambda: str(build(model_type, tokenizer, root)))
     if "ok" not in built:
         reason = built.get("refused") or built["failed"]
@@ -241,26 +249,27 @@ def run_family(model_type: str, tokenizer: Any, text: Path, root: Path) -> dict[
 
         return go
 
-    cells["gptq"] = cell(method("gptq", RECIPES["gptq"] or {}))
-    if "ok" not in cells["gptq"]:  # what compresses anything does not run: the family is refused
+    cells["rtn"] = cell(method("rtn", RECIPES["rtn"] or {}))
+    if "ok" not in cells["rtn"]:  # what compresses anything (no data, no roles) does not run: refused
         return {"built": "", "cells": cells, "seconds": round(time.perf_counter() - t0, 1)}
     for name, stage in RECIPES.items():
-        if stage is not None and name not in ("gptq", "vocab"):
+        if stage is not None and name not in ("rtn", "vocab"):
             cells[name] = cell(method(name, stage, stream=False))
 
     def stream() -> str:
-        why = why_whole(src, lmpress.recipe.load_recipe({"stages": [RECIPES["gptq"]]}), root / "x")
+        name = "gptq" if "gptq" in runs else "rtn"  # GPTQ where it ran (enough tokens for its widths)
+        why = why_whole(src, lmpress.recipe.load_recipe({"stages": [RECIPES[name]]}), root / "x")
         if why is not None:
             raise LmpressError(f"whole only: {why}")
-        method("stream", RECIPES["gptq"] or {}, stream=True)()
-        whole, streamed = (_tensors(runs[k][1]) for k in ("gptq", "stream"))
+        method("stream", RECIPES[name] or {}, stream=True)()
+        whole, streamed = (_tensors(runs[k][1]) for k in (name, "stream"))
         same = set(whole) == set(streamed) and all(torch.equal(t, streamed[k]) for k, t in whole.items())
         if not same:
             raise RuntimeError("the streamed result differs from the whole run's")
         return "same tensors as whole"
 
     def reload() -> str:
-        r, out = runs["gptq"]
+        r, out = runs["gptq" if "gptq" in runs else "rtn"]
         diff = (logits(r.model, ids) - logits(lmpress.load(out, device="cpu").model, ids)).abs().max()
         if diff > 1e-5:
             raise RuntimeError(f"reloaded logits differ by {float(diff):.2e}")
@@ -333,15 +342,15 @@ def kind(entry: dict[str, Any]) -> str:
     """first-class (a spec), generic (no spec: compressed through its structure), refused, not built."""
     if entry["built"]:
         return "not built"
-    gptq = entry["cells"].get("gptq", {})
-    if "failed" in gptq:
+    probe = entry["cells"].get("rtn", {})
+    if "failed" in probe:
         return "failed"
-    if "ok" not in gptq:
+    if "ok" not in probe:
         return "refused"
     return "first-class" if entry["path"] == "spec" else "generic"
 
 
-def reason(entry: dict[str, Any], model_type: str, col: str = "gptq") -> str:
+def reason(entry: dict[str, Any], model_type: str, col: str = "rtn") -> str:
     """A cell's refusal or failure (the build's for a family not built), with the family's own name
     taken out so that families refused alike share one line."""
     c = entry["cells"].get(col, {})
@@ -457,13 +466,11 @@ def doc(results: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated model types to (re)run")
-    parser.add_argument("--fresh", action="store_true", help="rerun every family")
+    parser.add_argument("--fresh", action="store_true", help="rerun every family measured before this run")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables from the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    previous = json.loads(RESULT.read_text()) if RESULT.exists() else {}
-    results: dict[str, Any] = previous.get("families", {})
-    wanted = families()
+    start, wanted = time.time(), families()
     only = [t for t in args.only.split(",") if t]
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
@@ -471,20 +478,27 @@ def main() -> None:
         for model_type, path in wanted.items():
             if args.render or (only and model_type not in only):
                 continue
-            key = spec_key(model_type)
-            old = results.get(model_type)
-            if not (args.fresh or only) and old and old.get("spec_key") == key and old.get("path") == path:
+            key, old = spec_key(model_type), _read().get(model_type)  # read again: another run may share the file
+            same = bool(old) and old.get("spec_key") == key and old.get("path") == path  # type: ignore[union-attr]
+            if not only and same and (not args.fresh or old.get("measured", 0) >= start):  # type: ignore[union-attr]
                 continue
             print(f"{model_type} ({path})", flush=True)
             entry = run_family(model_type, tokenizer, text, root / model_type)
-            results[model_type] = {"path": path, "spec_key": key, **entry}
-            print(f"  {kind(results[model_type])} in {entry['seconds']} s", flush=True)
+            entry = {"path": path, "spec_key": key, "measured": time.time(), **entry}
+            print(f"  {kind(entry)} in {entry['seconds']} s", flush=True)
             shutil.rmtree(root / model_type, ignore_errors=True)
-            _write({t: results[t] for t in wanted if t in results})
-    _write({t: results[t] for t in wanted if t in results})
+            _write(wanted, {model_type: entry})
+    _write(wanted, {})
 
 
-def _write(results: dict[str, Any]) -> None:
+def _read() -> dict[str, Any]:
+    return json.loads(RESULT.read_text()).get("families", {}) if RESULT.exists() else {}  # type: ignore[no-any-return]
+
+
+def _write(wanted: dict[str, str], new: dict[str, Any]) -> None:
+    """Merge ``new`` into the results on disk (runs may share them) and rewrite both tables."""
+    merged = {**_read(), **new}
+    results = {t: merged[t] for t in wanted if t in merged}
     write_results("coverage", {"machine": machine(), "families": results}, summary(results))
     DOC.write_text(doc(results))
 

@@ -44,8 +44,9 @@ def kind_refusal(config: dict[str, Any], trust_remote_code: bool = False) -> Not
 
 def has_attention(blocks: nn.Module) -> bool:
     """Some block holds an attention module (by its class name: every transformers attention class,
-    softmax or linear, is named so), as a hybrid model's attention layers do."""
-    return any("attention" in type(m).__name__.lower() for m in blocks.modules())
+    softmax, linear or latent (``...MLA``), is named so), as a hybrid model's attention layers do."""
+    names = {type(m).__name__.lower() for m in blocks.modules()}
+    return any("attention" in n or "attn" in n or n.endswith("mla") for n in names)
 
 
 def no_attention(model_type: object) -> NotADecoderError:
