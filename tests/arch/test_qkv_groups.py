@@ -6,6 +6,7 @@ cutting a group leaves exactly the kept heads' computation."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +15,10 @@ from transformers import AutoModelForCausalLM
 
 from lmpress.arch import Adapter, linear_weight
 from lmpress.arch.widths import attention_counts, keep_attention_units, unit_heads
+from lmpress.data_options import DataOptions
+from lmpress.io.load import load_model
+from lmpress.pipeline import compress
+from lmpress.prune.masks import PruneError
 from lmpress.quant.awq import fold_scales
 from tests.conftest import tiny_config
 
@@ -86,3 +91,22 @@ def test_multi_query_is_one_unit(layout: str) -> None:
     arch, changes, _ = LAYOUTS[layout]
     a = Adapter(layout_model(arch, 256, changes))
     assert attention_counts(a, 0) == (4, 1) and unit_heads(a, 0) == [[0, 1, 2, 3]]
+
+
+def test_alibi_falcon_keeps_its_heads(tokenizer, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """ALiBi builds one slope per head of the config's count: structured refuses to remove heads in
+    one line, nothing written, and removes MLP neurons alone when asked to; the result reloads."""
+    model = layout_model("falcon", len(tokenizer), {**SEQUENTIAL, "alibi": True}, init=0.2)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    data = DataOptions(source=text_file, seq_len=32, eval_windows=4, calib_windows=8)
+    stage: dict[str, Any] = {"method": "structured", "target": 0.3, "multiple_of": 8}
+    with pytest.raises(PruneError, match="ALiBi.*set attention: false") as e:
+        compress(src, {"stages": [stage]}, data, output=tmp_path / "no", measure_speed=False)
+    assert "\n" not in str(e.value) and not (tmp_path / "no").exists()
+    r = compress(src, {"stages": [{**stage, "attention": False}]}, data, output=tmp_path / "o", measure_speed=False)
+    assert [b["heads"] for b in r.stages[0]["blocks"]] == [4, 4] and r.stages[0]["blocks"][0]["mlp"] < 128
+    ids = torch.arange(40)[None] % 300
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path / "o").model(input_ids=ids).logits, r.model(input_ids=ids).logits)

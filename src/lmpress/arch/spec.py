@@ -123,6 +123,9 @@ class Spec:
     gguf: GGUF | None = None
     onnx: Literal["llama", "gpt2"] | None = None  # the graph lmpress's ONNX writer builds for it
     onnx_refuse: Callable[[Any], str | None] = field(default=lambda config: None)  # why not, for a config
+    # why a config's attention heads cannot be removed (Falcon's ALiBi: a slope per head of the config's
+    # count), for structured pruning to refuse in one line; None: they can
+    heads_refuse: Callable[[Any], str | None] = field(default=lambda config: None)
     # found by structure (`lmpress.arch.discover`), not declared: every linear's role is unknown
     # ("linear"), and there are no norms, scale groups, config keys or runtime names
     generic: bool = False

@@ -200,6 +200,9 @@ def apply(model: nn.Module, config: StructuredConfig, ctx: Context) -> StageRepo
             f"structured: {adapter.model_type} blocks are of several kinds (attention and others) whose widths "
             "lmpress does not cut apart; use magnitude, wanda or sparsegpt"
         )
+    why = adapter.spec.heads_refuse(model.config) if config.attention else None
+    if why:
+        raise PruneError(f"structured: {why}; set attention: false to remove MLP neurons only")
     before = adapter.non_embedding_parameters()
     scores = importance(model, config, ctx)
     keep_units, keep_neuron_idx, _ = plan(adapter, scores, config)

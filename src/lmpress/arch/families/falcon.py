@@ -11,7 +11,9 @@ biases by default, a tied head. Its configs lay the block out three ways:
   (``post_attention_layernorm``) unless ``parallel_attn``.
 
 The three are one layout, per key/value group [q… | k | v] (`Spec.qkv` ``per_head``, one group
-for multi-query), so structured pruning removes whole groups (none of a multi-query model's heads).
+for multi-query), so structured pruning removes whole groups (none of a multi-query model's heads,
+and none where ALiBi gives each of the config's heads a slope: `Spec.heads_refuse`). AWQ and
+SmoothQuant fold into the norms in front of qkv and the MLP (one norm feeding both in parallel).
 
 llama.cpp's ``falcon`` reads ``attn_qkv`` as [all q | all k | all v] (its converter regroups the
 rows), computes the parallel block only, and calls ``ln_mlp`` ``attn_norm`` (the norm the MLP
@@ -73,6 +75,12 @@ def row_order(role: str, rows: int, config: Any) -> Tensor | None:
     return group_order(rows, config.num_attention_heads, kv)
 
 
+def heads_refuse(config: Any) -> str | None:
+    if getattr(config, "alibi", False):
+        return "Falcon with ALiBi positions builds a slope for each of the config's heads: its heads are kept"
+    return None
+
+
 SPECS = (
     Spec(
         model_types=("falcon",),
@@ -98,6 +106,7 @@ SPECS = (
         tied_by_default=True,
         rotary_emb="transformer.rotary_emb",
         parallel_key="parallel_attn",
+        heads_refuse=heads_refuse,
         gguf=GGUF(
             "falcon",
             gguf_metadata,
