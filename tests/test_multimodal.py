@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoModelForImageTextToText
 import lmpress
 from lmpress.arch import Adapter
 from lmpress.data_options import DataOptions
-from lmpress.errors import ModelLoadError
+from lmpress.errors import LmpressError, ModelLoadError
 from lmpress.io import load_model
 from lmpress.nn import CompressedLayer
 from lmpress.pipeline import compress
@@ -136,18 +136,38 @@ def test_dense_result_loads_in_transformers(multimodal_dir, text_file: Path, tmp
     assert all(torch.equal(v, _stored(tmp_path / "o", _vision)[k]) for k, v in _stored(src, _vision).items())
 
 
+RESHAPING = {  # stage -> the text_config key it lowers
+    "structured": ({"method": "structured"}, "intermediate_size"),
+    "drop_blocks": ({"method": "drop_blocks", "blocks": 1}, "num_hidden_layers"),
+}
+
+
 @pytest.mark.parametrize("model_type", ["gemma3", "llava"])
-def test_structured_rewrites_the_text_config(model_type: str, multimodal_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    """Structured pruning narrows the language model's MLPs; the widths go into ``text_config``, so
-    transformers' image-text class loads the result as it is, with the same logits."""
+@pytest.mark.parametrize("method", list(RESHAPING))
+def test_new_widths_go_into_the_text_config(  # type: ignore[no-untyped-def]
+    model_type: str, method: str, multimodal_dir, text_file: Path, tmp_path: Path
+) -> None:
+    """Structured pruning and dropping blocks write the language model's new sizes into
+    ``text_config``: transformers' image-text class loads the result as it is, with the same logits."""
     src = multimodal_dir(model_type)
     data = DataOptions(source=text_file, seq_len=32, eval_windows=4, calib_windows=8)
-    r = compress(src, {"stages": [{"method": "structured"}]}, data, output=tmp_path / "o", measure_speed=False)
+    stage, key = RESHAPING[method]
+    r = compress(src, {"stages": [stage]}, data, output=tmp_path / "o", measure_speed=False)
     saved = AutoConfig.from_pretrained(tmp_path / "o")
-    assert saved.get_text_config(decoder=True).intermediate_size < TEXT["intermediate_size"]
+    assert getattr(saved.get_text_config(decoder=True), key) < TEXT[key]
     plain = AutoModelForImageTextToText.from_pretrained(tmp_path / "o")
     with torch.no_grad():
         assert torch.equal(plain(input_ids=IDS).logits, r.model(input_ids=IDS).logits)
+
+
+@pytest.mark.parametrize(("method", "what"), [("hidden", "hidden width"), ("vocab", "image tokens")])
+def test_what_the_vision_part_reads_is_not_changed(  # type: ignore[no-untyped-def]
+    method: str, what: str, multimodal_dir, text_file: Path, tmp_path: Path
+) -> None:
+    src = multimodal_dir("llava")
+    with pytest.raises(LmpressError, match=f"stage 1 \\({method}\\) would change the .*{what}.* multimodal llava"):
+        compress(src, {"stages": [{"method": method}]}, DataOptions(source=text_file), output=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.parametrize("model_type", ["gemma3", "llava"])

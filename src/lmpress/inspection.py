@@ -238,15 +238,17 @@ def capabilities(adapter: Adapter) -> dict[str, str]:
     def where(has: bool) -> str:
         return "yes" if has else NEEDS_SPEC if spec.generic else "not for this family"
 
+    multimodal = "no: the vision part reads it (multimodal)" if adapter.language_model else None
     return {
         "quantize (rtn gptq hqq)": "yes",
         "prune (magnitude wanda sparsegpt n:m)": "yes",
-        "lowrank cluster drop_blocks vocab cast": "yes",
+        "lowrank cluster drop_blocks cast": "yes",
+        "vocab": multimodal or "yes",
         "awq/smoothquant": where(bool(spec.scale_groups)),
         "structured/share": "share only: structured cuts blocks of one kind"
         if spec.optional_linears
         else where(not spec.generic),
-        "hidden": where(spec.hidden_prunable),
+        "hidden": multimodal or where(spec.hidden_prunable),
         "stream": "yes" if spec.final_norm is not None else "no: loads whole",
         "gguf export": where(spec.gguf is not None),
         "onnx export": where(spec.onnx is not None),

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import Adapter, auto_class, has_spec, roles_refusal
+from lmpress.arch import Adapter, auto_class, has_spec, roles_refusal, text_model_type
 from lmpress.arch.kinds import NotADecoderError, kind_refusal
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
@@ -142,15 +142,28 @@ def check_inputs(
     return source, tokenizer
 
 
+# what a multimodal model's vision part reads of its language model, and the stage that changes it
+VISION_READS = {"hidden": "the hidden width its projector writes", "vocab": "the token ids of its image tokens"}
+
+
 def check_roles(model: str | Path | LoadedModel, recipe: Recipe) -> None:
     """Refuse, before any work, a stage that needs a family spec the model's family lacks (AWQ's
-    scale folding, structured pruning, ``mix:`` ...): the line its apply would give mid-run."""
+    scale folding, structured pruning, ``mix:`` ...): the line its apply would give mid-run; and one
+    that would change what a multimodal model's vision part reads (`VISION_READS`)."""
     if isinstance(model, LoadedModel):
         config = getattr(model.model, "config", None)
         model_type = getattr(config, "model_type", None)
     else:
         config = read_config(resolve_path(model))
         model_type = config.get("model_type")
+    if text_model_type(config) is not None:
+        for i, stage in enumerate(recipe.stages, 1):
+            if stage.method in VISION_READS:
+                raise LmpressError(
+                    f"recipe stage {i} ({stage.method}) would change {VISION_READS[stage.method]}, which the vision "
+                    f"part of this multimodal {model_type} checkpoint depends on; compress its language model with "
+                    "quantization, pruning, structured or lowrank instead"
+                )
     if has_spec(config):  # its own family's spec, or its text decoder's (a multimodal model)
         return
     if not isinstance(model, LoadedModel) and isinstance(refusal := _built(resolve_path(model)), NotADecoderError):

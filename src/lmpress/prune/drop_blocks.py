@@ -17,6 +17,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from lmpress.arch import Adapter
+from lmpress.arch.widths import text_config_of
 from lmpress.calib import blockwise, run_block
 from lmpress.method import Context, Method, MethodConfig, StageReport
 from lmpress.prune.masks import PruneError
@@ -77,7 +78,7 @@ def remove_blocks(model: nn.Module, drop: list[int]) -> None:
         for m in block.modules():
             if isinstance(getattr(m, "layer_idx", None), int):
                 m.layer_idx = new_idx  # type: ignore[assignment]
-    cfg: Any = model.config
+    cfg: Any = text_config_of(model)  # a multimodal model's text config
     cfg.num_hidden_layers = len(kept)
     types = getattr(cfg, "layer_types", None)
     if isinstance(types, list) and len(types) == len(blocks):
