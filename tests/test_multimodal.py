@@ -14,12 +14,14 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForImageTextToText
 
 import lmpress
-from lmpress.arch import Adapter
+from lmpress.arch import Adapter, spec_for
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
 from lmpress.io import load_model
 from lmpress.nn import CompressedLayer
 from lmpress.pipeline import compress
+from lmpress.preflight import why_whole
+from lmpress.recipe import load_recipe
 from lmpress.sources import load_documents
 
 TEXT = {
@@ -56,6 +58,14 @@ def multimodal_config(model_type: str, vocab: int):  # type: ignore[no-untyped-d
         vision_config={**VISION, "model_type": "clip_vision_model", "projection_dim": 32},
         **image_tokens,
     )
+
+
+OTHERS = {  # model_type -> (its text decoder's family, its config beside the text config)
+    "mistral3": ("mistral", {"vision_config": {"model_type": "pixtral", **VISION, "head_dim": 16}}),
+    "paligemma": ("gemma", {"vision_config": {"model_type": "siglip_vision_model", **VISION, "projection_dim": 64}}),
+    "llava_next": ("llama", {"vision_config": {"model_type": "clip_vision_model", **VISION}}),
+    "idefics3": ("llama", {"vision_config": VISION}),
+}
 
 
 @pytest.fixture
@@ -262,3 +272,34 @@ def test_onnx_is_the_text_part_in_onnx_runtime(model_type: str, multimodal_dir, 
     with torch.no_grad():
         ours = exact_fp32(r.model)(input_ids=ids).logits
     assert kl(ours, OnnxModel(out)(input_ids=ids).logits) < 1e-5
+
+
+WHY_NOT_STREAMED = "its vision part holds a tensor beside the language model, which lmpress does not stream"
+
+
+@pytest.mark.parametrize("model_type", list(OTHERS))
+def test_other_image_text_models_by_the_same_rule(model_type: str, tokenizer, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Mistral 3, PaliGemma, LLaVA-NeXT and Idefics 3 get their text decoder's spec by the same rule:
+    RTN W4 on the language model only, reloaded whole with the same logits, the rest bit for bit."""
+    text_type, kw = OTHERS[model_type]
+    config = AutoConfig.for_model(
+        model_type, text_config={**TEXT, "model_type": text_type, "vocab_size": len(tokenizer)}, **kw
+    )
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config)
+    src = tmp_path / "src"
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    data = DataOptions(source=text_file, seq_len=32, calib_windows=4)
+    why = why_whole(src, load_recipe({"stages": [STAGES["rtn"]]}), tmp_path / "o")
+    assert why == (None if model_type != "llava_next" else WHY_NOT_STREAMED)  # its image_newline is its model's own
+    r = compress(src, {"stages": [STAGES["rtn"]]}, data, output=tmp_path / "o", run_eval=False, measure_speed=False)
+    adapter = Adapter(r.model)
+    assert adapter.spec.name == spec_for(text_type).name and len(adapter.linears()) == 2 * 7
+    assert all(isinstance(m, CompressedLayer) for m in adapter.linears().values())
+    reloaded = lmpress.load(tmp_path / "o").model
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=IDS).logits, r.model(input_ids=IDS).logits)
+    state = reloaded.state_dict()
+    kept = {k: v for k, v in model.state_dict().items() if not adapter.is_text(k.rpartition(".")[0])}
+    assert len(kept) > 10 and all(torch.equal(state[k], v) for k, v in kept.items())

@@ -15,6 +15,7 @@ from torch import nn
 
 from lmpress.arch import Adapter, auto_class, has_spec, roles_refusal, text_model_type
 from lmpress.arch.kinds import NotADecoderError, kind_refusal
+from lmpress.arch.multimodal import kept_modules
 from lmpress.data_options import DataOptions
 from lmpress.errors import LmpressError, ModelLoadError
 from lmpress.federated.core import check_clients
@@ -187,6 +188,8 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
     if not any(path.glob("*.safetensors")):
         return "its weights are not safetensors"
     config = read_config(path)
+    if text_model_type(config) is not None and _kept_tensors(path) is None:
+        return "its vision part holds a tensor beside the language model, which lmpress does not stream"
     if not has_spec(config):
         why = _generic_layout(path)
         if why is not None:
@@ -228,6 +231,14 @@ def _built(path: Path) -> Adapter | ModelLoadError | None:
         return Adapter(model)
     except ModelLoadError as e:
         return e
+
+
+def _kept_tensors(path: Path) -> list[str] | None:
+    """The streaming units of a multimodal model's vision part (`lmpress.arch.multimodal.kept_modules`)."""
+    adapter = meta_adapter(path)
+    if isinstance(adapter, str) or adapter.language_model is None:
+        return None
+    return kept_modules(adapter.model, (adapter.language_model, adapter.head()[0]))
 
 
 def _generic_layout(path: Path) -> str | None:

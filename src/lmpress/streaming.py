@@ -206,6 +206,10 @@ class Stream:
         blocks = [adapter.block_name(i) for i in range(adapter.num_blocks)]
         head, _ = adapter.head()
         kept = kept_modules(self.model, (adapter.language_model, head)) if adapter.language_model else []
+        if kept is None:  # the preflight does not stream it (`lmpress.preflight.why_whole`)
+            raise ModelLoadError(
+                f"{adapter.model_type}: tensors beside its language model are not streamed; load it whole"
+            )
         return [*adapter.embeddings(), *blocks, adapter.final_norm()[0], head, *kept]  # kept: a vision tower
 
 

@@ -119,21 +119,26 @@ def text_model(model: nn.Module) -> nn.Module:
     return view.eval()
 
 
-def kept_modules(model: nn.Module, text: tuple[str, ...]) -> list[str]:
+def kept_modules(model: nn.Module, text: tuple[str, ...]) -> list[str] | None:
     """The modules of a multimodal model outside its ``text`` modules (its language model and head)
     that hold saved tensors, as large as they come (``model.vision_tower``, ``model.multi_modal_projector``):
-    what lmpress keeps as it is, read and written whole."""
+    what lmpress keeps as it is, read and written whole. None where a module holding the text part
+    also holds a tensor of its own (LLaVA-NeXT's ``image_newline``), which no such unit can hold."""
     out: list[str] = []
 
-    def walk(prefix: str, module: nn.Module) -> None:
+    def walk(prefix: str, module: nn.Module) -> bool:
+        own = [n for n in module.state_dict(keep_vars=True) if "." not in n]
+        if own:
+            return False
         for name, child in module.named_children():
             full = prefix + name
             if full in text:
                 continue
             if any(t.startswith(full + ".") for t in text):
-                walk(full + ".", child)
+                if not walk(full + ".", child):
+                    return False
             elif next(iter(child.state_dict()), None) is not None:
                 out.append(full)
+        return True
 
-    walk("", model)
-    return out
+    return out if walk("", model) else None
