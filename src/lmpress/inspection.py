@@ -203,6 +203,7 @@ def _architecture(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
         "num_attention_heads": "heads",
         "num_key_value_heads": "kv_heads",
         "intermediate_size": "intermediate",
+        "ffn_hidden_size": "intermediate",  # Falcon's
         "vocab_size": "vocab",
         "max_position_embeddings": "context",
         "n_positions": "context",
