@@ -303,3 +303,12 @@ def test_other_image_text_models_by_the_same_rule(model_type: str, tokenizer, te
     state = reloaded.state_dict()
     kept = {k: v for k, v in model.state_dict().items() if not adapter.is_text(k.rpartition(".")[0])}
     assert len(kept) > 10 and all(torch.equal(state[k], v) for k, v in kept.items())
+
+
+def test_a_config_without_the_decoders_model_type_is_still_read() -> None:
+    """Older LLaVA configs leave ``text_config.model_type`` out: transformers' default (Llama) holds."""
+    from lmpress.arch import text_config, text_model_type
+
+    config = {"model_type": "llava", "text_config": {"hidden_size": 64}}
+    assert text_model_type(config) == "llama" and text_config(config) == {"hidden_size": 64}
+    assert text_model_type({"model_type": "llama", "text_config": {"model_type": "llama"}}) is None

@@ -30,9 +30,7 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     """The text decoder's part of a ``config.json`` dict: its ``text_config`` where it has one whose
     family lmpress knows (and none of its own), else the config itself."""
     text = config.get(TEXT_CONFIG_KEY)
-    if is_supported(config.get("model_type")) or not isinstance(text, dict):
-        return config
-    return text if is_supported(text.get("model_type")) else config
+    return text if isinstance(text, dict) and text_model_type(config) is not None else config
 
 
 def text_model_type(config: Any) -> str | None:
@@ -41,6 +39,8 @@ def text_model_type(config: Any) -> str | None:
     if isinstance(config, dict):
         model_type, text = config.get("model_type"), config.get(TEXT_CONFIG_KEY)
         text_type = text.get("model_type") if isinstance(text, dict) else None
+        if isinstance(text, dict) and text_type is None:  # the wrapper's default decoder (LLaVA's is Llama)
+            text_type = _default_text_type(model_type)
     else:
         model_type = getattr(config, "model_type", None)
         get_text = getattr(config, "get_text_config", None)
@@ -49,6 +49,20 @@ def text_model_type(config: Any) -> str | None:
     if is_supported(model_type) or not is_supported(text_type):
         return None
     return str(text_type)
+
+
+def _default_text_type(model_type: object) -> str | None:
+    """The text decoder's model_type transformers gives a multimodal ``model_type`` whose config.json
+    leaves it out."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # importing it takes seconds
+
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    try:
+        text = CONFIG_MAPPING[model_type]().get_text_config(decoder=True)
+    except Exception:  # a config class that cannot be built with its defaults: no default decoder
+        return None
+    return getattr(text, "model_type", None)
 
 
 def has_spec(config: Any) -> bool:
