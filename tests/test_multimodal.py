@@ -4,6 +4,7 @@ directory loads whole again, in lmpress and in transformers."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -205,6 +206,15 @@ def test_a_broken_checkpoint_is_caught(multimodal_dir, tmp_path: Path) -> None: 
     del state["language_model.model.layers.1.mlp.down_proj.weight"]
     save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"implies tensor model\.language_model\.layers\.1\.mlp\.down_proj"):
+        load_model(src)
+
+
+def test_a_config_that_lies_about_the_vision_tower_is_caught(multimodal_dir) -> None:  # type: ignore[no-untyped-def]
+    src = multimodal_dir("gemma3")
+    config = json.loads((src / "config.json").read_text())
+    config["vision_config"]["intermediate_size"] = 96
+    (src / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match=r"tensor vision_tower\.encoder\.layers\.0\.mlp\.fc1\..* implies \[96"):
         load_model(src)
 
 
