@@ -10,6 +10,8 @@ from its structure (blocks and linears, no roles); what needs roles refuses it
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from torch import Tensor, nn
 
 from lmpress.arch.discover import discover, is_conv1d
@@ -55,7 +57,9 @@ class Adapter:
         for name in (*self.spec.attention, *self.spec.mlp):
             if name not in self.spec.optional_linears:
                 self._get(f"{self.spec.blocks}.0.{name}")
-            elif not any(self._has(f"{self.block_name(i)}.{name}") for i in range(self.num_blocks)):
+            elif self.spec.experts is None and not any(
+                self._has(f"{self.block_name(i)}.{name}") for i in range(self.num_blocks)
+            ):
                 self._get(f"{self.spec.blocks}.0.{name}")  # no block has it: the layout differs
 
     def require_roles(self, what: str, needs: str, instead: str, error: type[LmpressError] = LmpressError) -> None:
@@ -110,7 +114,27 @@ class Adapter:
     def block_linears(self, i: int) -> dict[str, nn.Module]:
         if self.spec.generic:  # no attention or MLP roles: every linear found, by position
             return self._block_modules(i, tuple(self.spec.linears))
-        return {**self.attention_linears(i), **self.mlp_linears(i)}
+        return {**self.attention_linears(i), **self.mlp_linears(i), **self.shared_expert_linears(i)}
+
+    def _present(self, i: int, paths: Iterable[str]) -> dict[str, nn.Module]:
+        names = (f"{self.block_name(i)}.{p}" for p in paths)
+        return {n: self._get(n) for n in names if self._has(n)}
+
+    def experts(self, i: int) -> dict[str, nn.Module]:
+        """Full name -> module of block i's experts module (`Spec.experts`), empty where the block
+        has none (a dense block, a family without experts)."""
+        return {} if self.spec.experts is None else self._present(i, (self.spec.experts.path,))
+
+    def shared_expert_linears(self, i: int) -> dict[str, nn.Module]:
+        """Full name -> module of block i's shared expert linears (Qwen2-MoE), where it has them."""
+        return {} if self.spec.experts is None else self._present(i, tuple(self.spec.experts.shared))
+
+    def float_modules(self) -> set[str]:
+        """Full names of the modules every method keeps in float: each block's router and shared
+        expert gate (`Experts.float_paths`)."""
+        if self.spec.experts is None:
+            return set()
+        return {n for i in range(self.num_blocks) for n in self._present(i, self.spec.experts.float_paths)}
 
     def linears(self) -> dict[str, nn.Module]:
         """Every linear projection inside the decoder blocks, in block order."""

@@ -34,6 +34,8 @@ ATTENTION_ROLES = ("attn_q", "attn_k", "attn_v", "attn_qkv", "attn_output")
 # projections stand where attention's do (`Spec.attention`)
 SHORTCONV_ROLES = ("shortconv_in_proj", "shortconv_out_proj")
 MLP_ROLES = ("ffn_gate", "ffn_up", "ffn_down")
+# a mixture of experts' stacked expert tensors, as llama.cpp names them (`Experts`)
+EXPERT_ROLES = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,41 @@ class Norm:
     role: str
     kind: NormKind
     optional: bool = False
+
+
+@dataclass(frozen=True)
+class Experts:
+    """A block's mixture of experts: a router picks ``top_k_key`` of ``count_key`` experts per token
+    and the experts module (``path``, block-relative) runs only those, each a gated MLP
+    ``down(act(gate x) * up x)`` (act: the config's ``hidden_act``) weighted by the router.
+
+    The experts are 3-D parameters of the experts module, one matrix per expert: ``gate_up``
+    (E, 2·I, H) with rows [gate | up] (``fused``), or ``gate`` and ``up`` apart (then ``gate_up``
+    names the gate's); ``down`` (E, H, I); ``transposed``: stored (E, in, out) instead. Their roles
+    are llama.cpp's ``ffn_gate_exps`` / ``ffn_up_exps`` / ``ffn_down_exps``. The router (``ffn_gate_inp``)
+    and a shared expert's gate (``ffn_gate_inp_shexp``) are kept in float by every method; the
+    shared expert's linears (``shared``: path -> role, ``ffn_*_shexp``) are ordinary linears. Blocks
+    without the experts module (a dense layer of Qwen2-MoE's ``mlp_only_layers``) are skipped."""
+
+    path: str
+    router: str
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+    up: str | None = None  # the up projections' parameter where gate and up are stored apart
+    transposed: bool = False
+    count_key: str = "num_experts"
+    top_k_key: str = "num_experts_per_tok"
+    shared: dict[str, str] = field(default_factory=dict)
+    shared_gate: str | None = None
+
+    @property
+    def fused(self) -> bool:
+        return self.up is None
+
+    @property
+    def float_paths(self) -> tuple[str, ...]:
+        """Block-relative paths every method keeps in float: the router and the shared expert's gate."""
+        return (self.router,) + ((self.shared_gate,) if self.shared_gate else ())
 
 
 @dataclass(frozen=True)
@@ -120,6 +157,7 @@ class Spec:
     # a config flag that, when true, feeds the MLP from the attention's norm (StableLM's parallel
     # residual): the first norm's scale group takes the second's linears, and the second norm is absent
     parallel_key: str | None = None
+    experts: Experts | None = None  # the block's mixture of experts, where it has one
     gguf: GGUF | None = None
     onnx: Literal["llama", "gpt2"] | None = None  # the graph lmpress's ONNX writer builds for it
     onnx_refuse: Callable[[Any], str | None] = field(default=lambda config: None)  # why not, for a config
@@ -167,8 +205,8 @@ class Spec:
     def hidden_prunable(self) -> bool:
         """Hidden channels can be removed: the config can state the head width apart from the
         hidden size, and nothing reads the hidden size from the config at run time (nor a q/k norm
-        over a whole projection, which can be as wide as the hidden size)."""
-        return self.head_dim_in_config and not self.embed_scale and self.qk_norm == "head"
+        over a whole projection, which can be as wide as the hidden size), and no experts (3-D, not cut yet)."""
+        return self.head_dim_in_config and not self.embed_scale and self.qk_norm == "head" and self.experts is None
 
     def token_embedding(self) -> str:
         return next(iter(self.embeddings))

@@ -192,7 +192,8 @@ def uniform_config_update(model: nn.Module) -> bool:
 def needs_structure_record(model: nn.Module) -> list[dict[str, int]] | None:
     """Per-block widths to save beside the weights, or None when the config already describes them."""
     model_type = getattr(text_config_of(model), "model_type", None)
-    if not is_supported(model_type) or spec_for(model_type).optional_linears:  # blocks of several kinds:
+    spec = spec_for(model_type) if is_supported(model_type) else None
+    if spec is None or spec.optional_linears or spec.experts:  # blocks of several kinds, experts:
         return None  # never cut (structured refuses them)
     structure = block_structure(model)
     expected = config_structure(model)

@@ -12,6 +12,7 @@ from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.lora_linear import LoRALinear
 from lmpress.nn.lowrank_linear import LowRankLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
+from lmpress.nn.quant_experts import QuantExperts
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.nn.sparse_linear import SparseLinear
 
@@ -24,6 +25,7 @@ __all__ = [
     "LoRALinear",
     "LowRankLinear",
     "QuantEmbedding",
+    "QuantExperts",
     "QuantLinear",
     "SparseLinear",
 ]

@@ -200,6 +200,8 @@ def apply(model: nn.Module, config: StructuredConfig, ctx: Context) -> StageRepo
             f"structured: {adapter.model_type} blocks are of several kinds (attention and others) whose widths "
             "lmpress does not cut apart; use magnitude, wanda or sparsegpt"
         )
+    if adapter.spec.experts is not None:
+        raise PruneError(f"structured: {adapter.model_type} has experts, which lmpress cannot cut yet (issue 32)")
     why = adapter.spec.heads_refuse(model.config) if config.attention else None
     if why:
         raise PruneError(f"structured: {why}; set attention: false to remove MLP neurons only")

@@ -26,6 +26,7 @@ from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml_fit
+from lmpress.quant.experts import float_modules, quantize_experts, refuse_calibrated, targeted_experts
 from lmpress.quant.grid import quantize
 from lmpress.quant.mix import MIX_BASE, mix_layer_types
 from lmpress.select import Patterns, matches, select
@@ -130,8 +131,8 @@ def targeted_layers(model: nn.Module, config: MethodConfig) -> dict[str, nn.Modu
     """The layers this stage quantizes; an empty selection is an error, not a silent no-op."""
     targets, ignore = config.targets, config.ignore  # type: ignore[attr-defined]
     layers = linear_layers(model)
-    chosen = select(layers, targets, ignore)
-    if not chosen:
+    chosen = select(layers, targets, [*ignore, *float_modules(model)])  # routers stay in float
+    if not chosen and not targeted_experts(model, config):  # an experts module is no linear
         example = next(iter(layers), "none")
         raise QuantError(
             f"recipe stage ({config.method}): targets {targets} minus ignore {ignore} match no linear "
@@ -208,6 +209,9 @@ def quantize_layers(
     """Quantize each layer with ``fn`` and swap in a `QuantLinear`; returns a count per bit width."""
     counts: dict[str, int] = {}
     for name, module in layers.items():
+        if not (isinstance(module, nn.Linear) or is_conv1d(module)):  # experts: `lmpress.quant.experts`
+            _add(counts, quantize_experts(model, name, fn, settings_for, config, float_zeros))
+            continue
         w = linear_weight(module)
         s = settings_for(name, config, w.shape[1])
         check_finite(name, w)
@@ -249,8 +253,9 @@ def quantize_each_block(
     counts: dict[str, int] = {}
     in_blocks: set[str] = set()
     for i, _ in each_block(model):
-        mine = {n: m for n, m in adapter.block_linears(i).items() if n in layers}
-        in_blocks.update(adapter.block_linears(i))
+        block = {**adapter.block_linears(i), **adapter.experts(i)}
+        mine = {n: m for n, m in block.items() if n in layers}
+        in_blocks.update(block)
         _add(counts, quantize_layers(model, mine, config, fn, float_zeros))
     rest = sorted(layers - in_blocks)
     if rest:
@@ -319,7 +324,7 @@ def quantize_weights(
     layer (`quantize_each_block`), then the embeddings follow ``embedding_bits``."""
     t0 = time.perf_counter()
     config = with_mix(model, config)
-    layers = list(targeted_layers(model, config))  # names only: replaced layers are freed
+    layers = [*targeted_layers(model, config), *targeted_experts(model, config)]  # names: replaced layers freed
     counts = quantize_each_block(model, layers, config, fn, float_zeros)
     counts.update(quantize_embeddings(model, config))
     return {"layers": counts, "quantize_seconds": time.perf_counter() - t0}
@@ -347,6 +352,7 @@ def quantize_calibrated(
     (``per_block(-1, ...)``) on its inputs from the already-quantized model's forward.
     """
     t0 = time.perf_counter()
+    refuse_calibrated(model, config, QuantError)
     config = with_mix(model, config)
     targets = list(targeted_layers(model, config))  # names: a replaced layer's old weights must not stay alive
     adapter = Adapter(model)
