@@ -6,10 +6,12 @@ import math
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
-from lmpress.evaluation import count_parameters, evaluate, quality, tensor_bytes
+from lmpress.evaluation import count_parameters, evaluate, kl_percentiles, quality, tensor_bytes
 from lmpress.io.load import load_model
 
 
@@ -37,6 +39,31 @@ def test_kl_and_agreement_against_self_and_other(tiny_model_dir: Callable[..., P
             p.add_(0.05 * torch.randn_like(p))
     other = quality(noisy, w, reference=model)
     assert other["kl"] > 1e-4 and other["top1_agreement"] < 1.0
+    assert same["kl_p999"] == pytest.approx(0.0, abs=1e-6) and same["kl_max"] == pytest.approx(0.0, abs=1e-6)
+    # llama.cpp's --kl-divergence summary, from each predicted position's KL computed here directly
+    with torch.no_grad():
+        ref = F.log_softmax(model(input_ids=w).logits[:, :-1].float(), -1)
+        got = F.log_softmax(noisy(input_ids=w).logits[:, :-1].float(), -1)
+    per_token = (ref.exp() * (ref - got)).sum(-1).flatten().double().numpy()  # (2 * 15,)
+    assert other["kl"] == pytest.approx(per_token.mean(), rel=1e-4)
+    assert other["kl_median"] == pytest.approx(np.median(per_token), rel=1e-4)
+    assert other["kl_p99"] == pytest.approx(np.percentile(per_token, 99), rel=1e-4)
+    assert other["kl_p999"] == pytest.approx(np.percentile(per_token, 99.9), rel=1e-4)
+    assert other["kl_max"] == pytest.approx(per_token.max(), rel=1e-4)
+    assert other["kl_median"] < other["kl"] < other["kl_p99"] <= other["kl_p999"] <= other["kl_max"]
+    top1 = (ref.argmax(-1) == got.argmax(-1)).double().mean().item()
+    assert other["top1_agreement"] == pytest.approx(top1)
+
+
+def test_kl_percentiles_interpolate_as_llama_cpp() -> None:
+    kl = torch.tensor([0.4, 0.1, 0.3, 0.2])  # sorted 0.1 0.2 0.3 0.4: median between the middle two
+    p = kl_percentiles(kl)
+    assert p["kl_median"] == pytest.approx(0.25)
+    assert p["kl_p99"] == pytest.approx(0.3 + 0.97 * 0.1)  # position 0.99 * 3 = 2.97
+    assert p["kl_p999"] == pytest.approx(0.3 + 0.997 * 0.1)
+    assert p["kl_max"] == pytest.approx(0.4)
+    one = kl_percentiles(torch.tensor([0.5]))
+    assert one["kl_median"] == one["kl_p999"] == pytest.approx(0.5)
 
 
 def test_size_counts_tied_weights_once(tiny_model_dir: Callable[..., Path]) -> None:
@@ -55,6 +82,10 @@ def test_evaluate_reports_every_metric(tiny_model_dir: Callable[..., Path]) -> N
         "perplexity",
         "accuracy",
         "kl",
+        "kl_median",
+        "kl_p99",
+        "kl_p999",
+        "kl_max",
         "top1_agreement",
         "parameters",
         "bytes_on_disk",

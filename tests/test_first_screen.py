@@ -104,7 +104,7 @@ def test_train_reference_json(tmp_path: Path) -> None:
 COMMANDS = ["eval", "compress", "export", "train-reference", "methods", "presets", "demo", "report", "search"]
 
 
-@pytest.mark.parametrize("command", [None, *COMMANDS, "inspect", "federated"])
+@pytest.mark.parametrize("command", [None, *COMMANDS, "inspect", "federated", "imatrix"])
 def test_help_fits_80_columns(command: str | None, tmp_path: Path) -> None:
     r = CliRunner().invoke(app, [*([command] if command else []), "--help"], env={"COLUMNS": "80"}, terminal_width=80)
     assert r.exit_code == 0, r.output

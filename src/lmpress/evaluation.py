@@ -4,13 +4,16 @@ Perplexity windowing: the evaluation text is one token stream (documents joined 
 end-of-text token) cut into non-overlapping windows of ``seq_len`` tokens; every window is scored
 independently from an empty context, and perplexity is exp of the mean negative log-likelihood over
 all predicted positions (``seq_len - 1`` per window). Next-token accuracy, KL divergence and top-1
-agreement are computed on the same positions.
+agreement are computed on the same positions; beside the mean KL, its median, 99th and 99.9th
+percentiles and maximum over positions, as llama.cpp's ``perplexity --kl-divergence`` reports them
+(linear interpolation between the sorted per-token values; llama.cpp scores only the second half of
+each window, lmpress every position).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +41,8 @@ class QualityStats:
     agree: int = 0
     dropped_mass: float | None = None  # the reference's probability on tokens the model no longer has
     agree_full: int = 0  # the reference's top-1 over its whole vocabulary is the model's top-1
+    # each position's KL (float32 on the CPU: 4 bytes a token, for the percentiles)
+    kl_tokens: list[Tensor] = field(default_factory=list)
 
     def metrics(self, with_reference: bool) -> dict[str, float]:
         out = {
@@ -49,6 +54,8 @@ class QualityStats:
         if with_reference:
             out["kl"] = self.kl / self.tokens
             out["top1_agreement"] = self.agree / self.tokens
+            if self.kl_tokens:
+                out.update(kl_percentiles(torch.cat(self.kl_tokens)))
         if self.dropped_mass is not None:
             out["dropped_token_mass"] = self.dropped_mass / self.tokens
             out["top1_agreement_full_vocab"] = self.agree_full / self.tokens
@@ -64,8 +71,24 @@ class QualityStats:
         self.tokens += target.numel()
         if ref_logits is not None:
             ref_logp = F.log_softmax(ref_logits, dim=-1)
-            self.kl += (ref_logp.exp() * (ref_logp - logp)).sum().item()
+            kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1)  # (B, T)
+            self.kl += kl.sum().item()
+            self.kl_tokens.append(kl.reshape(-1).float().cpu())
             self.agree += int((ref_logits.argmax(-1) == pred).sum())
+
+
+def kl_percentiles(kl: Tensor) -> dict[str, float]:
+    """Median, 99th and 99.9th percentile and maximum of per-token KL ``kl`` (n,), each the linear
+    interpolation between the two nearest sorted values, as llama.cpp's perplexity tool computes them."""
+    v = kl.double().sort().values
+    n = v.numel()
+
+    def pct(fraction: float) -> float:
+        p = fraction * (n - 1)
+        i = int(p)
+        return float((1 - (p - i)) * v[i] + (p - i) * v[min(i + 1, n - 1)])
+
+    return {"kl_median": pct(0.5), "kl_p99": pct(0.99), "kl_p999": pct(0.999), "kl_max": float(v[-1])}
 
 
 def _logits(model: nn.Module, ids: Tensor) -> Tensor:

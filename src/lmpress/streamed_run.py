@@ -210,7 +210,8 @@ class StreamedSource:
                 vocab = int(loaded.model.get_input_embeddings().weight.shape[0])  # type: ignore[operator]
                 m.update(evaluation.speed(loaded.model, vocab, **evaluation.speed_lengths(loaded.model)))
             if role == "original" and self.original_key:
-                _store(self.original_key, {k: v for k, v in m.items() if k not in ("kl", "top1_agreement")})
+                vs_reference = {"top1_agreement", "kl", "kl_median", "kl_p99", "kl_p999", "kl_max"}
+                _store(self.original_key, {k: v for k, v in m.items() if k not in vs_reference})
             if prompts:
                 texts[role] = evaluation.generate_samples(loaded.model, self.tokenizer, prompts)
             if role == "compressed":

@@ -95,3 +95,29 @@ def layernorm_metadata(config: Any, arch: str, n_vocab: int, family: str) -> dic
         f"{arch}.rope.freq_base": rope_theta(config, rope),
         f"{arch}.vocab_size": U32(n_vocab),
     }
+
+
+# each role's tensor name in llama.cpp (``blk.N.`` + name + ``.weight``); a family's spec may rename one
+ROLE_NAMES = {
+    "token_embd": "token_embd",
+    "output_norm": "output_norm",
+    "output": "output",
+    "attn_norm": "attn_norm",
+    "ffn_norm": "ffn_norm",
+    "attn_q": "attn_q",
+    "attn_k": "attn_k",
+    "attn_v": "attn_v",
+    "attn_output": "attn_output",
+    "ffn_gate": "ffn_gate",
+    "ffn_up": "ffn_up",
+    "ffn_down": "ffn_down",
+    "attn_q_norm": "attn_q_norm",
+    "attn_k_norm": "attn_k_norm",
+    "position_embd": "position_embd",
+    "attn_qkv": "attn_qkv",
+    "attn_post_norm": "post_attention_norm",  # a post-norm: normalizes the attention's output (Gemma 2/3)
+    "ffn_post_norm": "post_ffw_norm",  # normalizes the MLP's output
+    "shortconv_in_proj": "shortconv.in_proj",  # LFM2's convolution blocks
+    "shortconv_out_proj": "shortconv.out_proj",
+    "shortconv_conv": "shortconv.conv",
+}

@@ -16,7 +16,7 @@ import sys
 from lmpress.cli.common import app, expand_list_options, fail_line, metrics_table
 
 # each module registers its commands; this order is the order `lmpress --help` lists them in
-for _verb in ("evaluate", "compress", "inspection", "catalog", "demo", "search"):
+for _verb in ("evaluate", "compress", "imatrix", "inspection", "catalog", "demo", "search"):
     importlib.import_module(f"lmpress.cli.{_verb}")
 
 from lmpress.cli.compress import print_compressed  # noqa: E402

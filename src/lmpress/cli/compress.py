@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -35,10 +35,12 @@ from lmpress.cli.common import (
     model_dir,
     option_groups,
 )
+from lmpress.errors import RecipeError
 from lmpress.export import ExportError, check_export_output, check_export_source, default_output, export
 from lmpress.export.registry import DEFAULT_FORMAT, EXPORTERS, exporter
+from lmpress.formats.imatrix import read_imatrix
 from lmpress.model_source import LoadOptions
-from lmpress.recipe import load_recipe
+from lmpress.recipe import Recipe, load_recipe
 from lmpress.track import tracked_compress
 
 # what --export and --output say, built from the registered formats
@@ -93,6 +95,14 @@ def compress(
             "the data stays with its client process",
         ),
     ] = None,
+    imatrix: Annotated[
+        Path | None,
+        typer.Option(
+            "--imatrix",
+            help="llama.cpp importance matrix (GGUF or .dat, e.g. from lmpress imatrix): weights the GGUF-grid "
+            "fits of the recipe's rtn and hqq stages",
+        ),
+    ] = None,
 ) -> None:
     """Compress a model with a recipe, measure it against the original, and save it.
 
@@ -102,6 +112,8 @@ def compress(
     export_path = _export_path(export_to, output, overwrite, model_dir(model))
     tracking = run.tracking()
     parsed = load_recipe(recipe)  # a bad recipe fails here, before any run directory exists
+    if imatrix is not None:
+        parsed = with_imatrix(parsed, imatrix)
 
     result, run_dir = tracked_compress(
         tracking,
@@ -130,6 +142,16 @@ def compress(
                 f"{e} (the compressed model is saved in {result.output}; export it with lmpress export)"
             ) from None
     print_compressed(result, run_dir, exported, run.as_json)
+
+
+def with_imatrix(recipe: Recipe, path: Path) -> Recipe:
+    """``recipe`` with the importance matrix at ``path`` given to every stage that takes one;
+    the file is read now, so an unreadable one stops the run before any work."""
+    read_imatrix(path)
+    stages = [s.model_copy(update={"imatrix": path}) if "imatrix" in type(s).model_fields else s for s in recipe.stages]
+    if all(a is b for a, b in zip(stages, recipe.stages, strict=True)):
+        raise RecipeError(f"--imatrix: recipe {recipe.name} has no stage that uses an importance matrix (rtn, hqq)")
+    return replace(recipe, stages=tuple(stages))
 
 
 def print_compressed(result: Any, run_dir: Path | None, exported: dict[str, Any] | None, as_json: bool) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from lmpress.arch import Spec, is_conv1d, is_supported, spec_for, supporting, text_model
-from lmpress.arch.gguf_keys import rope_settings, rope_theta
+from lmpress.arch.gguf_keys import ROLE_NAMES, rope_settings, rope_theta
 from lmpress.errors import ExportError
 from lmpress.export.gguf_vocab import tokenizer_metadata
 from lmpress.export.walk import Part, count_types, model_parts
@@ -45,29 +45,6 @@ from lmpress.quant.base import GRID_FALLBACK, replace_module
 log = logging.getLogger(__name__)
 
 DENSE_TYPES = {torch.float32: F32, torch.float16: F16, torch.bfloat16: BF16}
-ROLE_NAMES = {
-    "token_embd": "token_embd",
-    "output_norm": "output_norm",
-    "output": "output",
-    "attn_norm": "attn_norm",
-    "ffn_norm": "ffn_norm",
-    "attn_q": "attn_q",
-    "attn_k": "attn_k",
-    "attn_v": "attn_v",
-    "attn_output": "attn_output",
-    "ffn_gate": "ffn_gate",
-    "ffn_up": "ffn_up",
-    "ffn_down": "ffn_down",
-    "attn_q_norm": "attn_q_norm",
-    "attn_k_norm": "attn_k_norm",
-    "position_embd": "position_embd",
-    "attn_qkv": "attn_qkv",
-    "attn_post_norm": "post_attention_norm",  # a post-norm: normalizes the attention's output (Gemma 2/3)
-    "ffn_post_norm": "post_ffw_norm",  # normalizes the MLP's output
-    "shortconv_in_proj": "shortconv.in_proj",  # LFM2's convolution blocks
-    "shortconv_out_proj": "shortconv.out_proj",
-    "shortconv_conv": "shortconv.conv",
-}
 
 
 @dataclass

@@ -16,6 +16,7 @@ clipped start + zero refinement 0.87 / 0.80 / 0.60.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -29,6 +30,7 @@ from lmpress.method import Context, Method, StageReport
 from lmpress.quant import ggml_fit
 from lmpress.quant.base import LayerSettings, WeightQuantConfig, quantize_weights
 from lmpress.quant.grid import clip_search
+from lmpress.quant.imatrix import imatrix_report, layer_importance
 
 
 class HQQConfig(WeightQuantConfig):
@@ -40,6 +42,7 @@ class HQQConfig(WeightQuantConfig):
     p: float = Field(0.7, gt=0, lt=1)  # the Lp "norm" of the error
     beta: float = Field(1e3, gt=0)  # initial penalty of the half-quadratic split (weights ~1e-2)
     kappa: float = Field(1.01, ge=1)  # penalty growth per iteration
+    imatrix: Path | None = None  # llama.cpp importance matrix (GGUF or .dat): weights the GGUF-grid fits
 
     @model_validator(mode="after")
     def _asymmetric_overrides(self) -> HQQConfig:
@@ -96,25 +99,43 @@ def hqq_quantize(
     return Quantized(quantize_with(W, scale, zeros, bits, group_size), scale, zeros, bits, group_size)
 
 
-def hqq_gguf(weight: Tensor, t: ggml.GGMLType, config: HQQConfig) -> ggml.GGMLBlocks:
+def hqq_gguf(weight: Tensor, t: ggml.GGMLType, config: HQQConfig, importance: Tensor | None = None) -> ggml.GGMLBlocks:
     """HQQ on a GGUF type's grid: half-quadratic zero points per sub-block become the type's mins
     (M = zero * scale), stored the type's way. Types without a min (Q4_0, Q3_K, Q6_K ...) have no
-    zero point to optimize and get the type's least-squares fit."""
+    zero point to optimize and get the type's least-squares fit. With ``importance`` (in,), the
+    fits are weighted by it, and of HQQ's result and the weighted least-squares fit the one with the
+    lower importance-weighted error over the matrix is kept."""
     if not t.affine:
-        return ggml_fit.fit_grid(weight, t)
+        return ggml_fit.fit_grid(weight, t, importance)
     q = hqq_quantize(weight, t.bits, t.sub, config.iters, config.p, config.beta, config.kappa)
-    return ggml.from_sub_grid(weight.detach().float(), t, q.scales, q.zeros * q.scales)
+    hqq = ggml.from_sub_grid(weight.detach().float(), t, q.scales, q.zeros * q.scales)
+    if importance is None:
+        return hqq
+    fit = ggml_fit.fit_grid(weight, t, importance)
+    return min(hqq, fit, key=lambda b: weighted_error(weight, b, importance))
+
+
+def weighted_error(weight: Tensor, b: ggml.GGMLBlocks, importance: Tensor) -> float:
+    """Σ_ij importance_j (W_ij - Ŵ_ij)²: the output error under a diagonal input covariance."""
+    diff = ggml.dequantize(b).float() - weight.detach().float()  # (out, in)
+    return float((diff.pow(2) * importance.float()[None, :]).sum())
 
 
 def apply(model: nn.Module, config: HQQConfig, ctx: Context) -> StageReport:
+    importance = layer_importance(model, config.imatrix) if config.imatrix is not None else {}
+    weighted: list[str] = []
+
     def fn(name: str, module: nn.Module, s: LayerSettings) -> Quantized | ggml.GGMLBlocks:
         if s.grid is not None:
-            return hqq_gguf(linear_weight(module), ggml.ggml_type(s.grid), config)
+            if name in importance:
+                weighted.append(name)
+            return hqq_gguf(linear_weight(module), ggml.ggml_type(s.grid), config, importance.get(name))
         return hqq_quantize(
             linear_weight(module), s.bits, s.group_size, config.iters, config.p, config.beta, config.kappa
         )
 
-    return quantize_weights(model, config, fn, float_zeros=True)
+    report = quantize_weights(model, config, fn, float_zeros=True)
+    return {**report, **imatrix_report(config.imatrix, weighted)}
 
 
 METHOD = Method(
