@@ -180,3 +180,23 @@ def test_calibrated_quantizers_refuse_experts_in_one_line_unless_ignored(  # typ
     recipe["stages"].append({"method": "rtn", "bits": 4, "group_size": 32})  # type: ignore[union-attr]
     result = compress(src, recipe, data, output=tmp_path / "mixed", measure_speed=False)
     assert result.stages[0]["layers"] == {"w4g32": 8} and result.stages[1]["layers"] == {"experts w4g32": 2}
+
+
+def test_a_streamed_run_is_refused_in_one_line_and_inspect_describes_the_experts(  # type: ignore[no-untyped-def]
+    moe_dir, data: DataOptions, tmp_path: Path
+) -> None:
+    from lmpress.cli.inspection import layout_lines
+    from lmpress.errors import LmpressError
+    from lmpress.inspection import layout
+
+    src = moe_dir("qwen2_moe")
+    with pytest.raises(LmpressError, match="^cannot stream this run: its experts are stored one by one") as e:
+        compress(src, _stage("rtn"), data, output=tmp_path / "out", stream=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
+    lines = layout_lines(layout(src))
+    assert (
+        "experts: mlp.experts: 2 of 4 experts, gate_up_proj [gate | up], down_proj (E, out, in); shared expert "
+        "mlp.shared_expert.gate_proj, mlp.shared_expert.up_proj, mlp.shared_expert.down_proj; kept in float: "
+        "mlp.gate, mlp.shared_expert_gate"
+    ) in lines
+    assert "stream: no: loads whole" in lines[-2]

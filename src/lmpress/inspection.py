@@ -122,6 +122,10 @@ def describe_format(fmt: dict[str, Any], dtype: str | None = None) -> str:
         return f"low rank r{fmt['rank']}"
     if kind == "lora":
         return f"{describe_format(fmt['base'])} + LoRA r{fmt['rank']}"
+    if kind == "quant_experts":
+        g = fmt.get("group_size")
+        grid = f"int{fmt['bits']} " + (f"g{g}" if g else "per-channel") + (" sym" if fmt.get("symmetric") else " asym")
+        return f"{fmt['num_experts']} experts {grid}"
     return str(kind)
 
 
@@ -134,6 +138,9 @@ def _weights_of(fmt: dict[str, Any]) -> tuple[int, int] | None:
         return (0, 0)
     if "num_embeddings" in fmt:
         n = int(fmt["num_embeddings"]) * int(fmt["embedding_dim"])
+        return n, n
+    if "num_experts" in fmt:  # gate, up and down of each expert
+        n = 3 * int(fmt["num_experts"]) * int(fmt["hidden"]) * int(fmt["intermediate"])
         return n, n
     if "in_features" in fmt:
         n = int(fmt["in_features"]) * int(fmt["out_features"]) + (int(fmt["out_features"]) if fmt.get("bias") else 0)
@@ -241,16 +248,16 @@ def capabilities(adapter: Adapter) -> dict[str, str]:
 
     multimodal = "no: the vision part reads it (multimodal)" if adapter.language_model else None
     return {
-        "quantize (rtn gptq hqq)": "yes",
-        "prune (magnitude wanda sparsegpt n:m)": "yes",
+        "quantize (rtn gptq hqq)": "yes" if spec.experts is None else "yes; experts: rtn and hqq only (issue 32)",
+        "prune (magnitude wanda sparsegpt n:m)": "yes" if spec.experts is None else "yes; experts kept dense",
         "lowrank cluster drop_blocks cast": "yes",
         "vocab": multimodal or "yes",
         "awq/smoothquant": where(bool(spec.scale_groups)),
         "structured/share": "share only: structured cuts blocks of one kind"
-        if spec.optional_linears
+        if spec.optional_linears or spec.experts
         else where(not spec.generic),
         "hidden": multimodal or where(spec.hidden_prunable),
-        "stream": "yes" if spec.final_norm is not None else "no: loads whole",
+        "stream": "no: loads whole" if spec.final_norm is None or spec.experts is not None else "yes",
         "gguf export": where(spec.gguf is not None),
         "onnx export": where(spec.onnx is not None),
         "compressed-tensors export": "yes",
@@ -272,8 +279,26 @@ def layout(path: Path) -> dict[str, Any]:
         "num_blocks": adapter.num_blocks,
         "linears": {n.removeprefix(prefix): r for n, r in adapter.linear_roles(0).items()},
         "final_norm": spec.final_norm.path if spec.final_norm is not None else None,
+        "experts": _experts(adapter),
         "can": capabilities(adapter),
     }
+
+
+def _experts(adapter: Adapter) -> str | None:
+    """One line on a block's mixture of experts (`lmpress.arch.spec.Experts`), None without one."""
+    e = adapter.spec.experts
+    if e is None:
+        return None
+    config = adapter.model.config
+    count, top_k = getattr(config, e.count_key, "?"), getattr(config, e.top_k_key, "?")
+    layout = (
+        (f"{e.gate_up} [gate | up]" if e.fused else f"{e.gate_up} gate, {e.up} up")
+        + f", {e.down}"
+        + (" (E, in, out)" if e.transposed else " (E, out, in)")
+    )
+    shared = f"; shared expert {', '.join(e.shared)}" if e.shared else ""
+    kept = ", ".join(e.float_paths)
+    return f"{e.path}: {top_k} of {count} experts, {layout}{shared}; kept in float: {kept}"
 
 
 def _exported(path: Path, exporter: Exporter) -> Inspection:

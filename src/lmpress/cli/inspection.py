@@ -55,6 +55,7 @@ def layout_lines(layout: dict[str, Any]) -> list[str]:
         f"family: {family}",
         f"blocks: {layout['blocks']} x {layout['num_blocks']}{after}",
         "block linears" + (" (roles unknown)" if layout["generic"] else "") + f": {linears}",
+        *([f"experts: {layout['experts']}"] if layout.get("experts") else []),
         "methods: " + "; ".join(f"{k}: {v}" for k, v in layout["can"].items()),
         FAMILIES,
     ]
