@@ -1,11 +1,12 @@
 """GGML block formats (llama.cpp's GGUF weight types): the types, their grids and stored parts.
 
-Each type stores a row of weights in blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) or 256-weight
-super-blocks (the k-quants Q2_K .. Q6_K) whose sub-blocks of 16 or 32 weights have their own scale
+Each type stores a row of weights in blocks of 32 (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, IQ4_NL) or 256-weight
+super-blocks (the k-quants Q2_K .. Q6_K, IQ4_XS) whose sub-blocks of 16 or 32 weights have their own scale
 (and min), itself quantized against the super-block's float16 scale. Every type dequantizes as
 
     w = S * (u - offset)    symmetric types (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K)
     w = S * u - M           affine types (Q4_1, Q5_1: M = -m; Q2_K, Q4_K, Q5_K: M = dmin * mn)
+    w = S * table[u]        non-uniform types (IQ4_NL, IQ4_XS: llama.cpp's ``kvalues_iq4nl``)
 
 with unsigned codes ``u`` in [0, 2**bits) and per-sub-block ``S`` (and ``M``) computed in float32
 from the stored float16 and integer parts, in the order llama.cpp's reference dequantization (and
@@ -38,6 +39,7 @@ class GGMLType:
     type_size: int  # bytes per block
     affine: bool  # has a min: w = S*u - M
     scale_bits: int = 0  # k-quants: bits of the sub-block scales (and mins); 0: the block's fp16 d directly
+    nonuniform: bool = False  # codes index `TABLE` (IQ4_NL, IQ4_XS): w = S * TABLE[u]
 
     @property
     def offset(self) -> int:
@@ -73,8 +75,12 @@ TYPES: dict[str, GGMLType] = {
         GGMLType("q4_k", 12, 4, 256, 32, 144, True, 6),
         GGMLType("q5_k", 13, 5, 256, 32, 176, True, 6),
         GGMLType("q6_k", 14, 6, 256, 16, 210, False, 8),
+        GGMLType("iq4_nl", 20, 4, 32, 32, 18, False, 0, nonuniform=True),
+        GGMLType("iq4_xs", 23, 4, 256, 32, 136, False, 6, nonuniform=True),
     )
 }
+# llama.cpp's ``kvalues_iq4nl`` (ggml-common.h): the 16 values a non-uniform 4-bit code stands for
+TABLE = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=torch.float32)
 GRID_NAMES = tuple(TYPES)
 
 
@@ -127,7 +133,9 @@ def dequantize(b: GGMLBlocks) -> Tensor:
     rows, n = b.codes.shape
     S, M = sub_scales(b)
     u = b.codes.view(rows, -1, t.sub).float()  # (rows, n/sub, sub)
-    if t.name in ("q4_1", "q5_1"):  # d*u + m
+    if t.nonuniform:  # S * table[u]
+        w = S[..., None] * TABLE.to(u.device)[b.codes.view(rows, -1, t.sub).long()]
+    elif t.name in ("q4_1", "q5_1"):  # d*u + m
         w = S[..., None] * u + b.dmin.float()[..., None]  # type: ignore[union-attr]
     elif M is not None:  # S*u - M
         w = S[..., None] * u - M[..., None]
@@ -138,7 +146,9 @@ def dequantize(b: GGMLBlocks) -> Tensor:
 
 def grid_of(b: GGMLBlocks) -> tuple[Tensor, Tensor]:
     """(scale, zero) per sub-block with w ≈ (u - zero) * scale: the grid GPTQ rounds on.
-    Exact for symmetric types; affine types' zero = M / S.  -> (rows, n/sub) x2"""
+    Exact for symmetric types; affine types' zero = M / S; non-uniform types have none.  -> (rows, n/sub) x2"""
+    if b.type.nonuniform:
+        raise ValueError(f"{b.type.name}'s grid is non-uniform: it has no (scale, zero) form to round on")
     S, M = sub_scales(b)
     if M is None:
         return S, torch.full_like(S, float(b.type.offset))
@@ -150,10 +160,22 @@ def codes_on_grid(w: Tensor, b: GGMLBlocks) -> Tensor:
     """Round (rows, n) ``w`` to the nearest code of the blocks' grid.  -> (rows, n) uint8"""
     t = b.type
     rows, n = w.shape
+    if t.nonuniform:
+        return nearest_in_table(w.float().view(rows, -1, t.sub), sub_scales(b)[0][..., None]).view(rows, n)
     S, Z = grid_of(b)
     safe = torch.where(S == 0, torch.full_like(S, 1e-30), S)
     u = w.float().view(rows, -1, t.sub) / safe[..., None] + Z[..., None]
     return u.round().clamp(0, t.qmax).to(torch.uint8).view(rows, n)
+
+
+def nearest_in_table(x: Tensor, S: Tensor) -> Tensor:
+    """Index of the `TABLE` value v minimizing |x - S*v| (ties to the lower value), for ``x`` and
+    ``S`` broadcasting together; S == 0 gives the code of the value nearest zero.  -> uint8"""
+    table = TABLE.to(x.device)
+    safe = torch.where(S == 0, torch.ones_like(S), S)
+    y = torch.where(S == 0, torch.zeros_like(x), x / safe)  # in table units; S < 0 flips the order
+    mid = (table[1:] + table[:-1]) / 2
+    return torch.bucketize(y.contiguous(), mid, right=False).to(torch.uint8)
 
 
 # ---- storing a grid ---------------------------------------------------------------------------

@@ -41,6 +41,15 @@ def pack(b: GGMLBlocks) -> Tensor:
     parts: list[Tensor]
     if t.name == "q8_0":
         parts = [d, u ^ 0x80]
+    elif t.name == "iq4_nl":
+        parts = [d, _nibbles(u)]
+    elif t.name == "iq4_xs":
+        assert b.sc is not None
+        ls = (b.sc.reshape(N, t.n_sub) + 32).to(torch.int32)  # 6 bits, 0..63
+        low = ((ls[:, 0::2] & 15) | ((ls[:, 1::2] & 15) << 4)).to(torch.uint8)  # (N, 4)
+        high = (((ls >> 4) & 3) << (2 * torch.arange(t.n_sub, device=u.device))).sum(-1, keepdim=True)
+        scales_h = torch.cat([high & 255, high >> 8], dim=1).to(torch.uint8)  # little-endian uint16
+        parts = [d, scales_h, low, _nibbles(u.reshape(N * t.n_sub, 32)).reshape(N, -1)]
     elif t.name in ("q4_0", "q4_1"):
         qs = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
         parts = [d, qs] if t.name == "q4_0" else [d, _f16_bytes(b.dmin.reshape(-1).half()), qs]  # type: ignore[union-attr]
@@ -75,6 +84,16 @@ def pack(b: GGMLBlocks) -> Tensor:
     out = torch.cat(parts, dim=1)
     assert out.shape[1] == t.type_size, (t.name, out.shape)
     return out.reshape(rows, -1)
+
+
+def _nibbles(u: Tensor) -> Tensor:
+    """32-weight blocks as 16 bytes: byte j holds code j (low nibble) and code j+16.  (N, 32) -> (N, 16)"""
+    return (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
+
+
+def _from_nibbles(qs: Tensor) -> Tensor:
+    """Inverse of `_nibbles`.  (N, 16) -> (N, 32)"""
+    return torch.cat([qs & 15, qs >> 4], dim=1)
 
 
 def _qh32(u: Tensor) -> Tensor:
@@ -127,6 +146,15 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
     sc = mn = dmin = None
     if t.name == "q8_0":
         d, u = f16(0), x[:, 2:] ^ 0x80
+    elif t.name == "iq4_nl":
+        d, u = f16(0), _from_nibbles(x[:, 2:])
+    elif t.name == "iq4_xs":
+        d = f16(0)
+        high = x[:, 2].to(torch.int32) | (x[:, 3].to(torch.int32) << 8)  # (N,) uint16
+        low = torch.stack([x[:, 4:8] & 15, x[:, 4:8] >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
+        shifts = 2 * torch.arange(t.n_sub, device=x.device)
+        sc = (low | (((high[:, None] >> shifts) & 3) << 4)) - 32
+        u = _from_nibbles(x[:, 8:].reshape(-1, 16)).reshape(-1, t.block)
     elif t.name in ("q4_0", "q4_1"):
         off = 2 if t.name == "q4_0" else 4
         d, qs = f16(0), x[:, off:]

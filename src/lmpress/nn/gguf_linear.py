@@ -100,7 +100,8 @@ class GGUFLinear(CompressedLayer):
 
     def kernel_path(self) -> str:
         t = self.gtype
-        if self.blocks.device.type == "cpu" and t.bits == 4 and t.sub == 32 and self.out_features % 16 == 0:
+        uniform = not t.nonuniform
+        if self.blocks.device.type == "cpu" and uniform and t.bits == 4 and t.sub == 32 and self.out_features % 16 == 0:
             return "int4"
         return "dequant"
 

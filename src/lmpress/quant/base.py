@@ -38,9 +38,9 @@ class QuantError(LmpressError):
 
 
 # llama.cpp's GGUF block types a quantizer can optimize on directly (`lmpress.formats.ggml`)
-GridName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k"]
-# what llama.cpp itself uses when a row is not a multiple of a k-quant's 256 weights
-GRID_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0"}
+GridName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"]
+# what llama.cpp itself uses when a row is not a multiple of a 256-weight super-block
+GRID_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 
 class Override(BaseModel):

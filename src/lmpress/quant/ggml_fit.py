@@ -1,6 +1,9 @@
 """Fitting a GGML block type's grid to a weight matrix: importance-weighted least squares over
 candidate scales (the approach of llama.cpp's ``make_qkx2_quants``, written here from the format's
 definition), then the scales stored the type's way (`lmpress.formats.ggml.from_sub_grid`).
+The non-uniform types (IQ4_NL, IQ4_XS) search their block scales the way llama.cpp's
+``quantize_row_iq4_nl_impl`` does: the largest weight on the table's end value and nearby
+steps, each scored by the weighted least-squares fit given its nearest-value codes.
 """
 
 from __future__ import annotations
@@ -8,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmpress.formats.ggml import GGMLBlocks, GGMLType, check_width, from_sub_grid, ggml_type
+from lmpress.formats.ggml import TABLE, GGMLBlocks, GGMLType, check_width, from_sub_grid, ggml_type, nearest_in_table
 
 
 def _fit_affine(
@@ -82,6 +85,37 @@ def _sym_err(x: Tensor, wt: Tensor, s: Tensor, offset: int) -> Tensor:
     return (wt * (s[:, None] * q - x).pow(2)).sum(-1)
 
 
+def _fit_table(x: Tensor, wt: Tensor, steps: int = 7) -> Tensor:
+    """Per row of (N, g) ``x``: scale s (x ≈ s*TABLE[u]) maximizing the weighted fit
+    (Σwvx)²/Σwv²; candidates map the largest-magnitude weight to TABLE[0] + k, |k| <= ``steps``,
+    and each takes the least-squares scale of its codes.  -> (N,)"""
+    table = TABLE.to(x.device)
+    idx = x.abs().argmax(-1, keepdim=True)
+    amax = x.gather(-1, idx).squeeze(-1)  # (N,) signed value of largest magnitude
+    safe = torch.where(amax == 0, torch.ones_like(amax), amax)
+    best_s = amax / float(table[0])
+    best_score = torch.full_like(amax, -1.0)
+    for k in range(-steps, steps + 1):
+        s0 = safe / (float(table[0]) + k)  # candidate scale
+        v = table[nearest_in_table(x, s0[:, None]).long()]  # (N, g)
+        sqx, sqq = (wt * v * x).sum(-1), (wt * v * v).sum(-1)
+        score = torch.where(sqq > 0, sqx * sqx / sqq.clamp(min=1e-30), torch.full_like(sqx, -1.0))
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_s = torch.where(better, sqx / sqq.clamp(min=1e-30), best_s)
+    return torch.where(amax == 0, torch.zeros_like(best_s), best_s)
+
+
+def _table_weights(wf: Tensor, imp: Tensor | None, block: int) -> Tensor:
+    """llama.cpp's i-quant error weights: x² without an importance vector, else
+    imp * sqrt(σ² + x²) with σ² twice the mean square of the weight's (super-)block.  (rows, n)"""
+    if imp is None:
+        return wf * wf
+    rows, n = wf.shape
+    sigma2 = 2 * wf.view(rows, -1, block).pow(2).mean(-1, keepdim=True)  # (rows, nb, 1)
+    return (imp.view(1, -1, block) * (sigma2 + wf.view(rows, -1, block).pow(2)).sqrt()).view(rows, n)
+
+
 def fit_grid(w: Tensor, t: GGMLType, importance: Tensor | None = None) -> GGMLBlocks:
     """Choose the stored scales (and mins) of type ``t`` for (rows, n) ``w``; codes are the
     nearest on that grid. ``importance`` (n,) weights each column's squared error (for example
@@ -89,6 +123,10 @@ def fit_grid(w: Tensor, t: GGMLType, importance: Tensor | None = None) -> GGMLBl
     rows, n = w.shape
     check_width(t, n)
     wf = w.detach().float()
+    if t.nonuniform:
+        imp_t = None if importance is None else importance.float().clamp(min=0) + 1e-12
+        wt_t = _table_weights(wf, imp_t, t.block).reshape(-1, t.sub)
+        return from_sub_grid(wf, t, _fit_table(wf.reshape(-1, t.sub), wt_t).view(rows, -1))
     imp = torch.ones(n, device=w.device) if importance is None else importance.float().clamp(min=0) + 1e-12
     x = wf.reshape(-1, t.sub)  # (rows*n/sub, sub)
     wt = imp.view(1, -1).expand(rows, n).reshape(-1, t.sub)

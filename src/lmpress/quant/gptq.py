@@ -250,6 +250,13 @@ def lower_triangular_inverse(L: Tensor, out: Tensor, leaf: int = 512) -> None:
 
 
 def apply(model: nn.Module, config: GPTQConfig, ctx: Context) -> StageReport:
+    codebook = [g for g in (config.grid, *(o.grid for o in config.overrides)) if g and ggml.ggml_type(g).nonuniform]
+    if codebook:  # no (scale, zero) grid for the column-by-column rounding
+        raise QuantError(
+            f"gptq on the non-uniform grid {codebook[0]} is not supported yet (issue 34 item 2); "
+            f"use rtn, awq or hqq with grid: {codebook[0]}"
+        )
+
     def make_stats(m: nn.Module) -> InputStats:
         return InputStats.empty(linear_weight(m).shape[1], linear_weight(m).device)
 
