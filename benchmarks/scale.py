@@ -42,6 +42,18 @@ SHAPES: dict[str, dict[str, Any]] = {
         "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32, "num_attention_heads": 32,
         "num_key_value_heads": 8, "vocab_size": 128256, "max_position_embeddings": 8192, "rope_theta": 500000.0,
     },
+    # issue 31's families at their deployed shapes (random weights, the family's own architecture)
+    "gemma3-1b": {
+        "model_type": "gemma3_text", "hidden_size": 1152, "intermediate_size": 6912, "num_hidden_layers": 26,
+        "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256, "vocab_size": 262144,
+        "max_position_embeddings": 32768, "query_pre_attn_scalar": 256, "sliding_window": 512,
+        "tie_word_embeddings": True,
+    },
+    "phi4-mini": {
+        "model_type": "phi3", "hidden_size": 3072, "intermediate_size": 8192, "num_hidden_layers": 32,
+        "num_attention_heads": 24, "num_key_value_heads": 8, "vocab_size": 200064,
+        "max_position_embeddings": 131072, "tie_word_embeddings": True,
+    },
     "smoke": {  # a quick check of this script
         "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 512,
@@ -50,20 +62,28 @@ SHAPES: dict[str, dict[str, Any]] = {
 
 
 def generate(shape: str, out: Path) -> int:
-    """Write a random-weight Llama of ``shape`` (bf16) to ``out`` a tensor at a time; returns its bytes."""
+    """Write a random-weight model of ``shape`` (a Llama unless it names its ``model_type``; bf16) to
+    ``out`` a tensor at a time; returns its bytes."""
     from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     import lmpress
     from lmpress.io.tensors import INDEX_FILE, parameters_on_meta
 
     out.mkdir(parents=True)
-    cfg = LlamaConfig(**SHAPES[shape], tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, dtype="bfloat16")
+    sizes = {"tie_word_embeddings": False, **SHAPES[shape]}
+    model_type = sizes.pop("model_type", "llama")
+    cfg = AutoConfig.for_model(model_type, **sizes, bos_token_id=0, eos_token_id=0, dtype="bfloat16")
     cfg.save_pretrained(out)
     lmpress.load("builtin").tokenizer.save_pretrained(out)  # 4096 tokens; the other rows are never read
     with parameters_on_meta():  # the architecture on meta names every tensor and its shape
         model = AutoModelForCausalLM.from_config(cfg)
-    shapes = [(k, tuple(t.shape)) for k, t in model.state_dict().items()]
+    model.tie_weights()
+    shapes, seen = [], set()
+    for k, t in model.state_dict(keep_vars=True).items():
+        if id(t) not in seen:  # a tied head is saved once, as the embeddings
+            shapes.append((k, tuple(t.shape)))
+            seen.add(id(t))
     gen = torch.Generator().manual_seed(0)
     weight_map, shard, size, n = {}, {}, 0, 0
     for i, (k, shp) in enumerate(shapes):
@@ -84,15 +104,16 @@ def generate(shape: str, out: Path) -> int:
 CALIB_WINDOWS, EVAL_WINDOWS = 32, 64  # the issue's 1.1B run; the 8B run asks for 16/16
 
 
-def vm_hwm(pid: int | str = "self") -> int | None:
-    """A process's own peak resident memory (``VmHWM``, bytes), or None once it has exited.
+def vm_hwm(pid: int | str = "self", key: str = "VmHWM") -> int | None:
+    """A process's own peak resident memory (``VmHWM``, bytes; ``key="VmRSS"``: its present one),
+    or None once it has exited.
 
     Not ``ru_maxrss``: Linux carries the parent's high-water mark over into a child across
     fork/exec, so a child started by a process that was ever big reports the parent's peak."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(f"{key}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
@@ -118,15 +139,18 @@ def run(args: list[str], threads: int, cache: Path | None = None) -> dict[str, A
             stderr=err_f,
             text=True,
         )
-        peak = 0
+        peak, rss, last = 0, [], 0.0  # rss: (seconds, MB) every 10 s, where the memory goes in time
         while proc.poll() is None:
             peak = max(peak, vm_hwm(proc.pid) or 0)
+            if time.perf_counter() - last >= 10:
+                last = time.perf_counter()
+                rss.append((round(last - t0), (vm_hwm(proc.pid, "VmRSS") or 0) // 2**20))
             time.sleep(0.05)
         wall = time.perf_counter() - t0
         out_f.seek(0)
         err_f.seek(0)
         stdout, stderr = out_f.read(), err_f.read()
-    out: dict[str, Any] = {"rc": proc.returncode, "seconds": wall, "peak_rss": peak or None}
+    out: dict[str, Any] = {"rc": proc.returncode, "seconds": wall, "peak_rss": peak or None, "rss_mb": rss}
     if proc.returncode == 0 and "--json" in args:
         out["json"] = json.loads(stdout)
     else:
@@ -178,14 +202,15 @@ def shape_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[st
     common = ["-r", "w4", "--calib-windows", str(args.calib_windows), "--max-windows", str(args.eval_windows)]
     common += ["--no-speed", "--samples", "0", "--json"]
     rows = []
-    modes = ("stream",) if shape == "llama3-8b" else ("stream", "no-stream")
+    modes = ("stream", "no-stream") if shape in ("tinyllama", "smoke") else ("stream",)  # bigger: stream only
     cache = work / "cache"  # the streamed run's: a second streamed run finds the original measured
     for mode in modes:
         out = work / f"{shape}-{mode}"
         r = run(["compress", str(src), *common, "-o", str(out), f"--{mode}"], args.threads, cache)
         row = {"shape": shape, "run": mode, "model_bytes": nbytes, "rc": r["rc"], "seconds": r["seconds"]}
+        row["threads"] = args.threads
         row.update(calib_windows=args.calib_windows, eval_windows=args.eval_windows)
-        row["peak_rss"] = r["peak_rss"]
+        row.update(peak_rss=r["peak_rss"], rss_mb=r["rss_mb"])
         if r["rc"] == 0:
             m = r["json"]["metrics"]
             row.update(kl=m["compressed"]["kl"], bytes_out=m["compressed"]["bytes_on_disk"])
@@ -215,7 +240,7 @@ def shape_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[st
     rows.append(
         {"shape": shape, "run": f"--max-memory {budget}", "model_bytes": nbytes, "rc": r["rc"], "seconds": r["seconds"],
          "message": r.get("message"), "nothing_written": not out.exists(),
-         "calib_windows": args.calib_windows, "eval_windows": args.eval_windows}
+         "calib_windows": args.calib_windows, "eval_windows": args.eval_windows, "threads": args.threads}
     )  # fmt: skip
     shutil.rmtree(src, ignore_errors=True)
     return rows
@@ -238,10 +263,13 @@ def reload_rows(shape: str, args: argparse.Namespace, work: Path) -> list[dict[s
     return [row]
 
 
-def windows_note(row: dict[str, Any]) -> str:
-    """' (16/16 windows)' for a row run on other calibration/evaluation windows than the defaults."""
+def windows_note(row: dict[str, Any], threads: int = 2) -> str:
+    """' (16/16 windows)' for a row run on other calibration/evaluation windows than the defaults,
+    ', 1 thread' on another thread count than the table's."""
     c, e = row.get("calib_windows", CALIB_WINDOWS), row.get("eval_windows", EVAL_WINDOWS)
-    return "" if (c, e) == (CALIB_WINDOWS, EVAL_WINDOWS) else f" ({c}/{e} windows)"
+    note = "" if (c, e) == (CALIB_WINDOWS, EVAL_WINDOWS) else f" ({c}/{e} windows)"
+    n = row.get("threads", threads)
+    return note + ("" if n == threads else f", {n} thread{'s' if n > 1 else ''}")
 
 
 def table(payload: dict[str, Any]) -> str:
@@ -261,7 +289,8 @@ def table(payload: dict[str, Any]) -> str:
                 f"({re['peak_rss'] / re['bytes_on_disk']:.2f}x its {re['bytes_on_disk'] / 1e9:.2f} GB on disk)"
             )
         rows.append([
-            r["shape"], r["run"] + windows_note(r), f"{r['model_bytes'] / 1e9:.2f}", f"{r['seconds']:.0f}",
+            r["shape"], r["run"] + windows_note(r, payload["threads"]), f"{r['model_bytes'] / 1e9:.2f}",
+            f"{r['seconds']:.0f}",
             f"{peak / 1e9:.2f}" if peak else "", f"{peak / r['model_bytes']:.2f}x" if peak else "",
             f"{r['kl']:.4f}" if "kl" in r else "", result,
         ])  # fmt: skip
@@ -303,7 +332,7 @@ def main() -> None:
         payload = {
             **previous,
             "machine": machine(),
-            "threads": args.threads,
+            "threads": previous.get("threads", args.threads),  # the table's; a row run on others says so
             "calib_windows": CALIB_WINDOWS,  # the table's defaults; each row holds its own
             "eval_windows": EVAL_WINDOWS,
             "rows": kept + rows,
