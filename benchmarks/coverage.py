@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import inspect
 import json
 import pkgutil
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -129,13 +130,23 @@ def families() -> dict[str, str]:
 
 def spec_key(model_type: str) -> str:
     """A hash of the family's spec file ("" without one): a changed spec reruns the family."""
+    return spec_files().get(model_type, "")
+
+
+@cache
+def spec_files() -> dict[str, str]:
+    """model_type -> a hash of its family module's source, read once per run (as `specs()` is)."""
     from lmpress.arch import families as package
 
-    for info in pkgutil.iter_modules(package.__path__):
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        if any(model_type in s.model_types for s in module.SPECS):
-            return hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
-    return ""
+    out: dict[str, str] = {}
+    for spec in {id(s): s for s in specs().values()}.values():
+        for info in pkgutil.iter_modules(package.__path__):
+            module = sys.modules.get(f"{package.__name__}.{info.name}")
+            if module is not None and spec in getattr(module, "SPECS", ()):
+                digest = hashlib.sha256(inspect.getsource(module).encode()).hexdigest()[:12]
+                out.update(dict.fromkeys(spec.model_types, digest))
+                break
+    return out
 
 
 def tiny_config(model_type: str, vocab: int, layers: int = 2) -> Any:
@@ -443,8 +454,10 @@ def doc(results: dict[str, Any]) -> str:
             f"the methods that need no roles), {len(c['refused'])} are refused and {len(c['not built'])} "
             "could not be built tiny from their config class.",
             "",
-            "✓: ran, and where there is something to compare, matched: stream, tensor for tensor the whole "
-            "run's; save/reload, the same logits; each export, logits in its runtime within KL "
+            "A family is refused when RTN, which needs neither data nor roles, does not run on it (the "
+            "reason is the number in its row). ✓: ran, and where there is something to compare, matched: "
+            "stream, tensor for tensor the whole run's, and save/reload, the same logits (both of the GPTQ "
+            "run, RTN's where GPTQ is refused); each export, logits in its runtime within KL "
             + ", ".join(f"{v:.0e} ({HEADERS[k]})" for k, v in KL_MAX.items())
             + " per token of lmpress's own. refused (n): lmpress's one-line refusal, number n below. "
             "**failed** (n): an error that is not a refusal (a bug). Methods: W4 g32 (RTN, GPTQ, AWQ, HQQ), "
@@ -467,20 +480,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default="", help="comma-separated model types to (re)run")
     parser.add_argument("--fresh", action="store_true", help="rerun every family measured before this run")
+    parser.add_argument("--reverse", action="store_true", help="from z to a (a second run sharing the work)")
+    parser.add_argument("--since", type=float, default=0.0, help="rerun every family measured before this epoch")
     parser.add_argument("--render", action="store_true", help="only rewrite the tables from the results")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    start, wanted = time.time(), families()
+    start, wanted = (time.time() if args.fresh else args.since), families()
     only = [t for t in args.only.split(",") if t]
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         tokenizer, text = (None, root) if args.render else tokenizer_and_text(root)
-        for model_type, path in wanted.items():
+        for model_type, path in sorted(wanted.items(), reverse=args.reverse):
             if args.render or (only and model_type not in only):
                 continue
             key, old = spec_key(model_type), _read().get(model_type)  # read again: another run may share the file
             same = bool(old) and old.get("spec_key") == key and old.get("path") == path  # type: ignore[union-attr]
-            if not only and same and (not args.fresh or old.get("measured", 0) >= start):  # type: ignore[union-attr]
+            if not only and same and old.get("measured", 0) >= start:  # type: ignore[union-attr]
                 continue
             print(f"{model_type} ({path})", flush=True)
             entry = run_family(model_type, tokenizer, text, root / model_type)
