@@ -106,6 +106,24 @@ def test_streamed_evaluation_equals_whole(arch: str, tiny_model_dir, tokenizer) 
     assert got["perplexity"] == pytest.approx(want["perplexity"], rel=1e-4)
 
 
+def test_an_unchanged_head_is_held_once(tiny_model_dir) -> None:  # type: ignore[no-untyped-def]
+    """A streamed evaluation against the original holds one copy of a head no stage changed (a
+    262k-token table is most of a small model's peak), and two once a stage changed it."""
+    from lmpress.evaluation import same_head
+    from lmpress.streaming import close, open_streamed, resident
+
+    src = tiny_model_dir("gemma")
+    model, reference = open_streamed(src), open_streamed(src)
+    try:
+        assert same_head(model, reference)
+        with resident(model, ["lm_head"], changed=True):
+            pass
+        assert not same_head(model, reference)
+    finally:
+        close(model)
+        close(reference)
+
+
 def test_sharded_in_and_out_load_in_transformers(tiny_model_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 

@@ -27,7 +27,7 @@ from lmpress.errors import EvaluationError
 from lmpress.io import weight_bytes
 from lmpress.progress import phase, track
 from lmpress.speed import speed, speed_lengths
-from lmpress.streaming import resident
+from lmpress.streaming import resident, stream_of
 
 
 @dataclass
@@ -215,8 +215,15 @@ def streamed_quality(
         hidden.append(reference_hidden)
     stats = [QualityStats() for _ in models]
     ends = [[a.final_norm()[0], a.head()[0]] for a in adapters]
+    heads = [m.get_submodule(e[1]) for m, e in zip(models, ends, strict=True)]
+    shared = reference is not None and same_head(model, reference)
+    if shared:  # one copy of a big vocabulary's table serves both models
+        heads[-1] = heads[0]
     predicted = windows.shape[1] - 1
-    with resident(model, ends[0]), resident(reference if reference is not None else model, ends[-1]):
+    with (
+        resident(model, ends[0]),
+        resident(reference if reference is not None else model, ends[-1][: 1 if shared else 2]),
+    ):
         for b in range(len(hidden[0])):
             for r in range(hidden[0][b].shape[0]):
                 w = b * batch_size + r
@@ -226,8 +233,8 @@ def streamed_quality(
                     t1 = min(t0 + HEAD_POSITIONS, predicted)
                     target = windows[w : w + 1, t0 + 1 : t1 + 1]  # (1, t)
                     logits = [
-                        after_head(a, m.get_submodule(e[1])(m.get_submodule(e[0])(h[b][r : r + 1, t0:t1]))).float()
-                        for m, a, e, h in zip(models, adapters, ends, hidden, strict=True)
+                        after_head(a, head(m.get_submodule(e[0])(h[b][r : r + 1, t0:t1]))).float()
+                        for m, a, e, h, head in zip(models, adapters, ends, hidden, heads, strict=True)
                     ]  # [(1, t, V)]
                     target = target.to(logits[0].device)
                     for lg, which in zip(logits, ("the compressed model", "the original"), strict=False):
@@ -242,6 +249,27 @@ def streamed_quality(
                         stats[1].update(logits[1], target.to(logits[1].device))
     theirs = stats[1].metrics(False) if reference is not None else None
     return stats[0].metrics(reference is not None), theirs, hidden[1] if reference is not None else None
+
+
+def same_head(model: nn.Module, reference: nn.Module) -> bool:
+    """Whether the streamed ``model``'s head is the streamed ``reference``'s, tensor for tensor: read
+    from the same checkpoint, unchanged by any stage (no spill of it, nor of the embeddings it
+    may be tied to), of the same type and dtype."""
+    mine, theirs = stream_of(model), stream_of(reference)
+    if mine is None or theirs is None or mine.source.path != theirs.source.path:
+        return False
+    a, b = Adapter(model), Adapter(reference)
+    (name, head), (_, ref_head) = a.head(), b.head()
+    units = {name, *a.embeddings()}
+    weight, ref_weight = getattr(head, "weight", None), getattr(ref_head, "weight", None)
+    return (
+        not units & set(mine.spills)
+        and type(head) is type(ref_head)
+        and isinstance(weight, Tensor)
+        and isinstance(ref_weight, Tensor)
+        and weight.dtype == ref_weight.dtype
+        and weight.shape == ref_weight.shape
+    )
 
 
 def count_parameters(model: nn.Module, dense: bool = False) -> int:
