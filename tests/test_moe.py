@@ -182,21 +182,49 @@ def test_calibrated_quantizers_refuse_experts_in_one_line_unless_ignored(  # typ
     assert result.stages[0]["layers"] == {"w4g32": 8} and result.stages[1]["layers"] == {"experts w4g32": 2}
 
 
-def test_a_streamed_run_is_refused_in_one_line_and_inspect_describes_the_experts(  # type: ignore[no-untyped-def]
-    moe_dir, data: DataOptions, tmp_path: Path
+@pytest.mark.parametrize(
+    ("arch", "recipe"),
+    [
+        ("qwen3_moe", _stage("rtn")),
+        ("mixtral", _stage("hqq")),  # the checkpoint's block_sparse_moe.experts.{e}.w1/w3/w2
+        ("qwen2_moe", _stage("rtn", ignore=["lm_head", "re:.*\\.experts$"])),  # float experts, stacked
+        ("mixtral", _stage("rtn", ignore=["lm_head", "re:.*\\.experts$"])),
+    ],
+)
+def test_streamed_equals_whole(  # type: ignore[no-untyped-def]
+    moe_dir, data: DataOptions, tmp_path: Path, arch: str, recipe: dict[str, object]
 ) -> None:
+    """The checkpoint stores each expert apart; streamed, a block's experts are stacked from those
+    tensors as transformers stacks them, and the result loads to the whole run's tensors and logits.
+    (The files name them apart: a whole save writes transformers' checkpoint names, Mixtral's
+    ``block_sparse_moe`` and float experts one by one; a streamed one the model's.)"""
+    src = moe_dir(arch)
+    runs = [
+        compress(src, recipe, data, output=tmp_path / f"out-{s}", stream=s, measure_speed=False) for s in (False, True)
+    ]
+    for s in (False, True):
+        assert json.loads((tmp_path / f"out-{s}" / "lmpress.json").read_text()).get("streamed", False) is s
+    whole, streamed = (load_model(tmp_path / f"out-{s}", device="cpu").model.state_dict() for s in (False, True))
+    assert set(whole) == set(streamed)
+    for k, t in whole.items():
+        assert torch.equal(t, streamed[k]), k
+    kl = [r.metrics["compressed"]["kl"] for r in runs]
+    assert kl[1] == pytest.approx(kl[0], rel=1e-3)
+    again = load_model(tmp_path / "out-True", device="cpu").model
+    ids = torch.arange(48)[None] % 300
+    with torch.no_grad():
+        assert torch.equal(again(input_ids=ids).logits, runs[0].model(input_ids=ids).logits)
+
+
+def test_inspect_describes_the_experts(moe_dir) -> None:  # type: ignore[no-untyped-def]
     from lmpress.cli.inspection import layout_lines
-    from lmpress.errors import LmpressError
     from lmpress.inspection import layout
 
     src = moe_dir("qwen2_moe")
-    with pytest.raises(LmpressError, match="^cannot stream this run: its experts are stored one by one") as e:
-        compress(src, _stage("rtn"), data, output=tmp_path / "out", stream=True)
-    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()
     lines = layout_lines(layout(src))
     assert (
         "experts: mlp.experts: 2 of 4 experts, gate_up_proj [gate | up], down_proj (E, out, in); shared expert "
         "mlp.shared_expert.gate_proj, mlp.shared_expert.up_proj, mlp.shared_expert.down_proj; kept in float: "
         "mlp.gate, mlp.shared_expert_gate"
     ) in lines
-    assert "stream: no: loads whole" in lines[-2]
+    assert "stream: yes" in lines[-2]

@@ -257,7 +257,7 @@ def capabilities(adapter: Adapter) -> dict[str, str]:
         if spec.optional_linears or spec.experts
         else where(not spec.generic),
         "hidden": multimodal or where(spec.hidden_prunable),
-        "stream": "no: loads whole" if spec.final_norm is None or spec.experts is not None else "yes",
+        "stream": "yes" if spec.final_norm is not None else "no: loads whole",
         "gguf export": where(spec.gguf is not None),
         "onnx export": where(spec.onnx is not None),
         "compressed-tensors export": "yes",

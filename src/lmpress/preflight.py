@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmpress.arch import Adapter, auto_class, has_spec, is_supported, roles_refusal, spec_for, text_model_type
+from lmpress.arch import Adapter, auto_class, has_spec, roles_refusal, text_model_type
 from lmpress.arch.kinds import NotADecoderError, kind_refusal
 from lmpress.arch.multimodal import kept_modules
 from lmpress.data_options import DataOptions
@@ -190,8 +190,6 @@ def why_whole(model: str | Path | LoadedModel, recipe: Recipe, output: Path | No
     config = read_config(path)
     if text_model_type(config) is not None and _kept_tensors(path) is None:
         return "its vision part holds a tensor beside the language model, which lmpress does not stream"
-    if is_supported(config.get("model_type")) and spec_for(config["model_type"]).experts is not None:
-        return "its experts are stored one by one on disk and fused in memory, which lmpress does not stream yet"
     if not has_spec(config):
         why = _generic_layout(path)
         if why is not None:

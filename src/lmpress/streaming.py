@@ -33,7 +33,7 @@ from lmpress.arch import Adapter, auto_class
 from lmpress.arch.multimodal import kept_modules
 from lmpress.errors import ModelLoadError
 from lmpress.heap import trim_heap, tune_malloc
-from lmpress.io.consistency import checkpoint_names
+from lmpress.io.consistency import checkpoint_names, expert_stacks
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import _tied_keys
 from lmpress.io.save import hide_from_plain_loaders, library_versions, module_formats, save_companions
@@ -98,6 +98,8 @@ class Stream:
     described: dict[str, dict[str, Any]] = field(default_factory=dict)  # compressed layers' lmpress_format
     resident: dict[str, int] = field(default_factory=dict)  # unit -> how many users hold it
     renames: dict[str, str] = field(default_factory=dict)  # model key -> checkpoint key, where they differ
+    # model key -> per expert, the checkpoint keys concatenated into its matrix (experts stored one by one)
+    stacks: dict[str, list[list[str]]] = field(default_factory=dict)
 
     aliases: dict[str, str] = field(default_factory=dict)  # tied key -> the key its tensor is saved under
 
@@ -116,6 +118,8 @@ class Stream:
                 if k in header:
                     out[k] = read_tensor(spill, header, k)
         for k in slots:
+            if k not in out and k in self.stacks:  # stacked as the experts module holds them
+                out[k] = torch.stack([torch.cat([self.source.tensor(s) for s in e]) for e in self.stacks[k]])
             if k not in out:
                 src = self._source_key(k)
                 if src not in self.source.where:
@@ -280,7 +284,8 @@ def open_streamed(
     model.eval()
     spill = Path(tempfile.mkdtemp(prefix="lmpress-stream-", dir=work))
     stream = Stream(model, source, spill, device or torch.device("cpu"))
-    stream.renames = _renames(model, set(source.keys()))
+    stream.stacks, renamed = expert_stacks(model, set(source.keys()))
+    stream.renames = {**renamed, **_renames(model, set(source.keys()))}
     first: dict[int, str] = {}
     for k, slot in _slots(model, "").items():  # state-dict order: the embeddings before a tied head
         t = slot.get()
@@ -288,7 +293,7 @@ def open_streamed(
             stream.aliases[k] = first[id(t)]
         first.setdefault(id(t), k)
     object.__setattr__(model, "_lmpress_stream", stream)
-    missing = [k for k in _slots(model, "") if stream._source_key(k) not in source.where]
+    missing = [k for k in _slots(model, "") if stream._source_key(k) not in source.where and k not in stream.stacks]
     if missing:
         close(model)
         raise ModelLoadError(f"{path}: tensor {missing[0]} is missing from the weights; restore the model's files")
@@ -340,6 +345,10 @@ def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2*
             done.add(k)
             if k in spill:
                 dtype, shape = DTYPES[spill[k]["dtype"]], spill[k]["shape"]
+            elif (
+                k in stream.stacks
+            ):  # experts stacked from the checkpoint's one-by-one tensors: as the model holds them
+                dtype, shape = slot.get().dtype, list(slot.get().shape)  # type: ignore[union-attr]
             else:
                 entry = stream.source.entry(stream._source_key(k))
                 dtype, shape = DTYPES[entry["dtype"]], entry["shape"]

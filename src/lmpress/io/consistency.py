@@ -165,6 +165,45 @@ def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]
     return out
 
 
+def expert_stacks(model: torch.nn.Module, names: set[str]) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
+    """Where a checkpoint stores a mixture's experts one by one and the model holds them stacked
+    (transformers' converters that merge a module list, then concatenate: Qwen3-MoE's
+    ``experts.{e}.gate_proj`` and ``up_proj`` are ``experts.gate_up_proj[e]``): model key -> for
+    each expert, the file keys whose rows make its matrix; and model key -> file key for the other
+    tensors the same conversions rename (Mixtral's ``block_sparse_moe`` is ``mlp``). Empty where
+    nothing merges."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers < 5 keeps experts as modules
+        return {}, {}
+    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
+    merges = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    if not merges:
+        return {}, {}
+    as_model = {rename_source_key(n, renamings, [])[0]: n for n in names}  # model-side name -> file name
+    own = dict(model.state_dict(keep_vars=True))
+    stacks: dict[str, list[list[str]]] = {}
+    for key, t in own.items():
+        for c in merges:
+            ops = [type(o).__name__ for o in c.operations]
+            target = c.target_patterns[0].lstrip(".")
+            if key in names or ops not in (["MergeModulelist"], ["MergeModulelist", "Concatenate"]):
+                continue
+            if not key.endswith(target) or len(c.target_patterns) != 1:
+                continue
+            prefix = key[: -len(target)]
+            parts = [
+                [as_model.get(prefix + p.lstrip(".").replace("*", str(e)), "") for p in c.source_patterns]
+                for e in range(t.shape[0])
+            ]
+            if all(all(parts_e) for parts_e in parts):
+                stacks[key] = parts
+    renames = {m: f for m, f in as_model.items() if m != f and m in own and m not in names}
+    return stacks, renames
+
+
 def _config_key(config: dict[str, Any], expected: tuple[int, ...], actual: tuple[int, ...]) -> str:
     """The config keys whose value is a dimension the config implies and the file does not have."""
     wanted = {e for e, a in zip(expected, actual, strict=False) if e != a} or set(expected)

@@ -23,7 +23,7 @@ from lmpress.arch import auto_class, is_supported, replace_module, transformers_
 from lmpress.arch.kinds import kind_refusal
 from lmpress.arch.widths import apply_structure
 from lmpress.errors import ModelLoadError
-from lmpress.io.consistency import check_finite_weights, check_model_dir, check_plausible
+from lmpress.io.consistency import check_finite_weights, check_model_dir, check_plausible, expert_stacks
 from lmpress.io.files import META_FILE, check_safetensors, read_config
 from lmpress.io.meta import read_json_object, read_meta
 from lmpress.io.pickles import check_pickle
@@ -312,7 +312,11 @@ def _restore(
 
 def _checkpoint_keys_to_model(model: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Undo the key renamings ``save_pretrained`` applies for checkpoint compatibility (GPT-NeoX
-    saves ``lm_head`` as ``embed_out``), as ``from_pretrained`` would."""
+    saves ``lm_head`` as ``embed_out``) and the experts it saves one by one (`expert_stacks`), as
+    ``from_pretrained`` would."""
+    stacks, _ = expert_stacks(model, set(state))
+    for key, parts in stacks.items():  # (E, ...) stacked as the experts module holds them
+        state[key] = torch.stack([torch.cat([state.pop(k) for k in expert]) for expert in parts])
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming, rename_source_key
