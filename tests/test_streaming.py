@@ -59,6 +59,7 @@ CAST_RTN = {"name": "bf16-rtn", "stages": [{"method": "cast", "dtype": "bfloat16
         ("cohere2", AWQ_GGUF),  # logits scaled after the head: the streamed evaluation scales them too
         ("falcon", AWQ_GGUF),  # scales folded into a norm per sublayer
         ("gpt_bigcode", AWQ_GGUF),  # learned positions, multi-query attention
+        ("gpt_neox", CAST_RTN),  # saved under transformers' checkpoint names: the head as embed_out
     ],
 )
 def test_streamed_equals_whole(tiny_model_dir, text_file: Path, tmp_path: Path, arch: str, recipe: dict) -> None:  # type: ignore[no-untyped-def]

@@ -33,7 +33,7 @@ from lmpress.arch import Adapter, auto_class
 from lmpress.arch.multimodal import kept_modules
 from lmpress.errors import ModelLoadError
 from lmpress.heap import trim_heap, tune_malloc
-from lmpress.io.consistency import checkpoint_names, expert_stacks
+from lmpress.io.consistency import checkpoint_names, expert_stacks, saved_names
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import _tied_keys
 from lmpress.io.save import hide_from_plain_loaders, library_versions, module_formats, save_companions
@@ -358,11 +358,14 @@ def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2*
             n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
             plan.append((unit, k, dtype, list(shape), n))
 
+    names = saved_names(model, [k for _, k, *_ in plan])  # as save_pretrained names them
+    back = {v: k for k, v in names.items()}
+
     def read(unit: str, keys: list[str]) -> dict[str, Tensor]:
         slots = _slots(model.get_submodule(unit), unit)
-        return stream._read(unit, {k: slots[k] for k in keys})
+        return {names[k]: t for k, t in stream._read(unit, {back[k]: slots[back[k]] for k in keys}).items()}
 
-    write_shards(out_dir, plan, read, max_shard_bytes)
+    write_shards(out_dir, [(u, names[k], *rest) for u, k, *rest in plan], read, max_shard_bytes)
 
 
 def save_streamed_dir(

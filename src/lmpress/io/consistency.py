@@ -165,6 +165,26 @@ def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]
     return out
 
 
+def saved_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
+    """Model key -> the name ``save_pretrained`` writes it under (transformers' checkpoint
+    conversions reversed: GPT-NeoX's ``lm_head`` is saved as ``embed_out``, EXAONE's
+    ``model.layers`` as ``transformer.h``), so a streamed save names tensors as a whole one does.
+    Keys are kept where a conversion does more than rename (it would need the tensors)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers < 5 saves module names unchanged
+        return {k: k for k in keys}
+    placeholders = {k: torch.empty(0, device="meta") for k in keys}
+    try:
+        reverted = revert_weight_conversion(model, dict(placeholders))  # type: ignore[arg-type]
+    except Exception as e:  # a converter that reshapes: it needs the real tensors
+        log.debug("keeping module names: %s", e)
+        return {k: k for k in keys}
+    by_id = {id(t): k for k, t in placeholders.items()}
+    out = {by_id.get(id(t), ""): name for name, t in reverted.items()}
+    return out if set(out) == set(keys) else {k: k for k in keys}
+
+
 def expert_stacks(model: torch.nn.Module, names: set[str]) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
     """Where a checkpoint stores a mixture's experts one by one and the model holds them stacked
     (transformers' converters that merge a module list, then concatenate: Qwen3-MoE's
