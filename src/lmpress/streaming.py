@@ -365,7 +365,7 @@ def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2*
         slots = _slots(model.get_submodule(unit), unit)
         return {names[k]: t for k, t in stream._read(unit, {back[k]: slots[back[k]] for k in keys}).items()}
 
-    write_shards(out_dir, [(u, names[k], *rest) for u, k, *rest in plan], read, max_shard_bytes)
+    write_shards(out_dir, [(u, names[k], d, s, n) for u, k, d, s, n in plan], read, max_shard_bytes)
 
 
 def save_streamed_dir(
