@@ -4,7 +4,9 @@ by rtn and hqq on GGUF grids (`lmpress.quant.imatrix`, `lmpress.formats.imatrix`
 from __future__ import annotations
 
 import copy
+import os
 import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -175,6 +177,11 @@ def test_cli_writes_both_forms_streamed_and_compress_takes_one(
     assert (out / "lmpress.json").is_file()
     (tmp_path / "bad.imatrix").write_bytes(b"GGUF")
     assert run([*args, "--overwrite", "--imatrix", str(tmp_path / "bad.imatrix")]) == 2
+    other = Imatrix({"blk.0.attn_q.weight": ImatrixEntry(np.ones((1, 96), np.float32), np.ones(1, np.float32))})
+    write_imatrix(tmp_path / "other.imatrix", other)
+    args[5] = str(tmp_path / "out2")
+    assert run([*args, "--imatrix", str(tmp_path / "other.imatrix"), "--data", str(text_file)]) == 2
+    assert not (tmp_path / "out2").exists()  # another model's matrix: refused, nothing written
 
 
 def test_a_recipe_without_an_imatrix_stage_refuses_one(tmp_path: Path, imatrix: Imatrix) -> None:
@@ -195,3 +202,37 @@ def test_layers_the_file_leaves_out_are_fitted_unweighted(tmp_path: Path, llama:
     config = rtn.RTNConfig(grid="q8_0", imatrix=tmp_path / "p.imatrix")
     report = rtn.apply(copy.deepcopy(llama), config, Context(None, torch.device("cpu")))
     assert report["imatrix"]["weighted_layers"] == 7 and sum(report["layers"].values()) == 14
+
+
+TOOLS = os.environ.get("LMPRESS_LLAMA_TOOLS")  # a directory holding llama.cpp's llama-imatrix and llama-quantize
+
+
+@pytest.mark.skipif(not TOOLS, reason="LMPRESS_LLAMA_TOOLS names no directory with llama-imatrix and llama-quantize")
+def test_llama_cpp_computes_the_same_matrix_and_quantizes_with_ours(tmp_path: Path, text_file: Path) -> None:
+    from lmpress.api import load
+    from lmpress.export import export
+
+    tools = Path(str(TOOLS))
+    model = tmp_path / "builtin.gguf"
+    export("builtin", "gguf", model)
+    args = ["-m", model, "-f", text_file, "-o", tmp_path / "theirs.gguf", "-c", "128", "--chunks", "4", "--no-ppl"]
+    subprocess.run([tools / "llama-imatrix", *args, "-t", "1"], check=True, capture_output=True)
+    theirs = read_imatrix(tmp_path / "theirs.gguf")
+    loaded = load("builtin", device="cpu", dtype="float32")
+    ids = loaded.tokenizer(text_file.read_text(), add_special_tokens=False).input_ids  # no BOS: the GGUF adds none
+    ours = collect_imatrix(loaded.model, torch.tensor(ids[: 4 * 128]).view(4, 128))
+    assert sorted(ours.entries) == sorted(theirs.entries) and len(ours.entries) == 28
+    for name, e in theirs.entries.items():
+        assert ours.entries[name].counts.tolist() == e.counts.tolist() == [512.0]
+        ref = e.mean_sq()[0]
+        assert np.abs(ours.entries[name].mean_sq()[0] - ref).max() < 5e-3 * np.abs(ref).max(), name  # measured 9e-4
+    for form in ("ours.imatrix", "ours.dat"):  # IQ2_XXS: a type llama.cpp refuses to make without an imatrix
+        write_imatrix(tmp_path / form, ours)
+        out = tmp_path / f"{form}.gguf"
+        run_q = subprocess.run(
+            [tools / "llama-quantize", "--imatrix", tmp_path / form, model, out, "IQ2_XXS", "1"],
+            capture_output=True,
+            text=True,
+        )
+        assert run_q.returncode == 0 and "loaded 28 importance matrix entries" in run_q.stdout, run_q.stderr
+        assert out.stat().st_size < model.stat().st_size / 3

@@ -416,6 +416,7 @@ def test_eval_measures_a_gguf_file_in_llama_cpp(tmp_path: Path) -> None:
     ours = lmpress.evaluate(out, data, reference=src, measure_speed=True)
     m = ours.metrics
     assert m["kl"] < KL_MAX and m["top1_agreement"] > 0.97
+    assert 0 <= m["kl_median"] <= m["kl"] <= m["kl_p99"] <= m["kl_p999"] <= m["kl_max"]  # llama.cpp's KL summary
     assert m["bytes_on_disk"] == out.stat().st_size and m["parameters"] == ours.reference_metrics["parameters"]  # type: ignore[index]
     assert m["perplexity"] == pytest.approx(ours.reference_metrics["perplexity"], rel=0.02)  # type: ignore[index]
     assert m["decode_tokens_per_s"] > 0 and m["prefill_tokens_per_s"] > 0
