@@ -236,3 +236,22 @@ def test_llama_cpp_computes_the_same_matrix_and_quantizes_with_ours(tmp_path: Pa
         )
         assert run_q.returncode == 0 and "loaded 28 importance matrix entries" in run_q.stdout, run_q.stderr
         assert out.stat().st_size < model.stat().st_size / 3
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "phi3", "gemma2"])
+def test_names_and_widths_are_those_of_the_exported_gguf(
+    arch: str, tiny_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    gguf = pytest.importorskip("gguf")
+    from lmpress.export import export
+    from lmpress.io.load import load_model
+
+    src = tiny_model_dir(arch)
+    export(src, "gguf", tmp_path / "m.gguf")
+    widths = {t.name: int(t.shape[0]) for t in gguf.GGUFReader(tmp_path / "m.gguf").tensors}  # innermost: inputs
+    model = load_model(src).model
+    im = collect_imatrix(model, torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(0)))
+    assert im.entries and all(name in widths for name in im.entries), sorted(set(im.entries) - set(widths))
+    assert {n: e.in_sum2.shape[1] for n, e in im.entries.items()} == {n: widths[n] for n in im.entries}
+    linear = {n for n in widths if n.startswith("blk.") and n.endswith(".weight") and "norm" not in n}
+    assert set(im.entries) == linear  # every matrix llama.cpp multiplies in the blocks
