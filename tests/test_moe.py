@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lmpress.arch import Adapter, spec_for
 from lmpress.data_options import DataOptions
+from lmpress.errors import LmpressError
 from lmpress.io.load import load_model
 from lmpress.nn import LAYER_FORMATS, QuantExperts
 from lmpress.pipeline import compress
@@ -175,6 +176,8 @@ def test_calibrated_quantizers_refuse_experts_in_one_line_unless_ignored(  # typ
         with pytest.raises(QuantError, match=rf"^{method.upper()} on experts needs expert-aware calibration") as e:
             compress(src, _stage(method), data, output=tmp_path / method, measure_speed=False)
         assert "\n" not in str(e.value) and not (tmp_path / method).exists()
+    with pytest.raises(LmpressError, match=r"^structured: mixtral has experts, which lmpress cannot cut yet"):
+        compress(moe_dir("mixtral"), {"name": "s", "stages": [{"method": "structured"}]}, data, measure_speed=False)
     # GPTQ on the attention, the experts left out (to a later RTN stage)
     recipe = _stage("gptq", ignore=["lm_head", "re:.*\\.experts$"])
     recipe["stages"].append({"method": "rtn", "bits": 4, "group_size": 32})  # type: ignore[union-attr]

@@ -195,13 +195,13 @@ def apply(model: nn.Module, config: StructuredConfig, ctx: Context) -> StageRepo
         raise PruneError("structured: set attention or mlp (or both) to true")
     adapter = Adapter(model)
     adapter.require_roles(*ROLES, PruneError)
+    if adapter.spec.experts is not None:
+        raise PruneError(f"structured: {adapter.model_type} has experts, which lmpress cannot cut yet (issue 32)")
     if adapter.spec.optional_linears:
         raise PruneError(
             f"structured: {adapter.model_type} blocks are of several kinds (attention and others) whose widths "
             "lmpress does not cut apart; use magnitude, wanda or sparsegpt"
         )
-    if adapter.spec.experts is not None:
-        raise PruneError(f"structured: {adapter.model_type} has experts, which lmpress cannot cut yet (issue 32)")
     why = adapter.spec.heads_refuse(model.config) if config.attention else None
     if why:
         raise PruneError(f"structured: {why}; set attention: false to remove MLP neurons only")
