@@ -10,6 +10,7 @@ the weights GGUF-grid fits put on each column's rounding error (`lmpress.quant.g
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from lmpress.calib import collect, first_block_inputs, shard_windows
 from lmpress.formats.imatrix import Imatrix, ImatrixEntry, ImatrixError, read_imatrix
 from lmpress.progress import track
 from lmpress.streaming import resident
+
+log = logging.getLogger(__name__)
 
 
 def llama_names(model: nn.Module) -> dict[str, str]:
@@ -120,4 +123,8 @@ def layer_importance(model: nn.Module, path: Path) -> dict[str, Tensor]:
 def imatrix_report(path: Path | None, weighted: list[str]) -> dict[str, Any]:
     """What a stage's report says of the importance matrix it was given: the file and how many
     layers it weighted (the others had no GGUF grid, or no entry in the file)."""
-    return {} if path is None else {"imatrix": {"file": str(path), "weighted_layers": len(weighted)}}
+    if path is None:
+        return {}
+    if not weighted:
+        log.warning("importance matrix %s weighted no layer: it weights GGUF-grid fits (grid:, mix:) only", path)
+    return {"imatrix": {"file": str(path), "weighted_layers": len(weighted)}}
