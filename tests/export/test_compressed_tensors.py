@@ -113,6 +113,18 @@ def test_families(trained_dir: Callable[[str], Path], tmp_path: Path) -> None:
     assert not (tmp_path / "gpt2-w4").exists()
 
 
+@pytest.mark.parametrize("arch", ["falcon", "gpt_bigcode"])
+def test_families_transformers_cannot_load_quantized_are_refused(
+    arch: str, tiny_model_dir: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Their weight initialisation reads ``weight`` of layers compressed-tensors holds packed:
+    refused in one line before writing, rather than a checkpoint transformers cannot load."""
+    loaded = compress([{"method": "rtn", "bits": 8, "group_size": 32}], tiny_model_dir(arch))
+    with pytest.raises(ExportError, match="transformers cannot load its quantized layers.*gguf or onnx"):
+        export(loaded, "compressed-tensors", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+
+
 def test_quantized_sparse_layers_densify_to_exact_zeros(held_out: torch.Tensor, tmp_path: Path) -> None:
     loaded = compress([{"method": "sparsegpt", "sparsity": 0.5, "pattern": "2:4", "bits": 4, "group_size": 128}])
     with pytest.raises(ExportError, match="no sparse layout.*--densify"):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from lmpress.arch import is_conv1d, is_supported, spec_for
 from lmpress.errors import ExportError
 from lmpress.export.base import Exporter, ExportOptions
-from lmpress.export.hf_checkpoint import check_shapes, dequantize_on_load, set_dtype, write_shards
+from lmpress.export.hf_checkpoint import check_init, check_shapes, dequantize_on_load, set_dtype, write_shards
 from lmpress.export.walk import count_types
 from lmpress.io import atomic_dir, save_companions, weight_bytes
 from lmpress.io.load import _tied_keys as tied_keys
@@ -336,6 +336,7 @@ def export_compressed_tensors(
     schemes, densified = plan(model, densify)
     tensors = state_dict(model, schemes, densified)
     check_shapes(model, tensors, schemes)
+    check_init(model, schemes)
     qconfig = quantization_config(model, schemes)
     with atomic_dir(out, overwrite) as tmp:
         write_shards(tensors, tmp)

@@ -15,7 +15,7 @@ from lmpress.arch import auto_class
 from lmpress.errors import ExportError
 from lmpress.io.load import _tied_keys as tied_keys
 
-__all__ = ["MAX_SHARD_BYTES", "check_shapes", "dequantize_on_load", "set_dtype", "write_shards"]
+__all__ = ["MAX_SHARD_BYTES", "check_init", "check_shapes", "dequantize_on_load", "set_dtype", "write_shards"]
 
 MAX_SHARD_BYTES = 2 * 2**30
 
@@ -48,6 +48,24 @@ def check_shapes(model: nn.Module, tensors: dict[str, Tensor], schemes: Collecti
                 "(structured with uniform: false?); Hugging Face configs need the same widths in every block: "
                 "prune with uniform: true"
             )
+
+
+def check_init(model: nn.Module, schemes: Collection[str]) -> None:
+    """transformers loads the checkpoint: its quantized layers hold ``weight_packed``, not ``weight``,
+    and some families' weight initialisation (run over every module after loading) reads
+    ``weight`` regardless (Falcon's ``FalconLinear``, GPT-BigCode's ``c_proj``). Run that
+    initialisation on a skeleton whose quantized layers lack ``weight``: refuse before writing."""
+    with torch.device("meta"):
+        skeleton = auto_class(model.config).from_config(model.config)
+    for name in schemes:
+        skeleton.get_submodule(name)._parameters.pop("weight", None)
+    try:
+        skeleton.initialize_weights()
+    except AttributeError as e:
+        raise ExportError(
+            f"{type(skeleton).__name__}: transformers cannot load its quantized layers as compressed-tensors "
+            f"({e} in its weight initialisation); export to gguf or onnx"
+        ) from None
 
 
 def dequantize_on_load(config_file: Path) -> None:
