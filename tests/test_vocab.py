@@ -26,7 +26,7 @@ def test_merge_closure_keeps_what_kept_tokens_are_merged_from() -> None:
     assert merge_closure(model, {"xy", "q"}) == {"xy", "x", "y", "q"}
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "phi", "gemma3_text"])  # Gemma: a scaled embedding
 def test_domain_text_keeps_its_pieces_and_predictions_and_loads_in_plain_transformers(
     arch: str, tiny_model_dir: Callable[..., Path], text_file: Path, tmp_path: Path
 ) -> None:

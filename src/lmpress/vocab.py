@@ -206,7 +206,8 @@ def prune_embeddings(model: nn.Module, kept: Tensor) -> dict[str, int]:
     """Slice the token embedding and the head to ``kept`` rows (old ids in new order); fix the config."""
     embed = model.get_input_embeddings()  # type: ignore[operator]
     head = model.get_output_embeddings()  # type: ignore[operator]
-    if type(embed) is not nn.Embedding or (head is not None and type(head) is not nn.Linear):
+    # a subclass is the family's own (Gemma's scaled embedding); lmpress's compressed layers are not one
+    if not isinstance(embed, nn.Embedding) or (head is not None and type(head) is not nn.Linear):
         raise VocabError(
             "vocab: the embedding or head is already compressed; put the vocab stage before quantizing them"
         )
@@ -217,9 +218,10 @@ def prune_embeddings(model: nn.Module, kept: Tensor) -> dict[str, int]:
     kept = kept.to(embed.weight.device)
     pad = embed.padding_idx
     new_pad = int((kept == pad).nonzero()[0, 0]) if pad is not None and bool((kept == pad).any()) else None
-    new_embed = nn.Embedding(len(kept), embed.embedding_dim, padding_idx=new_pad, device=embed.weight.device)
-    new_embed.weight = nn.Parameter(embed.weight.detach()[kept].clone(), requires_grad=embed.weight.requires_grad)
-    model.set_input_embeddings(new_embed)  # type: ignore[operator]
+    new_embed = embed  # sliced in place: the family's own class keeps what else it holds (Gemma's scale)
+    weight = embed.weight
+    new_embed.weight = nn.Parameter(weight.detach()[kept].clone(), requires_grad=weight.requires_grad)
+    new_embed.num_embeddings, new_embed.padding_idx = len(kept), new_pad
     removed = (old_rows - len(kept)) * embed.embedding_dim
     if head is not None:
         new_head = nn.Linear(head.in_features, len(kept), bias=head.bias is not None, device=head.weight.device)
