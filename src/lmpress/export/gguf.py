@@ -33,6 +33,7 @@ from lmpress.errors import ExportError
 from lmpress.export.gguf_vocab import tokenizer_metadata
 from lmpress.export.walk import Part, count_types, model_parts
 from lmpress.formats import ggml, ggml_bytes
+from lmpress.formats.ggml import GRID_FALLBACK
 from lmpress.formats.gguf_file import BF16, F16, F32, U32, TensorSpec, write_gguf
 from lmpress.formats.packing import decode_codes, decode_zeros
 from lmpress.io.files import clean_stale
@@ -40,7 +41,7 @@ from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
 from lmpress.nn.quant_embedding import QuantEmbedding
 from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml_fit
-from lmpress.quant.base import GRID_FALLBACK, replace_module
+from lmpress.quant.base import replace_module
 
 log = logging.getLogger(__name__)
 

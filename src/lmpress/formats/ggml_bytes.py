@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lmpress.formats.ggml import GGMLBlocks, GGMLType, ggml_type
+from lmpress.formats.iquant import codes_from_indices, grid_indices
 
 
 def _f16_bytes(x: Tensor) -> Tensor:
@@ -50,6 +51,12 @@ def pack(b: GGMLBlocks) -> Tensor:
         high = (((ls >> 4) & 3) << (2 * torch.arange(t.n_sub, device=u.device))).sum(-1, keepdim=True)
         scales_h = torch.cat([high & 255, high >> 8], dim=1).to(torch.uint8)  # little-endian uint16
         parts = [d, scales_h, low, _nibbles(u.reshape(N * t.n_sub, 32)).reshape(N, -1)]
+    elif t.name == "iq3_s":
+        assert b.sc is not None
+        idx = grid_indices(u)  # (N, 64) 9-bit codebook indices
+        sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
+        scales = (sc[:, 0::2] & 15) | (sc[:, 1::2] << 4)  # (N, 4)
+        parts = [d, (idx & 255).to(torch.uint8), _bits8(idx >> 8), _bits8(u >> 3), scales]
     elif t.name in ("q4_0", "q4_1"):
         qs = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
         parts = [d, qs] if t.name == "q4_0" else [d, _f16_bytes(b.dmin.reshape(-1).half()), qs]  # type: ignore[union-attr]
@@ -94,6 +101,18 @@ def _nibbles(u: Tensor) -> Tensor:
 def _from_nibbles(qs: Tensor) -> Tensor:
     """Inverse of `_nibbles`.  (N, 16) -> (N, 32)"""
     return torch.cat([qs & 15, qs >> 4], dim=1)
+
+
+def _bits8(bits: Tensor) -> Tensor:
+    """Bit j of byte i = bits[8i + j] (the lowest bit of each value).  (N, 8m) -> (N, m) uint8"""
+    shifts = torch.arange(8, device=bits.device)
+    return ((bits.long() & 1).view(bits.shape[0], -1, 8) << shifts).sum(-1).to(torch.uint8)
+
+
+def _from_bits8(b: Tensor) -> Tensor:
+    """Inverse of `_bits8`.  (N, m) -> (N, 8m) in {0, 1}"""
+    shifts = torch.arange(8, device=b.device, dtype=torch.uint8)
+    return ((b[:, :, None] >> shifts) & 1).reshape(b.shape[0], -1)
 
 
 def _qh32(u: Tensor) -> Tensor:
@@ -155,6 +174,12 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
         shifts = 2 * torch.arange(t.n_sub, device=x.device)
         sc = (low | (((high[:, None] >> shifts) & 3) << 4)) - 32
         u = _from_nibbles(x[:, 8:].reshape(-1, 16)).reshape(-1, t.block)
+    elif t.name == "iq3_s":
+        d = f16(0)
+        qs, qh, signs, scales = x[:, 2:66], x[:, 66:74], x[:, 74:106], x[:, 106:110]
+        idx = qs.long() | (_from_bits8(qh).long() << 8)  # (N, 64)
+        u = codes_from_indices(idx, _from_bits8(signs))
+        sc = torch.stack([scales & 15, scales >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
     elif t.name in ("q4_0", "q4_1"):
         off = 2 if t.name == "q4_0" else 4
         d, qs = f16(0), x[:, off:]

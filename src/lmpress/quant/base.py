@@ -20,6 +20,7 @@ from lmpress.arch import Adapter, has_spec, is_conv1d, linear_weight, replace_mo
 from lmpress.calib import blockwise, collect, outside_stats
 from lmpress.errors import LmpressError
 from lmpress.formats import ggml
+from lmpress.formats.ggml import GRID_FALLBACK, GridName
 from lmpress.formats.grid import Quantized
 from lmpress.method import Context, MethodConfig, StageReport
 from lmpress.nn.gguf_linear import GGUFEmbedding, GGUFLinear
@@ -35,12 +36,6 @@ from lmpress.streaming import each_block, outside_units, resident
 
 class QuantError(LmpressError):
     """A quantization step that cannot be carried out as asked."""
-
-
-# llama.cpp's GGUF block types a quantizer can optimize on directly (`lmpress.formats.ggml`)
-GridName = Literal["q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs"]
-# what llama.cpp itself uses when a row is not a multiple of a 256-weight super-block
-GRID_FALLBACK = {"q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "iq4_xs": "iq4_nl"}
 
 
 class Override(BaseModel):

@@ -3,7 +3,9 @@ candidate scales (the approach of llama.cpp's ``make_qkx2_quants``, written here
 definition), then the scales stored the type's way (`lmpress.formats.ggml.from_sub_grid`).
 The non-uniform types (IQ4_NL, IQ4_XS) search their block scales the way llama.cpp's
 ``quantize_row_iq4_nl_impl`` does: the largest weight on the table's end value and nearby
-steps, each scored by the weighted least-squares fit given its nearest-value codes.
+steps, each scored by the weighted least-squares fit given its nearest-value codes. IQ3_S's
+lattice the same way, after ``quantize_row_iq3_s_impl``: its largest magnitude on the codebook's
+15 and nearby, each group of 4 magnitudes on its weighted-nearest codebook point.
 """
 
 from __future__ import annotations
@@ -11,7 +13,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lmpress.formats.ggml import TABLE, GGMLBlocks, GGMLType, check_width, from_sub_grid, ggml_type, nearest_in_table
+from lmpress.formats.ggml import (
+    TABLE,
+    GGMLBlocks,
+    GGMLType,
+    check_width,
+    from_sub_grid,
+    ggml_type,
+    nearest_in_table,
+    sub_scales,
+)
+from lmpress.formats.iquant import cell_points, lattice_codes, lattice_values, quick_codes
 
 
 def _fit_affine(
@@ -106,12 +118,32 @@ def _fit_table(x: Tensor, wt: Tensor, steps: int = 7) -> Tensor:
     return torch.where(amax == 0, torch.zeros_like(best_s), best_s)
 
 
-def _table_weights(wf: Tensor, imp: Tensor | None, block: int) -> Tensor:
-    """llama.cpp's i-quant error weights: x² without an importance vector, else
-    imp * sqrt(σ² + x²) with σ² twice the mean square of the weight's (super-)block.  (rows, n)"""
-    if imp is None:
+def _fit_lattice(x: Tensor, wt: Tensor, steps: int = 9) -> Tensor:
+    """Per row of (N, 32) ``x``: scale s >= 0 (x ≈ s * ±(2k+1) on IQ3_S's codebook) maximizing the
+    weighted fit; candidates put the largest magnitude at 15 + 0.2 i, |i| <= ``steps``, each scored
+    with its quick codes (`quick_codes`) and the least-squares scale given them.  -> (N,)"""
+    amax = x.abs().amax(-1)
+    best_s, best_score = amax / 15, torch.full_like(amax, -1.0)
+    cells = cell_points()
+    for i in range(-steps, steps + 1):
+        mag, sgn = lattice_values(quick_codes(x, amax / (15 + 0.2 * i), cells))
+        v = mag * sgn  # (N, 32)
+        sqx, sqq = (wt * v * x).sum(-1), (wt * v * v).sum(-1)
+        score = sqx * sqx / sqq.clamp(min=1e-30)
+        better = score > best_score
+        best_score = torch.where(better, score, best_score)
+        best_s = torch.where(better, sqx / sqq.clamp(min=1e-30), best_s)
+    return best_s.clamp(min=0)
+
+
+def _table_weights(wf: Tensor, imp: Tensor | None, block: int, lattice: bool) -> Tensor:
+    """llama.cpp's i-quant error weights imp * sqrt(σ² + x²), σ² twice the mean square of the
+    weight's (super-)block; without an importance vector llama.cpp's IQ4 weights x², the lattice
+    types imp = 1 (x² weights cost IQ3_S 3x the squared error on Gaussian weights).  (rows, n)"""
+    if imp is None and not lattice:
         return wf * wf
     rows, n = wf.shape
+    imp = torch.ones(n, device=wf.device) if imp is None else imp
     sigma2 = 2 * wf.view(rows, -1, block).pow(2).mean(-1, keepdim=True)  # (rows, nb, 1)
     return (imp.view(1, -1, block) * (sigma2 + wf.view(rows, -1, block).pow(2)).sqrt()).view(rows, n)
 
@@ -125,8 +157,12 @@ def fit_grid(w: Tensor, t: GGMLType, importance: Tensor | None = None) -> GGMLBl
     wf = w.detach().float()
     if t.nonuniform:
         imp_t = None if importance is None else importance.float().clamp(min=0) + 1e-12
-        wt_t = _table_weights(wf, imp_t, t.block).reshape(-1, t.sub)
-        return from_sub_grid(wf, t, _fit_table(wf.reshape(-1, t.sub), wt_t).view(rows, -1))
+        wt_t = _table_weights(wf, imp_t, t.block, t.lattice)  # (rows, n)
+        fit = _fit_lattice if t.lattice else _fit_table
+        b = from_sub_grid(wf, t, fit(wf.reshape(-1, t.sub), wt_t.reshape(-1, t.sub)).view(rows, -1))
+        if t.lattice:  # the codes nearest under the error weights, on the stored scales
+            b.codes = lattice_codes(wf, sub_scales(b)[0], wt_t, t.sub)
+        return b
     imp = torch.ones(n, device=w.device) if importance is None else importance.float().clamp(min=0) + 1e-12
     x = wf.reshape(-1, t.sub)  # (rows*n/sub, sub)
     wt = imp.view(1, -1).expand(rows, n).reshape(-1, t.sub)
