@@ -1,4 +1,4 @@
-"""llama.cpp's i-quant types (IQ4_NL, IQ4_XS, IQ3_S): bytes bit-exact with the ``gguf`` package's
+"""llama.cpp's i-quant types (IQ4_NL, IQ4_XS, IQ3_S, IQ2_XXS): bytes bit-exact with the ``gguf`` package's
 dequantizers, the importance-weighted scale search, and the layer computing with the decoded weights."""
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ from lmpress.quant.gptq import apply as gptq_apply
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-IQ = {"iq4_nl": Q.IQ4_NL, "iq4_xs": Q.IQ4_XS, "iq3_s": Q.IQ3_S}
-# relative squared error on heavy-tailed weights; measured iq4_nl 0.0087, iq4_xs 0.0089, iq3_s 0.024
-# against q4_0 0.0125 (4.5 bits) and q3_k 0.031 (3.44 bits)
-BEATS = {"iq4_nl": ("q4_0", 0.8), "iq4_xs": ("q4_0", 0.8), "iq3_s": ("q3_k", 0.85)}
+IQ = {"iq4_nl": Q.IQ4_NL, "iq4_xs": Q.IQ4_XS, "iq3_s": Q.IQ3_S, "iq2_xxs": Q.IQ2_XXS}
+# relative squared error on heavy-tailed weights: at most ratio x the k-quant's (and iq2_xxs, 2.06
+# bits, within 2x q2_k's 2.63 bits); measured iq4_nl 0.0087, iq4_xs 0.0089, iq3_s 0.024,
+# iq2_xxs 0.16 against q4_0 0.0125 (4.5 bits), q3_k 0.031 (3.44 bits), q2_k 0.090
+BEATS = {"iq4_nl": ("q4_0", 0.8), "iq4_xs": ("q4_0", 0.8), "iq3_s": ("q3_k", 0.85), "iq2_xxs": ("q2_k", 2.0)}
 
 
 def _random_bytes(t: ggml.GGMLType, rows: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -76,16 +77,19 @@ def test_grid_names_are_the_types() -> None:
     assert typing.get_args(ggml.GridName) == ggml.GRID_NAMES
 
 
-def test_iq3s_grid_is_llama_cpps() -> None:
-    IQ3_S = gguf.quants.IQ3_S
-    IQ3_S.init_grid()
-    assert np.array_equal(2 * iq3s_grid().numpy().astype(np.float32) + 1, IQ3_S.grid.reshape(512, 4))
+@pytest.mark.parametrize("name", ["iq3_s", "iq2_xxs"])
+def test_codebooks_are_llama_cpps(name: str) -> None:
+    lat, theirs = iquant.LATTICES[name], getattr(gguf.quants, name.upper())
+    theirs.init_grid()
+    ours = torch.tensor(lat.values)[lat.grid().long()]
+    assert np.array_equal(ours.numpy(), theirs.grid.reshape(ours.shape))
 
 
 def test_lattice_codes_are_the_weighted_nearest_codebook_points() -> None:
     x, wt = torch.randn(8, 64), torch.rand(8, 64)
     S = torch.rand(8, 2) * 0.3 + 0.05  # (rows, n/32)
-    mag, sgn = iquant.lattice_values(iquant.lattice_codes(x, S, wt))
+    lat = iquant.LATTICES["iq3_s"]
+    mag, sgn = iquant.lattice_values(iquant.lattice_codes(x, S, lat, wt), lat)
     assert torch.equal(sgn, torch.where(x < 0, -1.0, 1.0))
     s = S.repeat_interleave(32, dim=1).view(-1, 4, 1)  # (groups, 4, 1)
     points = (2 * iq3s_grid().float() + 1).T[None]  # (1, 4, 512)
@@ -97,10 +101,26 @@ def test_lattice_codes_are_the_weighted_nearest_codebook_points() -> None:
 
 def test_iq3_s_codes_off_the_codebook_are_refused() -> None:
     codes = torch.zeros(1, 256, dtype=torch.uint8)  # magnitudes (1, 1, 1, 1): a codebook point
-    assert int(iquant.grid_indices(codes)[0, 0]) == 0
+    lat = iquant.LATTICES["iq3_s"]
+    assert int(iquant.grid_indices(codes, lat)[0, 0]) == 0
     codes[0, :4] = torch.tensor([7, 7, 7, 7], dtype=torch.uint8)  # (15, 15, 15, 15) is not
-    with pytest.raises(ValueError, match="no point of iq3s_grid"):
-        iquant.grid_indices(codes)
+    with pytest.raises(ValueError, match="no point of its codebook"):
+        iquant.grid_indices(codes, lat)
+
+
+def test_iq2_xxs_signs_are_even_and_flip_the_cheapest_weight() -> None:
+    x = torch.randn(16, 256) * 0.02
+    b = ggml_fit.quantize(x, "iq2_xxs")
+    neg = ((b.codes >> 3) & 1).view(16, -1, 8)
+    assert bool((neg.sum(-1) % 2 == 0).all())
+    wrong = (neg.view(16, 256) == 1) != (x < 0)  # weights whose stored sign is not their own
+    assert int(wrong.view(16, -1, 8).sum(-1).max()) <= 1  # at most one per group of 8
+    mag, _ = iquant.lattice_values(b.codes, iquant.LATTICES["iq2_xxs"])
+    cost = (x.abs() * mag).view(16, -1, 8)
+    flipped = wrong.view(16, -1, 8).any(-1)
+    assert torch.equal(
+        wrong.view(16, -1, 8).float().argmax(-1)[flipped], cost.argmin(-1)[flipped]
+    )  # the flip goes where it costs least
 
 
 @pytest.mark.parametrize("name", list(IQ))
@@ -160,6 +180,7 @@ def test_widths_fall_back_as_llama_cpp_does() -> None:
     assert grid_settings("mlp", 576, "iq4_xs").grid == "iq4_nl"  # 576 = 2.25 super-blocks
     assert grid_settings("mlp", 512, "iq4_xs").grid == "iq4_xs"
     assert grid_settings("mlp", 576, "iq3_s").grid == "iq4_nl"
+    assert grid_settings("mlp", 576, "iq2_xxs").grid == "iq4_nl"
     with pytest.raises(QuantError, match="multiple of 32"):
         grid_settings("mlp", 48, "iq4_nl")
     with pytest.raises(ValueError, match="non-uniform"):

@@ -7,7 +7,7 @@ super-blocks (the k-quants Q2_K .. Q6_K, IQ4_XS) whose sub-blocks of 16 or 32 we
     w = S * (u - offset)    symmetric types (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K)
     w = S * u - M           affine types (Q4_1, Q5_1: M = -m; Q2_K, Q4_K, Q5_K: M = dmin * mn)
     w = S * table[u]        non-uniform types (IQ4_NL, IQ4_XS: llama.cpp's ``kvalues_iq4nl``)
-    w = S * (2k+1) * ±1     lattice types (IQ3_S: codes k | sign << 3, `lmpress.formats.iquant`)
+    w = S * |v_k| * ±1      lattice types (IQ3_S, IQ2_XXS: codes k | sign << 3, `lmpress.formats.iquant`)
 
 with unsigned codes ``u`` in [0, 2**bits) and per-sub-block ``S`` (and ``M``) computed in float32
 from the stored float16 and integer parts, in the order llama.cpp's reference dequantization (and
@@ -28,7 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from lmpress.formats.iquant import lattice_codes, lattice_values
+from lmpress.formats.iquant import LATTICES, lattice_codes, lattice_values
 
 
 @dataclass(frozen=True)
@@ -44,7 +44,7 @@ class GGMLType:
     affine: bool  # has a min: w = S*u - M
     scale_bits: int = 0  # k-quants: bits of the sub-block scales (and mins); 0: the block's fp16 d directly
     nonuniform: bool = False  # no (scale, zero) grid: IQ4_NL, IQ4_XS (w = S * TABLE[u]) and lattices
-    lattice: bool = False  # IQ3_S: 4-weight codebook points, codes k | sign << 3 (`lmpress.formats.iquant`)
+    lattice: bool = False  # IQ3_S, IQ2_XXS: codebook points, codes k | sign << 3 (`lmpress.formats.iquant`)
 
     @property
     def offset(self) -> int:
@@ -83,6 +83,7 @@ TYPES: dict[str, GGMLType] = {
         GGMLType("iq4_nl", 20, 4, 32, 32, 18, False, 0, nonuniform=True),
         GGMLType("iq4_xs", 23, 4, 256, 32, 136, False, 6, nonuniform=True),
         GGMLType("iq3_s", 21, 3, 256, 32, 110, False, 4, nonuniform=True, lattice=True),
+        GGMLType("iq2_xxs", 16, 2, 256, 32, 66, False, 4, nonuniform=True, lattice=True),
     )
 }
 # llama.cpp's ``kvalues_iq4nl`` (ggml-common.h): the 16 values a non-uniform 4-bit code stands for
@@ -90,12 +91,13 @@ TABLE = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 5
 GRID_NAMES = tuple(TYPES)
 # the recipe spelling of the same names (``grid:``)
 GridName = Literal[
-    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s"
-]
+    "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s",
+    "iq2_xxs",
+]  # fmt: skip
 # what llama.cpp itself uses when a row is not a multiple of a 256-weight super-block
 GRID_FALLBACK = {
     "q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
-    "iq4_xs": "iq4_nl", "iq3_s": "iq4_nl",
+    "iq4_xs": "iq4_nl", "iq3_s": "iq4_nl", "iq2_xxs": "iq4_nl",
 }  # fmt: skip
 
 
@@ -135,8 +137,8 @@ def sub_scales(b: GGMLBlocks) -> tuple[Tensor, Tensor | None]:
         M = -b.dmin.float() if t.affine and b.dmin is not None else None
         return S, M
     assert b.sc is not None
-    if t.lattice:  # IQ3_S: d * (1 + 2*sc)
-        return (d[..., None] * (1 + 2 * b.sc).float()).flatten(1), None
+    if t.lattice:  # IQ3_S: d * (1 + 2*sc); IQ2_XXS: d * (0.5 + sc) / 4
+        return LATTICES[t.name].scale(d[..., None], b.sc).flatten(1), None
     S = (d[..., None] * b.sc.float()).flatten(1)  # (rows, nb*n_sub)
     if not t.affine:
         return S, None
@@ -151,7 +153,7 @@ def dequantize(b: GGMLBlocks) -> Tensor:
     S, M = sub_scales(b)
     u = b.codes.view(rows, -1, t.sub).float()  # (rows, n/sub, sub)
     if t.lattice:  # (S * |v|) * sign, the order llama.cpp multiplies in
-        mag, sgn = lattice_values(b.codes.view(rows, -1, t.sub))
+        mag, sgn = lattice_values(b.codes.view(rows, -1, t.sub), LATTICES[t.name])
         w = S[..., None] * mag * sgn
     elif t.nonuniform:  # S * table[u]
         w = S[..., None] * TABLE.to(u.device)[b.codes.view(rows, -1, t.sub).long()]
@@ -181,7 +183,7 @@ def codes_on_grid(w: Tensor, b: GGMLBlocks) -> Tensor:
     t = b.type
     rows, n = w.shape
     if t.lattice:
-        return lattice_codes(w.float(), sub_scales(b)[0], sub=t.sub)
+        return lattice_codes(w.float(), sub_scales(b)[0], LATTICES[t.name], sub=t.sub)
     if t.nonuniform:
         return nearest_in_table(w.float().view(rows, -1, t.sub), sub_scales(b)[0][..., None]).view(rows, n)
     S, Z = grid_of(b)
@@ -233,11 +235,13 @@ def from_sub_grid(w: Tensor, t: GGMLType, S: Tensor, M: Tensor | None = None) ->
     rows, n = w.shape
     check_width(t, n)
     nb = n // t.block
-    if t.lattice:  # IQ3_S: S ≈ d * (1 + 2*sc), sc 0..15, S >= 0
+    if t.lattice:  # S ≈ d * (a*sc + b), sc 0..15, S >= 0
+        lat, top = LATTICES[t.name], 2**t.scale_bits - 1
         Sb = S.clamp(min=0).reshape(rows, nb, t.n_sub)
-        d = (Sb.amax(-1) / (2 * 2**t.scale_bits - 1)).half()
+        d = (Sb.amax(-1) / (lat.scale_mul * top + lat.scale_add)).half()
         df = d.float()[..., None]
-        sc = ((Sb / torch.where(df == 0, torch.ones_like(df), df) - 1) / 2).round().clamp(0, 2**t.scale_bits - 1)
+        ratio = Sb / torch.where(df == 0, torch.ones_like(df), df)
+        sc = ((ratio - lat.scale_add) / lat.scale_mul).round().clamp(0, top)
         b = GGMLBlocks(t, torch.empty(0), d, sc=sc.to(torch.int32))
     elif t.scale_bits == 0:  # 32-blocks with a float16 scale (and min)
         if t.affine:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from lmpress.formats.ggml import GGMLBlocks, GGMLType, ggml_type
-from lmpress.formats.iquant import codes_from_indices, grid_indices
+from lmpress.formats.iquant import LATTICES, codes_from_indices, grid_indices
 
 
 def _f16_bytes(x: Tensor) -> Tensor:
@@ -53,10 +53,13 @@ def pack(b: GGMLBlocks) -> Tensor:
         parts = [d, scales_h, low, _nibbles(u.reshape(N * t.n_sub, 32)).reshape(N, -1)]
     elif t.name == "iq3_s":
         assert b.sc is not None
-        idx = grid_indices(u)  # (N, 64) 9-bit codebook indices
+        idx = grid_indices(u, LATTICES["iq3_s"])  # (N, 64) 9-bit codebook indices
         sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
         scales = (sc[:, 0::2] & 15) | (sc[:, 1::2] << 4)  # (N, 4)
         parts = [d, (idx & 255).to(torch.uint8), _bits8(idx >> 8), _bits8(u >> 3), scales]
+    elif t.name == "iq2_xxs":
+        assert b.sc is not None
+        parts = [d, _pack_iq2_xxs(u, b.sc.reshape(N, t.n_sub))]
     elif t.name in ("q4_0", "q4_1"):
         qs = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
         parts = [d, qs] if t.name == "q4_0" else [d, _f16_bytes(b.dmin.reshape(-1).half()), qs]  # type: ignore[union-attr]
@@ -113,6 +116,31 @@ def _from_bits8(b: Tensor) -> Tensor:
     """Inverse of `_bits8`.  (N, m) -> (N, 8m) in {0, 1}"""
     shifts = torch.arange(8, device=b.device, dtype=torch.uint8)
     return ((b[:, :, None] >> shifts) & 1).reshape(b.shape[0], -1)
+
+
+def _pack_iq2_xxs(u: Tensor, sc: Tensor) -> Tensor:
+    """IQ2_XXS: per 32 weights two little-endian uint32s, 4 codebook indices (a byte each), then
+    4 x 7 sign bits (the 8th sign of each group is their parity) and the 4-bit scale on top.
+    (N, 256) codes, (N, 8) scales -> (N, 64)"""
+    N = u.shape[0]
+    idx = grid_indices(u, LATTICES["iq2_xxs"]).view(N, 8, 4)  # (N, sub-blocks, groups)
+    neg = ((u >> 3) & 1).long().view(N, 8, 4, 8)[..., :7]  # the 7 stored sign bits per group
+    sign7 = (neg << torch.arange(7, device=u.device)).sum(-1)  # (N, 8, 4)
+    aux = (sign7 << (7 * torch.arange(4, device=u.device))).sum(-1) | (sc.long() << 28)  # (N, 8)
+    aux_bytes = torch.stack([(aux >> (8 * j)) & 255 for j in range(4)], dim=-1)  # (N, 8, 4)
+    return torch.cat([idx, aux_bytes], dim=-1).to(torch.uint8).view(N, 64)
+
+
+def _unpack_iq2_xxs(q: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of `_pack_iq2_xxs`.  (N, 64) -> codes (N, 256) uint8, scales (N, 8) int32"""
+    N = q.shape[0]
+    q = q.view(N, 8, 8).long()
+    aux = q[..., 4] | (q[..., 5] << 8) | (q[..., 6] << 16) | (q[..., 7] << 24)  # (N, 8) uint32
+    sign7 = (aux[..., None] >> (7 * torch.arange(4, device=q.device))) & 127  # (N, 8, 4)
+    bits = (sign7[..., None] >> torch.arange(7, device=q.device)) & 1  # (N, 8, 4, 7)
+    bits = torch.cat([bits, bits.sum(-1, keepdim=True) % 2], dim=-1)  # the parity sign
+    u = codes_from_indices(q[..., :4].reshape(N, 32), bits.reshape(N, 256), LATTICES["iq2_xxs"])
+    return u, (aux >> 28).to(torch.int32)
 
 
 def _qh32(u: Tensor) -> Tensor:
@@ -178,8 +206,11 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
         d = f16(0)
         qs, qh, signs, scales = x[:, 2:66], x[:, 66:74], x[:, 74:106], x[:, 106:110]
         idx = qs.long() | (_from_bits8(qh).long() << 8)  # (N, 64)
-        u = codes_from_indices(idx, _from_bits8(signs))
+        u = codes_from_indices(idx, _from_bits8(signs), LATTICES["iq3_s"])
         sc = torch.stack([scales & 15, scales >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
+    elif t.name == "iq2_xxs":
+        d = f16(0)
+        u, sc = _unpack_iq2_xxs(x[:, 2:])
     elif t.name in ("q4_0", "q4_1"):
         off = 2 if t.name == "q4_0" else 4
         d, qs = f16(0), x[:, off:]

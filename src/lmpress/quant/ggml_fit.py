@@ -4,8 +4,8 @@ definition), then the scales stored the type's way (`lmpress.formats.ggml.from_s
 The non-uniform types (IQ4_NL, IQ4_XS) search their block scales the way llama.cpp's
 ``quantize_row_iq4_nl_impl`` does: the largest weight on the table's end value and nearby
 steps, each scored by the weighted least-squares fit given its nearest-value codes. IQ3_S's
-lattice the same way, after ``quantize_row_iq3_s_impl``: its largest magnitude on the codebook's
-15 and nearby, each group of 4 magnitudes on its weighted-nearest codebook point.
+and IQ2_XXS lattices the same way, after ``quantize_row_iq3_s_impl``: the largest magnitude on
+the codebook's largest value and nearby, each group of magnitudes on its weighted-nearest point.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from lmpress.formats.ggml import (
     nearest_in_table,
     sub_scales,
 )
-from lmpress.formats.iquant import cell_points, lattice_codes, lattice_values, quick_codes
+from lmpress.formats.iquant import LATTICES, Lattice, cell_points, lattice_codes, lattice_values, quick_codes
 
 
 def _fit_affine(
@@ -118,15 +118,17 @@ def _fit_table(x: Tensor, wt: Tensor, steps: int = 7) -> Tensor:
     return torch.where(amax == 0, torch.zeros_like(best_s), best_s)
 
 
-def _fit_lattice(x: Tensor, wt: Tensor, steps: int = 9) -> Tensor:
-    """Per row of (N, 32) ``x``: scale s >= 0 (x ≈ s * ±(2k+1) on IQ3_S's codebook) maximizing the
-    weighted fit; candidates put the largest magnitude at 15 + 0.2 i, |i| <= ``steps``, each scored
-    with its quick codes (`quick_codes`) and the least-squares scale given them.  -> (N,)"""
+def _fit_lattice(x: Tensor, wt: Tensor, lat: Lattice) -> Tensor:
+    """Per row of (N, 32) ``x``: scale s >= 0 (x ≈ s * ±values[k] on ``lat``'s codebook)
+    maximizing the weighted fit; candidates put the largest magnitude at values[-1] * (1 + step*i),
+    |i| <= steps, each scored with its quick codes (`quick_codes`) and the least-squares scale given
+    them.  -> (N,)"""
     amax = x.abs().amax(-1)
-    best_s, best_score = amax / 15, torch.full_like(amax, -1.0)
-    cells = cell_points()
-    for i in range(-steps, steps + 1):
-        mag, sgn = lattice_values(quick_codes(x, amax / (15 + 0.2 * i), cells))
+    top = lat.values[-1]
+    best_s, best_score = amax / top, torch.full_like(amax, -1.0)
+    cells = cell_points(lat)
+    for i in range(-lat.steps, lat.steps + 1):
+        mag, sgn = lattice_values(quick_codes(x, amax / (top * (1 + lat.step * i)), cells, lat), lat)
         v = mag * sgn  # (N, 32)
         sqx, sqq = (wt * v * x).sum(-1), (wt * v * v).sum(-1)
         score = sqx * sqx / sqq.clamp(min=1e-30)
@@ -158,10 +160,12 @@ def fit_grid(w: Tensor, t: GGMLType, importance: Tensor | None = None) -> GGMLBl
     if t.nonuniform:
         imp_t = None if importance is None else importance.float().clamp(min=0) + 1e-12
         wt_t = _table_weights(wf, imp_t, t.block, t.lattice)  # (rows, n)
-        fit = _fit_lattice if t.lattice else _fit_table
-        b = from_sub_grid(wf, t, fit(wf.reshape(-1, t.sub), wt_t.reshape(-1, t.sub)).view(rows, -1))
-        if t.lattice:  # the codes nearest under the error weights, on the stored scales
-            b.codes = lattice_codes(wf, sub_scales(b)[0], wt_t, t.sub)
+        x, wx = wf.reshape(-1, t.sub), wt_t.reshape(-1, t.sub)
+        if not t.lattice:
+            return from_sub_grid(wf, t, _fit_table(x, wx).view(rows, -1))
+        lat = LATTICES[t.name]
+        b = from_sub_grid(wf, t, _fit_lattice(x, wx, lat).view(rows, -1))
+        b.codes = lattice_codes(wf, sub_scales(b)[0], lat, wt_t, t.sub)  # nearest under the error weights
         return b
     imp = torch.ones(n, device=w.device) if importance is None else importance.float().clamp(min=0) + 1e-12
     x = wf.reshape(-1, t.sub)  # (rows*n/sub, sub)
