@@ -60,6 +60,12 @@ def pack(b: GGMLBlocks) -> Tensor:
     elif t.name == "iq2_xxs":
         assert b.sc is not None
         parts = [d, _pack_iq2_xxs(u, b.sc.reshape(N, t.n_sub))]
+    elif t.name == "iq2_xs":  # per group of 8: a little-endian uint16, 9-bit index | 7 sign bits << 9
+        assert b.sc is not None
+        q16 = grid_indices(u, LATTICES["iq2_xs"]) | (_sign7(u) << 9)  # (N, 32)
+        sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
+        parts = [d, torch.stack([q16 & 255, q16 >> 8], dim=-1).view(N, 64).to(torch.uint8)]
+        parts.append((sc[:, 0::2] & 15) | (sc[:, 1::2] << 4))
     elif t.name in ("q4_0", "q4_1"):
         qs = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
         parts = [d, qs] if t.name == "q4_0" else [d, _f16_bytes(b.dmin.reshape(-1).half()), qs]  # type: ignore[union-attr]
@@ -124,8 +130,7 @@ def _pack_iq2_xxs(u: Tensor, sc: Tensor) -> Tensor:
     (N, 256) codes, (N, 8) scales -> (N, 64)"""
     N = u.shape[0]
     idx = grid_indices(u, LATTICES["iq2_xxs"]).view(N, 8, 4)  # (N, sub-blocks, groups)
-    neg = ((u >> 3) & 1).long().view(N, 8, 4, 8)[..., :7]  # the 7 stored sign bits per group
-    sign7 = (neg << torch.arange(7, device=u.device)).sum(-1)  # (N, 8, 4)
+    sign7 = _sign7(u).view(N, 8, 4)
     aux = (sign7 << (7 * torch.arange(4, device=u.device))).sum(-1) | (sc.long() << 28)  # (N, 8)
     aux_bytes = torch.stack([(aux >> (8 * j)) & 255 for j in range(4)], dim=-1)  # (N, 8, 4)
     return torch.cat([idx, aux_bytes], dim=-1).to(torch.uint8).view(N, 64)
@@ -137,10 +142,20 @@ def _unpack_iq2_xxs(q: Tensor) -> tuple[Tensor, Tensor]:
     q = q.view(N, 8, 8).long()
     aux = q[..., 4] | (q[..., 5] << 8) | (q[..., 6] << 16) | (q[..., 7] << 24)  # (N, 8) uint32
     sign7 = (aux[..., None] >> (7 * torch.arange(4, device=q.device))) & 127  # (N, 8, 4)
-    bits = (sign7[..., None] >> torch.arange(7, device=q.device)) & 1  # (N, 8, 4, 7)
-    bits = torch.cat([bits, bits.sum(-1, keepdim=True) % 2], dim=-1)  # the parity sign
-    u = codes_from_indices(q[..., :4].reshape(N, 32), bits.reshape(N, 256), LATTICES["iq2_xxs"])
+    u = codes_from_indices(q[..., :4].reshape(N, 32), _signs8(sign7.view(N, 32)), LATTICES["iq2_xxs"])
     return u, (aux >> 28).to(torch.int32)
+
+
+def _sign7(u: Tensor) -> Tensor:
+    """IQ2: the 7 stored sign bits of each group of 8 codes (the 8th is their parity).  (N, 8g) -> (N, g) int64"""
+    neg = ((u >> 3) & 1).long().view(u.shape[0], -1, 8)[..., :7]
+    return (neg << torch.arange(7, device=u.device)).sum(-1)
+
+
+def _signs8(sign7: Tensor) -> Tensor:
+    """Inverse of `_sign7`: 8 sign bits per group, the last their parity.  (N, g) -> (N, 8g)"""
+    bits = (sign7[..., None] >> torch.arange(7, device=sign7.device)) & 1  # (N, g, 7)
+    return torch.cat([bits, bits.sum(-1, keepdim=True) % 2], dim=-1).reshape(sign7.shape[0], -1)
 
 
 def _qh32(u: Tensor) -> Tensor:
@@ -211,6 +226,12 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
     elif t.name == "iq2_xxs":
         d = f16(0)
         u, sc = _unpack_iq2_xxs(x[:, 2:])
+    elif t.name == "iq2_xs":
+        d = f16(0)
+        q16 = x[:, 2:66].reshape(-1, 32, 2).long()
+        q16 = q16[..., 0] | (q16[..., 1] << 8)  # (N, 32)
+        u = codes_from_indices(q16 & 511, _signs8(q16 >> 9), LATTICES["iq2_xs"])
+        sc = torch.stack([x[:, 66:74] & 15, x[:, 66:74] >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
     elif t.name in ("q4_0", "q4_1"):
         off = 2 if t.name == "q4_0" else 4
         d, qs = f16(0), x[:, off:]
