@@ -146,6 +146,25 @@ def _unpack_iq2_xxs(q: Tensor) -> tuple[Tensor, Tensor]:
     return u, (aux >> 28).to(torch.int32)
 
 
+def _nibble_scales(b: Tensor) -> Tensor:
+    """4-bit scales, two a byte (low nibble first).  (N, m) -> (N, 2m) int32"""
+    return torch.stack([b & 15, b >> 4], dim=2).reshape(b.shape[0], -1).to(torch.int32)
+
+
+def _unpack_iq3_s(x: Tensor) -> tuple[Tensor, Tensor]:
+    """IQ3_S blocks (N, 110) -> codes (N, 256) uint8, scales (N, 8) int32."""
+    qs, qh, signs, scales = x[:, 2:66], x[:, 66:74], x[:, 74:106], x[:, 106:110]
+    idx = qs.long() | (_from_bits8(qh).long() << 8)  # (N, 64) 9-bit indices
+    return codes_from_indices(idx, _from_bits8(signs), LATTICES["iq3_s"]), _nibble_scales(scales)
+
+
+def _unpack_iq2_xs(x: Tensor) -> tuple[Tensor, Tensor]:
+    """IQ2_XS blocks (N, 74) -> codes (N, 256) uint8, scales (N, 16) int32."""
+    q16 = x[:, 2:66].reshape(-1, 32, 2).long()
+    q16 = q16[..., 0] | (q16[..., 1] << 8)  # (N, 32) 9-bit index | 7 sign bits << 9
+    return codes_from_indices(q16 & 511, _signs8(q16 >> 9), LATTICES["iq2_xs"]), _nibble_scales(x[:, 66:74])
+
+
 def _sign7(u: Tensor) -> Tensor:
     """IQ2: the 7 stored sign bits of each group of 8 codes (the 8th is their parity).  (N, 8g) -> (N, g) int64"""
     neg = ((u >> 3) & 1).long().view(u.shape[0], -1, 8)[..., :7]
@@ -218,20 +237,12 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
         sc = (low | (((high[:, None] >> shifts) & 3) << 4)) - 32
         u = _from_nibbles(x[:, 8:].reshape(-1, 16)).reshape(-1, t.block)
     elif t.name == "iq3_s":
-        d = f16(0)
-        qs, qh, signs, scales = x[:, 2:66], x[:, 66:74], x[:, 74:106], x[:, 106:110]
-        idx = qs.long() | (_from_bits8(qh).long() << 8)  # (N, 64)
-        u = codes_from_indices(idx, _from_bits8(signs), LATTICES["iq3_s"])
-        sc = torch.stack([scales & 15, scales >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
+        d, (u, sc) = f16(0), _unpack_iq3_s(x)
     elif t.name == "iq2_xxs":
         d = f16(0)
         u, sc = _unpack_iq2_xxs(x[:, 2:])
     elif t.name == "iq2_xs":
-        d = f16(0)
-        q16 = x[:, 2:66].reshape(-1, 32, 2).long()
-        q16 = q16[..., 0] | (q16[..., 1] << 8)  # (N, 32)
-        u = codes_from_indices(q16 & 511, _signs8(q16 >> 9), LATTICES["iq2_xs"])
-        sc = torch.stack([x[:, 66:74] & 15, x[:, 66:74] >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
+        d, (u, sc) = f16(0), _unpack_iq2_xs(x)
     elif t.name in ("q4_0", "q4_1"):
         off = 2 if t.name == "q4_0" else 4
         d, qs = f16(0), x[:, off:]
