@@ -115,6 +115,7 @@ SMALL = {
     "attn_layer_period": 2,
     "attn_layer_offset": 1,
 }
+MLA = {"q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16}
 MAX_PARAMS = 5_000_000  # larger than this with the small sizes: not built tiny
 SECONDS = 240  # one capability's limit
 
@@ -159,6 +160,12 @@ def tiny_config(model_type: str, vocab: int, layers: int = 2) -> Any:
         return conftest.tiny_config(model_type, vocab)
     default = AutoConfig.for_model(model_type)
     kw = {k: v for k, v in {**SMALL, "num_hidden_layers": layers}.items() if hasattr(default, k)}
+    if hasattr(default, "kv_lora_rank"):  # latent attention (MLA): keys expanded to every head, none shared
+        kw.update({k: v for k, v in MLA.items() if hasattr(default, k)})
+        if "num_key_value_heads" in kw:
+            kw["num_key_value_heads"] = kw.get("num_attention_heads", 4)
+        if hasattr(default, "head_dim"):  # as their configs have it: the rotary part's width
+            kw["head_dim"] = MLA["qk_rope_head_dim"]
     return AutoConfig.for_model(model_type, vocab_size=vocab, bos_token_id=0, eos_token_id=0, pad_token_id=0, **kw)
 
 

@@ -131,6 +131,29 @@ def test_gptq_compresses_streams_and_reloads(model_type: str, generic_dir, text_
     assert diff == 0
 
 
+@pytest.mark.parametrize("model_type", ["phimoe", "llama4_text", "hunyuan_v1_moe"])
+def test_mixture_routers_stay_float(model_type: str, tokenizer, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A mixture without a spec: its routers (Phi-MoE's and Llama 4's nn.Linear subclasses that return
+    the routing, Hunyuan's gate whose forward reads .weight) are not compressed, so GPTQ calibrates
+    through them and the result reloads with the same logits."""
+    config = generic_config(model_type, len(tokenizer))
+    for key in ("num_experts", "num_local_experts"):
+        if hasattr(config, key):
+            setattr(config, key, 4)
+    torch.manual_seed(0)
+    src = tmp_path / model_type
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    data = lmpress.DataOptions(source=text_file, seq_len=32, calib_windows=8)
+    r = lmpress.compress(src, GPTQ, data, output=tmp_path / "out", run_eval=False, measure_speed=False)
+    routers = Adapter(r.model).float_modules()
+    assert len(routers) == 2 and all(type(r.model.get_submodule(n)).__name__ != "QuantLinear" for n in routers)
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        diff = r.model(input_ids=ids).logits - lmpress.load(tmp_path / "out", device="cpu").model(input_ids=ids).logits
+    assert diff.abs().max() == 0
+
+
 def test_compressed_tensors_export_needs_no_spec(generic_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """transformers builds the family itself, so the compressed-tensors checkpoint needs no roles;
     GGUF needs llama.cpp's names for each tensor, so it is refused."""

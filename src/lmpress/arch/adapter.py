@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from torch import Tensor, nn
 
-from lmpress.arch.discover import discover, is_conv1d
+from lmpress.arch.discover import discover, is_conv1d, is_linear
 from lmpress.arch.multimodal import language_model_spec, text_model_type
 from lmpress.arch.registry import is_supported, spec_for
 from lmpress.arch.spec import NormKind, Spec
@@ -131,7 +131,16 @@ class Adapter:
 
     def float_modules(self) -> set[str]:
         """Full names of the modules every method keeps in float: each block's router and shared
-        expert gate (`Experts.float_paths`)."""
+        expert gate (`Experts.float_paths`); for a generic spec, the linears found in the blocks that
+        it leaves out (a mixture's routers, `lmpress.arch.discover`)."""
+        if self.spec.generic:
+            blocks = self.model.get_submodule(self.spec.blocks)
+            return {
+                f"{self.spec.blocks}.{i}.{n}"
+                for i, block in enumerate(blocks.children())
+                for n, m in block.named_modules()
+                if n and is_linear(m) and n not in self.spec.linears
+            }
         if self.spec.experts is None:
             return set()
         return {n for i in range(self.num_blocks) for n in self._present(i, self.spec.experts.float_paths)}

@@ -35,6 +35,7 @@ LOGIT_KEYS = (
     "lm_head_multiplier",
     "output_multiplier_scale",
 )
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")  # a mixture's width
 LOOKED_FOR = "decoder blocks (an nn.ModuleList of one block class holding linear layers)"
 
 
@@ -74,10 +75,34 @@ def discover(model: nn.Module) -> Spec:
         blocks=blocks,
         embeddings=embeddings,
         final_norm=Norm(rest[0], "output_norm", "unknown") if _after(model, blocks, rest) else None,
-        linears=dict.fromkeys(block_linears(model.get_submodule(blocks)), GENERIC_ROLE),
+        linears=dict.fromkeys(_replaceable(model, blocks), GENERIC_ROLE),
         norms=(),
         generic=True,
     )
+
+
+def _replaceable(model: nn.Module, blocks: str) -> list[str]:
+    """`block_linears` less a mixture's routers, kept in float as a spec's are: a linear whose width
+    is the config's expert count, or an ``nn.Linear`` subclass with a forward of its own (Phi-MoE's
+    and Llama 4's routers return the routing, which a compressed layer would drop)."""
+    config = getattr(model, "config", None)
+    counts = {getattr(config, k, None) for k in EXPERT_KEYS}
+    counts = {n for c in counts for n in (c if isinstance(c, list) else [c]) if isinstance(n, int) and n > 0}
+    out = []
+    for path in block_linears(model.get_submodule(blocks)):
+        m = next(b.get_submodule(path) for b in model.get_submodule(blocks).children() if _has(b, path))
+        own_forward = isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
+        if not own_forward and getattr(m, "out_features", None) not in counts:
+            out.append(path)
+    return out
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _called(model: nn.Module, method: str) -> nn.Module | None:

@@ -43,7 +43,12 @@ def all_experts(model: nn.Module) -> dict[str, nn.Module]:
 
 def float_modules(model: nn.Module) -> set[str]:
     """Names of the modules every method keeps in float (routers: `Adapter.float_modules`)."""
-    return Adapter(model).float_modules() if has_spec(getattr(model, "config", None)) else set()
+    if getattr(model, "config", None) is None:
+        return set()
+    try:  # a model without a spec: its routers, found by structure
+        return Adapter(model).float_modules()
+    except LmpressError:  # no decoder blocks to read
+        return set()
 
 
 def targeted_experts(model: nn.Module, config: Any) -> list[str]:
