@@ -1,6 +1,6 @@
 """Quantization quality where a family differs in kind: a tiny trained Gemma 2 against a Llama control.
 
-    OMP_NUM_THREADS=1 nice python -m benchmarks.families [--threads 1] [--steps 150]
+    OMP_NUM_THREADS=1 nice python -m benchmarks.families [--threads 1] [--steps 400]
                                                          [--eval-windows 64] [--calib-windows 64]
 
 Gemma 2 differs from Llama where calibrated quantization can go wrong: its RMSNorms compute
@@ -213,7 +213,7 @@ def gguf_rows(path: Path, eval_w: Tensor, calib_windows: int, threads: int) -> l
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--steps", type=int, default=150, help="training steps of 8 x 256 tokens per model")
+    ap.add_argument("--steps", type=int, default=400, help="training steps of 8 x 256 tokens per model")
     ap.add_argument("--eval-windows", type=int, default=64)
     ap.add_argument("--calib-windows", type=int, default=64)
     ap.add_argument("--skip-gguf", action="store_true")
@@ -353,7 +353,7 @@ def _table(payload: dict[str, Any]) -> str:
         f"{_training(payload)} `stdlib` eval split ({m['windows']} windows x {m['seq_len']} tokens, sha256 "
         f"{m['sha256'][:12]}); {payload['calib']['windows']} calibration windows; KL and top-1 against each "
         f"original; embeddings and head unquantized except in the GGUF rows, which llama.cpp measures against "
-        f"the bf16 file. `OMP_NUM_THREADS=1 nice python -m benchmarks.families --steps 400`."
+        f"the bf16 file. `OMP_NUM_THREADS=1 nice python -m benchmarks.families`."
     )
     text = f"## Families: Gemma 2 against a Llama control\n\n{note}\n\n{markdown_table(head, body)}\n\n"
     return text + _summary(payload) + "\n\n" + _verdict(payload)
