@@ -1,5 +1,6 @@
-"""llama.cpp's i-quant types (IQ4_NL, IQ4_XS, IQ3_S, IQ2_XS, IQ2_XXS): bytes bit-exact with the ``gguf`` package's
-dequantizers, the importance-weighted scale search, and the layer computing with the decoded weights."""
+"""llama.cpp's i-quant types (IQ4_NL, IQ4_XS, IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS): bytes bit-exact with
+the ``gguf`` package's dequantizers, the importance-weighted scale search, and the layer computing
+with the decoded weights."""
 
 from __future__ import annotations
 
@@ -20,15 +21,23 @@ from lmpress.quant.gptq import apply as gptq_apply
 
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
-IQ = {"iq4_nl": Q.IQ4_NL, "iq4_xs": Q.IQ4_XS, "iq3_s": Q.IQ3_S, "iq2_xs": Q.IQ2_XS, "iq2_xxs": Q.IQ2_XXS}
-# relative squared error on heavy-tailed weights: at most ratio x the k-quant's (iq2_xs, 2.31 bits,
-# and iq2_xxs, 2.06 bits, within 1.3x / 2x q2_k's at 2.63 bits); measured iq4_nl 0.0087, iq4_xs
-# 0.0089, iq3_s 0.024, iq2_xs 0.108, iq2_xxs 0.16 against q4_0 0.0125 (4.5 bits), q3_k 0.031
+IQ = {
+    "iq4_nl": Q.IQ4_NL,
+    "iq4_xs": Q.IQ4_XS,
+    "iq3_s": Q.IQ3_S,
+    "iq2_s": Q.IQ2_S,
+    "iq2_xs": Q.IQ2_XS,
+    "iq2_xxs": Q.IQ2_XXS,
+}
+# relative squared error on heavy-tailed weights: at most ratio x the k-quant's (iq2_s 2.56 bits,
+# iq2_xs 2.31, iq2_xxs 2.06 against q2_k's 2.63); measured iq4_nl 0.0087, iq4_xs 0.0089, iq3_s
+# 0.024, iq2_s 0.091, iq2_xs 0.108, iq2_xxs 0.16 against q4_0 0.0125 (4.5 bits), q3_k 0.031
 # (3.44 bits), q2_k 0.090
 BEATS = {
     "iq4_nl": ("q4_0", 0.8),
     "iq4_xs": ("q4_0", 0.8),
     "iq3_s": ("q3_k", 0.85),
+    "iq2_s": ("q2_k", 1.05),
     "iq2_xs": ("q2_k", 1.3),
     "iq2_xxs": ("q2_k", 2.0),
 }
@@ -84,7 +93,7 @@ def test_grid_names_are_the_types() -> None:
     assert typing.get_args(ggml.GridName) == ggml.GRID_NAMES
 
 
-@pytest.mark.parametrize("name", ["iq3_s", "iq2_xs", "iq2_xxs"])
+@pytest.mark.parametrize("name", ["iq3_s", "iq2_s", "iq2_xs", "iq2_xxs"])
 def test_codebooks_are_llama_cpps(name: str) -> None:
     lat, theirs = iquant.LATTICES[name], getattr(gguf.quants, name.upper())
     theirs.init_grid()
@@ -190,6 +199,7 @@ def test_widths_fall_back_as_llama_cpp_does() -> None:
     assert grid_settings("mlp", 576, "iq3_s").grid == "iq4_nl"
     assert grid_settings("mlp", 576, "iq2_xxs").grid == "iq4_nl"
     assert grid_settings("mlp", 576, "iq2_xs").grid == "iq4_nl"
+    assert grid_settings("mlp", 576, "iq2_s").grid == "iq4_nl"
     with pytest.raises(QuantError, match="multiple of 32"):
         grid_settings("mlp", 48, "iq4_nl")
     with pytest.raises(ValueError, match="non-uniform"):

@@ -66,6 +66,13 @@ def pack(b: GGMLBlocks) -> Tensor:
         sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
         parts = [d, torch.stack([q16 & 255, q16 >> 8], dim=-1).view(N, 64).to(torch.uint8)]
         parts.append((sc[:, 0::2] & 15) | (sc[:, 1::2] << 4))
+    elif t.name == "iq2_s":  # low index bytes, sign bytes, 2 high index bits per group, 4-bit scales
+        assert b.sc is not None
+        idx = grid_indices(u, LATTICES["iq2_s"])  # (N, 32) 10-bit
+        hi = ((idx >> 8).view(N, 8, 4) << (2 * torch.arange(4, device=u.device))).sum(-1)  # (N, 8)
+        sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
+        parts = [d, (idx & 255).to(torch.uint8), _bits8(u >> 3), hi.to(torch.uint8)]
+        parts.append((sc[:, 0::2] & 15) | (sc[:, 1::2] << 4))
     elif t.name in ("q4_0", "q4_1"):
         qs = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
         parts = [d, qs] if t.name == "q4_0" else [d, _f16_bytes(b.dmin.reshape(-1).half()), qs]  # type: ignore[union-attr]
@@ -165,6 +172,14 @@ def _unpack_iq2_xs(x: Tensor) -> tuple[Tensor, Tensor]:
     return codes_from_indices(q16 & 511, _signs8(q16 >> 9), LATTICES["iq2_xs"]), _nibble_scales(x[:, 66:74])
 
 
+def _unpack_iq2_s(x: Tensor) -> tuple[Tensor, Tensor]:
+    """IQ2_S blocks (N, 82) -> codes (N, 256) uint8, scales (N, 16) int32."""
+    qh = x[:, 66:74].long()  # (N, 8): 2 high index bits for each of a sub-block's 4 groups
+    hi = (qh[..., None] >> (2 * torch.arange(4, device=x.device))) & 3  # (N, 8, 4)
+    idx = x[:, 2:34].long() | (hi.reshape(-1, 32) << 8)  # (N, 32) 10-bit
+    return codes_from_indices(idx, _from_bits8(x[:, 34:66]), LATTICES["iq2_s"]), _nibble_scales(x[:, 74:82])
+
+
 def _sign7(u: Tensor) -> Tensor:
     """IQ2: the 7 stored sign bits of each group of 8 codes (the 8th is their parity).  (N, 8g) -> (N, g) int64"""
     neg = ((u >> 3) & 1).long().view(u.shape[0], -1, 8)[..., :7]
@@ -243,6 +258,8 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
         u, sc = _unpack_iq2_xxs(x[:, 2:])
     elif t.name == "iq2_xs":
         d, (u, sc) = f16(0), _unpack_iq2_xs(x)
+    elif t.name == "iq2_s":
+        d, (u, sc) = f16(0), _unpack_iq2_s(x)
     elif t.name in ("q4_0", "q4_1"):
         off = 2 if t.name == "q4_0" else 4
         d, qs = f16(0), x[:, off:]

@@ -1,9 +1,10 @@
-"""Lattice codes of llama.cpp's IQ3_S, IQ2_XS and IQ2_XXS: groups of weight magnitudes on a codebook.
+"""Lattice codes of llama.cpp's IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS: weight magnitudes on a codebook.
 
 IQ3_S stores each group of 4 weights as one index into ``iq3s_grid`` (points whose coordinates are
-odd values 1..15) plus a free sign bit per weight; IQ2_XXS each group of 8 as an index into
-``iq2xxs_grid`` or ``iq2xs_grid`` (coordinates 8, 25, 43) plus 7 sign bits, the 8th sign making the number of minus
-signs even (llama.cpp's ``ksigns_iq2xs``). The codebooks are `lmpress.formats.iquant_grids`.
+odd values 1..15) plus a free sign bit per weight; IQ2_XXS and IQ2_XS each group of 8 as an index
+into ``iq2xxs_grid`` / ``iq2xs_grid`` (coordinates 8, 25, 43) plus 7 sign bits, the 8th sign
+making the number of minus signs even (llama.cpp's ``ksigns_iq2xs``); IQ2_S into ``iq2s_grid``
+with 8 free sign bits. The codebooks are `lmpress.formats.iquant_grids`.
 
 lmpress keeps one code per weight, ``k | sign << 3`` with the magnitude ``values[k]``, so a block's
 codes have the same (rows, n) shape as every other GGML type's; a valid block's groups are
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmpress.formats.iquant_grids import iq2xs_grid, iq2xxs_grid, iq3s_grid
+from lmpress.formats.iquant_grids import iq2s_grid, iq2xs_grid, iq2xxs_grid, iq3s_grid
 
 CHUNK = 1 << 15  # groups per nearest-point search (a (CHUNK, points) distance table)
 
@@ -37,7 +38,8 @@ class Lattice:
 
     def grid(self) -> Tensor:
         """(points, group) uint8 magnitude indices."""
-        return {"iq3_s": iq3s_grid, "iq2_xxs": iq2xxs_grid, "iq2_xs": iq2xs_grid}[self.name]()
+        grids = {"iq3_s": iq3s_grid, "iq2_xxs": iq2xxs_grid, "iq2_xs": iq2xs_grid, "iq2_s": iq2s_grid}
+        return grids[self.name]()
 
     def scale(self, d: Tensor, sc: Tensor) -> Tensor:
         """Sub-block scales from float32 d and integer sc, in llama.cpp's float order."""
@@ -50,6 +52,7 @@ LATTICES = {
     "iq3_s": Lattice("iq3_s", 4, tuple(float(2 * k + 1) for k in range(8)), False, 2.0, 1.0, 0.2 / 15, 9),
     "iq2_xxs": Lattice("iq2_xxs", 8, (8.0, 25.0, 43.0), True, 0.25, 0.125, 0.04, 10),
     "iq2_xs": Lattice("iq2_xs", 8, (8.0, 25.0, 43.0), True, 0.25, 0.125, 0.04, 10),
+    "iq2_s": Lattice("iq2_s", 8, (8.0, 25.0, 43.0), False, 0.25, 0.125, 0.04, 10),
 }
 
 
