@@ -128,8 +128,11 @@ def _linear_parts(
 
 
 def _tied(head: nn.Module, embed: nn.Module | None) -> bool:
-    """The head is the embedding table itself (only a dense table can be; a compressed embedding's
-    ``weight`` is a decoded copy, which is never read here)."""
+    """The head is the embedding table itself: a dense table's ``weight``, or a compressed head that
+    reads the compressed table's codes (``tied_to``; a compressed embedding's ``weight`` is a decoded
+    copy, which is never read here)."""
+    if embed is not None and getattr(head, "reads_table", False):
+        return getattr(head, "blocks", None) is getattr(embed, "blocks", None)
     return isinstance(embed, nn.Embedding) and getattr(head, "weight", None) is embed.weight
 
 

@@ -307,6 +307,9 @@ def _restore(
         bad = sorted(unexpected or set(missing) - tied)[0]
         raise ModelLoadError(f"{path}: weights do not match lmpress.json (first mismatch: {bad}); re-run compression")
     model.tie_weights()
+    for m in model.modules():  # a compressed head that reads its embedding table's codes (saved once)
+        if getattr(m, "reads_table", False):
+            m.tie(model.get_submodule(m.tied_to), m.tied_to)  # type: ignore[operator]
     return model.eval()
 
 

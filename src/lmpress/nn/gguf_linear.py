@@ -86,13 +86,30 @@ class GGUFLinear(CompressedLayer):
             "out_features": self.out_features,
             "bias": self.bias is not None,
             "tied_to": self.tied_to,
+            "reads_table": self.reads_table,
         }
 
     @classmethod
     def from_format(cls, fmt: dict[str, Any], dtype: torch.dtype) -> GGUFLinear:
         layer = cls(fmt["in_features"], fmt["out_features"], fmt["type"], fmt["bias"], dtype)
         layer.tied_to = fmt.get("tied_to")
+        if fmt.get("reads_table"):  # its blocks are the table's, linked on load (`tie`)
+            layer.register_buffer("blocks", layer.blocks, persistent=False)
         return layer
+
+    @property
+    def reads_table(self) -> bool:
+        """A tied head whose blocks are its embedding table's (saved once, with the table)."""
+        return "blocks" in self._non_persistent_buffers_set
+
+    def tie(self, table: GGUFEmbedding, name: str) -> GGUFLinear:
+        """Read the blocks of ``table`` (the embeddings named ``name``, of this layer's type and shape)."""
+        if (table.gtype, table.blocks.shape) != (self.gtype, self.blocks.shape):
+            raise ValueError(f"a {self.gtype.name} head cannot read {name}'s {table.gtype.name} table")
+        self.register_buffer("blocks", table.blocks, persistent=False)
+        self.tied_to = name
+        self.forget_kernel()
+        return self
 
     def forget_kernel(self) -> None:
         """Drop the prepared kernel layout (prepared again on the next forward)."""

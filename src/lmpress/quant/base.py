@@ -29,7 +29,7 @@ from lmpress.nn.quant_linear import QuantLinear
 from lmpress.quant import ggml_fit
 from lmpress.quant.experts import float_modules, quantize_experts, refuse_calibrated, targeted_experts
 from lmpress.quant.grid import quantize
-from lmpress.quant.mix import MIX_BASE, mix_layer_types
+from lmpress.quant.mix import MIX_BASE, mix_layer_types, table_fields
 from lmpress.select import Patterns, matches, select
 from lmpress.streaming import each_block, outside_units, resident
 
@@ -78,16 +78,19 @@ C = TypeVar("C", bound=WeightQuantConfig)
 
 def with_mix(model: nn.Module, config: C) -> C:
     """``config`` with its ``mix`` spelled out as exact-name overrides for ``model`` (after the
-    recipe's own, which win), and ``grid`` set to the mix's base type."""
-    if config.mix is None:
-        return config
-
-    extra = [
-        Override.model_validate({"targets": [n], "grid": t}) for n, t in mix_layer_types(model, config.mix).items()
-    ]
-    return config.model_copy(
-        update={"grid": config.grid or MIX_BASE[config.mix], "overrides": [*config.overrides, *extra]}
+    recipe's own, which win), and ``grid`` set to the mix's base type. A head tied to the embeddings
+    is one table, quantized once with them (`table_fields`: the mix's head type)."""
+    base = config.grid or MIX_BASE.get(config.mix or "", "")
+    table = table_fields(
+        model, config.mix, base, config.embedding_bits is not None or config.embedding_grid is not None
     )
+    head = table.pop("head", None)
+    update: dict[str, Any] = {**table, "ignore": [*config.ignore, head]} if head else {}
+    if config.mix is not None:
+        types = mix_layer_types(model, config.mix)
+        extra = [Override.model_validate({"targets": [n], "grid": t}) for n, t in types.items() if n != head]
+        update.update(grid=base, overrides=[*config.overrides, *extra])
+    return config.model_copy(update=update) if update else config
 
 
 class LayerSettings(BaseModel):
@@ -271,8 +274,8 @@ def quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str
 def _quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[str, int]:
     """Quantize the token embedding table (round to nearest, MSE-clipped) when ``embedding_bits`` is set.
 
-    A head tied to the embeddings gets its own `QuantLinear` with the same codes, and the config is
-    untied, so the saved model reloads as it ran.
+    A head tied to the embeddings gets its own layer with the same codes (a `GGUFLinear` reading the
+    `GGUFEmbedding`'s blocks), and the config is untied, so the saved model reloads as it ran.
     """
     if config.embedding_bits is None and config.embedding_grid is None:
         return {}
@@ -291,12 +294,11 @@ def _quantize_embeddings(model: nn.Module, config: WeightQuantConfig) -> dict[st
         s = grid_settings(name, embed.embedding_dim, config.embedding_grid)
         assert s.grid is not None
         b = ggml_fit.quantize(embed.weight.detach(), s.grid)
-        if tied:
-            head_g = to_gguf_linear(names[id(head)], head, b)
-            head_g.tied_to = name
-            replace_module(model, names[id(head)], head_g)
+        table = GGUFEmbedding.from_blocks(b, embed.weight.dtype, embed.padding_idx)
+        if tied:  # the head reads the table's blocks: one table, saved once
+            replace_module(model, names[id(head)], to_gguf_linear(names[id(head)], head, b).tie(table, name))
             model.config.tie_word_embeddings = False  # type: ignore[union-attr]
-        replace_module(model, name, GGUFEmbedding.from_blocks(b, embed.weight.dtype, embed.padding_idx))
+        replace_module(model, name, table)
         return {f"embedding {s.grid}": 1}
     assert config.embedding_bits is not None
     q = quantize(embed.weight.detach(), config.embedding_bits, config.embedding_group_size, mse_clip=True)

@@ -71,3 +71,25 @@ def mix_layer_types(model: nn.Module, mix: str) -> dict[str, str]:
     if mix != "q8_0":  # llama.cpp: the output head Q6_K (Q8_0 where its rows do not fit 256-blocks)
         out[head_name] = "q6_k" if width % 256 == 0 else "q8_0"
     return out
+
+
+def tied_head(model: nn.Module) -> str | None:
+    """The head's module name where it is the token embedding table itself (a tied head); else None."""
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()  # type: ignore[operator]
+    weight = getattr(embed, "weight", None)
+    if weight is None or head is None or getattr(head, "weight", None) is not weight:
+        return None
+    return next(n for n, m in model.named_modules() if m is head)
+
+
+def table_fields(model: nn.Module, mix: str | None, base: str, embedding: bool) -> dict[str, object]:
+    """Config fields for a tied head's one table: quantized once, with the embeddings (``embedding``:
+    the stage quantizes them), so the head leaves the targets; in a ``mix`` the table takes the head's
+    type, as llama.cpp does for a file with no ``output.weight`` (Q6_K in Q4_K_M)."""
+    head = tied_head(model) if embedding else None
+    if head is None:
+        return {}
+    fields: dict[str, object] = {"head": head}
+    if mix is not None:
+        fields["embedding_grid"] = mix_layer_types(model, mix).get(head, base)
+    return fields
