@@ -33,7 +33,7 @@ from lmpress.arch import Adapter, auto_class
 from lmpress.arch.multimodal import kept_modules
 from lmpress.errors import ModelLoadError
 from lmpress.heap import trim_heap, tune_malloc
-from lmpress.io.consistency import checkpoint_names, expert_stacks, saved_names
+from lmpress.io.consistency import as_saved, checkpoint_names, expert_stacks
 from lmpress.io.files import FORMAT_VERSION, META_FILE, atomic_dir, weight_bytes, write_json_atomic
 from lmpress.io.load import _tied_keys
 from lmpress.io.save import hide_from_plain_loaders, library_versions, module_formats, save_companions
@@ -358,14 +358,20 @@ def save_streamed(model: nn.Module, out_dir: Path, max_shard_bytes: int = 2 * 2*
             n = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
             plan.append((unit, k, dtype, list(shape), n))
 
-    names = saved_names(model, [k for _, k, *_ in plan])  # as save_pretrained names them
-    back = {v: k for k, v in names.items()}
+    # as save_pretrained writes them, unit by unit (a block's experts split one by one, renamed)
+    saved: list[Planned] = []
+    for unit in dict.fromkeys(u for u, *_ in plan):
+        meta = {k: torch.empty(s, dtype=d, device="meta") for u, k, d, s, _ in plan if u == unit}
+        for k, t in as_saved(model, meta).items():
+            saved.append((unit, k, t.dtype, list(t.shape), t.numel() * t.element_size()))
 
     def read(unit: str, keys: list[str]) -> dict[str, Tensor]:
         slots = _slots(model.get_submodule(unit), unit)
-        return {names[k]: t for k, t in stream._read(unit, {back[k]: slots[back[k]] for k in keys}).items()}
+        mine = {k: slots[k] for u, k, *_ in plan if u == unit}
+        out = as_saved(model, stream._read(unit, mine))
+        return {k: out[k] for k in keys}
 
-    write_shards(out_dir, [(u, names[k], d, s, n) for u, k, d, s, n in plan], read, max_shard_bytes)
+    write_shards(out_dir, saved, read, max_shard_bytes)
 
 
 def save_streamed_dir(

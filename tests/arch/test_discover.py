@@ -135,7 +135,7 @@ def test_gptq_compresses_streams_and_reloads(model_type: str, generic_dir, text_
 def test_mixture_routers_stay_float(model_type: str, tokenizer, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """A mixture without a spec: its routers (Phi-MoE's and Llama 4's nn.Linear subclasses that return
     the routing, Hunyuan's gate whose forward reads .weight) are not compressed, so GPTQ calibrates
-    through them and the result reloads with the same logits."""
+    through them and the result reloads with the same logits, streamed or not."""
     config = generic_config(model_type, len(tokenizer))
     for key in ("num_experts", "num_local_experts"):
         if hasattr(config, key):
@@ -152,6 +152,10 @@ def test_mixture_routers_stay_float(model_type: str, tokenizer, text_file: Path,
     with torch.no_grad():
         diff = r.model(input_ids=ids).logits - lmpress.load(tmp_path / "out", device="cpu").model(input_ids=ids).logits
     assert diff.abs().max() == 0
+    # streamed, the experts are saved one by one as a whole run's save_pretrained writes them
+    lmpress.compress(src, GPTQ, data, output=tmp_path / "s", stream=True, run_eval=False, measure_speed=False)
+    whole, streamed = _tensors(tmp_path / "out"), _tensors(tmp_path / "s")
+    assert set(whole) == set(streamed) and all(torch.equal(t, streamed[k]) for k, t in whole.items())
 
 
 def test_compressed_tensors_export_needs_no_spec(generic_dir, text_file: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -165,24 +165,21 @@ def checkpoint_names(model: torch.nn.Module, names: list[str]) -> dict[str, str]
     return out
 
 
-def saved_names(model: torch.nn.Module, keys: list[str]) -> dict[str, str]:
-    """Model key -> the name ``save_pretrained`` writes it under (transformers' checkpoint
-    conversions reversed: GPT-NeoX's ``lm_head`` is saved as ``embed_out``, EXAONE's
-    ``model.layers`` as ``transformer.h``), so a streamed save names tensors as a whole one does.
-    Keys are kept where a conversion does more than rename (it would need the tensors)."""
+def as_saved(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` (model keys) as ``save_pretrained`` writes them: transformers' checkpoint
+    conversions reversed (GPT-NeoX's ``lm_head`` saved as ``embed_out``, EXAONE's ``model.layers``
+    as ``transformer.h``, a mixture's stacked experts split one by one as its checkpoints hold
+    them), so a streamed save, one unit at a time, writes what a whole one does. Meta tensors give
+    the names, dtypes and shapes without the data."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # transformers < 5 saves module names unchanged
-        return {k: k for k in keys}
-    placeholders = {k: torch.empty(0, device="meta") for k in keys}
+        return tensors
     try:
-        reverted = revert_weight_conversion(model, dict(placeholders))  # type: ignore[arg-type]
-    except Exception as e:  # a converter that reshapes: it needs the real tensors
-        log.debug("keeping module names: %s", e)
-        return {k: k for k in keys}
-    by_id = {id(t): k for k, t in placeholders.items()}
-    out = {by_id.get(id(t), ""): name for name, t in reverted.items()}
-    return out if set(out) == set(keys) else {k: k for k in keys}
+        return dict(revert_weight_conversion(model, dict(tensors)))  # type: ignore[arg-type]
+    except Exception as e:  # a conversion that cannot be undone on these alone: module names
+        log.debug("saving under module names: %s", e)
+        return tensors
 
 
 def expert_stacks(model: torch.nn.Module, names: set[str]) -> tuple[dict[str, list[list[str]]], dict[str, str]]:
