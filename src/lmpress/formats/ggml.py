@@ -7,7 +7,8 @@ super-blocks (the k-quants Q2_K .. Q6_K, IQ4_XS) whose sub-blocks of 16 or 32 we
     w = S * (u - offset)    symmetric types (Q4_0, Q5_0, Q8_0, Q3_K, Q6_K)
     w = S * u - M           affine types (Q4_1, Q5_1: M = -m; Q2_K, Q4_K, Q5_K: M = dmin * mn)
     w = S * table[u]        non-uniform types (IQ4_NL, IQ4_XS: llama.cpp's ``kvalues_iq4nl``)
-    w = S * |v_k| * ±1      lattice types (IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS: codes k | sign << 3, `lmpress.formats.iquant`)
+    w = S * |v_k| * ±1      lattice types (IQ3_S, IQ3_XXS, IQ2_S, IQ2_XS, IQ2_XXS: codes
+                            k | sign << 3, `lmpress.formats.iquant`)
 
 with unsigned codes ``u`` in [0, 2**bits) and per-sub-block ``S`` (and ``M``) computed in float32
 from the stored float16 and integer parts, in the order llama.cpp's reference dequantization (and
@@ -86,6 +87,7 @@ TYPES: dict[str, GGMLType] = {
         GGMLType("iq2_xxs", 16, 2, 256, 32, 66, False, 4, nonuniform=True, lattice=True),
         GGMLType("iq2_xs", 17, 2, 256, 16, 74, False, 4, nonuniform=True, lattice=True),
         GGMLType("iq2_s", 22, 2, 256, 16, 82, False, 4, nonuniform=True, lattice=True),
+        GGMLType("iq3_xxs", 18, 3, 256, 32, 98, False, 4, nonuniform=True, lattice=True),
     )
 }
 # llama.cpp's ``kvalues_iq4nl`` (ggml-common.h): the 16 values a non-uniform 4-bit code stands for
@@ -94,12 +96,13 @@ GRID_NAMES = tuple(TYPES)
 # the recipe spelling of the same names (``grid:``)
 GridName = Literal[
     "q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s",
-    "iq2_xxs", "iq2_xs", "iq2_s",
+    "iq2_xxs", "iq2_xs", "iq2_s", "iq3_xxs",
 ]  # fmt: skip
 # what llama.cpp itself uses when a row is not a multiple of a 256-weight super-block
 GRID_FALLBACK = {
     "q2_k": "q4_0", "q3_k": "q4_0", "q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0",
-    "iq4_xs": "iq4_nl", "iq3_s": "iq4_nl", "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
+    "iq4_xs": "iq4_nl", "iq3_s": "iq4_nl", "iq3_xxs": "iq4_nl",
+    "iq2_xxs": "iq4_nl", "iq2_xs": "iq4_nl", "iq2_s": "iq4_nl",
 }  # fmt: skip
 
 

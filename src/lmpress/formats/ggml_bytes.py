@@ -44,35 +44,9 @@ def pack(b: GGMLBlocks) -> Tensor:
         parts = [d, u ^ 0x80]
     elif t.name == "iq4_nl":
         parts = [d, _nibbles(u)]
-    elif t.name == "iq4_xs":
+    elif t.nonuniform:  # IQ4_XS and the lattice types: 4- or 6-bit sub-block scales
         assert b.sc is not None
-        ls = (b.sc.reshape(N, t.n_sub) + 32).to(torch.int32)  # 6 bits, 0..63
-        low = ((ls[:, 0::2] & 15) | ((ls[:, 1::2] & 15) << 4)).to(torch.uint8)  # (N, 4)
-        high = (((ls >> 4) & 3) << (2 * torch.arange(t.n_sub, device=u.device))).sum(-1, keepdim=True)
-        scales_h = torch.cat([high & 255, high >> 8], dim=1).to(torch.uint8)  # little-endian uint16
-        parts = [d, scales_h, low, _nibbles(u.reshape(N * t.n_sub, 32)).reshape(N, -1)]
-    elif t.name == "iq3_s":
-        assert b.sc is not None
-        idx = grid_indices(u, LATTICES["iq3_s"])  # (N, 64) 9-bit codebook indices
-        sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
-        scales = (sc[:, 0::2] & 15) | (sc[:, 1::2] << 4)  # (N, 4)
-        parts = [d, (idx & 255).to(torch.uint8), _bits8(idx >> 8), _bits8(u >> 3), scales]
-    elif t.name == "iq2_xxs":
-        assert b.sc is not None
-        parts = [d, _pack_iq2_xxs(u, b.sc.reshape(N, t.n_sub))]
-    elif t.name == "iq2_xs":  # per group of 8: a little-endian uint16, 9-bit index | 7 sign bits << 9
-        assert b.sc is not None
-        q16 = grid_indices(u, LATTICES["iq2_xs"]) | (_sign7(u) << 9)  # (N, 32)
-        sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
-        parts = [d, torch.stack([q16 & 255, q16 >> 8], dim=-1).view(N, 64).to(torch.uint8)]
-        parts.append((sc[:, 0::2] & 15) | (sc[:, 1::2] << 4))
-    elif t.name == "iq2_s":  # low index bytes, sign bytes, 2 high index bits per group, 4-bit scales
-        assert b.sc is not None
-        idx = grid_indices(u, LATTICES["iq2_s"])  # (N, 32) 10-bit
-        hi = ((idx >> 8).view(N, 8, 4) << (2 * torch.arange(4, device=u.device))).sum(-1)  # (N, 8)
-        sc = b.sc.reshape(N, t.n_sub).to(torch.uint8)
-        parts = [d, (idx & 255).to(torch.uint8), _bits8(u >> 3), hi.to(torch.uint8)]
-        parts.append((sc[:, 0::2] & 15) | (sc[:, 1::2] << 4))
+        parts = [d, *_pack_iquant(t, u, b.sc.reshape(N, t.n_sub))]
     elif t.name in ("q4_0", "q4_1"):
         qs = (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
         parts = [d, qs] if t.name == "q4_0" else [d, _f16_bytes(b.dmin.reshape(-1).half()), qs]  # type: ignore[union-attr]
@@ -109,6 +83,41 @@ def pack(b: GGMLBlocks) -> Tensor:
     return out.reshape(rows, -1)
 
 
+def _pack_iquant(t: GGMLType, u: Tensor, sc: Tensor) -> list[Tensor]:
+    """The bytes after the block scale d of an i-quant block.  (N, 256) codes, (N, n_sub) scales"""
+    N = u.shape[0]
+    if t.name == "iq4_xs":
+        ls = (sc + 32).to(torch.int32)  # 6 bits, 0..63
+        low = ((ls[:, 0::2] & 15) | ((ls[:, 1::2] & 15) << 4)).to(torch.uint8)  # (N, 4)
+        high = (((ls >> 4) & 3) << (2 * torch.arange(t.n_sub, device=u.device))).sum(-1, keepdim=True)
+        scales_h = torch.cat([high & 255, high >> 8], dim=1).to(torch.uint8)  # little-endian uint16
+        parts = [scales_h, low, _nibbles(u.reshape(N * t.n_sub, 32)).reshape(N, -1)]
+    elif t.name == "iq3_s":
+        idx = grid_indices(u, LATTICES["iq3_s"])  # (N, 64) 9-bit codebook indices
+        sc = sc.to(torch.uint8)
+        scales = (sc[:, 0::2] & 15) | (sc[:, 1::2] << 4)  # (N, 4)
+        parts = [(idx & 255).to(torch.uint8), _bits8(idx >> 8), _bits8(u >> 3), scales]
+    elif t.name == "iq2_xxs":
+        parts = [_pack_iq2_xxs(u, sc)]
+    elif t.name == "iq3_xxs":  # 64 index bytes, then per 32 weights a uint32 of signs and scale
+        idx = grid_indices(u, LATTICES["iq3_xxs"]).to(torch.uint8)  # (N, 64)
+        parts = [idx, _aux32(_sign7(u).view(N, 8, 4), sc).view(N, 32)]
+    elif t.name == "iq2_xs":  # per group of 8: a little-endian uint16, 9-bit index | 7 sign bits << 9
+        q16 = grid_indices(u, LATTICES["iq2_xs"]) | (_sign7(u) << 9)  # (N, 32)
+        sc = sc.to(torch.uint8)
+        parts = [torch.stack([q16 & 255, q16 >> 8], dim=-1).view(N, 64).to(torch.uint8)]
+        parts.append((sc[:, 0::2] & 15) | (sc[:, 1::2] << 4))
+    elif t.name == "iq2_s":  # low index bytes, sign bytes, 2 high index bits per group, 4-bit scales
+        idx = grid_indices(u, LATTICES["iq2_s"])  # (N, 32) 10-bit
+        hi = ((idx >> 8).view(N, 8, 4) << (2 * torch.arange(4, device=u.device))).sum(-1)  # (N, 8)
+        sc = sc.to(torch.uint8)
+        parts = [(idx & 255).to(torch.uint8), _bits8(u >> 3), hi.to(torch.uint8)]
+        parts.append((sc[:, 0::2] & 15) | (sc[:, 1::2] << 4))
+    else:
+        raise ValueError(f"no packing for {t.name}")
+    return parts
+
+
 def _nibbles(u: Tensor) -> Tensor:
     """32-weight blocks as 16 bytes: byte j holds code j (low nibble) and code j+16.  (N, 32) -> (N, 16)"""
     return (u[:, :16] & 15) | ((u[:, 16:] & 15) << 4)
@@ -137,25 +146,54 @@ def _pack_iq2_xxs(u: Tensor, sc: Tensor) -> Tensor:
     (N, 256) codes, (N, 8) scales -> (N, 64)"""
     N = u.shape[0]
     idx = grid_indices(u, LATTICES["iq2_xxs"]).view(N, 8, 4)  # (N, sub-blocks, groups)
-    sign7 = _sign7(u).view(N, 8, 4)
-    aux = (sign7 << (7 * torch.arange(4, device=u.device))).sum(-1) | (sc.long() << 28)  # (N, 8)
-    aux_bytes = torch.stack([(aux >> (8 * j)) & 255 for j in range(4)], dim=-1)  # (N, 8, 4)
-    return torch.cat([idx, aux_bytes], dim=-1).to(torch.uint8).view(N, 64)
+    return torch.cat([idx.to(torch.uint8), _aux32(_sign7(u).view(N, 8, 4), sc)], dim=-1).view(N, 64)
+
+
+def _aux32(sign7: Tensor, sc: Tensor) -> Tensor:
+    """IQ2_XXS / IQ3_XXS: per 32 weights a little-endian uint32 of 4 x 7 sign bits and the 4-bit
+    scale on top.  (N, 8, 4) sign bits, (N, 8) scales -> (N, 8, 4) bytes"""
+    aux = (sign7 << (7 * torch.arange(4, device=sign7.device))).sum(-1) | (sc.long() << 28)  # (N, 8)
+    return torch.stack([(aux >> (8 * j)) & 255 for j in range(4)], dim=-1).to(torch.uint8)
+
+
+def _from_aux32(b: Tensor) -> tuple[Tensor, Tensor]:
+    """Inverse of `_aux32`.  (N, 8, 4) bytes -> sign bits (N, 8, 4) int64, scales (N, 8) int32"""
+    b = b.long()
+    aux = b[..., 0] | (b[..., 1] << 8) | (b[..., 2] << 16) | (b[..., 3] << 24)  # (N, 8)
+    return (aux[..., None] >> (7 * torch.arange(4, device=b.device))) & 127, (aux >> 28).to(torch.int32)
 
 
 def _unpack_iq2_xxs(q: Tensor) -> tuple[Tensor, Tensor]:
     """Inverse of `_pack_iq2_xxs`.  (N, 64) -> codes (N, 256) uint8, scales (N, 8) int32"""
     N = q.shape[0]
-    q = q.view(N, 8, 8).long()
-    aux = q[..., 4] | (q[..., 5] << 8) | (q[..., 6] << 16) | (q[..., 7] << 24)  # (N, 8) uint32
-    sign7 = (aux[..., None] >> (7 * torch.arange(4, device=q.device))) & 127  # (N, 8, 4)
-    u = codes_from_indices(q[..., :4].reshape(N, 32), _signs8(sign7.view(N, 32)), LATTICES["iq2_xxs"])
-    return u, (aux >> 28).to(torch.int32)
+    q = q.view(N, 8, 8)
+    sign7, sc = _from_aux32(q[..., 4:])
+    u = codes_from_indices(q[..., :4].reshape(N, 32).long(), _signs8(sign7.view(N, 32)), LATTICES["iq2_xxs"])
+    return u, sc
 
 
 def _nibble_scales(b: Tensor) -> Tensor:
     """4-bit scales, two a byte (low nibble first).  (N, m) -> (N, 2m) int32"""
     return torch.stack([b & 15, b >> 4], dim=2).reshape(b.shape[0], -1).to(torch.int32)
+
+
+def _unpack_iquant(t: GGMLType, x: Tensor) -> tuple[Tensor, Tensor]:
+    """An i-quant's blocks (N, type_size) -> codes (N, 256) uint8, sub-block scales (N, n_sub) int32."""
+    if t.name == "iq4_xs":
+        high = x[:, 2].to(torch.int32) | (x[:, 3].to(torch.int32) << 8)  # (N,) uint16
+        low = torch.stack([x[:, 4:8] & 15, x[:, 4:8] >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
+        shifts = 2 * torch.arange(t.n_sub, device=x.device)
+        sc = (low | (((high[:, None] >> shifts) & 3) << 4)) - 32
+        return _from_nibbles(x[:, 8:].reshape(-1, 16)).reshape(-1, t.block), sc
+    if t.name == "iq3_xxs":
+        sign7, sc = _from_aux32(x[:, 66:98].reshape(-1, 8, 4))
+        return codes_from_indices(x[:, 2:66].long(), _signs8(sign7.reshape(-1, 32)), LATTICES["iq3_xxs"]), sc
+    unpackers = {"iq3_s": _unpack_iq3_s, "iq2_xs": _unpack_iq2_xs, "iq2_s": _unpack_iq2_s}
+    if t.name == "iq2_xxs":
+        return _unpack_iq2_xxs(x[:, 2:])
+    if t.name not in unpackers:
+        raise ValueError(f"no unpacking for {t.name}")
+    return unpackers[t.name](x)
 
 
 def _unpack_iq3_s(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -244,22 +282,8 @@ def unpack(raw: Tensor, t: GGMLType | str, n: int) -> GGMLBlocks:
         d, u = f16(0), x[:, 2:] ^ 0x80
     elif t.name == "iq4_nl":
         d, u = f16(0), _from_nibbles(x[:, 2:])
-    elif t.name == "iq4_xs":
-        d = f16(0)
-        high = x[:, 2].to(torch.int32) | (x[:, 3].to(torch.int32) << 8)  # (N,) uint16
-        low = torch.stack([x[:, 4:8] & 15, x[:, 4:8] >> 4], dim=2).reshape(-1, t.n_sub).to(torch.int32)
-        shifts = 2 * torch.arange(t.n_sub, device=x.device)
-        sc = (low | (((high[:, None] >> shifts) & 3) << 4)) - 32
-        u = _from_nibbles(x[:, 8:].reshape(-1, 16)).reshape(-1, t.block)
-    elif t.name == "iq3_s":
-        d, (u, sc) = f16(0), _unpack_iq3_s(x)
-    elif t.name == "iq2_xxs":
-        d = f16(0)
-        u, sc = _unpack_iq2_xxs(x[:, 2:])
-    elif t.name == "iq2_xs":
-        d, (u, sc) = f16(0), _unpack_iq2_xs(x)
-    elif t.name == "iq2_s":
-        d, (u, sc) = f16(0), _unpack_iq2_s(x)
+    elif t.nonuniform:  # IQ4_XS and the lattice types
+        d, (u, sc) = f16(0), _unpack_iquant(t, x)
     elif t.name in ("q4_0", "q4_1"):
         off = 2 if t.name == "q4_0" else 4
         d, qs = f16(0), x[:, off:]

@@ -1,10 +1,11 @@
-"""Lattice codes of llama.cpp's IQ3_S, IQ2_S, IQ2_XS, IQ2_XXS: weight magnitudes on a codebook.
+"""Lattice codes of llama.cpp's IQ3_S, IQ3_XXS and IQ2 types: weight magnitudes on a codebook.
 
 IQ3_S stores each group of 4 weights as one index into ``iq3s_grid`` (points whose coordinates are
 odd values 1..15) plus a free sign bit per weight; IQ2_XXS and IQ2_XS each group of 8 as an index
 into ``iq2xxs_grid`` / ``iq2xs_grid`` (coordinates 8, 25, 43) plus 7 sign bits, the 8th sign
 making the number of minus signs even (llama.cpp's ``ksigns_iq2xs``); IQ2_S into ``iq2s_grid``
-with 8 free sign bits. The codebooks are `lmpress.formats.iquant_grids`.
+with 8 free sign bits; IQ3_XXS each group of 4 into ``iq3xxs_grid`` with the IQ2 signs. The
+codebooks are `lmpress.formats.iquant_grids`.
 
 lmpress keeps one code per weight, ``k | sign << 3`` with the magnitude ``values[k]``, so a block's
 codes have the same (rows, n) shape as every other GGML type's; a valid block's groups are
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmpress.formats.iquant_grids import iq2s_grid, iq2xs_grid, iq2xxs_grid, iq3s_grid
+from lmpress.formats.iquant_grids import iq2s_grid, iq2xs_grid, iq2xxs_grid, iq3s_grid, iq3xxs_grid
 
 CHUNK = 1 << 15  # groups per nearest-point search (a (CHUNK, points) distance table)
 
@@ -30,7 +31,7 @@ class Lattice:
     name: str
     group: int
     values: tuple[float, ...]
-    even_signs: bool  # IQ2: the group's minus signs are even in number (7 stored sign bits)
+    even_signs: bool  # IQ2_XXS/XS, IQ3_XXS: each 8 weights' minus signs are even in number (7 stored bits)
     scale_mul: float  # S = d * (scale_mul * sc + scale_add), sc in 0..15
     scale_add: float
     step: float  # scale search: the largest magnitude on values[-1] * (1 + step * i)
@@ -38,14 +39,15 @@ class Lattice:
 
     def grid(self) -> Tensor:
         """(points, group) uint8 magnitude indices."""
-        grids = {"iq3_s": iq3s_grid, "iq2_xxs": iq2xxs_grid, "iq2_xs": iq2xs_grid, "iq2_s": iq2s_grid}
+        grids = {"iq3_s": iq3s_grid, "iq3_xxs": iq3xxs_grid, "iq2_xxs": iq2xxs_grid, "iq2_xs": iq2xs_grid}
+        grids["iq2_s"] = iq2s_grid
         return grids[self.name]()
 
     def scale(self, d: Tensor, sc: Tensor) -> Tensor:
         """Sub-block scales from float32 d and integer sc, in llama.cpp's float order."""
         if self.name == "iq3_s":
             return d * (1 + 2 * sc).float()
-        return d * (0.5 + sc.float()) * 0.25
+        return d * (0.5 + sc.float()) * self.scale_mul  # 0.25 (IQ2) or 0.5 (IQ3_XXS)
 
 
 LATTICES = {
@@ -53,6 +55,7 @@ LATTICES = {
     "iq2_xxs": Lattice("iq2_xxs", 8, (8.0, 25.0, 43.0), True, 0.25, 0.125, 0.04, 10),
     "iq2_xs": Lattice("iq2_xs", 8, (8.0, 25.0, 43.0), True, 0.25, 0.125, 0.04, 10),
     "iq2_s": Lattice("iq2_s", 8, (8.0, 25.0, 43.0), False, 0.25, 0.125, 0.04, 10),
+    "iq3_xxs": Lattice("iq3_xxs", 4, (4.0, 12.0, 20.0, 28.0, 36.0, 44.0, 52.0, 62.0), True, 0.5, 0.25, 0.02, 10),
 }
 
 
@@ -93,9 +96,9 @@ def cell_points(lat: Lattice) -> Tensor:
     return torch.cdist(values[k], values[lat.grid().long()]).argmin(-1)
 
 
-def _even(neg: Tensor, cost: Tensor, group: int) -> Tensor:
-    """Signs with an even number of minus per group: where odd, the weight whose flip costs least
-    (``cost``: w |x| magnitude) changes sign.  (N, m) bool -> (N, m) bool"""
+def _even(neg: Tensor, cost: Tensor, group: int = 8) -> Tensor:
+    """Signs with an even number of minus per ``group`` weights: where odd, the weight whose flip
+    costs least (``cost``: w |x| magnitude) changes sign.  (N, m) bool -> (N, m) bool"""
     n, m = neg.shape
     g_neg, g_cost = neg.view(n, -1, group), cost.view(n, -1, group)
     odd = g_neg.sum(-1, keepdim=True) % 2 == 1  # (n, m/group, 1)
@@ -112,7 +115,7 @@ def quick_codes(x: Tensor, s: Tensor, cells: Tensor, lat: Lattice) -> Tensor:
     idx = cells.to(x.device)[_keys(k.view(x.shape[0], -1, lat.group), len(lat.values))]
     neg = x < 0
     if lat.even_signs:
-        neg = _even(neg, x.abs() * values[lat.grid().to(x.device)[idx].long()].view_as(x), lat.group)
+        neg = _even(neg, x.abs() * values[lat.grid().to(x.device)[idx].long()].view_as(x))
     return codes_from_indices(idx, neg, lat)
 
 
@@ -135,5 +138,5 @@ def lattice_codes(x: Tensor, S: Tensor, lat: Lattice, weights: Tensor | None = N
         idx[lo : lo + CHUNK] = (torch.cat([ww * ss, ww * a], dim=1) @ points).argmin(-1)
     neg = (x < 0).view(rows, n)
     if lat.even_signs:
-        neg = _even(neg, (w * ax * p[idx]).view(rows, n), g)
+        neg = _even(neg, (w * ax * p[idx]).view(rows, n))
     return codes_from_indices(idx.view(rows, -1), neg, lat)
