@@ -20,6 +20,8 @@ dropping blocks, casting) works on this; what does needs a spec, and says so
 
 from __future__ import annotations
 
+import inspect
+
 from torch import nn
 
 from lmpress.arch.kinds import has_attention, no_attention
@@ -84,17 +86,28 @@ def discover(model: nn.Module) -> Spec:
 def _replaceable(model: nn.Module, blocks: str) -> list[str]:
     """`block_linears` less a mixture's routers, kept in float as a spec's are: a linear whose width
     is the config's expert count, or an ``nn.Linear`` subclass with a forward of its own (Phi-MoE's
-    and Llama 4's routers return the routing, which a compressed layer would drop)."""
+    and Llama 4's routers return the routing, which a compressed layer would drop); and a linear
+    whose ``weight`` its parent's forward reads (a compressed layer has none)."""
     config = getattr(model, "config", None)
     counts = {getattr(config, k, None) for k in EXPERT_KEYS}
     counts = {n for c in counts for n in (c if isinstance(c, list) else [c]) if isinstance(n, int) and n > 0}
     out = []
     for path in block_linears(model.get_submodule(blocks)):
-        m = next(b.get_submodule(path) for b in model.get_submodule(blocks).children() if _has(b, path))
+        block = next(b for b in model.get_submodule(blocks).children() if _has(b, path))
+        m = block.get_submodule(path)
         own_forward = isinstance(m, nn.Linear) and type(m).forward is not nn.Linear.forward
-        if not own_forward and getattr(m, "out_features", None) not in counts:
+        parent, _, leaf = path.rpartition(".")
+        read = f"self.{leaf}.weight" in _source(type(block.get_submodule(parent)).forward)
+        if not own_forward and not read and getattr(m, "out_features", None) not in counts:
             out.append(path)
     return out
+
+
+def _source(fn: object) -> str:
+    try:
+        return inspect.getsource(fn)  # type: ignore[arg-type]
+    except (OSError, TypeError):
+        return ""
 
 
 def _has(module: nn.Module, path: str) -> bool:
