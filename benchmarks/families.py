@@ -327,6 +327,12 @@ def _verdict(payload: dict[str, Any]) -> str:
             "KL than llama.cpp's Q4_K_M: it stores the table as Q4_K (and again as a Q6_K head), where llama.cpp "
             "keeps a tied table in the head's Q6_K."
         )
+    elif preset:
+        kls = [f"{a} {g['lmpress gguf-q4_k_m']['kl']:.5f} against {g['llama.cpp']['kl']:.5f}" for a, g in gguf.items()]
+        lines.append(
+            "GGUF: the `gguf-q4_k_m` preset quantizes a tied table once, in the head's Q6_K as llama.cpp does for "
+            f"a file with no `output.weight` (one `token_embd`); KL against llama.cpp's Q4_K_M: {'; '.join(kls)}."
+        )
     return " ".join(lines)
 
 
