@@ -32,6 +32,7 @@ TINY_ARCHS = (
     "stablelm",
     "smollm3",
     "olmo2",
+    "olmo3",
     "granite",
     "ministral",
     "phi3",
@@ -104,6 +105,8 @@ def tiny_config(arch: str, vocab: int):  # type: ignore[no-untyped-def]
         "qwen3": {**gqa16},
         "smollm3": {**gqa16, "pad_token_id": None},
         "olmo2": {**gqa16},
+        # a local and a global layer: llama.cpp's olmo2 takes the window and its period
+        "olmo3": {**gqa16, "sliding_window": 32, "layer_types": ["sliding_attention", "full_attention"]},
         "granite": {
             **gqa16,
             "embedding_multiplier": 6.0,

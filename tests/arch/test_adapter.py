@@ -22,6 +22,7 @@ EXPECTED_LINEARS = {
     "qwen3": 7,
     "smollm3": 7,
     "olmo2": 7,
+    "olmo3": 7,
     "granite": 7,
     "ministral": 7,
     "gemma2": 7,

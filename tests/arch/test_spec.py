@@ -80,7 +80,7 @@ def test_supported_lists() -> None:
     assert set(TINY_ARCHS) <= set(specs())
     assert supporting("onnx") == [
         *("gemma", "gemma2", "gemma3_text", "gpt2", "granite", "llama", "ministral", "mistral"),
-        *("olmo2", "qwen2", "qwen3", "smollm3", "stablelm", "starcoder2"),
+        *("olmo2", "olmo3", "qwen2", "qwen3", "smollm3", "stablelm", "starcoder2"),
     ]
     assert supporting("hidden_prunable") == ["granite", "llama", "ministral", "mistral", "qwen2", "qwen3", "smollm3"]
     assert spec_for("gpt_neox").gguf is not None and spec_for("gpt_neox").gguf.arch == "gptneox"

@@ -194,6 +194,7 @@ def test_dense_builtin_in_llama_cpp(builtin: LoadedModel, held_out: list[int], t
         "qwen3",
         "smollm3",
         "olmo2",
+        "olmo3",
         "granite",
         "ministral",
         "gemma2",

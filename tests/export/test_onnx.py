@@ -177,6 +177,7 @@ FAMILY_CONFIGS: dict[str, dict[str, object]] = {
     "granite": {},
     "ministral": {"sliding_window": 16},
     "olmo2": {},
+    "olmo3": {},  # a local (window 32) and a global layer
     "gemma2": {"attn_logit_softcapping": 0.5, "final_logit_softcapping": 0.3},
     "gemma": {},
     "starcoder2": {"sliding_window": 16},
