@@ -32,26 +32,26 @@ def _onnx_refuse(config: Any) -> str | None:
     return None
 
 
-SPECS = (
-    Spec(
-        model_types=("gpt2",),
-        blocks="transformer.h",
-        embeddings={"transformer.wte": "token_embd", "transformer.wpe": "position_embd"},
-        final_norm=Norm("transformer.ln_f", "output_norm", "layernorm"),
-        linears={
-            "attn.c_attn": "attn_qkv",
-            "attn.c_proj": "attn_output",
-            "mlp.c_fc": "ffn_up",
-            "mlp.c_proj": "ffn_down",
-        },
-        norms=(Norm("ln_1", "attn_norm", "layernorm"), Norm("ln_2", "ffn_norm", "layernorm")),
-        qkv="concat",
-        conv1d=True,
-        scale_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
-        mlp_width_key="n_inner",
-        tied_by_default=True,
-        gguf=GGUF("gpt2", gguf_metadata),
-        onnx="gpt2",
-        onnx_refuse=_onnx_refuse,
-    ),
+GPT2 = Spec(
+    model_types=("gpt2",),
+    blocks="transformer.h",
+    embeddings={"transformer.wte": "token_embd", "transformer.wpe": "position_embd"},
+    final_norm=Norm("transformer.ln_f", "output_norm", "layernorm"),
+    linears={
+        "attn.c_attn": "attn_qkv",
+        "attn.c_proj": "attn_output",
+        "mlp.c_fc": "ffn_up",
+        "mlp.c_proj": "ffn_down",
+    },
+    norms=(Norm("ln_1", "attn_norm", "layernorm"), Norm("ln_2", "ffn_norm", "layernorm")),
+    qkv="concat",
+    conv1d=True,
+    scale_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
+    mlp_width_key="n_inner",
+    tied_by_default=True,
+    gguf=GGUF("gpt2", gguf_metadata),
+    onnx="gpt2",
+    onnx_refuse=_onnx_refuse,
 )
+
+SPECS = (GPT2,)

@@ -11,12 +11,14 @@ projection as it is, per-head triples regrouped), biases on every linear and nor
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor
 
+from lmpress.arch.families.gpt2 import GPT2
 from lmpress.arch.gguf_keys import check_gelu
-from lmpress.arch.spec import GGUF, Norm, Spec, group_order
+from lmpress.arch.spec import GGUF, group_order
 from lmpress.errors import ExportError
 from lmpress.formats.gguf_file import U32
 
@@ -49,24 +51,16 @@ def row_order(role: str, rows: int, config: Any) -> Tensor | None:
     return group_order(rows, config.n_head, kv_heads(config))
 
 
-SPECS = (
-    Spec(
-        model_types=("gpt_bigcode",),
-        blocks="transformer.h",
-        embeddings={"transformer.wte": "token_embd", "transformer.wpe": "position_embd"},
-        final_norm=Norm("transformer.ln_f", "output_norm", "layernorm"),
-        linears={
-            "attn.c_attn": "attn_qkv",
-            "attn.c_proj": "attn_output",
-            "mlp.c_fc": "ffn_up",
-            "mlp.c_proj": "ffn_down",
-        },
-        norms=(Norm("ln_1", "attn_norm", "layernorm"), Norm("ln_2", "ffn_norm", "layernorm")),
-        qkv="per_head",
-        # v -> c_proj is not a group: a multi-query v head is read by every query head's columns
-        scale_groups=(("ln_1", ("attn.c_attn",)), ("ln_2", ("mlp.c_fc",))),
-        mlp_width_key="n_inner",  # None: 4 * n_embd
-        tied_by_default=True,
-        gguf=GGUF("starcoder", gguf_metadata, row_order=row_order),
-    ),
+# GPT-2's blocks, names and roles, with nn.Linear projections and a fused qkv of kv-head groups
+GPT_BIGCODE = replace(
+    GPT2,
+    model_types=("gpt_bigcode",),
+    qkv="per_head",
+    conv1d=False,
+    # v -> c_proj is not a group: a multi-query v head is read by every query head's columns
+    gguf=GGUF("starcoder", gguf_metadata, row_order=row_order),
+    onnx=None,
+    onnx_refuse=lambda config: None,
 )
+
+SPECS = (GPT_BIGCODE,)
