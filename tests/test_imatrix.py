@@ -184,6 +184,24 @@ def test_cli_writes_both_forms_streamed_and_compress_takes_one(
     assert not (tmp_path / "out2").exists()  # another model's matrix: refused, nothing written
 
 
+def test_cli_checks_its_inputs_as_compress_does(
+    tmp_path: Path, tiny_model_dir: Callable[..., Path], text_file: Path
+) -> None:
+    """An encoder or a model without a tokenizer: one line, exit 2, no file (the streamed path too)."""
+    from transformers import AutoConfig, AutoModelForMaskedLM
+
+    bert = tmp_path / "bert"
+    config = AutoConfig.for_model("bert", vocab_size=128, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    AutoModelForMaskedLM.from_config(config).save_pretrained(bert)
+    bare = tiny_model_dir("qwen2")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (bare / f).unlink()
+    for model in (bert, bare):
+        out = tmp_path / f"{model.name}.imatrix"
+        assert run(["imatrix", str(model), "--data", str(text_file), "-o", str(out), "-q"]) == 2
+        assert not out.exists()
+
+
 def test_a_recipe_without_an_imatrix_stage_refuses_one(tmp_path: Path, imatrix: Imatrix) -> None:
     from lmpress.cli.compress import with_imatrix
     from lmpress.errors import RecipeError

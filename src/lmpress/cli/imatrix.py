@@ -36,7 +36,7 @@ from lmpress.cli.common import (
 from lmpress.errors import OutputError
 from lmpress.formats.imatrix import write_imatrix
 from lmpress.io import META_FILE
-from lmpress.io.load import load_tokenizer
+from lmpress.preflight import check_inputs
 from lmpress.quant.imatrix import collect_imatrix
 from lmpress.streaming import close, open_streamed
 
@@ -64,10 +64,11 @@ def imatrix_cmd(
     if not output.parent.is_dir():
         raise OutputError(f"{output.parent} is not a directory; create it first")
     options = _data_options(data, pattern, text_field, seq_len=seq_len, calib_windows=calib_windows)
+    # the model, data, config (an encoder refused), weights and tokenizer, as compress checks them
+    _, tokenizer = check_inputs(model, options, None, overwrite=False)
     path = model_dir(model)
     streamed = stream and path is not None and any(path.glob("*.safetensors")) and not (path / META_FILE).exists()
     if streamed and path is not None:
-        tokenizer = load_tokenizer(path)
         net: Any = open_streamed(path)
     else:
         loaded = load(model, device="cpu")
